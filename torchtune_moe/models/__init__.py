@@ -1,0 +1,5 @@
+"""Builders: the generic ``moe()``/``moe_layer()`` and one folder per model family."""
+
+from torchtune_moe.models.moe import moe, moe_layer
+
+__all__ = ["moe", "moe_layer"]

@@ -1,0 +1,327 @@
+"""Builders for MoE layers and MoE decoders made of torchtune's transformer pieces."""
+
+import inspect
+from typing import Optional, Union
+
+from torch import nn
+from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
+from torchtune.modules import (
+    FeedForward,
+    MultiHeadAttention,
+    RMSNorm,
+    TiedLinear,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
+
+from torchtune_moe.modules import (
+    ExpertChoiceTopKRouter,
+    ExpertThresholdRouter,
+    MoE,
+    MoELinear,
+    TokenChoiceTopKRouter,
+)
+from torchtune_moe.modules.attention_utils import NormedProjection
+from torchtune_moe.modules.moe_linear import _get_activation
+
+__all__ = ["moe_layer", "moe", "ROUTERS"]
+
+# Router name -> (class, options that only this router takes).
+ROUTERS = {
+    "token_choice": (
+        TokenChoiceTopKRouter,
+        ("norm_topk_prob", "route_scale", "num_expert_groups", "num_limited_groups", "expert_bias_update_rate"),
+    ),
+    "expert_choice": (ExpertChoiceTopKRouter, ("capacity_factor",)),
+    "causal_expert_choice": (
+        ExpertThresholdRouter,
+        ("capacity_factor", "max_experts_per_token", "threshold_ema_decay"),
+    ),
+}
+_ROUTER_OPTIONS = sorted({o for _, opts in ROUTERS.values() for o in opts})
+
+
+def _ffn(dim: int, hidden_dim: int, activation: str, bias: bool = False) -> FeedForward:
+    return FeedForward(
+        gate_proj=nn.Linear(dim, hidden_dim, bias=bias),
+        down_proj=nn.Linear(hidden_dim, dim, bias=bias),
+        up_proj=nn.Linear(dim, hidden_dim, bias=bias),
+        activation=_ActivationModule(activation),
+    )
+
+
+class _ActivationModule(nn.Module):
+    def __init__(self, activation: str):
+        super().__init__()
+        self.name = activation
+        self.fn = _get_activation(activation)
+
+    def forward(self, x):
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def moe_layer(
+    *,
+    dim: int,
+    hidden_dim: int,
+    num_experts: int,
+    experts_per_token: int,
+    router: Union[str, nn.Module] = "token_choice",
+    score_func: str = "softmax",
+    norm_topk_prob: Optional[bool] = None,
+    route_scale: Optional[float] = None,
+    num_expert_groups: Optional[int] = None,
+    num_limited_groups: Optional[int] = None,
+    expert_bias_update_rate: Optional[float] = None,
+    capacity_factor: Optional[float] = None,
+    max_experts_per_token: Optional[int] = None,
+    threshold_ema_decay: Optional[float] = None,
+    activation: str = "silu",
+    gated: bool = True,
+    shared_expert_hidden_dim: int = 0,
+    shared_expert_gate: bool = False,
+    aux_loss_coeff: float = 0.0,
+    z_loss_coeff: float = 0.0,
+    seq_aux_loss_coeff: float = 0.0,
+) -> MoE:
+    """Builds one MoE feed-forward layer ``[B, S, dim] -> [B, S, dim]``.
+
+    Args:
+        dim (int): model dim.
+        hidden_dim (int): hidden dim of each routed expert.
+        num_experts (int): routed experts E.
+        experts_per_token (int): K (for expert choice and threshold routers: the average K).
+        router (str | nn.Module): ``"token_choice"``, ``"expert_choice"`` (not causal: see docs),
+            ``"causal_expert_choice"`` (Expert Threshold routing), or your own router module.
+        score_func (str): ``"softmax"`` or ``"sigmoid"``.
+        norm_topk_prob, route_scale, num_expert_groups, num_limited_groups, expert_bias_update_rate:
+            token-choice options (:class:`~torchtune_moe.modules.TokenChoiceTopKRouter`); None = its default.
+        capacity_factor: expert-choice and causal-expert-choice option.
+        max_experts_per_token, threshold_ema_decay: causal-expert-choice options
+            (:class:`~torchtune_moe.modules.ExpertThresholdRouter`).
+        activation (str): expert activation (``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"``).
+        gated (bool): GLU experts (SwiGLU with silu).
+        shared_expert_hidden_dim (int): hidden dim of the shared expert FFN, 0 for none (N shared experts of
+            hidden h are one FFN of hidden N*h).
+        shared_expert_gate (bool): scale the shared expert by ``sigmoid(Linear(dim, 1)(x))`` (Qwen2-MoE).
+        aux_loss_coeff (float): load-balancing loss coefficient, 0 = off.
+        z_loss_coeff (float): router z-loss coefficient, 0 = off.
+        seq_aux_loss_coeff (float): sequence-wise balance loss coefficient, 0 = off.
+
+    Raises:
+        ValueError: an impossible or inapplicable option, naming it and what is allowed.
+    """
+    options = {
+        "norm_topk_prob": norm_topk_prob,
+        "route_scale": route_scale,
+        "num_expert_groups": num_expert_groups,
+        "num_limited_groups": num_limited_groups,
+        "expert_bias_update_rate": expert_bias_update_rate,
+        "capacity_factor": capacity_factor,
+        "max_experts_per_token": max_experts_per_token,
+        "threshold_ema_decay": threshold_ema_decay,
+    }
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= experts_per_token <= num_experts:
+        raise ValueError(f"experts_per_token must be between 1 and num_experts ({num_experts}), got {experts_per_token}")
+    if shared_expert_hidden_dim < 0:
+        raise ValueError(f"shared_expert_hidden_dim must be >= 0, got {shared_expert_hidden_dim}")
+    if shared_expert_gate and not shared_expert_hidden_dim:
+        raise ValueError("shared_expert_gate=True needs shared_expert_hidden_dim > 0")
+    if isinstance(router, nn.Module):
+        given = [k for k, v in options.items() if v is not None]
+        if given:
+            raise ValueError(f"router options {given} do not apply to a router module; configure the module itself")
+        router_module = router
+    elif isinstance(router, str) and router in ROUTERS:
+        cls, allowed = ROUTERS[router]
+        wrong = [k for k, v in options.items() if v is not None and k not in allowed]
+        if wrong:
+            raise ValueError(
+                f"router={router!r} does not take {wrong}; it takes {list(allowed)} "
+                f"(the options of each router: { {n: list(o) for n, (_, o) in ROUTERS.items()} })"
+            )
+        kwargs = {k: v for k, v in options.items() if v is not None}
+        router_module = cls(dim, num_experts, experts_per_token, score_func=score_func, **kwargs)
+    else:
+        raise ValueError(f"router must be one of {sorted(ROUTERS)} or an nn.Module, got {router!r}")
+    experts = MoELinear(num_experts, dim, hidden_dim, activation=activation, gated=gated)
+    shared = _ffn(dim, shared_expert_hidden_dim, activation) if shared_expert_hidden_dim else None
+    gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
+    return MoE(
+        experts=experts,
+        router=router_module,
+        shared_expert=shared,
+        shared_expert_gate=gate,
+        aux_loss_coeff=aux_loss_coeff,
+        z_loss_coeff=z_loss_coeff,
+        seq_aux_loss_coeff=seq_aux_loss_coeff,
+    )
+
+
+_MOE_LAYER_ARGS = [p for p in inspect.signature(moe_layer).parameters if p not in ("dim", "hidden_dim")]
+
+
+def _moe_layer_ids(moe_layers: Union[str, int, list], num_layers: int) -> set[int]:
+    if moe_layers == "all":
+        return set(range(num_layers))
+    if isinstance(moe_layers, int) and not isinstance(moe_layers, bool):
+        if moe_layers < 1:
+            raise ValueError(f"moe_layers as an int (every n-th layer) must be >= 1, got {moe_layers}")
+        # Same convention as Hugging Face's decoder_sparse_step: layer i is MoE when (i + 1) % n == 0.
+        return {i for i in range(num_layers) if (i + 1) % moe_layers == 0}
+    if isinstance(moe_layers, (list, tuple)) or hasattr(moe_layers, "__iter__") and not isinstance(moe_layers, str):
+        ids = [int(i) for i in moe_layers]
+        bad = [i for i in ids if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"moe_layers holds layer indices outside 0..{num_layers - 1}: {bad}")
+        return set(ids)
+    raise ValueError(f"moe_layers must be 'all', an int n (every n-th layer) or a list of layer indices, got {moe_layers!r}")
+
+
+def moe(
+    *,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    max_seq_len: int,
+    num_experts: int,
+    experts_per_token: int,
+    moe_hidden_dim: int,
+    router: Union[str, nn.Module] = "token_choice",
+    head_dim: Optional[int] = None,
+    moe_layers: Union[str, int, list] = "all",
+    dense_hidden_dim: Optional[int] = None,
+    rope_base: float = 10_000.0,
+    norm_eps: float = 1e-6,
+    attn_bias: bool = False,
+    qk_norm: Optional[str] = None,
+    clip_qkv: Optional[float] = None,
+    attn_dropout: float = 0.0,
+    tie_word_embeddings: bool = False,
+    **moe_layer_kwargs,
+) -> TransformerDecoder:
+    """Builds a torchtune ``TransformerDecoder`` whose feed-forward blocks are MoE layers.
+
+    Attention, RoPE (rotate-half, as Hugging Face models use), RMSNorm and the decoder layer are
+    torchtune's. Non-MoE layers get a dense SwiGLU FFN of ``dense_hidden_dim``.
+
+    Args:
+        vocab_size (int): vocabulary size.
+        num_layers (int): decoder layers.
+        num_heads (int): query heads.
+        num_kv_heads (int): key/value heads (GQA); must divide num_heads.
+        embed_dim (int): model dim.
+        max_seq_len (int): maximum sequence length (RoPE cache).
+        num_experts (int): routed experts per MoE layer.
+        experts_per_token (int): K.
+        moe_hidden_dim (int): hidden dim of each routed expert.
+        router (str | nn.Module): see :func:`moe_layer`. A module is only allowed with one MoE layer; use a
+            router name to get a fresh router per layer.
+        head_dim (Optional[int]): per-head dim, default ``embed_dim // num_heads``.
+        moe_layers (str | int | list): ``"all"``, an int n (layer i is MoE when ``(i + 1) % n == 0``, as
+            Hugging Face's ``decoder_sparse_step``), or a list of layer indices.
+        dense_hidden_dim (Optional[int]): hidden dim of the dense FFN of non-MoE layers (required if any).
+        rope_base (float): RoPE theta.
+        norm_eps (float): RMSNorm epsilon.
+        attn_bias (bool): biases on the q, k, v projections (Qwen2-MoE).
+        qk_norm (Optional[str]): None, ``"head"`` (RMSNorm of each query/key head before RoPE: Qwen3-MoE) or
+            ``"full"`` (RMSNorm over the whole q and k projections: OLMoE).
+        clip_qkv (Optional[float]): clamp q, k, v projections to ``[-clip_qkv, clip_qkv]`` (OLMoE).
+        attn_dropout (float): attention dropout.
+        tie_word_embeddings (bool): output projection shares the token embedding.
+        **moe_layer_kwargs: any other argument of :func:`moe_layer` (router options, shared experts,
+            aux-loss coefficients, activation...).
+
+    Returns:
+        TransformerDecoder
+    """
+    unknown = sorted(set(moe_layer_kwargs) - set(_MOE_LAYER_ARGS))
+    if unknown:
+        raise ValueError(f"moe() got unknown arguments {unknown}; allowed extra arguments are {_MOE_LAYER_ARGS}")
+    for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("embed_dim", embed_dim),
+                        ("vocab_size", vocab_size), ("max_seq_len", max_seq_len)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads must be >= 1 and divide num_heads ({num_heads}), got {num_kv_heads}")
+    if head_dim is None:
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}) when head_dim is not given")
+        head_dim = embed_dim // num_heads
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+    if qk_norm not in (None, "head", "full"):
+        raise ValueError(f"qk_norm must be None, 'head' or 'full', got {qk_norm!r}")
+    moe_ids = _moe_layer_ids(moe_layers, num_layers)
+    if len(moe_ids) < num_layers and not dense_hidden_dim:
+        raise ValueError("dense_hidden_dim is required when some layers are dense (moe_layers is not 'all')")
+    if isinstance(router, nn.Module) and len(moe_ids) > 1:
+        raise ValueError("router as a module can serve one MoE layer only; pass a router name instead")
+
+    rope = Qwen2RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=rope_base)
+
+    def proj(n_out: int, norm: bool) -> nn.Module:
+        linear = nn.Linear(embed_dim, n_out, bias=attn_bias)
+        norm_module = None
+        if norm and qk_norm == "head":
+            norm_module = RMSNorm(head_dim, eps=norm_eps)
+        elif norm and qk_norm == "full":
+            norm_module = RMSNorm(n_out, eps=norm_eps)
+        if norm_module is None and clip_qkv is None:
+            return linear
+        return NormedProjection(
+            linear, norm_module, head_dim=head_dim if qk_norm == "head" else None, clip=clip_qkv
+        )
+
+    layers = nn.ModuleList()
+    for i in range(num_layers):
+        attn = MultiHeadAttention(
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            q_proj=proj(num_heads * head_dim, norm=True),
+            k_proj=proj(num_kv_heads * head_dim, norm=True),
+            v_proj=proj(num_kv_heads * head_dim, norm=False),
+            output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=False),
+            pos_embeddings=rope,
+            max_seq_len=max_seq_len,
+            attn_dropout=attn_dropout,
+        )
+        if i in moe_ids:
+            mlp = moe_layer(
+                dim=embed_dim,
+                hidden_dim=moe_hidden_dim,
+                num_experts=num_experts,
+                experts_per_token=experts_per_token,
+                router=router,
+                **moe_layer_kwargs,
+            )
+        else:
+            mlp = _ffn(embed_dim, dense_hidden_dim, moe_layer_kwargs.get("activation", "silu"))
+        layers.append(
+            TransformerSelfAttentionLayer(
+                attn=attn,
+                mlp=mlp,
+                sa_norm=RMSNorm(embed_dim, eps=norm_eps),
+                mlp_norm=RMSNorm(embed_dim, eps=norm_eps),
+            )
+        )
+    tok_embeddings = nn.Embedding(vocab_size, embed_dim)
+    output = TiedLinear(tok_embeddings) if tie_word_embeddings else nn.Linear(embed_dim, vocab_size, bias=False)
+    return TransformerDecoder(
+        tok_embeddings=tok_embeddings,
+        layers=layers,
+        max_seq_len=max_seq_len,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        norm=RMSNorm(embed_dim, eps=norm_eps),
+        output=output,
+    )

@@ -1,0 +1,29 @@
+"""MoE components: experts, routers, the MoE layer and its auxiliary losses."""
+
+from torchtune_moe.modules.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
+from torchtune_moe.modules.moe_layer import MoE, collect_aux_loss, dispatch_combine, moe_layers, update_routers
+from torchtune_moe.modules.moe_linear import MoELinear
+from torchtune_moe.modules.routers import (
+    ExpertChoiceTopKRouter,
+    ExpertThresholdRouter,
+    Router,
+    RouterOutput,
+    TokenChoiceTopKRouter,
+)
+
+__all__ = [
+    "MoELinear",
+    "Router",
+    "RouterOutput",
+    "TokenChoiceTopKRouter",
+    "ExpertChoiceTopKRouter",
+    "ExpertThresholdRouter",
+    "MoE",
+    "collect_aux_loss",
+    "update_routers",
+    "moe_layers",
+    "dispatch_combine",
+    "load_balancing_loss",
+    "router_z_loss",
+    "sequence_balance_loss",
+]

@@ -1,0 +1,51 @@
+"""Attention projection wrappers that torchtune's ``MultiHeadAttention`` does not have.
+
+torchtune 0.6.1 applies ``q_norm``/``k_norm`` after RoPE; Qwen3-MoE normalises each head *before* RoPE and
+OLMoE normalises the whole projection (and may clip it). Wrapping the projection reproduces both exactly
+while keeping torchtune's attention module unchanged.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class NormedProjection(nn.Module):
+    """``norm(clip(proj(x)))``: a linear projection followed by an optional clamp and RMSNorm.
+
+    Args:
+        proj (nn.Module): the projection, ``[..., D] -> [..., N * head_dim]``.
+        norm (Optional[nn.Module]): applied per head (``head_dim`` given) or over the whole output.
+        head_dim (Optional[int]): normalise each head of this size separately; None normalises all N*head_dim.
+        clip (Optional[float]): clamp the projection to ``[-clip, clip]`` before the norm (OLMoE ``clip_qkv``).
+    """
+
+    def __init__(
+        self,
+        proj: nn.Module,
+        norm: Optional[nn.Module] = None,
+        *,
+        head_dim: Optional[int] = None,
+        clip: Optional[float] = None,
+    ):
+        super().__init__()
+        if clip is not None and clip <= 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        self.proj = proj
+        self.norm = norm
+        self.head_dim = head_dim
+        self.clip = clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, D] -> [B, S, N * head_dim]"""
+        y = self.proj(x)
+        if self.clip is not None:
+            y = y.clamp(-self.clip, self.clip)
+        if self.norm is not None:
+            if self.head_dim is None:
+                y = self.norm(y)
+            else:
+                shape = y.shape
+                y = self.norm(y.view(*shape[:-1], -1, self.head_dim)).view(shape)
+        return y

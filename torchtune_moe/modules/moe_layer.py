@@ -1,0 +1,214 @@
+"""The MoE feed-forward layer: router + routed experts (+ shared experts), and model-level helpers."""
+
+import dataclasses
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchtune_moe.modules.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
+from torchtune_moe.modules.moe_linear import MoELinear
+from torchtune_moe.modules.routers import Router, RouterOutput
+
+__all__ = ["MoE", "collect_aux_loss", "update_routers", "moe_layers", "dispatch_combine"]
+
+
+def dispatch_combine(x_TD: torch.Tensor, routing: RouterOutput, experts: MoELinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the routed experts: sort assignments by expert, grouped GEMMs, weighted sum back per token.
+
+    No host-device sync: expert counts come from a scatter-add, offsets from a cumsum.
+
+    Args:
+        x_TD (torch.Tensor): [T, D] tokens.
+        routing (RouterOutput): A assignments.
+        experts (MoELinear): the E experts.
+
+    Returns:
+        tuple: ``out_TD`` [T, D] and ``tokens_per_expert_E`` [E] (int64, dropped slots excluded).
+    """
+    E = experts.num_experts
+    expert_ids_A = routing.expert_ids_A
+    counts_E = torch.zeros(E + 1, dtype=torch.long, device=x_TD.device)
+    counts_E.scatter_add_(0, expert_ids_A, torch.ones_like(expert_ids_A))
+    counts_E = counts_E[:E]
+    offsets_E = counts_E.cumsum(0).to(torch.int32)
+    order_A = torch.argsort(expert_ids_A, stable=True)
+    token_ids_A = routing.token_ids_A[order_A]
+    weights_A1 = routing.weights_A[order_A].unsqueeze(-1)
+    x_AD = x_TD[token_ids_A]
+    if routing.may_drop:
+        # Dropped slots sort last, past offsets_E[-1]: grouped_mm leaves their rows (and the gradient of
+        # their inputs) undefined, so zero them on both sides.
+        valid_A1 = (expert_ids_A[order_A] < E).unsqueeze(-1)
+        x_AD = torch.where(valid_A1, x_AD, 0)
+        y_AD = torch.where(valid_A1, experts(x_AD, offsets_E), 0)
+    else:
+        y_AD = experts(x_AD, offsets_E)
+    y_AD = y_AD * weights_A1.to(y_AD.dtype)
+    out_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_A, y_AD)
+    return out_TD, counts_E
+
+
+def _detached(routing: RouterOutput) -> RouterOutput:
+    return dataclasses.replace(
+        routing,
+        **{
+            f.name: getattr(routing, f.name).detach()
+            for f in dataclasses.fields(routing)
+            if isinstance(getattr(routing, f.name), torch.Tensor)
+        },
+    )
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts feed-forward layer: ``[B, S, D] -> [B, S, D]``.
+
+    ``out = sum_k w_k * expert_k(x) + shared(x) * sigmoid(shared_gate(x))`` (the shared term only when a
+    shared expert is given; the gate only when ``shared_expert_gate`` is given, as Qwen2-MoE has).
+
+    In training mode the layer also computes its auxiliary losses (those with a non-zero coefficient) and
+    keeps them in ``aux_losses`` (unweighted, by name) and ``aux_loss`` (coefficient-weighted sum);
+    :func:`collect_aux_loss` sums ``aux_loss`` over a model. Every forward keeps the expert load in
+    ``tokens_per_expert`` ([E], for logging) and the routing in ``last_routing``.
+
+    Args:
+        experts (MoELinear): routed experts.
+        router (nn.Module): a :class:`~torchtune_moe.modules.Router` or any module mapping ``x_TD`` to a
+            :class:`~torchtune_moe.modules.RouterOutput`.
+        shared_expert (Optional[nn.Module]): dense FFN applied to every token.
+        shared_expert_gate (Optional[nn.Module]): ``D -> 1`` linear whose sigmoid scales the shared expert.
+        aux_loss_coeff (float): load-balancing loss coefficient (0 = off).
+        z_loss_coeff (float): router z-loss coefficient (0 = off).
+        seq_aux_loss_coeff (float): sequence-wise balance loss coefficient (0 = off).
+    """
+
+    def __init__(
+        self,
+        *,
+        experts: MoELinear,
+        router: nn.Module,
+        shared_expert: Optional[nn.Module] = None,
+        shared_expert_gate: Optional[nn.Module] = None,
+        aux_loss_coeff: float = 0.0,
+        z_loss_coeff: float = 0.0,
+        seq_aux_loss_coeff: float = 0.0,
+    ):
+        super().__init__()
+        for name, value in (
+            ("aux_loss_coeff", aux_loss_coeff),
+            ("z_loss_coeff", z_loss_coeff),
+            ("seq_aux_loss_coeff", seq_aux_loss_coeff),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if shared_expert_gate is not None and shared_expert is None:
+            raise ValueError("shared_expert_gate needs a shared_expert")
+        self.experts = experts
+        self.router = router
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+        self.num_experts = experts.num_experts
+        self.aux_loss_coeff = aux_loss_coeff
+        self.z_loss_coeff = z_loss_coeff
+        self.seq_aux_loss_coeff = seq_aux_loss_coeff
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.tokens_per_expert: Optional[torch.Tensor] = None
+        self.last_routing: Optional[RouterOutput] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x (torch.Tensor): [B, S, D]
+
+        Returns:
+            torch.Tensor: [B, S, D]
+        """
+        B, S, D = x.shape
+        x_TD = x.reshape(B * S, D)
+        routing = self.router(x_TD)
+        out_TD, tokens_per_expert_E = dispatch_combine(x_TD, routing, self.experts)
+        if self.shared_expert is not None:
+            shared_TD = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_expert_gate(x_TD))
+            out_TD = out_TD + shared_TD
+        self.tokens_per_expert = tokens_per_expert_E.detach()
+        self.last_routing = _detached(routing)
+        self._compute_aux_losses(routing, tokens_per_expert_E, B, S)
+        return out_TD.view(B, S, D)
+
+    def _compute_aux_losses(self, routing: RouterOutput, tokens_per_expert_E: torch.Tensor, B: int, S: int) -> None:
+        self.aux_losses = {}
+        self.aux_loss = None
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        total = None
+        for name, coeff, fn in (
+            ("load_balancing", self.aux_loss_coeff, lambda: load_balancing_loss(routing.probs_TE, tokens_per_expert_E)),
+            ("z_loss", self.z_loss_coeff, lambda: router_z_loss(routing.logits_TE)),
+            (
+                "seq_balance",
+                self.seq_aux_loss_coeff,
+                lambda: sequence_balance_loss(
+                    routing.probs_TE.view(B, S, -1), routing.token_ids_A, routing.expert_ids_A
+                ),
+            ),
+        ):
+            if coeff > 0:
+                value = fn()
+                self.aux_losses[name] = value
+                total = coeff * value if total is None else total + coeff * value
+        self.aux_loss = total
+
+    @torch.no_grad()
+    def routing_stats(self) -> dict[str, torch.Tensor]:
+        """Load statistics of the latest forward: ``tokens_per_expert`` [E], ``dropped_tokens`` (tokens no
+        expert computed), ``router_entropy`` (mean entropy of the router probabilities, nats)."""
+        if self.last_routing is None:
+            raise RuntimeError("routing_stats() needs a forward first")
+        r = self.last_routing
+        T = r.probs_TE.shape[0]
+        valid_A = r.expert_ids_A < self.num_experts
+        routed_T = torch.zeros(T, device=r.probs_TE.device).index_add_(0, r.token_ids_A, valid_A.float())
+        p = r.probs_TE.float()
+        entropy = -(p * p.clamp(min=1e-20).log()).sum(-1).mean()
+        return {
+            "tokens_per_expert": self.tokens_per_expert,
+            "dropped_tokens": (routed_T == 0).sum(),
+            "router_entropy": entropy,
+        }
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:
+    """Yields ``(name, layer)`` for each MoE layer of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            yield name, module
+
+
+def collect_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Coefficient-weighted sum of the auxiliary losses of all MoE layers from the latest forward.
+
+    A scalar tensor that backpropagates into the routers; 0 when no layer computed an aux loss (eval mode,
+    all coefficients 0, or no MoE layer). Call it once per forward and add it to the loss.
+    """
+    total = None
+    device = None
+    for _, layer in moe_layers(model):
+        if layer.aux_loss is not None:
+            total = layer.aux_loss if total is None else total + layer.aux_loss
+        if device is None and layer.tokens_per_expert is not None:
+            device = layer.tokens_per_expert.device
+    if total is None:
+        return torch.zeros((), device=device)
+    return total
+
+
+def update_routers(model: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> None:
+    """Applies the load statistics every router accumulated since the last call (aux-loss-free expert bias,
+    expert thresholds), reduced over ``process_group`` when distributed. Call once per optimizer step."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.update(process_group)

@@ -1,0 +1,5 @@
+def main():
+    print("recipe placeholder")
+
+if __name__ == "__main__":
+    main()

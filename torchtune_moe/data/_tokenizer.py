@@ -1,26 +1,20 @@
 """A tiny character-level tokenizer that satisfies torchtune's ``ModelTokenizer`` protocol.
 
 It needs no tokenizer file, so a model can be trained from scratch with no download.
-Message tokenization reuses torchtune's own
-:func:`~torchtune.modules.transforms.tokenizers.tokenize_messages_no_special_tokens`
-(BOS at the start of each turn, EOS after each assistant message, per-token masks,
-``max_seq_len`` truncation with :func:`torchtune.data.truncate`), exactly like the
-Llama2/Mistral/Gemma tokenizers do.
+Message tokenization follows torchtune's ``tokenize_messages_no_special_tokens`` (BOS at
+the start of each turn, EOS after each assistant message, per-token masks,
+``max_seq_len`` truncation with :func:`torchtune.data.truncate`), like the
+Llama2/Mistral/Gemma tokenizers.
 """
 
 from __future__ import annotations
 
-import string
 from typing import Any, Mapping
 
-from torchtune.data import Message, PromptTemplateInterface
+from torchtune.data import Message, PromptTemplateInterface, truncate
 from torchtune.data._prompt_templates import _get_prompt_template, _TemplateType
 from torchtune.modules.transforms import Transform
-from torchtune.modules.transforms.tokenizers import (
-    BaseTokenizer,
-    ModelTokenizer,
-    tokenize_messages_no_special_tokens,
-)
+from torchtune.modules.transforms.tokenizers import BaseTokenizer, ModelTokenizer
 
 # Special tokens come first so that ``pad_id == 0``, the default ``padding_idx`` of
 # torchtune's ``padded_collate_sft`` and ``PackedDataset``.
@@ -28,7 +22,6 @@ PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 SPECIAL_TOKENS: dict[str, int] = {PAD: 0, BOS: 1, EOS: 2, UNK: 3}
 # Newline, tab and the 95 printable ASCII characters (space .. '~').
 CHARACTERS: str = "\n\t" + "".join(chr(c) for c in range(32, 127))
-assert set(CHARACTERS) <= set(string.printable)
 
 # Shown in place of characters the vocabulary does not have.
 _UNK_TEXT = "\ufffd"
@@ -144,22 +137,49 @@ class CharTokenizer(ModelTokenizer, BaseTokenizer, Transform):
         """Tokenize messages into ``(tokens, mask)``; ``mask[i]`` is True where token
         ``i`` belongs to a ``masked`` message (not trained on).
 
-        Same semantics as torchtune's Llama2 tokenizer: BOS before each turn if
+        Same semantics as torchtune's ``tokenize_messages_no_special_tokens`` (used by
+        the Llama2/Mistral/Gemma tokenizers): BOS before each turn if
         ``add_start_tokens``, EOS after each assistant message if ``add_end_tokens``
-        (pass False for inference prompts), truncation to ``max_seq_len``.
+        (pass False for inference prompts), BOS/EOS masked like their message, and
+        truncation to ``max_seq_len`` with :func:`torchtune.data.truncate` (EOS kept
+        last). That helper itself is not called because it ``rstrip(" ")``-s every
+        text item, relying on SentencePiece to re-add the space as a word prefix;
+        with one token per character the space would be lost (e.g. a prompt template
+        ``"Q: "`` would become ``"Q:"``).
         """
-        templated = (
-            self.prompt_template(messages) if self.prompt_template is not None else messages
-        )
-        return tokenize_messages_no_special_tokens(
-            tokenizer=self,
-            messages=templated,
-            bos_id=self.bos_id if add_start_tokens else None,
-            eos_id=self.eos_id if add_end_tokens else None,
-        )
+        if self.prompt_template is not None:
+            messages = self.prompt_template(messages)
+        bos_id = self.bos_id if add_start_tokens else None
+        eos_id = self.eos_id if add_end_tokens else None
+        tokens: list[int] = []
+        mask: list[bool] = []
+        start_of_turn = True
+        last_masked = False
+        for message in messages:
+            last_masked = message.masked
+            if start_of_turn and bos_id is not None:
+                tokens.append(bos_id)
+                mask.append(message.masked)
+            for item in message.content:
+                if item["type"] != "text":
+                    raise RuntimeError(f"Unsupported message content type: {item['type']}")
+                ids = self.encode(item["content"], add_bos=False, add_eos=False)
+                tokens.extend(ids)
+                mask.extend([message.masked] * len(ids))
+            # An assistant message ends the turn.
+            start_of_turn = message.role == "assistant"
+            if start_of_turn and eos_id is not None:
+                tokens.append(eos_id)
+                mask.append(message.masked)
+            if self.max_seq_len is not None and len(tokens) >= self.max_seq_len:
+                break
+        if self.max_seq_len is not None and tokens:
+            tokens = truncate(tokens, self.max_seq_len, eos_id)
+            mask = truncate(mask, self.max_seq_len, last_masked if eos_id is not None else None)
+        return tokens, mask
 
     def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
-        """Model transform for ``SFTDataset``: replace ``"messages"`` with ``"tokens"``/``"mask"``."""
+        """Model transform for ``SFTDataset``: ``"messages"`` -> ``"tokens"``, ``"mask"``."""
         messages = sample.pop("messages")
         tokens, mask = self.tokenize_messages(messages, add_end_tokens=not inference)
         sample["tokens"] = tokens

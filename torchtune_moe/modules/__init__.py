@@ -10,6 +10,7 @@ from torchtune_moe.modules.routers import (
     RouterOutput,
     TokenChoiceTopKRouter,
 )
+from torchtune_moe.modules.routing_replay import RoutingRecord, capture_routing, replay_routing
 
 __all__ = [
     "MoELinear",
@@ -26,4 +27,7 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "sequence_balance_loss",
+    "RoutingRecord",
+    "capture_routing",
+    "replay_routing",
 ]

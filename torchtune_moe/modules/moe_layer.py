@@ -9,7 +9,7 @@ from torch import nn
 
 from torchtune_moe.modules.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from torchtune_moe.modules.moe_linear import MoELinear
-from torchtune_moe.modules.routers import Router, RouterOutput
+from torchtune_moe.modules.routers import Router, RouterOutput, _in_backward_recompute
 
 __all__ = ["MoE", "collect_aux_loss", "update_routers", "moe_layers", "dispatch_combine"]
 
@@ -116,6 +116,8 @@ class MoE(nn.Module):
         self.aux_loss: Optional[torch.Tensor] = None
         self.tokens_per_expert: Optional[torch.Tensor] = None
         self.last_routing: Optional[RouterOutput] = None
+        # Installed by capture_routing / replay_routing (torchtune_moe.modules.routing_replay), else None.
+        self._routing_hook = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -127,23 +129,31 @@ class MoE(nn.Module):
         """
         B, S, D = x.shape
         x_TD = x.reshape(B * S, D)
-        routing = self.router(x_TD)
+        hook = self._routing_hook
+        routing = self.router(x_TD) if hook is None else hook(self, x_TD)
         out_TD, tokens_per_expert_E = dispatch_combine(x_TD, routing, self.experts)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:
                 shared_TD = shared_TD * torch.sigmoid(self.shared_expert_gate(x_TD))
             out_TD = out_TD + shared_TD
-        self.tokens_per_expert = tokens_per_expert_E.detach()
-        self.last_routing = _detached(routing)
-        self._compute_aux_losses(routing, tokens_per_expert_E, B, S)
+        aux_losses, aux_loss = self._compute_aux_losses(routing, tokens_per_expert_E, B, S)
+        if not _in_backward_recompute():
+            # Activation checkpointing re-runs this forward inside backward: the graph (aux losses included) is
+            # rebuilt, but the layer keeps the first forward's values (else it would keep the recompute's graph
+            # alive until the next forward).
+            self.tokens_per_expert = tokens_per_expert_E.detach()
+            self.last_routing = _detached(routing)
+            self.aux_losses, self.aux_loss = aux_losses, aux_loss
         return out_TD.view(B, S, D)
 
-    def _compute_aux_losses(self, routing: RouterOutput, tokens_per_expert_E: torch.Tensor, B: int, S: int) -> None:
-        self.aux_losses = {}
-        self.aux_loss = None
+    def _compute_aux_losses(
+        self, routing: RouterOutput, tokens_per_expert_E: torch.Tensor, B: int, S: int
+    ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """Returns the unweighted aux losses by name and their coefficient-weighted sum (None when none)."""
+        aux_losses: dict[str, torch.Tensor] = {}
         if not (self.training and torch.is_grad_enabled()):
-            return
+            return aux_losses, None
         total = None
         for name, coeff, fn in (
             ("load_balancing", self.aux_loss_coeff, lambda: load_balancing_loss(routing.probs_TE, tokens_per_expert_E)),
@@ -158,9 +168,9 @@ class MoE(nn.Module):
         ):
             if coeff > 0:
                 value = fn()
-                self.aux_losses[name] = value
+                aux_losses[name] = value
                 total = coeff * value if total is None else total + coeff * value
-        self.aux_loss = total
+        return aux_losses, total
 
     @torch.no_grad()
     def routing_stats(self) -> dict[str, torch.Tensor]:

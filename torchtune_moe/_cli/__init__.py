@@ -1,0 +1,1 @@
+"""The ``tune-moe`` command line tool: ``ls`` and ``cp`` for the packaged configs, ``plot`` for run logs."""

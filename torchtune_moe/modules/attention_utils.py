@@ -1,7 +1,8 @@
 """Attention projection wrappers that torchtune's ``MultiHeadAttention`` does not have.
 
 torchtune 0.6.1 applies ``q_norm``/``k_norm`` after RoPE; Qwen3-MoE normalises each head *before* RoPE and
-OLMoE normalises the whole projection (and may clip it). Wrapping the projection reproduces both exactly
+OLMoE normalises the whole projection and then may clip it (``clip_qkv``, applied after the norm as in Hugging
+Face's ``OlmoeAttention``). Wrapping the projection reproduces both exactly
 while keeping torchtune's attention module unchanged.
 """
 
@@ -12,13 +13,13 @@ from torch import nn
 
 
 class NormedProjection(nn.Module):
-    """``norm(clip(proj(x)))``: a linear projection followed by an optional clamp and RMSNorm.
+    """``clip(norm(proj(x)))``: a linear projection followed by an optional RMSNorm and an optional clamp.
 
     Args:
         proj (nn.Module): the projection, ``[..., D] -> [..., N * head_dim]``.
         norm (Optional[nn.Module]): applied per head (``head_dim`` given) or over the whole output.
         head_dim (Optional[int]): normalise each head of this size separately; None normalises all N*head_dim.
-        clip (Optional[float]): clamp the projection to ``[-clip, clip]`` before the norm (OLMoE ``clip_qkv``).
+        clip (Optional[float]): clamp the (normalised) projection to ``[-clip, clip]`` (OLMoE ``clip_qkv``).
     """
 
     def __init__(
@@ -40,12 +41,12 @@ class NormedProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, D] -> [B, S, N * head_dim]"""
         y = self.proj(x)
-        if self.clip is not None:
-            y = y.clamp(-self.clip, self.clip)
         if self.norm is not None:
             if self.head_dim is None:
                 y = self.norm(y)
             else:
                 shape = y.shape
                 y = self.norm(y.view(*shape[:-1], -1, self.head_dim)).view(shape)
+        if self.clip is not None:
+            y = y.clamp(-self.clip, self.clip)
         return y

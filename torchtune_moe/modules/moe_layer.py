@@ -17,7 +17,9 @@ __all__ = ["MoE", "collect_aux_loss", "update_routers", "moe_layers", "dispatch_
 def dispatch_combine(x_TD: torch.Tensor, routing: RouterOutput, experts: MoELinear) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs the routed experts: sort assignments by expert, grouped GEMMs, weighted sum back per token.
 
-    No host-device sync: expert counts come from a scatter-add, offsets from a cumsum.
+    No host-device sync: expert counts come from a scatter-add, offsets from a cumsum. The experts run as
+    one fused autograd node (:meth:`MoELinear.routed`); token-choice routing (``routing.experts_TK`` set,
+    A = T*K token-major) combines by a gather-sum, other routers by index_add.
 
     Args:
         x_TD (torch.Tensor): [T, D] tokens.
@@ -29,24 +31,21 @@ def dispatch_combine(x_TD: torch.Tensor, routing: RouterOutput, experts: MoELine
     """
     E = experts.num_experts
     expert_ids_A = routing.expert_ids_A
+    A = expert_ids_A.shape[0]
     counts_E = torch.zeros(E + 1, dtype=torch.long, device=x_TD.device)
     counts_E.scatter_add_(0, expert_ids_A, torch.ones_like(expert_ids_A))
     counts_E = counts_E[:E]
     offsets_E = counts_E.cumsum(0).to(torch.int32)
+    # Dropped slots (expert id E) sort last, past offsets_E[-1]: the experts skip them.
     order_A = torch.argsort(expert_ids_A, stable=True)
-    token_ids_A = routing.token_ids_A[order_A]
-    weights_A1 = routing.weights_A[order_A].unsqueeze(-1)
-    x_AD = x_TD[token_ids_A]
-    if routing.may_drop:
-        # Dropped slots sort last, past offsets_E[-1]: grouped_mm leaves their rows (and the gradient of
-        # their inputs) undefined, so zero them on both sides.
-        valid_A1 = (expert_ids_A[order_A] < E).unsqueeze(-1)
-        x_AD = torch.where(valid_A1, x_AD, 0)
-        y_AD = torch.where(valid_A1, experts(x_AD, offsets_E), 0)
-    else:
-        y_AD = experts(x_AD, offsets_E)
-    y_AD = y_AD * weights_A1.to(y_AD.dtype)
-    out_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_A, y_AD)
+    rows_A = routing.token_ids_A[order_A]
+    weights_A = routing.weights_A[order_A]
+    combine_TK = None
+    if routing.experts_TK is not None:
+        # Token-major, K rows per token: position of assignment (t, k) in the sorted order.
+        arange_A = torch.arange(A, device=x_TD.device)
+        combine_TK = torch.empty_like(order_A).scatter_(0, order_A, arange_A).view(routing.experts_TK.shape)
+    out_TD = experts.routed(x_TD, rows_A, weights_A, offsets_E, combine_TK, may_drop=routing.may_drop)
     return out_TD, counts_E
 
 
@@ -171,6 +170,13 @@ class MoE(nn.Module):
                 aux_losses[name] = value
                 total = coeff * value if total is None else total + coeff * value
         return aux_losses, total
+
+    def __getstate__(self) -> dict:
+        # The aux losses of the latest forward carry its autograd graph, which copy.deepcopy (and pickle) cannot
+        # copy: copies of the layer start without them.
+        state = super().__getstate__()
+        state["aux_losses"], state["aux_loss"] = {}, None
+        return state
 
     @torch.no_grad()
     def routing_stats(self) -> dict[str, torch.Tensor]:

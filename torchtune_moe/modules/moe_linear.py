@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchtune_moe.modules import _kernels
+
 # torch.nn.functional.grouped_mm needs every row stride to be a multiple of 16 bytes.
 _ALIGN_ELEMENTS = 8
 
@@ -95,5 +97,149 @@ class MoELinear(nn.Module):
             h_AH = self.act(h_AH)
         return F.grouped_mm(h_AH, self.down_proj.transpose(-2, -1), offs=offsets_E)
 
+    def routed(
+        self,
+        x_TD: torch.Tensor,
+        rows_A: torch.Tensor,
+        weights_A: torch.Tensor,
+        offsets_E: torch.Tensor,
+        combine_TK: Optional[torch.Tensor] = None,
+        may_drop: bool = False,
+    ) -> torch.Tensor:
+        """Gathers each routed row, runs it through its expert, scales it by its weight and sums it back into
+        its token: ``out[t] = sum over rows a of token t of weights[a] * expert_a(x[t])``.
+
+        One autograd node with fused memory-bound steps (see :class:`_RoutedExperts`); in training it keeps
+        only the up-projection output (``[A, 2H]``) besides its inputs.
+
+        Args:
+            x_TD (torch.Tensor): [T, D] tokens.
+            rows_A (torch.Tensor): [A] int64, token of each row, rows sorted by expert.
+            weights_A (torch.Tensor): [A] routing weight of each row (fp32; differentiable).
+            offsets_E (torch.Tensor): [E] int32 cumulative row counts per expert (see :meth:`forward`). Rows
+                past ``offsets_E[-1]`` are dropped slots.
+            combine_TK (Optional[torch.Tensor]): [T, K] int64, row of the k-th assignment of token t, when
+                every token has exactly K rows (token choice): the combine is then a gather-sum. None: any
+                number of rows per token (combine by index_add).
+            may_drop (bool): some rows are past ``offsets_E[-1]`` (they contribute nothing).
+
+        Returns:
+            torch.Tensor: [T, D] in ``x_TD``'s dtype.
+        """
+        return _RoutedExperts.apply(
+            x_TD, weights_A, self.gate_up_proj, self.down_proj, rows_A, offsets_E, combine_TK, may_drop,
+            self.act, self.gated,
+        )
+
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, gated={self.gated}"
+
+
+def _activate(
+    h_AF: torch.Tensor, weights_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool, act, gated: bool
+) -> torch.Tensor:
+    """``act(gate) * up * w`` (or ``act(h) * w``) per row, in fp32, stored in ``h``'s dtype."""
+    if gated and act is F.silu:
+        return _kernels.swiglu_forward(h_AF, weights_A, num_valid, may_drop)
+    h32_AF = h_AF.float()
+    if gated:
+        gate_AH, up_AH = h32_AF.chunk(2, dim=-1)
+        act_AH = act(gate_AH) * up_AH
+    else:
+        act_AH = act(h32_AF)
+    hs_AH = (act_AH * weights_A.float().unsqueeze(-1)).to(h_AF.dtype)
+    if may_drop:
+        valid_A1 = (torch.arange(h_AF.shape[0], device=h_AF.device) < num_valid).unsqueeze(-1)
+        hs_AH = torch.where(valid_A1, hs_AH, 0)
+    return hs_AH
+
+
+def _activate_backward(
+    h_AF: torch.Tensor,
+    weights_A: torch.Tensor,
+    grad_hs_AH: torch.Tensor,
+    num_valid: torch.Tensor,
+    may_drop: bool,
+    act,
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_activate` w.r.t. ``h`` and ``weights``, and its output, recomputed."""
+    if gated and act is F.silu:
+        return _kernels.swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
+    # Any other activation: recompute under autograd (SwiGLU, the common case, has the fused kernel above).
+    if may_drop:
+        valid_A1 = (torch.arange(h_AF.shape[0], device=h_AF.device) < num_valid).unsqueeze(-1)
+        h_AF = torch.where(valid_A1, h_AF, 0)
+        grad_hs_AH = torch.where(valid_A1, grad_hs_AH, 0)
+    with torch.enable_grad():
+        h_AF = h_AF.detach().requires_grad_()
+        w_A = weights_A.detach().float().requires_grad_()
+        hs_AH = _activate(h_AF, w_A, num_valid, may_drop, act, gated)
+        grad_h_AF, grad_w_A = torch.autograd.grad(hs_AH, (h_AF, w_A), grad_hs_AH)
+    return grad_h_AF, grad_w_A, hs_AH.detach()
+
+
+def _combine(
+    y_AD: torch.Tensor,
+    rows_A: torch.Tensor,
+    combine_TK: Optional[torch.Tensor],
+    num_valid: torch.Tensor,
+    may_drop: bool,
+    num_tokens: int,
+) -> torch.Tensor:
+    """``out[t] = sum of the rows of y that belong to token t`` (fp32 accumulation), [A, D] -> [T, D]."""
+    if combine_TK is not None:
+        return _kernels.gather_sum(y_AD, combine_TK, num_valid, may_drop)
+    if may_drop:
+        valid_A1 = (torch.arange(y_AD.shape[0], device=y_AD.device) < num_valid).unsqueeze(-1)
+        y_AD = torch.where(valid_A1, y_AD, 0)
+    out_TD = torch.zeros(num_tokens, y_AD.shape[1], dtype=torch.float32, device=y_AD.device)
+    return out_TD.index_add_(0, rows_A, y_AD.float()).to(y_AD.dtype)
+
+
+class _RoutedExperts(torch.autograd.Function):
+    """Dispatch gather -> grouped GEMM -> activation x routing weight -> grouped GEMM -> combine, one node.
+
+    Written by hand (instead of letting autograd record each op) to control what is kept for backward and
+    how each step runs: the routing weight is folded into the activation (so no [A, D] product is kept,
+    and its gradient comes out of the fused activation backward), the combine and the backward of the
+    gather are gather-sums (no atomics, fp32 accumulation), the gathered input ``x_AD`` and the activation
+    output are recomputed in backward rather than stored. Saved: ``x_TD`` (the caller holds it anyway),
+    ``h_AF`` [A, 2H], and the index tensors. The grouped GEMMs are torch's; their backward is spelled out
+    exactly as autograd's (``grouped_mm(a.t(), b, offs)`` for weight gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, may_drop, act, gated):
+        num_valid = offsets_E[-1:]
+        x_AD = _kernels.gather_rows(x_TD, rows_A)
+        h_AF = F.grouped_mm(x_AD, gate_up_proj.transpose(-2, -1), offs=offsets_E)
+        hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
+        y_AD = F.grouped_mm(hs_AH, down_proj.transpose(-2, -1), offs=offsets_E)
+        out_TD = _combine(y_AD, rows_A, combine_TK, num_valid, may_drop, x_TD.shape[0])
+        ctx.save_for_backward(x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, h_AF)
+        ctx.may_drop, ctx.act, ctx.gated = may_drop, act, gated
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_out_TD):
+        x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, h_AF = ctx.saved_tensors
+        need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
+        num_valid = offsets_E[-1:]
+        grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A)
+        grad_hs_AH = F.grouped_mm(grad_y_AD, down_proj, offs=offsets_E)
+        grad_h_AF, grad_w_A, hs_AH = _activate_backward(
+            h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
+        )
+        del grad_hs_AH
+        grad_down = F.grouped_mm(grad_y_AD.t(), hs_AH, offs=offsets_E) if need_down else None
+        del grad_y_AD, hs_AH
+        grad_x_TD = grad_gate_up = None
+        if need_x:
+            grad_x_AD = F.grouped_mm(grad_h_AF, gate_up_proj, offs=offsets_E)
+            grad_x_TD = _combine(grad_x_AD, rows_A, combine_TK, num_valid, ctx.may_drop, x_TD.shape[0])
+            del grad_x_AD
+        if need_gate_up:
+            grad_gate_up = F.grouped_mm(grad_h_AF.t(), _kernels.gather_rows(x_TD, rows_A), offs=offsets_E)
+        grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
+        return grad_x_TD, grad_w_A, grad_gate_up, grad_down, None, None, None, None, None, None

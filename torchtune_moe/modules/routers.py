@@ -228,7 +228,7 @@ class TokenChoiceTopKRouter(Router):
         else:
             experts_TK = forced_experts_TK.to(device=x_TD.device, dtype=torch.long)
         weights_TK = scores_TE.gather(1, experts_TK)
-        if self.norm_topk_prob and self.experts_per_token > 1:
+        if self.norm_topk_prob:  # as Hugging Face does, also for K = 1 (the weight is then 1)
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if self.route_scale != 1.0:
             weights_TK = weights_TK * self.route_scale
@@ -245,8 +245,8 @@ class TokenChoiceTopKRouter(Router):
         if self.expert_bias is None:
             return
         load_E = self._all_reduce(self._load_accum.clone(), process_group)
-        if load_E.sum() > 0:
-            self.expert_bias.add_(self.expert_bias_update_rate * torch.sign(load_E.mean() - load_E))
+        # No load seen gives sign(0) = 0: no change, and no host-device sync to find out.
+        self.expert_bias.add_(self.expert_bias_update_rate * torch.sign(load_E.mean() - load_E))
         self._load_accum.zero_()
 
     def extra_repr(self) -> str:
@@ -327,9 +327,9 @@ class ExpertThresholdRouter(Router):
     Each expert e keeps a threshold ``tau_e``: an exponential moving average of the score that expert choice
     with capacity ``C = capacity_factor * T * K / E`` would have needed in the batches seen so far (the C-th
     largest score of expert e over the batch). A token goes to every expert whose threshold its score
-    exceeds, at most ``max_experts_per_token`` of them (its best ones), with its score as weight. So the
-    average load matches expert choice and balances without an aux loss, while the routing of token t
-    depends only on token t's own hidden state (hence only on positions <= t of its own sequence) and on
+    reaches (``score >= tau_e``), at most ``max_experts_per_token`` of them (its best ones), with its score as
+    weight. So the average load matches expert choice and balances without an aux loss, while the routing of
+    token t depends only on token t's own hidden state (hence only on positions <= t of its own sequence) and on
     thresholds fixed before the forward: training and generation route alike.
 
     - Thresholds are buffers, saved in checkpoints; a forward in training mode only *accumulates* the batch
@@ -398,7 +398,8 @@ class ExpertThresholdRouter(Router):
         T, E = scores_TE.shape
         K, Kmax = self.experts_per_token, self.max_experts_per_token
         top_scores_TK, experts_TK = scores_TE.topk(Kmax, dim=-1)
-        passes_TK = top_scores_TK.detach() > self.thresholds[experts_TK]
+        # >=: a threshold equal to the C-th largest score of a batch gives each expert C tokens of that batch.
+        passes_TK = top_scores_TK.detach() >= self.thresholds[experts_TK]
         warm_TK = (torch.arange(Kmax, device=x_TD.device) < K).expand(T, Kmax)
         keep_TK = torch.where(self.num_updates > 0, passes_TK, warm_TK)
         expert_ids_TK = torch.where(keep_TK, experts_TK, E)
@@ -423,11 +424,12 @@ class ExpertThresholdRouter(Router):
         the EMA."""
         stats = self._all_reduce(torch.cat([self._thr_sum, self._thr_count.view(1)]), process_group)
         count = stats[-1]
-        if count > 0:
-            mean_E = stats[:-1] / count
-            decay = torch.where(self.num_updates > 0, self.threshold_ema_decay, 0.0)
-            self.thresholds.mul_(decay).add_((1 - decay) * mean_E)
-            self.num_updates += 1
+        seen = count > 0  # written with torch.where, not `if`: no host-device sync
+        mean_E = stats[:-1] / count.clamp(min=1.0)
+        decay = torch.where(self.num_updates > 0, self.threshold_ema_decay, 0.0)
+        decay = torch.where(seen, decay, 1.0)
+        self.thresholds.mul_(decay).add_((1 - decay) * mean_E)
+        self.num_updates += seen.long()
         self._thr_sum.zero_()
         self._thr_count.zero_()
 

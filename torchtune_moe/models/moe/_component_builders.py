@@ -22,7 +22,7 @@ from torchtune_moe.modules import (
     TokenChoiceTopKRouter,
 )
 from torchtune_moe.modules.attention_utils import NormedProjection
-from torchtune_moe.modules.moe_linear import _get_activation
+from torchtune_moe.modules.moe_linear import _ALIGN_ELEMENTS, _get_activation
 
 __all__ = ["moe_layer", "moe", "ROUTERS"]
 
@@ -70,7 +70,7 @@ def moe_layer(
     num_experts: int,
     experts_per_token: int,
     router: Union[str, nn.Module] = "token_choice",
-    score_func: str = "softmax",
+    score_func: Optional[str] = None,
     norm_topk_prob: Optional[bool] = None,
     route_scale: Optional[float] = None,
     num_expert_groups: Optional[int] = None,
@@ -96,7 +96,7 @@ def moe_layer(
         experts_per_token (int): K (for expert choice and threshold routers: the average K).
         router (str | nn.Module): ``"token_choice"``, ``"expert_choice"`` (not causal: see docs),
             ``"causal_expert_choice"`` (Expert Threshold routing), or your own router module.
-        score_func (str): ``"softmax"`` or ``"sigmoid"``.
+        score_func (Optional[str]): ``"softmax"`` (default) or ``"sigmoid"``.
         norm_topk_prob, route_scale, num_expert_groups, num_limited_groups, expert_bias_update_rate:
             token-choice options (:class:`~torchtune_moe.modules.TokenChoiceTopKRouter`); None = its default.
         capacity_factor: expert-choice and causal-expert-choice option.
@@ -115,6 +115,7 @@ def moe_layer(
         ValueError: an impossible or inapplicable option, naming it and what is allowed.
     """
     options = {
+        "score_func": score_func,
         "norm_topk_prob": norm_topk_prob,
         "route_scale": route_scale,
         "num_expert_groups": num_expert_groups,
@@ -136,17 +137,20 @@ def moe_layer(
         given = [k for k, v in options.items() if v is not None]
         if given:
             raise ValueError(f"router options {given} do not apply to a router module; configure the module itself")
+        router_experts = getattr(router, "num_experts", num_experts)
+        if router_experts != num_experts:
+            raise ValueError(f"the router module has num_experts={router_experts}, but num_experts={num_experts}")
         router_module = router
     elif isinstance(router, str) and router in ROUTERS:
         cls, allowed = ROUTERS[router]
-        wrong = [k for k, v in options.items() if v is not None and k not in allowed]
+        wrong = [k for k, v in options.items() if v is not None and k != "score_func" and k not in allowed]
         if wrong:
             raise ValueError(
                 f"router={router!r} does not take {wrong}; it takes {list(allowed)} "
                 f"(the options of each router: { {n: list(o) for n, (_, o) in ROUTERS.items()} })"
             )
         kwargs = {k: v for k, v in options.items() if v is not None}
-        router_module = cls(dim, num_experts, experts_per_token, score_func=score_func, **kwargs)
+        router_module = cls(dim, num_experts, experts_per_token, **kwargs)
     else:
         raise ValueError(f"router must be one of {sorted(ROUTERS)} or an nn.Module, got {router!r}")
     experts = MoELinear(num_experts, dim, hidden_dim, activation=activation, gated=gated)
@@ -167,18 +171,24 @@ _MOE_LAYER_ARGS = [p for p in inspect.signature(moe_layer).parameters if p not i
 
 
 def _moe_layer_ids(moe_layers: Union[str, int, list], num_layers: int) -> set[int]:
-    if moe_layers == "all":
-        return set(range(num_layers))
-    if isinstance(moe_layers, int) and not isinstance(moe_layers, bool):
-        if moe_layers < 1:
-            raise ValueError(f"moe_layers as an int (every n-th layer) must be >= 1, got {moe_layers}")
+    if isinstance(moe_layers, str):
+        if moe_layers == "all":
+            return set(range(num_layers))
+    elif isinstance(moe_layers, int) and not isinstance(moe_layers, bool):
+        if not 1 <= moe_layers <= num_layers:
+            raise ValueError(
+                f"moe_layers as an int (every n-th layer) must be between 1 and num_layers ({num_layers}), "
+                f"got {moe_layers}"
+            )
         # Same convention as Hugging Face's decoder_sparse_step: layer i is MoE when (i + 1) % n == 0.
         return {i for i in range(num_layers) if (i + 1) % moe_layers == 0}
-    if isinstance(moe_layers, (list, tuple)) or hasattr(moe_layers, "__iter__") and not isinstance(moe_layers, str):
-        ids = [int(i) for i in moe_layers]
-        bad = [i for i in ids if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(f"moe_layers holds layer indices outside 0..{num_layers - 1}: {bad}")
+    elif hasattr(moe_layers, "__iter__"):  # list, tuple or OmegaConf ListConfig
+        ids = list(moe_layers)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
+        if bad or not ids:
+            raise ValueError(
+                f"moe_layers as a list must hold layer indices in 0..{num_layers - 1} (at least one), got {ids}"
+            )
         return set(ids)
     raise ValueError(f"moe_layers must be 'all', an int n (every n-th layer) or a list of layer indices, got {moe_layers!r}")
 
@@ -201,6 +211,7 @@ def moe(
     rope_base: float = 10_000.0,
     norm_eps: float = 1e-6,
     attn_bias: bool = False,
+    attn_output_bias: bool = False,
     qk_norm: Optional[str] = None,
     clip_qkv: Optional[float] = None,
     attn_dropout: float = 0.0,
@@ -231,6 +242,8 @@ def moe(
         rope_base (float): RoPE theta.
         norm_eps (float): RMSNorm epsilon.
         attn_bias (bool): biases on the q, k, v projections (Qwen2-MoE).
+        attn_output_bias (bool): bias on the attention output projection (Qwen3-MoE and OLMoE put one there
+            when their ``attention_bias`` is set).
         qk_norm (Optional[str]): None, ``"head"`` (RMSNorm of each query/key head before RoPE: Qwen3-MoE) or
             ``"full"`` (RMSNorm over the whole q and k projections: OLMoE).
         clip_qkv (Optional[float]): clamp q, k, v projections to ``[-clip_qkv, clip_qkv]`` (OLMoE).
@@ -255,8 +268,20 @@ def moe(
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}) when head_dim is not given")
         head_dim = embed_dim // num_heads
-    if head_dim % 2:
-        raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+    if head_dim < 1 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even number (RoPE), got {head_dim}")
+    # Checked here to name moe()'s arguments; MoELinear checks the same as dim / hidden_dim.
+    for name, value in (("embed_dim", embed_dim), ("moe_hidden_dim", moe_hidden_dim)):
+        if value < 1 or value % _ALIGN_ELEMENTS:
+            raise ValueError(
+                f"{name} must be a positive multiple of {_ALIGN_ELEMENTS} (grouped GEMM needs 16-byte aligned "
+                f"rows), got {value}"
+            )
+    for name, value in (("rope_base", rope_base), ("norm_eps", norm_eps)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    if clip_qkv is not None and not clip_qkv > 0:
+        raise ValueError(f"clip_qkv must be None or > 0, got {clip_qkv}")
     if qk_norm not in (None, "head", "full"):
         raise ValueError(f"qk_norm must be None, 'head' or 'full', got {qk_norm!r}")
     moe_ids = _moe_layer_ids(moe_layers, num_layers)
@@ -290,7 +315,7 @@ def moe(
             q_proj=proj(num_heads * head_dim, norm=True),
             k_proj=proj(num_kv_heads * head_dim, norm=True),
             v_proj=proj(num_kv_heads * head_dim, norm=False),
-            output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=False),
+            output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=attn_output_bias),
             pos_embeddings=rope,
             max_seq_len=max_seq_len,
             attn_dropout=attn_dropout,

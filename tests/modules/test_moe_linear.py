@@ -1,0 +1,215 @@
+"""Grouped-GEMM experts (MoELinear, dispatch_combine) against a per-expert Python loop reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchtune_moe.modules import (
+    ExpertChoiceTopKRouter,
+    ExpertThresholdRouter,
+    MoELinear,
+    RouterOutput,
+    TokenChoiceTopKRouter,
+    dispatch_combine,
+)
+
+D, H, E = 16, 24, 4
+ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+def expert_ref(experts: MoELinear, e: int, x_ND: torch.Tensor, act) -> torch.Tensor:
+    """Expert e as plain matmuls on its own weights (the nn.Linear layout documented by MoELinear)."""
+    w = experts.gate_up_proj[e]
+    if experts.gated:
+        gate_HD, up_HD = w[: experts.hidden_dim], w[experts.hidden_dim :]
+        h_NH = act(x_ND @ gate_HD.t()) * (x_ND @ up_HD.t())
+    else:
+        h_NH = act(x_ND @ w.t())
+    return h_NH @ experts.down_proj[e].t()
+
+
+def combine_ref(x_TD: torch.Tensor, routing: RouterOutput, experts: MoELinear, act) -> torch.Tensor:
+    """Loop over experts: out[t] += w * expert_e(x[t]) for every assignment that is not dropped."""
+    out_TD = torch.zeros_like(x_TD)
+    for e in range(experts.num_experts):
+        sel_A = routing.expert_ids_A == e
+        tok_N = routing.token_ids_A[sel_A]
+        y_ND = expert_ref(experts, e, x_TD[tok_N], act) * routing.weights_A[sel_A].unsqueeze(-1)
+        out_TD = out_TD.index_add(0, tok_N, y_ND)
+    return out_TD
+
+
+def make_router(kind: str, T: int) -> torch.nn.Module:
+    if kind == "token_choice":
+        return TokenChoiceTopKRouter(D, E, 2)
+    if kind == "expert_choice":
+        return ExpertChoiceTopKRouter(D, E, 2, capacity_factor=1.5)
+    router = ExpertThresholdRouter(D, E, 2, max_experts_per_token=3)
+    # Active thresholds: the median score of each expert, so about half of the slots are dropped.
+    with torch.no_grad():
+        _, scores_TE, _ = router.scores(torch.randn(T, D))
+        router.thresholds.copy_(scores_TE.median(dim=0).values)
+        router.num_updates.fill_(1)
+    return router
+
+
+def grads(out, inputs, seed=0):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad((out * g).sum(), inputs, retain_graph=True)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+def test_moelinear_equals_loop(gated, activation):
+    torch.manual_seed(0)
+    experts = MoELinear(E, D, H, activation=activation, gated=gated)
+    counts = [3, 0, 5, 2]  # an empty expert included
+    x_AD = torch.randn(sum(counts), D, requires_grad=True)
+    offsets_E = torch.tensor(counts).cumsum(0).to(torch.int32)
+    y = experts(x_AD, offsets_E)
+    ref = torch.cat(
+        [expert_ref(experts, e, x_AD[s:t], ACTS[activation]) for e, (s, t) in enumerate(zip([0, 3, 3, 8], [3, 3, 8, 10]))]
+    )
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    params = (x_AD, experts.gate_up_proj, experts.down_proj)
+    for a, b in zip(grads(y, params), grads(ref, params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # The empty expert gets an exactly-zero weight gradient.
+    g_gu, g_down = grads(y, params[1:])
+    assert g_gu[1].abs().max() == 0 and g_down[1].abs().max() == 0
+
+
+def test_moelinear_layout_and_shapes():
+    gated = MoELinear(E, D, H)
+    assert gated.gate_up_proj.shape == (E, 2 * H, D) and gated.down_proj.shape == (E, D, H)
+    ungated = MoELinear(E, D, H, gated=False)
+    assert ungated.gate_up_proj.shape == (E, H, D)
+
+
+def test_moelinear_rows_past_last_offset_do_not_touch_weight_grads():
+    """Rows after offsets_E[-1] are not computed: even NaN there leaves the weight gradients exact."""
+    torch.manual_seed(0)
+    experts = MoELinear(E, D, H)
+    x_AD = torch.randn(9, D)
+    x_AD[7:] = float("nan")
+    offsets_E = torch.tensor([2, 4, 6, 7], dtype=torch.int32)
+    y = experts(x_AD, offsets_E)
+    g = torch.randn(9, D)
+    g[7:] = 0
+    (y[:7] * g[:7]).sum().backward()
+    got = [p.grad.clone() for p in (experts.gate_up_proj, experts.down_proj)]
+    experts.zero_grad()
+    (experts(x_AD[:7], offsets_E)[:7] * g[:7]).sum().backward()
+    for a, p in zip(got, (experts.gate_up_proj, experts.down_proj)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize("kind", ["token_choice", "expert_choice", "expert_threshold"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_dispatch_combine_equals_loop(kind, gated):
+    torch.manual_seed(0)
+    T = 20
+    router = make_router(kind, T)
+    experts = MoELinear(E, D, H, gated=gated)
+    x_TD = torch.randn(T, D, requires_grad=True)
+    routing = router(x_TD)
+    if kind == "expert_threshold":
+        dropped = (routing.expert_ids_A == E).sum().item()
+        assert routing.may_drop and 0 < dropped < routing.expert_ids_A.numel()
+    out, counts_E = dispatch_combine(x_TD, routing, experts)
+    ref = combine_ref(x_TD, routing, experts, F.silu)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    valid = routing.expert_ids_A[routing.expert_ids_A < E]
+    assert counts_E.tolist() == torch.bincount(valid, minlength=E).tolist()
+    params = (x_TD, experts.gate_up_proj, experts.down_proj, router.gate.weight)
+    for a, b in zip(grads(out, params), grads(ref, params)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+_real_grouped_mm = F.grouped_mm
+
+
+def _poison_rows(t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return t.index_fill(0, torch.arange(int(offs[-1]), t.shape[0]), float("nan"))
+
+
+class _PoisonedGroupedMM(torch.autograd.Function):
+    """torch's grouped_mm, except that the rows it does not compute (past offs[-1]) are NaN instead of
+    whatever the allocator left there, in the output and in the gradient of the input."""
+
+    @staticmethod
+    def forward(ctx, a, b, offs):
+        ctx.save_for_backward(a, b, offs)
+        out = _real_grouped_mm(a, b, offs=offs)
+        return _poison_rows(out, offs) if a.dim() == 2 and b.dim() == 3 else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, offs = ctx.saved_tensors
+        with torch.enable_grad():
+            a_, b_ = a.detach().requires_grad_(), b.detach().requires_grad_()
+            grad_a, grad_b = torch.autograd.grad(_real_grouped_mm(a_, b_, offs=offs), (a_, b_), grad)
+        if a.dim() == 2 and b.dim() == 3:
+            grad_a = _poison_rows(grad_a, offs)
+        return grad_a, grad_b, None
+
+
+@pytest.fixture
+def poisoned_grouped_mm(monkeypatch):
+    """Makes every F.grouped_mm call (forward and backward) leave NaN in the rows it does not compute."""
+    calls = []
+
+    def grouped_mm(a, b, *, offs=None, **kwargs):
+        calls.append(1)
+        return _PoisonedGroupedMM.apply(a, b, offs)
+
+    monkeypatch.setattr(F, "grouped_mm", grouped_mm)
+    return calls
+
+
+def test_dropped_slots_leak_no_garbage(poisoned_grouped_mm):
+    torch.manual_seed(0)
+    T = 20
+    router = make_router("expert_threshold", T)
+    experts = MoELinear(E, D, H)
+    x_TD = torch.randn(T, D, requires_grad=True)
+    routing = router(x_TD)
+    assert (routing.expert_ids_A == E).any()
+    out, _ = dispatch_combine(x_TD, routing, experts)
+    params = (x_TD, experts.gate_up_proj, experts.down_proj, router.gate.weight)
+    got = grads(out, params)
+    assert poisoned_grouped_mm, "the experts no longer call F.grouped_mm: poison the grouped GEMM they use"
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(g).all() for g in got)
+    ref = combine_ref(x_TD, routing, experts, F.silu)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, grads(ref, params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_all_slots_dropped(poisoned_grouped_mm):
+    """A batch where no token passes any threshold: output zero, gradients zero and finite."""
+    torch.manual_seed(0)
+    router = ExpertThresholdRouter(D, E, 2)
+    router.thresholds.fill_(2.0)  # softmax scores never reach 2
+    router.num_updates.fill_(1)
+    experts = MoELinear(E, D, H)
+    x_TD = torch.randn(6, D, requires_grad=True)
+    out, counts_E = dispatch_combine(x_TD, router(x_TD), experts)
+    assert counts_E.sum() == 0 and out.abs().max() == 0
+    for g in grads(out, (x_TD, experts.gate_up_proj, experts.down_proj, router.gate.weight)):
+        assert torch.isfinite(g).all() and g.abs().max() == 0
+
+
+@pytest.mark.parametrize("name,value", [("dim", 12), ("hidden_dim", 20), ("dim", 0), ("num_experts", 0)])
+def test_moelinear_bad_sizes(name, value):
+    kwargs = {"num_experts": E, "dim": D, "hidden_dim": H, name: value}
+    with pytest.raises(ValueError, match=name):
+        MoELinear(**kwargs)
+
+
+def test_moelinear_bad_activation():
+    with pytest.raises(ValueError, match="activation"):
+        MoELinear(E, D, H, activation="tanh")

@@ -1,0 +1,139 @@
+"""Memory-bound pieces of the routed-expert block, fused: SwiGLU with the routing weight, and gather-sum.
+
+Each function has one definition of what it computes (the pure-torch code below, used on CPU, under
+``torch.compile`` where Inductor fuses it, and when Triton is missing) and, on CUDA in eager mode, a
+Triton kernel that computes the same thing in one pass over memory. Why hand-written: no library we
+depend on fuses "SwiGLU times a per-row weight" with its backward (recomputing the output instead of
+saving it), or sums K gathered rows per token without materialising the [T, K, D] gather.
+
+Rows at or past ``num_valid`` (a 1-element int32 device tensor: dropped slots sorted last, whose grouped
+GEMM rows hold garbage) read as zero when ``may_drop`` is set; with it unset every row is used.
+"""
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton comes with CUDA builds of torch; CPU-only installs use the torch code.
+    from torchtune_moe.modules._kernels import _triton
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    _triton = None
+    _HAS_TRITON = False
+
+__all__ = ["gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "use_triton"]
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve ``t``: CUDA tensor, Triton importable, not being traced by
+    ``torch.compile`` (there Inductor fuses the torch code itself)."""
+    return _HAS_TRITON and t.is_cuda and not torch.compiler.is_compiling()
+
+
+def gather_rows(src_TD: torch.Tensor, index_A: torch.Tensor) -> torch.Tensor:
+    """``out[a] = src[index[a]]`` (the dispatch gather): [T, D], [A] int64 -> [A, D].
+
+    The Triton kernel moves 4 rows per program in 16-byte vectors; ``index_select`` reaches ~2/3 of the
+    copy bandwidth on this access pattern (benchmarks/NOTES.md).
+    """
+    if use_triton(src_TD):
+        return _triton.gather_rows(src_TD, index_A)
+    return src_TD.index_select(0, index_A)
+
+
+def _valid_rows(num_rows: int, num_valid: torch.Tensor) -> torch.Tensor:
+    return (torch.arange(num_rows, device=num_valid.device) < num_valid).unsqueeze(-1)
+
+
+def _swiglu_parts(h_AF: torch.Tensor):
+    gate_AH, up_AH = h_AF.float().chunk(2, dim=-1)
+    sig_AH = torch.sigmoid(gate_AH)
+    silu_AH = gate_AH * sig_AH
+    return gate_AH, up_AH, sig_AH, silu_AH, silu_AH * up_AH
+
+
+def swiglu_forward(
+    h_AF: torch.Tensor, weights_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool = False
+) -> torch.Tensor:
+    """``hs = silu(gate) * up * weight`` per row, computed in fp32, stored in ``h``'s dtype.
+
+    Args:
+        h_AF (torch.Tensor): [A, 2H] gate columns then up columns.
+        weights_A (torch.Tensor): [A] routing weight of each row.
+        num_valid (torch.Tensor): [1] int32, rows past it are dropped (only read when ``may_drop``).
+        may_drop (bool): zero the rows at or past ``num_valid``.
+
+    Returns:
+        torch.Tensor: [A, H]
+    """
+    if use_triton(h_AF):
+        return _triton.swiglu_forward(h_AF, weights_A, num_valid, may_drop)
+    *_, act_AH = _swiglu_parts(h_AF)
+    hs_AH = (act_AH * weights_A.float().unsqueeze(-1)).to(h_AF.dtype)
+    if may_drop:
+        hs_AH = torch.where(_valid_rows(h_AF.shape[0], num_valid), hs_AH, 0)
+    return hs_AH
+
+
+def swiglu_backward(
+    h_AF: torch.Tensor,
+    weights_A: torch.Tensor,
+    grad_hs_AH: torch.Tensor,
+    num_valid: torch.Tensor,
+    may_drop: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`swiglu_forward`, which it also recomputes (so the forward need not save it).
+
+    Args:
+        h_AF (torch.Tensor): [A, 2H] the forward's input.
+        weights_A (torch.Tensor): [A] routing weights.
+        grad_hs_AH (torch.Tensor): [A, H] gradient of the output.
+        num_valid (torch.Tensor): [1] int32 (see :func:`swiglu_forward`).
+        may_drop (bool): zero every output of rows at or past ``num_valid``.
+
+    Returns:
+        tuple: ``grad_h_AF`` [A, 2H] (``h``'s dtype), ``grad_weights_A`` [A] fp32, ``hs_AH`` [A, H] (the
+        forward output, recomputed bit for bit).
+    """
+    if use_triton(h_AF):
+        return _triton.swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
+    gate_AH, up_AH, sig_AH, silu_AH, act_AH = _swiglu_parts(h_AF)
+    w_A1 = weights_A.float().unsqueeze(-1)
+    grad_hs_AH = grad_hs_AH.float()
+    grad_w_A = (grad_hs_AH * act_AH).sum(-1)
+    grad_act_AH = grad_hs_AH * w_A1
+    grad_up_AH = grad_act_AH * silu_AH
+    grad_gate_AH = grad_act_AH * up_AH * sig_AH * (1 + gate_AH * (1 - sig_AH))
+    grad_h_AF = torch.cat([grad_gate_AH, grad_up_AH], dim=-1).to(h_AF.dtype)
+    hs_AH = (act_AH * w_A1).to(h_AF.dtype)
+    if may_drop:
+        valid_A1 = _valid_rows(h_AF.shape[0], num_valid)
+        grad_h_AF = torch.where(valid_A1, grad_h_AF, 0)
+        hs_AH = torch.where(valid_A1, hs_AH, 0)
+        grad_w_A = torch.where(valid_A1.squeeze(-1), grad_w_A, 0)
+    return grad_h_AF, grad_w_A, hs_AH
+
+
+def gather_sum(
+    src_AD: torch.Tensor, index_TK: torch.Tensor, num_valid: torch.Tensor, may_drop: bool = False
+) -> torch.Tensor:
+    """``out[t] = sum_k src[index[t, k]]``, accumulated in fp32, stored in ``src``'s dtype.
+
+    The combine of token-choice routing (``index`` = sorted position of each (token, k) assignment) and,
+    with the same index, the backward of the dispatch gather. Deterministic: no atomics.
+
+    Args:
+        src_AD (torch.Tensor): [A, D] rows.
+        index_TK (torch.Tensor): [T, K] int64 rows of ``src`` to sum per token.
+        num_valid (torch.Tensor): [1] int32; with ``may_drop``, rows at or past it count as zero.
+        may_drop (bool): see ``num_valid``.
+
+    Returns:
+        torch.Tensor: [T, D]
+    """
+    if use_triton(src_AD):
+        return _triton.gather_sum(src_AD, index_TK, num_valid, may_drop)
+    rows_TKD = src_AD[index_TK]
+    if may_drop:
+        rows_TKD = torch.where((index_TK < num_valid).unsqueeze(-1), rows_TKD, 0)
+    return rows_TKD.sum(dim=1, dtype=torch.float32).to(src_AD.dtype)

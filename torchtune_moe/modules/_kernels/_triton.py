@@ -1,0 +1,171 @@
+"""Triton kernels behind :mod:`torchtune_moe.modules._kernels` (CUDA only; same results as its torch code).
+
+All are memory-bound: each reads its inputs once and writes its outputs once, in 16-byte vectors,
+computing in fp32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    h_ptr, w_ptr, out_ptr, num_valid_ptr, A, H, stride_h, stride_out,
+    MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_in = rows < A
+    if MAY_DROP:
+        rows_ok = rows_in & (rows < tl.load(num_valid_ptr))
+    else:
+        rows_ok = rows_in
+    cols_in = cols < H
+    rows64 = rows.to(tl.int64)
+    h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+    load_mask = rows_ok[:, None] & cols_in[None, :]
+    gate = tl.load(h_rows, mask=load_mask, other=0.0).to(tl.float32)
+    up = tl.load(h_rows + H, mask=load_mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up * w[:, None]
+    out_rows = out_ptr + rows64[:, None] * stride_out + cols[None, :]
+    tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=rows_in[:, None] & cols_in[None, :])
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    h_ptr, w_ptr, ghs_ptr, gh_ptr, gw_ptr, hs_ptr, num_valid_ptr, A,
+    stride_h, stride_ghs, stride_gh, stride_hs,
+    H: tl.constexpr, MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in = rows < A
+    if MAY_DROP:
+        rows_ok = rows_in & (rows < tl.load(num_valid_ptr))
+    else:
+        rows_ok = rows_in
+    rows64 = rows.to(tl.int64)
+    w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+    grad_w = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, H, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cols_in = cols < H
+        load_mask = rows_ok[:, None] & cols_in[None, :]
+        store_mask = rows_in[:, None] & cols_in[None, :]
+        h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+        gate = tl.load(h_rows, mask=load_mask, other=0.0).to(tl.float32)
+        up = tl.load(h_rows + H, mask=load_mask, other=0.0).to(tl.float32)
+        ghs = tl.load(ghs_ptr + rows64[:, None] * stride_ghs + cols[None, :], mask=load_mask, other=0.0)
+        ghs = ghs.to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        act = silu * up
+        grad_w += tl.sum(ghs * act, axis=1)
+        grad_act = ghs * w[:, None]
+        grad_up = grad_act * silu
+        grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
+        gh_rows = gh_ptr + rows64[:, None] * stride_gh + cols[None, :]
+        tl.store(gh_rows, grad_gate.to(gh_ptr.dtype.element_ty), mask=store_mask)
+        tl.store(gh_rows + H, grad_up.to(gh_ptr.dtype.element_ty), mask=store_mask)
+        hs_rows = hs_ptr + rows64[:, None] * stride_hs + cols[None, :]
+        tl.store(hs_rows, (act * w[:, None]).to(hs_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(gw_ptr + rows, grad_w, mask=rows_in)
+
+
+@triton.jit
+def _gather_sum_kernel(
+    src_ptr, index_ptr, out_ptr, num_valid_ptr, D, stride_src, stride_out,
+    K: tl.constexpr, MAY_DROP: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols_in = cols < D
+    if MAY_DROP:
+        num_valid = tl.load(num_valid_ptr)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in tl.static_range(K):
+        row = tl.load(index_ptr + t * K + k)
+        mask = cols_in
+        if MAY_DROP:
+            mask = mask & (row < num_valid)
+        acc += tl.load(src_ptr + row.to(tl.int64) * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cols_in)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    src_ptr, index_ptr, out_ptr, A, D, stride_src, stride_out, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows_in = rows < A
+    mask = rows_in[:, None] & (cols < D)[None, :]
+    src_rows = tl.load(index_ptr + rows, mask=rows_in, other=0).to(tl.int64)
+    vals = tl.load(src_ptr + src_rows[:, None] * stride_src + cols[None, :], mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], vals, mask=mask)
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def swiglu_forward(h_AF, weights_A, num_valid, may_drop):
+    h_AF = _rows_contiguous(h_AF)
+    A, F2 = h_AF.shape
+    H = F2 // 2
+    out_AH = torch.empty((A, H), dtype=h_AF.dtype, device=h_AF.device)
+    BLOCK_M, BLOCK_N = 8, 256
+    grid = (triton.cdiv(A, BLOCK_M), triton.cdiv(H, BLOCK_N))
+    _swiglu_fwd_kernel[grid](
+        h_AF, weights_A.contiguous(), out_AH, num_valid, A, H, h_AF.stride(0), out_AH.stride(0),
+        MAY_DROP=may_drop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
+    )
+    return out_AH
+
+
+def swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
+    h_AF = _rows_contiguous(h_AF)
+    grad_hs_AH = _rows_contiguous(grad_hs_AH)
+    A, F2 = h_AF.shape
+    H = F2 // 2
+    grad_h_AF = torch.empty_like(h_AF)
+    hs_AH = torch.empty((A, H), dtype=h_AF.dtype, device=h_AF.device)
+    grad_w_A = torch.empty((A,), dtype=torch.float32, device=h_AF.device)
+    BLOCK_M, BLOCK_N = 4, 512
+    grid = (triton.cdiv(A, BLOCK_M),)
+    _swiglu_bwd_kernel[grid](
+        h_AF, weights_A.contiguous(), grad_hs_AH, grad_h_AF, grad_w_A, hs_AH, num_valid, A,
+        h_AF.stride(0), grad_hs_AH.stride(0), grad_h_AF.stride(0), hs_AH.stride(0),
+        H=H, MAY_DROP=may_drop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
+    )
+    return grad_h_AF, grad_w_A, hs_AH
+
+
+def gather_sum(src_AD, index_TK, num_valid, may_drop):
+    src_AD = _rows_contiguous(src_AD)
+    index_TK = index_TK.contiguous()
+    T, K = index_TK.shape
+    D = src_AD.shape[1]
+    out_TD = torch.empty((T, D), dtype=src_AD.dtype, device=src_AD.device)
+    BLOCK_D = min(1024, triton.next_power_of_2(D))
+    grid = (T, triton.cdiv(D, BLOCK_D))
+    _gather_sum_kernel[grid](
+        src_AD, index_TK, out_TD, num_valid, D, src_AD.stride(0), out_TD.stride(0),
+        K=K, MAY_DROP=may_drop, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return out_TD
+
+
+def gather_rows(src_TD, index_A):
+    src_TD = _rows_contiguous(src_TD)
+    A = index_A.shape[0]
+    D = src_TD.shape[1]
+    out_AD = torch.empty((A, D), dtype=src_TD.dtype, device=src_TD.device)
+    BLOCK_M, BLOCK_D = 4, min(1024, triton.next_power_of_2(D))
+    grid = (triton.cdiv(A, BLOCK_M), triton.cdiv(D, BLOCK_D))
+    _gather_rows_kernel[grid](
+        src_TD, index_A.contiguous(), out_AD, A, D, src_TD.stride(0), out_AD.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return out_AD

@@ -1,0 +1,172 @@
+"""Peak GPU memory of full fine-tuning Qwen3-30B-A3B with FSDP2, measured on depth-reduced random copies.
+
+No weights are downloaded (the GPU machines have no network): the model is Qwen3-30B-A3B's exact layer
+(hidden 2048, 32 query / 4 KV heads of 128, 128 experts of 768, top-8, vocabulary 151936) at a reduced depth,
+randomly initialised. For each depth it builds the model on the meta device, shards every decoder layer and
+the root with FSDP2 (torchtune's ``training.shard_model``, as the recipe does), initialises the local shards,
+and runs a few training steps (bf16, activation checkpointing, chunked cross-entropy, torch AdamW with bf16
+states, as configs/qwen3_moe/30b_a3b_full.yaml), then reports the peak allocated and reserved memory per GPU.
+Peak memory grows linearly with depth, so two depths give the per-layer slope and the full 48-layer figure
+is extrapolated (and compared with the arithmetic of docs/models.md).
+
+    torchrun --nproc_per_node 2 benchmarks/qwen3_memory_check.py --layers 2 4
+    torchrun --nproc_per_node 8 benchmarks/qwen3_memory_check.py --layers 4 8 --batch-size 4 --seq-len 2048
+
+CPU smoke test of the script itself (tiny dims, gloo): ``torchrun --nproc_per_node 2
+benchmarks/qwen3_memory_check.py --device cpu --tiny --layers 1 2``.
+"""
+
+import argparse
+import json
+import os
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.distributed import init_device_mesh
+from torchtune import modules, training
+from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+from torchtune_moe.models.qwen3_moe import qwen3_moe
+from torchtune_moe.modules import Router, collect_aux_loss, update_routers
+
+QWEN3_30B_A3B = dict(
+    vocab_size=151936, num_heads=32, num_kv_heads=4, embed_dim=2048, head_dim=128, intermediate_dim=6144,
+    moe_intermediate_dim=768, num_experts=128, experts_per_token=8, rope_base=1e6, norm_eps=1e-6,
+    norm_topk_prob=True, aux_loss_coeff=0.001 * 8 / 48,
+)
+TINY = dict(QWEN3_30B_A3B, vocab_size=512, num_heads=4, num_kv_heads=2, embed_dim=64, head_dim=16,
+            intermediate_dim=128, moe_intermediate_dim=32, num_experts=8, experts_per_token=2)
+FULL_DEPTH = 48
+GIB = 1024**3
+
+
+def build_sharded(dims: dict, num_layers: int, max_seq_len: int, device: torch.device, mesh) -> torch.nn.Module:
+    """Meta-device build, FSDP2 sharding of each layer and the root, random init of the local shards."""
+    with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
+        model = qwen3_moe(num_layers=num_layers, max_seq_len=max_seq_len, **dims)
+    training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+    training.shard_model(
+        model=model,
+        shard_conditions=[partial(training.get_shard_conditions, names_to_match=None)],
+        cpu_offload=False,
+        reshard_after_forward=True,
+        dp_mesh=mesh,
+    )
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    with torch.no_grad(), torch.device(device):
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.fill_(1.0) if name.endswith("scale") else local.normal_(0.0, 0.02)
+        for m in model.modules():
+            if hasattr(m, "rope_init"):
+                m.rope_init()
+            elif isinstance(m, Router):
+                for b in m.buffers(recurse=False):
+                    b.zero_()
+    return model
+
+
+def measure(dims: dict, num_layers: int, args, device: torch.device, mesh) -> dict:
+    """Runs ``args.steps`` optimizer steps; returns this rank's peak memory (GiB) and timing."""
+    model = build_sharded(dims, num_layers, args.seq_len, device, mesh)
+    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        tokens = torch.randint(0, dims["vocab_size"], (args.batch_size, args.seq_len + 1), generator=gen).to(device)
+        logits = model(tokens[:, :-1])
+        loss = loss_fn(logits, tokens[:, 1:]) + collect_aux_loss(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_routers(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak_alloc = torch.cuda.max_memory_allocated(device) / GIB
+        peak_reserved = torch.cuda.max_memory_reserved(device) / GIB
+    else:
+        peak_alloc = peak_reserved = float("nan")
+    result = dict(
+        layers=num_layers,
+        params=sum(p.numel() for p in model.parameters()),
+        peak_allocated_gib=peak_alloc,
+        peak_reserved_gib=peak_reserved,
+        seconds_per_step=(time.perf_counter() - t0) / args.steps,
+    )
+    del model, optimizer, logits, loss
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="depths to measure (>= 2 values)")
+    parser.add_argument("--batch-size", type=int, default=4, help="micro-batch per GPU")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny dims (smoke test of the script)")
+    parser.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    args = parser.parse_args()
+
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    mesh = init_device_mesh(args.device, (world,), mesh_dim_names=("dp",))["dp"]
+    dims = TINY if args.tiny else QWEN3_30B_A3B
+
+    results = []
+    for num_layers in args.layers:
+        mine = measure(dims, num_layers, args, device, mesh)
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+        row = dict(
+            layers=num_layers,
+            gpus=world,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            params=mine["params"] * world,  # local shards: about the total over the ranks
+            peak_allocated_gib_per_rank=[round(r["peak_allocated_gib"], 2) for r in everyone],
+            peak_reserved_gib_per_rank=[round(r["peak_reserved_gib"], 2) for r in everyone],
+            seconds_per_step=round(max(r["seconds_per_step"] for r in everyone), 3),
+        )
+        results.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+
+    if rank == 0 and len(results) >= 2:
+        a, b = results[0], results[-1]
+        peak = lambda r: max(r["peak_allocated_gib_per_rank"])  # noqa: E731
+        per_layer = (peak(b) - peak(a)) / (b["layers"] - a["layers"])
+        predicted = peak(b) + per_layer * (FULL_DEPTH - b["layers"])
+        summary = dict(
+            per_layer_gib=round(per_layer, 3),
+            predicted_peak_allocated_gib_at_48_layers=round(predicted, 1),
+            gpus=world,
+            note="depth-reduced random Qwen3-30B-A3B; no weights downloaded",
+        )
+        print(json.dumps(summary), flush=True)
+        results.append(summary)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

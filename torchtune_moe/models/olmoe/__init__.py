@@ -1,0 +1,16 @@
+"""OLMoE: OLMoE-1B-7B."""
+
+from torchtune_moe.models.olmoe._component_builders import olmoe
+from torchtune_moe.models.olmoe._convert_weights import olmoe_hf_config_to_kwargs, olmoe_hf_to_tune, olmoe_tune_to_hf
+from torchtune_moe.models.olmoe._model_builders import olmoe_1b_7b, olmoe_tokenizer
+from torchtune_moe.models.olmoe._tokenizer import OlmoeTokenizer
+
+__all__ = [
+    "olmoe",
+    "olmoe_1b_7b",
+    "olmoe_tokenizer",
+    "OlmoeTokenizer",
+    "olmoe_hf_config_to_kwargs",
+    "olmoe_hf_to_tune",
+    "olmoe_tune_to_hf",
+]

@@ -1,0 +1,86 @@
+"""Config names, overrides and validation (torchtune_moe.config)."""
+
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from torchtune_moe import config as moe_config
+from torchtune_moe.config import Key, integer, load_config, one_of, resolve_config, validate_config
+
+
+def test_packaged_names_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny/full", "tiny/full.yaml", "tiny/full_causal_ec", "small/full"):
+        path = resolve_config(name)
+        assert path.is_file() and path.suffix == ".yaml"
+    # A file path works too, and wins over a packaged name.
+    own = tmp_path / "tiny" / "full.yaml"
+    own.parent.mkdir()
+    own.write_text("batch_size: 3\n")
+    assert resolve_config("tiny/full.yaml") == own.relative_to(tmp_path)
+
+
+def test_unknown_config_name_lists_packaged_ones():
+    with pytest.raises(ValueError, match=r"--config tiny/fulll: .*tiny/full"):
+        resolve_config("tiny/fulll")
+
+
+def test_overrides_as_in_torchtune():
+    cfg = load_config("tiny/full", ["batch_size=3", "optimizer.lr=0.1", "~samples", "output_dir=/x"])
+    assert cfg.batch_size == 3 and cfg.optimizer.lr == 0.1 and "samples" not in cfg
+    assert cfg.metric_logger.log_dir == "/x/logs"  # interpolations follow the override
+    # Replacing a component by name keeps its arguments (torchtune's rule).
+    cfg = load_config("tiny/full", ["optimizer=torch.optim.SGD"])
+    assert cfg.optimizer._component_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.003
+
+
+def test_parse_resolves_the_config_name(monkeypatch):
+    seen = {}
+
+    @moe_config.parse
+    def main(cfg):
+        seen["cfg"] = cfg
+        return 0
+
+    monkeypatch.setattr(sys, "argv", ["moe_full_finetune", "--config", "tiny/full", "batch_size=5"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 0 and seen["cfg"].batch_size == 5 and seen["cfg"].model.num_experts == 8
+
+
+def test_every_packaged_config_passes_the_recipe_validation():
+    from moe_full_finetune import CONFIG_SPEC
+
+    from torchtune_moe._cli._configs import packaged_configs
+
+    names = list(packaged_configs())
+    assert {"tiny/full", "tiny/full_causal_ec", "small/full"} <= set(names)
+    for name in names:
+        validate_config(load_config(name), CONFIG_SPEC)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"a": 1, "b": "x", "c": 1}, r"c: unknown config key"),
+        ({"b": "x"}, r"a: missing required config key"),
+        ({"a": True, "b": "x"}, r"a: got True; allowed: an integer >= 1"),
+        ({"a": 1, "b": None}, r"b: must not be null"),
+        ({"a": 1, "b": "x", "n": {"_component_": "torch.nn.Linear", "in_feature": 2}},
+         r"n\.in_feature: 'torch\.nn\.Linear' has no argument 'in_feature'\. Did you mean 'in_features'\?"),
+        ({"a": 1, "b": "x", "n": {"_component_": "torchtune_moe.models.moe", "router": {"_component_": "no.such"}}},
+         r"n\.router\._component_: cannot import 'no\.such'"),
+        ({"a": 1, "b": "x", "m": {"_component_": "torch.nn.Linear"}},
+         r"m\._component_: 'torch\.nn\.Linear' must accept the argument 'device_map'"),
+    ],
+)
+def test_validate_config_names_the_key(values, message):
+    spec = {
+        "a": Key(integer(1), required=True),
+        "b": Key(one_of("x", "y")),
+        "n": Key(lambda v: None),
+        "m": Key(lambda v: None, recipe_kwargs=("device_map",)),
+    }
+    with pytest.raises(ValueError, match=message):
+        validate_config(OmegaConf.create(values), spec)

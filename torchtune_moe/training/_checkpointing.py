@@ -1,0 +1,228 @@
+"""Checkpointing for the MoE recipe: the checkpointer interface, the native checkpointer, and atomic saves.
+
+A training checkpoint is one directory ``{output_dir}/step_{N}`` (N = optimizer steps taken) holding the model
+files, written by a :class:`Checkpointer`, plus ``recipe_state.pt`` (optimizer, lr scheduler, progress,
+dataloader position, RNG states), written by the recipe. The directory is written aside and renamed into place
+(:func:`atomic_directory`), so a crash or a kill while saving leaves the previous checkpoints untouched and
+never leaves a half-written ``step_{N}``: a directory of that name is complete by construction.
+
+Written here rather than reused: torchtune's checkpointers (``FullModelHFCheckpointer``,
+``FullModelTorchTuneCheckpointer``) write their files straight into the output directory (a kill mid-save
+leaves a mix of old and new files) and map keys for torchtune's dense model families only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional, Protocol, runtime_checkable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "Checkpointer",
+    "MoECheckpointer",
+    "MODEL_KEY",
+    "RECIPE_STATE_FILENAME",
+    "atomic_directory",
+    "checkpoint_dir_name",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "remove_stale_temporaries",
+]
+
+#: Key of the model state dict in the dict :meth:`Checkpointer.load_checkpoint` returns.
+MODEL_KEY = "model"
+#: File the recipe adds to every checkpoint directory (everything but the model weights).
+RECIPE_STATE_FILENAME = "recipe_state.pt"
+
+_STEP_DIR_RE = re.compile(r"^step_(\d+)$")
+_TMP_MARK = ".tmp-"
+_OLD_MARK = ".old-"
+
+
+@runtime_checkable
+class Checkpointer(Protocol):
+    """What the recipe needs from a checkpointer (``checkpointer._component_`` in a config).
+
+    Constructor: ``__init__(self, checkpoint_dir: str | None, output_dir: str, ...)``. ``checkpoint_dir`` holds
+    the weights to start from (None: the model starts from its random initialisation); on
+    ``resume_from_checkpoint: true`` the recipe passes the latest ``{output_dir}/step_{N}`` instead, so
+    :meth:`save_checkpoint`'s files must be readable by :meth:`load_checkpoint`.
+
+    Implementations: :class:`MoECheckpointer` (models built from scratch, torchtune-moe's own key names) and
+    ``torchtune_moe.training.HFMoECheckpointer`` (Hugging Face families, Hub format).
+    """
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """Returns ``{"model": state_dict}`` with torchtune-moe key names, or ``{}`` / ``{"model": None}`` when
+        there is nothing to load (``checkpoint_dir`` is None)."""
+        ...
+
+    def save_checkpoint(self, model_state_dict: dict[str, torch.Tensor], save_dir: Path) -> None:
+        """Writes the model files into ``save_dir``: an existing, empty, temporary directory that the recipe
+        renames into place (and to which it adds ``recipe_state.pt``) after this returns."""
+        ...
+
+
+class MoECheckpointer:
+    """Native checkpointer: one ``model.safetensors`` holding the model's state dict under torchtune-moe's key
+    names (those of the ``moe()`` builder), and, when ``model_config`` is given, ``model_config.json`` with the
+    builder config that rebuilds the model::
+
+        from torchtune import config
+        from omegaconf import OmegaConf
+        model = config.instantiate(OmegaConf.create(json.load(open(d / "model_config.json"))))
+        model.load_state_dict(MoECheckpointer(d, d).load_checkpoint()["model"])
+
+    Args:
+        checkpoint_dir (str | None): directory holding ``model.safetensors`` to start from; None trains from the
+            model's random initialisation.
+        output_dir (str): the run's output directory (checkpoints go to ``{output_dir}/step_{N}``; kept for the
+            common checkpointer signature).
+        model_config (dict | None): the ``model`` section of the config (``${model}`` in YAML), saved beside the
+            weights. Default None (not saved).
+
+    Raises:
+        FileNotFoundError: ``checkpoint_dir`` is given but holds no ``model.safetensors`` (at load time).
+    """
+
+    MODEL_FILENAME = "model.safetensors"
+    CONFIG_FILENAME = "model_config.json"
+
+    def __init__(
+        self,
+        checkpoint_dir: Optional[str],
+        output_dir: str,
+        model_config: Optional[dict] = None,
+    ) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.output_dir = Path(output_dir)
+        if isinstance(model_config, DictConfig):
+            model_config = OmegaConf.to_container(model_config, resolve=True)
+        self.model_config = model_config
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """``{"model": state_dict}`` read from ``checkpoint_dir/model.safetensors``; ``{"model": None}`` when
+        ``checkpoint_dir`` is None."""
+        if self.checkpoint_dir is None:
+            return {MODEL_KEY: None}
+        path = self.checkpoint_dir / self.MODEL_FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"checkpointer.checkpoint_dir: no {self.MODEL_FILENAME} in {self.checkpoint_dir} (MoECheckpointer "
+                f"reads the files it writes; for a Hugging Face checkpoint use "
+                f"torchtune_moe.training.HFMoECheckpointer)"
+            )
+        return {MODEL_KEY: load_file(str(path))}
+
+    def save_checkpoint(self, model_state_dict: dict[str, torch.Tensor], save_dir: Path) -> None:
+        """Writes ``model.safetensors`` (and ``model_config.json``) into ``save_dir``."""
+        save_dir = Path(save_dir)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model_state_dict.items()}
+        save_file(tensors, str(save_dir / self.MODEL_FILENAME), metadata={"format": "pt"})
+        if self.model_config is not None:
+            with open(save_dir / self.CONFIG_FILENAME, "w") as f:
+                json.dump(self.model_config, f, indent=2, sort_keys=True)
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Name of the checkpoint directory of optimizer step ``step``: ``step_{step}``."""
+    return f"step_{step}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints of ``output_dir`` as ``(step, path)``, oldest first.
+
+    Complete means a ``step_{N}`` directory holding ``recipe_state.pt``: temporary directories of an interrupted
+    save (``.step_{N}.tmp-*``) never match.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR_RE.match(child.name)
+        if m and child.is_dir() and (child / RECIPE_STATE_FILENAME).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The complete checkpoint of ``output_dir`` with the highest step, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def remove_stale_temporaries(parent: str | Path) -> None:
+    """Deletes what interrupted saves left in ``parent`` (``.step_*.tmp-*`` / ``.step_*.old-*`` directories)."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for child in parent.iterdir():
+        if child.name.startswith(".") and (_TMP_MARK in child.name or _OLD_MARK in child.name) and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir: str | Path) -> Iterator[Path]:
+    """Yields an empty temporary directory beside ``final_dir``; on a normal exit, fsyncs its files and renames
+    it to ``final_dir`` (replacing an existing one); on an exception, deletes it.
+
+    A process killed at any point leaves either the old ``final_dir`` (or none) or the complete new one, plus
+    at worst a hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` directory that :func:`remove_stale_temporaries`
+    deletes; readers never see a half-written ``final_dir``.
+
+    Example::
+
+        with atomic_directory(output_dir / "step_100") as tmp:
+            checkpointer.save_checkpoint(state_dict, tmp)
+            torch.save(recipe_state, tmp / RECIPE_STATE_FILENAME)
+    """
+    final_dir = Path(final_dir)
+    parent = final_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}{_TMP_MARK}", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); give it a normal directory's permissions
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final_dir.exists():
+            # os.replace cannot replace a non-empty directory: move the old one aside first. A kill between the
+            # two renames leaves no final_dir (the older checkpoints are untouched), never a mixed one.
+            old = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}{_OLD_MARK}", dir=parent))
+            os.replace(final_dir, old / final_dir.name)
+            os.replace(tmp, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final_dir)
+        _fsync_path(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

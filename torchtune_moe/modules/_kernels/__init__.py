@@ -1,8 +1,10 @@
 """Memory-bound pieces of the routed-expert block, fused: SwiGLU with the routing weight, and gather-sum.
 
-Each function has one definition of what it computes (the pure-torch code below, used on CPU, under
-``torch.compile`` where Inductor fuses it, and when Triton is missing) and, on CUDA in eager mode, a
-Triton kernel that computes the same thing in one pass over memory. Why hand-written: no library we
+Each function has one definition of what it computes (the pure-torch code below, used on CPU and when
+Triton is missing) and, on CUDA, a Triton kernel that computes the same thing in one pass over memory.
+The kernels are registered as custom ops (``torch.ops.torchtune_moe.*``) so that ``torch.compile`` keeps
+them as they are rather than tracing into them: Inductor's own fusion of the torch code measured slower
+(benchmarks/NOTES.md). Why hand-written: no library we
 depend on fuses "SwiGLU times a per-row weight" with its backward (recomputing the output instead of
 saving it), or sums K gathered rows per token without materialising the [T, K, D] gather.
 
@@ -11,7 +13,6 @@ GEMM rows hold garbage) read as zero when ``may_drop`` is set; with it unset eve
 """
 
 import torch
-import torch.nn.functional as F
 
 try:  # Triton comes with CUDA builds of torch; CPU-only installs use the torch code.
     from torchtune_moe.modules._kernels import _triton
@@ -25,9 +26,48 @@ __all__ = ["gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "us
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels serve ``t``: CUDA tensor, Triton importable, not being traced by
-    ``torch.compile`` (there Inductor fuses the torch code itself)."""
-    return _HAS_TRITON and t.is_cuda and not torch.compiler.is_compiling()
+    """Whether the Triton kernels serve ``t``: a CUDA tensor and Triton importable."""
+    return _HAS_TRITON and t.is_cuda
+
+
+if _HAS_TRITON:
+    # Custom ops around the kernels: opaque to torch.compile (a fake implementation gives output shapes).
+    Tensor = torch.Tensor
+
+    @torch.library.custom_op("torchtune_moe::gather_rows", mutates_args=())
+    def _gather_rows_op(src_TD: Tensor, index_A: Tensor) -> Tensor:
+        return _triton.gather_rows(src_TD, index_A)
+
+    @_gather_rows_op.register_fake
+    def _(src_TD, index_A):
+        return src_TD.new_empty((index_A.shape[0], src_TD.shape[1]))
+
+    @torch.library.custom_op("torchtune_moe::swiglu_forward", mutates_args=())
+    def _swiglu_forward_op(h_AF: Tensor, weights_A: Tensor, num_valid: Tensor, may_drop: bool) -> Tensor:
+        return _triton.swiglu_forward(h_AF, weights_A, num_valid, may_drop)
+
+    @_swiglu_forward_op.register_fake
+    def _(h_AF, weights_A, num_valid, may_drop):
+        return h_AF.new_empty((h_AF.shape[0], h_AF.shape[1] // 2))
+
+    @torch.library.custom_op("torchtune_moe::swiglu_backward", mutates_args=())
+    def _swiglu_backward_op(
+        h_AF: Tensor, weights_A: Tensor, grad_hs_AH: Tensor, num_valid: Tensor, may_drop: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _triton.swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
+
+    @_swiglu_backward_op.register_fake
+    def _(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
+        A, F2 = h_AF.shape
+        return h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2))
+
+    @torch.library.custom_op("torchtune_moe::gather_sum", mutates_args=())
+    def _gather_sum_op(src_AD: Tensor, index_TK: Tensor, num_valid: Tensor, may_drop: bool) -> Tensor:
+        return _triton.gather_sum(src_AD, index_TK, num_valid, may_drop)
+
+    @_gather_sum_op.register_fake
+    def _(src_AD, index_TK, num_valid, may_drop):
+        return src_AD.new_empty((index_TK.shape[0], src_AD.shape[1]))
 
 
 def gather_rows(src_TD: torch.Tensor, index_A: torch.Tensor) -> torch.Tensor:
@@ -37,7 +77,7 @@ def gather_rows(src_TD: torch.Tensor, index_A: torch.Tensor) -> torch.Tensor:
     copy bandwidth on this access pattern (benchmarks/NOTES.md).
     """
     if use_triton(src_TD):
-        return _triton.gather_rows(src_TD, index_A)
+        return _gather_rows_op(src_TD, index_A)
     return src_TD.index_select(0, index_A)
 
 
@@ -67,7 +107,7 @@ def swiglu_forward(
         torch.Tensor: [A, H]
     """
     if use_triton(h_AF):
-        return _triton.swiglu_forward(h_AF, weights_A, num_valid, may_drop)
+        return _swiglu_forward_op(h_AF, weights_A, num_valid, may_drop)
     *_, act_AH = _swiglu_parts(h_AF)
     hs_AH = (act_AH * weights_A.float().unsqueeze(-1)).to(h_AF.dtype)
     if may_drop:
@@ -96,7 +136,7 @@ def swiglu_backward(
         forward output, recomputed bit for bit).
     """
     if use_triton(h_AF):
-        return _triton.swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
+        return _swiglu_backward_op(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
     gate_AH, up_AH, sig_AH, silu_AH, act_AH = _swiglu_parts(h_AF)
     w_A1 = weights_A.float().unsqueeze(-1)
     grad_hs_AH = grad_hs_AH.float()
@@ -132,7 +172,7 @@ def gather_sum(
         torch.Tensor: [T, D]
     """
     if use_triton(src_AD):
-        return _triton.gather_sum(src_AD, index_TK, num_valid, may_drop)
+        return _gather_sum_op(src_AD, index_TK, num_valid, may_drop)
     rows_TKD = src_AD[index_TK]
     if may_drop:
         rows_TKD = torch.where((index_TK < num_valid).unsqueeze(-1), rows_TKD, 0)

@@ -1,0 +1,523 @@
+"""MoE layer, forward + backward, training mode: ours vs transformers' blocks vs the dense-GEMM ceiling.
+
+    python benchmarks/moe_layer.py [--shapes olmoe qwen3 mixtral] [--tokens 8192] [--variants ...] [--out DIR]
+
+Needs a CUDA GPU (bf16). For each shape it checks every variant against an fp32 per-expert loop on the same
+routing (relative error ||out - ref|| / ||ref||; for ours also the gradients of x, both expert weights and the
+routing weights), then times forward + backward (median of ``triton.testing.do_bench``, weight gradients reset
+to None between runs so no accumulation is timed) and prints one table. TFLOP/s counts the expert GEMMs
+only (18 * T * K * D * H per forward + backward); "of ceiling" is the dense ceiling's time over the variant's.
+
+Variants:
+  dense        the ceiling: the same GEMM FLOPs as plain matmuls [T*K, D] x [D, 2H] and [T*K, H] x [H, D]
+               with SiLU, no routing (eager).
+  hf_grouped   transformers' sparse MoE block (router + experts), experts_implementation="grouped_mm".
+  hf_eager     the same block with experts_implementation="eager" (loop over experts).
+  v0           our first version (sort + grouped_mm + index_add, autograd records every op), kept here
+               as the starting point.
+  ours         torchtune_moe's MoE layer (router with aux loss, dispatch_combine), eager.
+  ours_compile the same, under torch.compile.
+  ours_compile_max  the same, torch.compile mode="max-autotune-no-cudagraphs" (experiment; not the default).
+  gmm_only     only the six grouped GEMMs of forward + backward on pre-sorted rows (no routing, no
+               activation): what grouped_mm itself reaches.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torchtune_moe.models.moe import moe_layer  # noqa: E402
+from torchtune_moe.modules import moe_layer as moe_layer_module  # noqa: E402
+
+DEV = torch.device("cuda")
+OUT_DIR = None
+
+# name: (experts E, top-k K, dim D, expert hidden H, norm_topk_prob)
+SHAPES = {
+    "olmoe": (64, 8, 2048, 1024, False),
+    "qwen3": (128, 8, 2048, 768, True),
+    "mixtral": (8, 2, 4096, 14336, True),
+}
+
+
+def v0_dispatch_combine(x_TD, routing, experts):
+    """The first dispatch_combine of this repository (kept as the benchmark's starting point)."""
+    E = experts.num_experts
+    expert_ids_A = routing.expert_ids_A
+    counts_E = torch.zeros(E + 1, dtype=torch.long, device=x_TD.device)
+    counts_E.scatter_add_(0, expert_ids_A, torch.ones_like(expert_ids_A))
+    counts_E = counts_E[:E]
+    offsets_E = counts_E.cumsum(0).to(torch.int32)
+    order_A = torch.argsort(expert_ids_A, stable=True)
+    token_ids_A = routing.token_ids_A[order_A]
+    weights_A1 = routing.weights_A[order_A].unsqueeze(-1)
+    x_AD = x_TD[token_ids_A]
+    y_AD = experts(x_AD, offsets_E)
+    y_AD = y_AD * weights_A1.to(y_AD.dtype)
+    out_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_A, y_AD)
+    return out_TD, counts_E
+
+
+def reference(x_TD, gate_up, down, token_ids_A, expert_ids_A, weights_A):
+    """fp32 loop over experts: ``out[t] = sum_a w_a * down_e(silu(gate_e x_t) * up_e x_t)``; dropped slots
+    (expert id E) skipped. Inputs are upcast copies; differentiable."""
+    E, H2, _ = gate_up.shape
+    out = torch.zeros_like(x_TD)
+    for e in range(E):
+        sel = (expert_ids_A == e).nonzero().squeeze(-1)
+        if sel.numel() == 0:
+            continue
+        t = token_ids_A[sel]
+        h = x_TD[t] @ gate_up[e].t()
+        g, u = h.chunk(2, dim=-1)
+        y = (F.silu(g) * u) @ down[e].t()
+        out = out.index_add(0, t, y * weights_A[sel].unsqueeze(-1))
+    return out
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def check_dispatch(dispatch, layer, x_TD, routing, empty_expert=None):
+    """Runs ``dispatch`` on ``routing`` (weights made a leaf) and the fp32 reference; relative errors of the
+    output and of the gradients of x (experts path), both expert weights and the routing weights."""
+    experts = layer.experts
+    w_leaf = routing.weights_A.detach().clone().requires_grad_()
+    routing = dataclasses.replace(routing, weights_A=w_leaf)
+    x = x_TD.detach().clone().requires_grad_()
+    for p in experts.parameters():
+        p.grad = None
+    torch.manual_seed(1)
+    out, _ = dispatch(x, routing, experts)
+    g = torch.randn_like(out)
+    out.backward(g)
+    got = [out, x.grad, experts.gate_up_proj.grad, experts.down_proj.grad, w_leaf.grad]
+    x32 = x_TD.detach().float().requires_grad_()
+    gu32 = experts.gate_up_proj.detach().float().requires_grad_()
+    dn32 = experts.down_proj.detach().float().requires_grad_()
+    w32 = routing.weights_A.detach().float().requires_grad_()
+    ref = reference(x32, gu32, dn32, routing.token_ids_A, routing.expert_ids_A, w32)
+    ref.backward(g.float())
+    want = [ref, x32.grad, gu32.grad, dn32.grad, w32.grad]
+    names = ["out", "grad_x", "grad_gate_up", "grad_down", "grad_weights"]
+    errs = {n: rel(a, b) for n, a, b in zip(names, got, want)}
+    if empty_expert is not None:  # its weight gradients must be exactly zero (not left unwritten)
+        errs["empty_expert_grad_absmax"] = max(got[2][empty_expert].abs().max().item(), got[3][empty_expert].abs().max().item())
+    for p in experts.parameters():
+        p.grad = None
+    return errs
+
+
+def bench(fn, grad_to_none, rep_ms=400):
+    """(median ms, peak extra MiB of one call) after a warm-up call."""
+    fn()
+    if DEV.type == "cpu":  # --dry-run: exercise the code, time roughly
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3, 0.0
+    import triton
+
+    torch.cuda.synchronize()
+    for t in grad_to_none:
+        t.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    m0 = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - m0) / 2**20
+    ms = triton.testing.do_bench(fn, warmup=100, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
+    return ms, peak
+
+
+def hf_block(name, E, K, D, H, norm_topk, impl):
+    if name == "olmoe":
+        from transformers.models.olmoe.configuration_olmoe import OlmoeConfig as C
+        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock as B
+
+        cfg = C(hidden_size=D, intermediate_size=H, num_experts=E, num_experts_per_tok=K, norm_topk_prob=norm_topk)
+    elif name == "qwen3":
+        from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig as C
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as B
+
+        cfg = C(hidden_size=D, moe_intermediate_size=H, num_experts=E, num_experts_per_tok=K, norm_topk_prob=norm_topk)
+    else:
+        from transformers.models.mixtral.configuration_mixtral import MixtralConfig as C
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as B
+
+        cfg = C(hidden_size=D, intermediate_size=H, num_local_experts=E, num_experts_per_tok=K)
+    cfg._experts_implementation = impl
+    with torch.device("meta"):
+        block = B(cfg)
+    return block, cfg
+
+
+def dense_fn(A, D, H, dev):
+    x = torch.randn(A, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w1 = (torch.randn(2 * H, D, device=dev, dtype=torch.bfloat16) / math.sqrt(D)).requires_grad_()
+    w2 = (torch.randn(D, H, device=dev, dtype=torch.bfloat16) / math.sqrt(H)).requires_grad_()
+    gy = torch.randn(A, D, device=dev, dtype=torch.bfloat16)
+
+    def fn():
+        h = F.linear(x, w1)
+        g, u = h.chunk(2, dim=-1)
+        F.linear(F.silu(g) * u, w2).backward(gy)
+
+    return fn, [x, w1, w2]
+
+
+def gmm_only_fn(layer, x_TD, routing):
+    """The six grouped GEMMs of forward + backward on already sorted rows, nothing else."""
+    E = layer.experts.num_experts
+    counts = torch.bincount(routing.expert_ids_A, minlength=E)
+    offs = counts.cumsum(0).to(torch.int32)
+    A, D = routing.expert_ids_A.shape[0], x_TD.shape[1]
+    W1, W2 = layer.experts.gate_up_proj.detach(), layer.experts.down_proj.detach()
+    H = W2.shape[-1]
+    x_AD = torch.randn(A, D, device=x_TD.device, dtype=x_TD.dtype)
+    hs = torch.randn(A, H, device=x_TD.device, dtype=x_TD.dtype)
+    gy = torch.randn(A, D, device=x_TD.device, dtype=x_TD.dtype)
+    gh = torch.randn(A, 2 * H, device=x_TD.device, dtype=x_TD.dtype)
+    gemms = {
+        "fwd_gate_up": lambda: F.grouped_mm(x_AD, W1.transpose(-2, -1), offs=offs),
+        "fwd_down": lambda: F.grouped_mm(hs, W2.transpose(-2, -1), offs=offs),
+        "dgrad_down": lambda: F.grouped_mm(gy, W2, offs=offs),
+        "wgrad_down": lambda: F.grouped_mm(gy.t(), hs, offs=offs),
+        "dgrad_gate_up": lambda: F.grouped_mm(gh, W1, offs=offs),
+        "wgrad_gate_up": lambda: F.grouped_mm(gh.t(), x_AD, offs=offs),
+    }
+
+    def fn():
+        for f in gemms.values():
+            f()
+
+    return fn, gemms
+
+
+VARIANTS = [
+    "dense", "ours", "v0", "hf_grouped", "hf_eager", "gmm_only", "kernels", "parts", "profile", "ours_compile",
+    "ours_again", "ours_compile_max",
+]
+
+
+def run_shape(name, T, variants, results):
+    E, K, D, H, norm_topk = SHAPES[name]
+    dev = DEV
+    A = T * K
+    flops = 18 * A * D * H
+    rows = {}
+    torch.manual_seed(0)
+    layer = moe_layer(
+        dim=D, hidden_dim=H, num_experts=E, experts_per_token=K, norm_topk_prob=norm_topk, aux_loss_coeff=0.01
+    )
+    layer = layer.to(dev, torch.bfloat16).train()
+    x = torch.randn(1, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(1, T, D, device=dev, dtype=torch.bfloat16)
+    params = list(layer.parameters())
+    x_TD = x.detach().view(T, D)
+    routing = layer.router(x_TD)
+
+    def record(variant, ms, peak, errs=None, note=""):
+        tflops = flops / (ms * 1e-3) / 1e12
+        rows[variant] = dict(ms=ms, tflops=tflops, act_mib=peak, errs=errs or {}, note=note)
+        print(f"  {name:8s} {variant:13s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s  mem {peak:8.0f} MiB  "
+              f"max err {max(errs.values()) if errs else float('nan'):.2e} {note}", flush=True)
+
+    def attempt(variant, f):
+        if variant not in variants:
+            return
+        try:
+            f()
+        except Exception as e:  # keep going: one failed variant must not lose the others
+            traceback.print_exc()
+            rows[variant] = dict(error=repr(e)[:500])
+            print(f"  {name:8s} {variant:13s} FAILED {e!r:.200}", flush=True)
+
+    # dense ceiling
+    def v_dense():
+        fn, g = dense_fn(A, D, H, dev)
+        ms, peak = bench(fn, g)
+        record("dense", ms, peak)
+
+    attempt("dense", v_dense)
+
+    def layer_fn(mod):
+        def fn():
+            out = mod(x)
+            torch.autograd.backward([out, layer.aux_loss], [gy, None])
+
+        return fn
+
+    # ours, eager
+    def v_ours():
+        errs = check_dispatch(moe_layer_module.dispatch_combine, layer, x_TD, routing)
+        # an expert that gets no token: its weight gradients must come out exactly zero
+        scores = layer.router.scores(x_TD)[1].detach().clone()
+        scores[:, 0] = -1
+        forced = scores.topk(K, dim=-1).indices
+        r0 = layer.router(x_TD, forced_experts_TK=forced)
+        errs0 = check_dispatch(moe_layer_module.dispatch_combine, layer, x_TD, r0, empty_expert=0)
+        errs.update({f"empty_expert_{k}": v for k, v in errs0.items()})
+        ms, peak = bench(layer_fn(layer), params + [x])
+        record("ours", ms, peak, errs)
+
+    attempt("ours", v_ours)
+
+    # v0
+    def v_v0():
+        errs = check_dispatch(v0_dispatch_combine, layer, x_TD, routing)
+        saved = moe_layer_module.dispatch_combine
+        moe_layer_module.dispatch_combine = v0_dispatch_combine
+        try:
+            ms, peak = bench(layer_fn(layer), params + [x])
+        finally:
+            moe_layer_module.dispatch_combine = saved
+        record("v0", ms, peak, errs)
+
+    attempt("v0", v_v0)
+
+    # transformers
+    for impl, variant in (("grouped_mm", "hf_grouped"), ("eager", "hf_eager")):
+        def v_hf(impl=impl, variant=variant):
+            block, cfg = hf_block(name, E, K, D, H, norm_topk, impl)
+            block = block.to_empty(device=dev).to(torch.bfloat16).train()
+            block.experts.gate_up_proj = layer.experts.gate_up_proj
+            block.experts.down_proj = layer.experts.down_proj
+            block.gate.weight = layer.router.gate.weight
+            got = {}
+            hook = block.experts.register_forward_pre_hook(
+                lambda m, args: got.update(idx=args[1].detach(), w=args[2].detach())
+            )
+            with torch.no_grad():
+                out = block(x).view(T, D)
+            hook.remove()
+            idx, w = got["idx"], got["w"]
+            ref = reference(
+                x_TD.float(), layer.experts.gate_up_proj.detach().float(), layer.experts.down_proj.detach().float(),
+                torch.arange(T, device=dev).repeat_interleave(K), idx.reshape(-1), w.reshape(-1).float(),
+            )
+            errs = {"out": rel(out, ref)}
+
+            def fn():
+                block(x).backward(gy)
+
+            ms, peak = bench(fn, params + [x], rep_ms=400 if impl == "grouped_mm" else 200)
+            record(variant, ms, peak, errs, note=f"impl={cfg._experts_implementation}")
+
+        attempt(variant, v_hf)
+
+    def v_gmm():
+        fn, gemms = gmm_only_fn(layer, x_TD, routing)
+        ms, _ = bench(fn, [])
+        per = {k: bench(f, [])[0] for k, f in gemms.items()}
+        record("gmm_only", ms, 0.0, note=" ".join(f"{k}={v:.3f}" for k, v in per.items()))
+        rows["gmm_only"]["per_gemm_ms"] = per
+
+    attempt("gmm_only", v_gmm)
+
+    def v_kernels():
+        """Achieved bandwidth of the memory-bound steps (bytes = inputs read once + outputs written once)."""
+        from torchtune_moe.modules import _kernels
+
+        nv = torch.tensor([A], dtype=torch.int32, device=dev)
+        h = torch.randn(A, 2 * H, device=dev, dtype=torch.bfloat16)
+        w = torch.rand(A, device=dev)
+        ghs = torch.randn(A, H, device=dev, dtype=torch.bfloat16)
+        y = torch.randn(A, D, device=dev, dtype=torch.bfloat16)
+        idx = torch.randperm(A, device=dev).view(T, K)
+        rows_A = torch.randint(0, T, (A,), device=dev)
+        big = torch.empty(2**29, dtype=torch.bfloat16, device=dev).normal_()  # 1 GiB
+        e = 2  # bytes per element
+        cases = {
+            "copy_1GiB": (lambda: big.clone(), 2 * big.numel() * e),
+            "swiglu_fwd": (lambda: _kernels.swiglu_forward(h, w, nv), A * 3 * H * e + A * 4),
+            "swiglu_bwd": (lambda: _kernels.swiglu_backward(h, w, ghs, nv), A * 6 * H * e + A * 8),
+            "gather_sum": (lambda: _kernels.gather_sum(y, idx, nv), (A + T) * D * e + A * 8),
+            "index_select": (lambda: x_TD.index_select(0, rows_A), (A + T) * D * e + A * 8),
+            "gather_rows": (lambda: _kernels.gather_rows(x_TD, rows_A), (A + T) * D * e + A * 8),
+        }
+        # accuracy of each kernel and of the torch code it replaces, against the same math in fp64
+        g64, u64 = h.double().chunk(2, dim=-1)
+        act64 = F.silu(g64) * u64
+        hs64 = act64 * w.double()[:, None]
+        sig64 = torch.sigmoid(g64)
+        gact64 = ghs.double() * w.double()[:, None]
+        gh64 = torch.cat([gact64 * u64 * sig64 * (1 + g64 * (1 - sig64)), gact64 * g64 * sig64], dim=-1)
+        gw64 = (ghs.double() * act64).sum(-1)
+        gs64 = y.double()[idx].sum(1)
+        acc = {}
+        saved = _kernels.use_triton
+        try:
+            for impl in ("triton", "torch"):
+                if impl == "torch":
+                    _kernels.use_triton = lambda t: False
+                hs = _kernels.swiglu_forward(h, w, nv)
+                gh, gw, hs_again = _kernels.swiglu_backward(h, w, ghs, nv)
+                acc[impl] = dict(
+                    swiglu_fwd=rel(hs, hs64), swiglu_bwd_gh=rel(gh, gh64), swiglu_bwd_gw=rel(gw, gw64),
+                    recompute_bitwise=bool(torch.equal(hs, hs_again)),
+                    gather_sum=rel(_kernels.gather_sum(y, idx, nv), gs64),
+                    gather_rows=bool(torch.equal(_kernels.gather_rows(x_TD, rows_A), x_TD[rows_A])),
+                )
+        finally:
+            _kernels.use_triton = saved
+        rows.setdefault("kernels", {})["accuracy"] = acc
+        print(f"  {name:8s} kernel accuracy vs fp64: {acc}", flush=True)
+        note = []
+        for k, (f, nbytes) in cases.items():
+            ms_k = bench(f, [])[0]
+            rows.setdefault("kernels", {})[k] = dict(ms=ms_k, gbps=nbytes / (ms_k * 1e-3) / 1e9)
+            note.append(f"{k}={ms_k:.3f}ms/{nbytes / (ms_k * 1e-3) / 1e9:.0f}GB/s")
+        print(f"  {name:8s} kernels  " + " ".join(note), flush=True)
+        del big
+
+    attempt("kernels", v_kernels)
+
+    def v_parts():
+        """Router forward + backward alone, and the routing bookkeeping of dispatch_combine (no grad)."""
+        xr = x_TD.detach().clone().requires_grad_()
+        gw = torch.rand(A, device=dev)
+
+        def router_fn():
+            r = layer.router(xr)
+            ((r.weights_A * gw).sum() + r.probs_TE.float().mean()).backward()
+
+        ms_r = bench(router_fn, [xr] + list(layer.router.parameters()))[0]
+
+        def prep_fn():
+            with torch.no_grad():
+                ids = routing.expert_ids_A
+                c = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
+                c[:E].cumsum(0).to(torch.int32)
+                o = torch.argsort(ids, stable=True)
+                routing.token_ids_A[o], routing.weights_A[o]
+                torch.empty_like(o).scatter_(0, o, torch.arange(A, device=dev))
+
+        ms_p = bench(prep_fn, [])[0]
+        rows["parts"] = dict(router_fwd_bwd_ms=ms_r, dispatch_prep_ms=ms_p)
+        print(f"  {name:8s} parts    router fwd+bwd {ms_r:.3f} ms, dispatch prep {ms_p:.3f} ms", flush=True)
+
+    attempt("parts", v_parts)
+
+    def v_profile():
+        """Where the time of ours (eager) goes: CUDA time per kernel over 5 forward + backward passes."""
+        from torch.profiler import ProfilerActivity, profile
+
+        fn = layer_fn(layer)
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                for p_ in params + [x]:
+                    p_.grad = None
+                fn()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        rows["profile"] = table
+        if OUT_DIR:
+            with open(os.path.join(OUT_DIR, f"profile_{name}.txt"), "w") as f:
+                f.write(table)
+        print("\n".join(table.splitlines()[:20]), flush=True)
+
+    attempt("profile", v_profile)
+
+    def v_compile(variant="ours_compile", mode=None):
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, dynamic=False, mode=mode)
+        t0 = time.time()
+        layer_fn(compiled)()
+        torch.cuda.synchronize() if DEV.type == "cuda" else None
+        ctime = time.time() - t0
+        ms, peak = bench(layer_fn(compiled), params + [x])
+        out = compiled(x).detach().view(T, D)
+        r = layer.last_routing
+        ref = reference(
+            x_TD.float(), layer.experts.gate_up_proj.detach().float(), layer.experts.down_proj.detach().float(),
+            r.token_ids_A, r.expert_ids_A, r.weights_A.float(),
+        )
+        record(variant, ms, peak, {"out": rel(out, ref)}, note=f"compile {ctime:.0f}s")
+
+    attempt("ours_compile", v_compile)
+
+    # the same variant again: the spread between the two is the noise
+    def v_again():
+        ms, peak = bench(layer_fn(layer), params + [x])
+        record("ours_again", ms, peak)
+
+    attempt("ours_again", v_again)
+    attempt("ours_compile_max", lambda: v_compile("ours_compile_max", "max-autotune-no-cudagraphs"))
+    results[name] = dict(E=E, K=K, D=D, H=H, T=T, flops=flops, rows=rows)
+    del layer
+    torch.cuda.empty_cache() if DEV.type == "cuda" else None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--variants", nargs="+", default=VARIANTS[:-1], choices=VARIANTS,
+                   help="default: all but ours_compile_max (minutes of autotuning)")
+    p.add_argument("--out", default=os.environ.get("OUT"))
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script runs")
+    args = p.parse_args()
+    global DEV, OUT_DIR
+    OUT_DIR = args.out
+    if OUT_DIR:
+        os.makedirs(OUT_DIR, exist_ok=True)
+    if args.dry_run:
+        DEV = torch.device("cpu")
+        for k, (E, K, D, H, n) in list(SHAPES.items()):
+            SHAPES[k] = (min(E, 8), min(K, 2), 64, 32, n)
+    elif not torch.cuda.is_available():
+        sys.exit("benchmarks/moe_layer.py needs a CUDA GPU")
+    import transformers
+
+    env = dict(
+        gpu=torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", torch=torch.__version__,
+        transformers=transformers.__version__, tokens=args.tokens,
+    )
+    print(env, flush=True)
+    results = {}
+    for name in args.shapes:
+        run_shape(name, args.tokens, set(args.variants), results)
+    order = ["dense", "ours", "ours_again", "ours_compile", "ours_compile_max", "v0", "hf_grouped", "hf_eager",
+             "gmm_only"]
+    lines = [
+        f"MoE layer fwd+bwd, {args.tokens} tokens, bf16, {env['gpu']}, torch {env['torch']}",
+        "| shape | variant | ms | TFLOP/s | of dense ceiling | act. MiB | max rel err |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, res in results.items():
+        dense_ms = res["rows"].get("dense", {}).get("ms")
+        for v in order:
+            r = res["rows"].get(v)
+            if r is None or v in ("kernels", "parts", "profile"):
+                continue
+            if "error" in r:
+                lines.append(f"| {name} | {v} | failed | | | | |")
+                continue
+            frac = f"{dense_ms / r['ms']:.2f}" if dense_ms else "-"
+            err = f"{max(r['errs'].values()):.1e}" if r["errs"] else "-"
+            lines.append(f"| {name} | {v} | {r['ms']:.2f} | {r['tflops']:.0f} | {frac} | {r['act_mib']:.0f} | {err} |")
+    table = "\n".join(lines)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "moe_layer.json"), "w") as f:
+            json.dump(dict(env=env, results=results), f, indent=1)
+        with open(os.path.join(args.out, "moe_layer.md"), "w") as f:
+            f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

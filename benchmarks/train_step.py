@@ -1,0 +1,230 @@
+"""Training step of 4-layer full-width MoE models: ours vs transformers' same-shape models.
+
+    python benchmarks/train_step.py [--shapes qwen3 olmoe] [--variants ours ours_compile hf] [--out DIR]
+
+Needs a CUDA GPU. Each model: bf16 weights, batch 4 x 2048 random tokens, next-token cross-entropy on the
+full logits plus the load-balancing aux loss, ``torch.optim.AdamW(fused=True)`` (the same optimizer for
+every variant), ``zero_grad(set_to_none=True)``. Reports tokens/s (median step time over the timed steps,
+CUDA events) and peak memory (``torch.cuda.max_memory_allocated`` over the timed steps: weights, gradients,
+optimizer state and activations).
+
+Variants:
+  ours          torchtune_moe model built from the same config.json values, eager, the same loss as hf
+                (cross-entropy on the full fp32 logits).
+  ours_chunked  the same with torchtune's chunked-output cross-entropy (``CEWithChunkedOutputLoss``, 8
+                chunks: logits upcast one chunk at a time), as torchtune's recipes train.
+  ours_compile  ours_chunked with each decoder layer compiled (``torchtune.training.compile_model``) and the
+                loss compiled (``torchtune.training.compile_loss``).
+  hf            transformers ``*ForCausalLM`` from the config, ``experts_implementation="grouped_mm"``, sdpa
+                attention, ``output_router_logits=True`` (its loss adds the aux loss).
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torchtune_moe.modules import collect_aux_loss, update_routers  # noqa: E402
+
+SEQ, BATCH = 2048, 4
+DEV = "cuda"
+
+# config.json values of the published models, with num_hidden_layers cut to 4.
+CONFIGS = {
+    "qwen3": dict(
+        model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
+        intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=4, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        max_position_embeddings=SEQ, tie_word_embeddings=False, attention_bias=False, hidden_act="silu",
+        router_aux_loss_coef=0.001, sliding_window=None, use_sliding_window=False,
+    ),
+    "olmoe": dict(
+        model_type="olmoe", architectures=["OlmoeForCausalLM"], vocab_size=50304, hidden_size=2048,
+        intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
+        num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, rms_norm_eps=1e-5, rope_theta=10_000.0,
+        max_position_embeddings=SEQ, tie_word_embeddings=False, attention_bias=False, hidden_act="silu",
+        router_aux_loss_coef=0.01, clip_qkv=None, pad_token_id=1,
+    ),
+}
+
+
+def build_ours(config: dict):
+    from torchtune_moe.models._hf import build_from_hf_config
+
+    return build_from_hf_config(config, device=DEV, dtype=torch.bfloat16, max_seq_len=SEQ).train()
+
+
+def build_hf(name: str, config: dict):
+    if name == "qwen3":
+        from transformers import Qwen3MoeConfig as C, Qwen3MoeForCausalLM as M
+    else:
+        from transformers import OlmoeConfig as C, OlmoeForCausalLM as M
+    kw = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    cfg = C(**kw, output_router_logits=True)
+    cfg._experts_implementation = "grouped_mm"
+    cfg._attn_implementation = "sdpa"
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEV):
+            model = M(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.to(torch.bfloat16).train()
+
+
+def run(name: str, variant: str, steps: int, warmup: int) -> dict:
+    config = CONFIGS[name]
+    V = config["vocab_size"]
+    torch.manual_seed(0)
+    if variant == "hf":
+        model = build_hf(name, config)
+
+        def loss_fn(tokens):
+            return model(input_ids=tokens, labels=tokens).loss
+
+    else:
+        model = build_ours(config)
+        if variant == "ours":
+
+            def loss_fn(tokens):
+                logits = model(tokens)
+                ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tokens[:, 1:].reshape(-1))
+                return ce + collect_aux_loss(model)
+
+        else:
+            from torchtune import training
+            from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+            chunked = CEWithChunkedOutputLoss(num_output_chunks=8)
+            model.set_num_output_chunks(8)
+            if variant == "ours_compile":
+                training.compile_model(model, verbose=False)
+                chunked = training.compile_loss(chunked, verbose=False)
+
+            def loss_fn(tokens):
+                labels = F.pad(tokens[:, 1:], (0, 1), value=-100)
+                return chunked(model(tokens), labels) + collect_aux_loss(model)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEV == "cuda")
+    batches = [torch.randint(0, V, (BATCH, SEQ), device=DEV) for _ in range(4)]
+
+    def step(i):
+        loss = loss_fn(batches[i % len(batches)])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if variant != "hf":
+            update_routers(model)
+        return loss
+
+    t0 = time.time()
+    for i in range(warmup):
+        loss = step(i)
+    if DEV == "cpu":  # --dry-run: the code runs; no timing
+        return dict(step_ms=1.0, step_ms_all=[], tokens_per_s=1.0, peak_gib=0.0, params=n_params,
+                    loss=loss.item(), warmup_s=time.time() - t0)
+    torch.cuda.synchronize()
+    warm_s = time.time() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        loss = step(i)
+        b.record()
+        times.append((a, b))
+    torch.cuda.synchronize()
+    ms = [a.elapsed_time(b) for a, b in times]
+    med = statistics.median(ms)
+    res = dict(
+        step_ms=med, step_ms_all=ms, tokens_per_s=BATCH * SEQ / (med * 1e-3),
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=n_params, loss=loss.item(), warmup_s=warm_s,
+    )
+    del model, opt, batches
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--variants", nargs="+", default=["hf", "ours", "ours_chunked", "ours_compile"],
+                   choices=["hf", "ours", "ours_chunked", "ours_compile"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=os.environ.get("OUT"))
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script runs")
+    args = p.parse_args()
+    global DEV, SEQ, BATCH
+    if args.dry_run:
+        DEV, SEQ, BATCH = "cpu", 32, 2
+        for c in CONFIGS.values():
+            c.update(vocab_size=256, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
+                     max_position_embeddings=SEQ)
+            c["num_key_value_heads"] = 4 if c["model_type"] == "olmoe" else 2
+            if "moe_intermediate_size" in c:
+                c["moe_intermediate_size"] = 32
+    elif not torch.cuda.is_available():
+        sys.exit("benchmarks/train_step.py needs a CUDA GPU")
+    import transformers
+
+    env = dict(gpu=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", torch=torch.__version__, transformers=transformers.__version__)
+    print(env, flush=True)
+    results = {}
+    for name in args.shapes:
+        for variant in args.variants:
+            try:
+                r = run(name, variant, args.steps, args.warmup)
+            except Exception as e:  # keep going: report the others
+                traceback.print_exc()
+                r = dict(error=repr(e)[:500])
+                gc.collect()
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
+            results.setdefault(name, {})[variant] = r
+            if "error" in r:
+                print(f"  {name} {variant}: FAILED {r['error'][:200]}", flush=True)
+            else:
+                print(f"  {name} {variant}: {r['tokens_per_s']:.0f} tok/s, step {r['step_ms']:.1f} ms, peak "
+                      f"{r['peak_gib']:.1f} GiB, loss {r['loss']:.3f}, warm-up {r['warmup_s']:.0f}s", flush=True)
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "train_step.json"), "w") as f:
+                    json.dump(dict(env=env, results=results), f, indent=1)
+    lines = [
+        f"Training step, 4 layers, batch {BATCH} x {SEQ}, bf16, AdamW, aux loss on, {env['gpu']}, torch {env['torch']}",
+        "| shape | variant | tokens/s | vs hf | step ms | peak GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rs in results.items():
+        hf = rs.get("hf", {}).get("tokens_per_s")
+        for v, r in rs.items():
+            if "error" in r:
+                lines.append(f"| {name} | {v} | failed | | | |")
+                continue
+            rel = f"{r['tokens_per_s'] / hf:.2f}x" if hf else "-"
+            lines.append(f"| {name} | {v} | {r['tokens_per_s']:.0f} | {rel} | {r['step_ms']:.1f} | {r['peak_gib']:.1f} |")
+    table = "\n".join(lines)
+    if args.out:
+        with open(os.path.join(args.out, "train_step.md"), "w") as f:
+            f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -718,6 +718,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         prompts = _instantiate("samples.prompts", self._samples_cfg.prompts)
         max_new_tokens = self._samples_cfg.get("max_new_tokens", 32)
         self._model.eval()
+        chunked = hasattr(self._loss_fn, "num_output_chunks")
+        if chunked:  # generation needs plain logits, not the chunked loss's list of chunks
+            self._model.set_num_output_chunks(0)
         rows = []
         rng = torch.Generator(device=self._device).manual_seed(0)
         for item in prompts:
@@ -739,6 +742,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             cut = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
             rows.append((prompt, self._tokenizer.decode(new_ids[:cut]), expected))
         self._model.train()
+        if chunked:
+            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
         if not self._is_rank_zero:
             return
         shown = [(p, repr(a)[1:-1], "" if e is None else str(e)) for p, a, e in rows]  # escapes newlines

@@ -1,0 +1,81 @@
+"""The Triton kernels (CUDA) against the torch code they replace (CPU), and the whole layer on the GPU.
+
+Marked ``gpu``: skipped where CUDA is absent (CI). Run on a GPU machine with ``python -m pytest -m gpu``.
+"""
+
+import pytest
+import torch
+
+from torchtune_moe.models import moe_layer
+from torchtune_moe.modules import _kernels
+
+pytestmark = pytest.mark.gpu
+
+A, T, K, D, H = 4096, 512, 8, 256, 384
+
+
+def _rand(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, device="cuda", dtype=torch.float32).to(dtype)
+
+
+def _close(gpu: torch.Tensor, cpu: torch.Tensor, tol: float = 1e-2) -> None:
+    gpu, cpu = gpu.float().cpu(), cpu.float()
+    assert torch.isfinite(gpu).all()
+    err = (gpu - cpu).norm() / cpu.norm().clamp(min=1e-12)
+    assert err < tol, f"relative error {err:.2e}"
+
+
+def test_triton_is_used_on_cuda():
+    assert _kernels.use_triton(torch.empty(1, device="cuda"))
+
+
+@pytest.mark.parametrize("may_drop", [False, True])
+def test_swiglu_forward_and_backward_match_torch_code(may_drop):
+    h_AF, w_A, g_AH = _rand(A, 2 * H), torch.rand(A, device="cuda"), _rand(A, H)
+    num_valid = torch.tensor([A - 100], dtype=torch.int32, device="cuda")
+    cpu = [t.cpu() for t in (h_AF, w_A, g_AH, num_valid)]
+    _close(_kernels.swiglu_forward(h_AF, w_A, num_valid, may_drop),
+           _kernels.swiglu_forward(cpu[0], cpu[1], cpu[3], may_drop))
+    for got, want in zip(_kernels.swiglu_backward(h_AF, w_A, g_AH, num_valid, may_drop),
+                         _kernels.swiglu_backward(*cpu[:3], cpu[3], may_drop)):
+        _close(got, want)
+    fwd = _kernels.swiglu_forward(h_AF, w_A, num_valid, may_drop)
+    assert torch.equal(_kernels.swiglu_backward(h_AF, w_A, g_AH, num_valid, may_drop)[2], fwd)
+
+
+@pytest.mark.parametrize("may_drop", [False, True])
+def test_gather_rows_and_gather_sum_match_torch_code(may_drop):
+    src_TD = _rand(T, D)
+    index_A = torch.randint(0, T, (A,), device="cuda")
+    assert torch.equal(_kernels.gather_rows(src_TD, index_A).cpu(), src_TD.cpu()[index_A.cpu()])
+    src_AD = _rand(A, D)
+    index_TK = torch.randperm(A, device="cuda")[: T * K].view(T, K)
+    num_valid = torch.tensor([A - 300], dtype=torch.int32, device="cuda")
+    _close(_kernels.gather_sum(src_AD, index_TK, num_valid, may_drop),
+           _kernels.gather_sum(src_AD.cpu(), index_TK.cpu(), num_valid.cpu(), may_drop), tol=5e-3)
+
+
+@pytest.mark.parametrize("router", ["token_choice", "causal_expert_choice", "expert_choice"])
+def test_layer_on_gpu_matches_cpu(router):
+    """The same bf16 layer and input on the GPU (Triton kernels, CUDA grouped GEMM) and on the CPU (torch
+    code): same routing (fp32 router logits from the same bf16 values), outputs and gradients to bf16
+    rounding."""
+    torch.manual_seed(0)
+    kwargs = dict(dim=D, hidden_dim=H, num_experts=16, experts_per_token=4, router=router, aux_loss_coeff=0.01)
+    cpu = moe_layer(**kwargs).to(torch.bfloat16)
+    gpu = moe_layer(**kwargs)
+    gpu.load_state_dict(cpu.state_dict())
+    gpu = gpu.cuda().to(torch.bfloat16)
+    x = torch.randn(4, 128, D).to(torch.bfloat16)
+    x_gpu = x.cuda().requires_grad_()
+    x = x.requires_grad_()
+    out, out_gpu = cpu(x), gpu(x_gpu)
+    assert torch.equal(gpu.tokens_per_expert.cpu(), cpu.tokens_per_expert)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (out_gpu * g.cuda()).sum().backward()
+    _close(out_gpu, out.detach(), tol=2e-2)
+    _close(x_gpu.grad, x.grad, tol=2e-2)
+    _close(gpu.experts.down_proj.grad, cpu.experts.down_proj.grad, tol=2e-2)
+    _close(gpu.experts.gate_up_proj.grad, cpu.experts.gate_up_proj.grad, tol=2e-2)
+    _close(gpu.router.gate.weight.grad, cpu.router.gate.weight.grad, tol=5e-2)

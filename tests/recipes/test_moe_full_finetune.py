@@ -275,6 +275,18 @@ def test_freeze_router_keeps_router_weights(tmp_path):
             assert not torch.equal(trained[name], value), name
 
 
+def test_torchao_low_bit_adamw_trains_and_resumes(tmp_path):
+    """optimizer._component_=torchao.optim.AdamW8bit: the loss moves, its quantized state saves and resumes."""
+    opt = ["optimizer._component_=torchao.optim.AdamW8bit", "~optimizer.fused", "batch_size=8"]
+    recipe = run_recipe(tmp_path, overrides=[*opt, "max_steps_per_epoch=2", "save_every_n_steps=1"])
+    assert type(recipe._optimizer).__name__ == "AdamW8bit"
+    first = losses(tmp_path)
+    assert len(first) == 2 and first[1][1] < first[0][1]
+    resumed = run_recipe(tmp_path, overrides=[*opt, "max_steps_per_epoch=2", "epochs=2", "resume_from_checkpoint=true"])
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]
+    assert type(resumed._optimizer).__name__ == "AdamW8bit"
+
+
 # ----------------------------------------------------------------------------------------------- loggers
 
 

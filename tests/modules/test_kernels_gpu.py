@@ -5,9 +5,12 @@ Marked ``gpu``: skipped where CUDA is absent (CI). Run on a GPU machine with ``p
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchtune_moe.models import moe_layer
 from torchtune_moe.modules import _kernels
+from torchtune_moe.modules.routers import router_logits
 
 pytestmark = pytest.mark.gpu
 
@@ -79,3 +82,48 @@ def test_layer_on_gpu_matches_cpu(router):
     _close(gpu.experts.down_proj.grad, cpu.experts.down_proj.grad, tol=2e-2)
     _close(gpu.experts.gate_up_proj.grad, cpu.experts.gate_up_proj.grad, tol=2e-2)
     _close(gpu.router.gate.weight.grad, cpu.router.gate.weight.grad, tol=5e-2)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _logits_and_grads(fn, x_TD, w_ED, g_TE):
+    x_TD, w_ED = x_TD.detach().requires_grad_(), w_ED.detach().requires_grad_()
+    logits_TE = fn(x_TD, w_ED)
+    (logits_TE * g_TE).sum().backward()
+    return logits_TE.detach(), x_TD.grad, w_ED.grad
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_router_logits_on_tensor_cores_match_fp32_path(compiled):
+    """bf16 tokens and gate: the logits come from a bf16 GEMM with fp32 output (``aten.mm.dtype``) and match
+    fp64 to fp32 rounding; the gradients match the fp32 GEMM of upcast copies (the path it replaces), and
+    under torch.compile the function traces as one graph with the same results."""
+    torch.manual_seed(0)
+    T, D, E = 2048, 2048, 128
+    x_TD, w_ED = _rand(T, D), (_rand(E, D).float() * 0.02).bfloat16()
+    g_TE = torch.randn(T, E, device="cuda") * 1e-3
+    fn = torch.compile(router_logits, fullgraph=True) if compiled else router_logits
+    if not compiled:
+        with _RecordOps() as rec:
+            fn(x_TD, w_ED)
+        assert "aten.mm.dtype" in rec.ops, sorted(rec.ops)
+    ours = _logits_and_grads(fn, x_TD, w_ED, g_TE)
+    fp32 = _logits_and_grads(lambda x, w: F.linear(x.float(), w.float()), x_TD, w_ED, g_TE)
+    fp64 = _logits_and_grads(lambda x, w: x @ w.t(), x_TD.double(), w_ED.double(), g_TE.double())  # not rounded
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == torch.bfloat16
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    assert rel(ours[0], fp64[0]) < 1e-4
+    for got, want, exact in zip(ours[1:], fp32[1:], fp64[1:]):  # grad_x, grad_w (bf16, as the fp32 path's)
+        assert rel(got, want) < 1e-3
+        assert rel(got, exact) <= 1.05 * rel(want, exact) + 1e-6

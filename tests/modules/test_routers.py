@@ -326,3 +326,36 @@ def test_bad_router_options(cls, kwargs, name):
 def test_routers_share_the_base_class():
     for cls in (TokenChoiceTopKRouter, ExpertChoiceTopKRouter, ExpertThresholdRouter):
         assert issubclass(cls, Router)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_router_logits_match_the_fp32_path(compiled):
+    """router_logits on bf16 tokens/weights (the tensor-core Function on CUDA, upcast products on CPU) gives
+    the fp32 path's logits and, through its hi/lo split of the logit gradient, its gradients — also under
+    torch.compile. (Dropping the split, lo = 0, fails the eager case: ~1.4x the error. The compiled case on
+    CUDA, where Inductor once folded the split away, is checked by tests/modules/test_kernels_gpu.py.)"""
+    from torchtune_moe.modules.routers import router_logits
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 256).to(torch.bfloat16)
+    w = (torch.randn(32, 256) * 0.05).to(torch.bfloat16)
+    g = torch.randn(512, 32)
+
+    def grads(fn, x, w):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(x, w)
+        out.backward(g)
+        return out.detach(), x.grad.float(), w.grad.float()
+
+    fp32_path = lambda x, w: torch.nn.functional.linear(x.float(), w.float())  # noqa: E731
+    fn = torch.compile(router_logits, fullgraph=True, backend="inductor") if compiled else router_logits
+    out, gx, gw = grads(fn, x, w)
+    ref_out, ref_gx, ref_gw = grads(fp32_path, x, w)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-4)
+    exact_gx = (g.double() @ w.double()).float()
+    exact_gw = (g.double().t() @ x.double()).float()
+    for got, ref, exact in ((gx, ref_gx, exact_gx), (gw, ref_gw, exact_gw)):
+        err = (got - exact).norm() / exact.norm()
+        ref_err = (ref - exact).norm() / exact.norm()
+        assert err <= 1.05 * ref_err, (err, ref_err)

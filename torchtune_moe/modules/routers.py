@@ -77,6 +77,60 @@ def _in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` of two bf16 matrices with fp32 accumulation, rounded once to ``out_dtype``: a tensor-core GEMM on
+    CUDA; elsewhere (aten has no CPU kernel for ``mm(..., out_dtype=)``) the same product of upcast copies."""
+    if a.is_cuda:
+        return torch.mm(a, b) if out_dtype == a.dtype else torch.mm(a, b, out_dtype=out_dtype)
+    return torch.mm(a.float(), b.float()).to(out_dtype)
+
+
+class _Bf16Logits(torch.autograd.Function):
+    """fp32 router logits ``x_TD @ w_ED^T`` of bf16 tokens and a bf16 gate weight, on tensor cores.
+
+    Written by hand because ``torch.mm(..., out_dtype=torch.float32)`` (bf16 operands, fp32 accumulation and
+    output) has no autograd formula in torch. A product of two bf16 values is exact in fp32, so the logits equal
+    those of the fp32 GEMM of upcast copies up to summation order; that GEMM ran without tensor cores (~0.3 ms
+    forward + backward per layer at the Qwen3-30B-A3B shape) and kept an fp32 copy of ``x`` for backward.
+
+    Backward: the fp32 logit gradient is split into two bf16 terms, ``g = g_hi + g_lo`` (g_hi its leading 8
+    bits, g_lo the rest rounded to bf16: relative error <= 2^-16), and both GEMMs run in bf16 with fp32
+    accumulation on ``g_TF = [g_hi, g_lo]`` (F = 2E): ``grad_x = g_TF @ [w; w]`` rounded once to bf16 (as the
+    fp32 path's cast did), and ``grad_w`` = the sum of the two [E, D] halves of ``g_TF^T @ x`` in fp32, then
+    cast to the weight's dtype. Both are the fp32 path's gradients up to summation order and that 2^-16
+    (rounding g to bf16 instead, with no g_lo, would raise their error against fp64 by ~1.4x).
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TD, w_ED)
+        return _mm(x_TD, w_ED.t(), torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_TE: torch.Tensor):
+        x_TD, w_ED = ctx.saved_tensors
+        # g_hi: g with its low 16 bits cleared (exactly a bf16 value). Not g.to(bf16): Inductor drops the
+        # rounding of a bf16 -> fp32 round trip inside a fused kernel, which would leave g_lo = 0.
+        hi32_TE = (grad_TE.view(torch.int32) & -65536).view(torch.float32)
+        g_TF = torch.cat([hi32_TE, grad_TE - hi32_TE], dim=1).to(torch.bfloat16)
+        grad_x_TD = grad_w_ED = None
+        if ctx.needs_input_grad[0]:
+            grad_x_TD = _mm(g_TF, torch.cat([w_ED, w_ED], dim=0), x_TD.dtype)
+        if ctx.needs_input_grad[1]:
+            E = w_ED.shape[0]
+            grad_FD = _mm(g_TF.t(), x_TD, torch.float32)
+            grad_w_ED = (grad_FD[:E] + grad_FD[E:]).to(w_ED.dtype)
+        return grad_x_TD, grad_w_ED
+
+
+def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+    """fp32 logits ``x_TD @ w_ED^T`` ([T, D] x [E, D] -> [T, E]): bf16 inputs use a bf16 GEMM with fp32
+    accumulation and output (:class:`_Bf16Logits`), any other dtypes an fp32 GEMM of upcast copies."""
+    if x_TD.dtype == w_ED.dtype == torch.bfloat16:
+        return _Bf16Logits.apply(x_TD, w_ED)
+    return F.linear(x_TD.float(), w_ED.float())
+
+
 def _check_common(dim: int, num_experts: int, experts_per_token: int, score_func: str) -> None:
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
@@ -108,7 +162,7 @@ class Router(nn.Module):
     def scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns fp32 ``(logits_TE, scores_TE, probs_TE)``; scores are softmax or sigmoid of the logits,
         probs are the scores normalised to sum to 1 per token."""
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        logits_TE = router_logits(x_TD, self.gate.weight)
         if self.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
             probs_TE = scores_TE

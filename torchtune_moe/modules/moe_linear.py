@@ -149,8 +149,7 @@ def _activate(
         act_AH = act(h32_AF)
     hs_AH = (act_AH * weights_A.float().unsqueeze(-1)).to(h_AF.dtype)
     if may_drop:
-        valid_A1 = (torch.arange(h_AF.shape[0], device=h_AF.device) < num_valid).unsqueeze(-1)
-        hs_AH = torch.where(valid_A1, hs_AH, 0)
+        hs_AH = torch.where(_kernels.valid_rows(h_AF.shape[0], num_valid), hs_AH, 0)
     return hs_AH
 
 
@@ -168,7 +167,7 @@ def _activate_backward(
         return _kernels.swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
     # Any other activation: recompute under autograd (SwiGLU, the common case, has the fused kernel above).
     if may_drop:
-        valid_A1 = (torch.arange(h_AF.shape[0], device=h_AF.device) < num_valid).unsqueeze(-1)
+        valid_A1 = _kernels.valid_rows(h_AF.shape[0], num_valid)
         h_AF = torch.where(valid_A1, h_AF, 0)
         grad_hs_AH = torch.where(valid_A1, grad_hs_AH, 0)
     with torch.enable_grad():
@@ -191,8 +190,7 @@ def _combine(
     if combine_TK is not None:
         return _kernels.gather_sum(y_AD, combine_TK, num_valid, may_drop)
     if may_drop:
-        valid_A1 = (torch.arange(y_AD.shape[0], device=y_AD.device) < num_valid).unsqueeze(-1)
-        y_AD = torch.where(valid_A1, y_AD, 0)
+        y_AD = torch.where(_kernels.valid_rows(y_AD.shape[0], num_valid), y_AD, 0)
     out_TD = torch.zeros(num_tokens, y_AD.shape[1], dtype=torch.float32, device=y_AD.device)
     return out_TD.index_add_(0, rows_A, y_AD.float()).to(y_AD.dtype)
 

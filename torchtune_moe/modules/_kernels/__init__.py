@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - depends on the install
     _triton = None
     _HAS_TRITON = False
 
-__all__ = ["gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "use_triton"]
+__all__ = ["gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "use_triton", "valid_rows"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -81,7 +81,8 @@ def gather_rows(src_TD: torch.Tensor, index_A: torch.Tensor) -> torch.Tensor:
     return src_TD.index_select(0, index_A)
 
 
-def _valid_rows(num_rows: int, num_valid: torch.Tensor) -> torch.Tensor:
+def valid_rows(num_rows: int, num_valid: torch.Tensor) -> torch.Tensor:
+    """[num_rows, 1] bool: rows before ``num_valid`` (a 1-element tensor), i.e. not dropped slots."""
     return (torch.arange(num_rows, device=num_valid.device) < num_valid).unsqueeze(-1)
 
 
@@ -111,7 +112,7 @@ def swiglu_forward(
     *_, act_AH = _swiglu_parts(h_AF)
     hs_AH = (act_AH * weights_A.float().unsqueeze(-1)).to(h_AF.dtype)
     if may_drop:
-        hs_AH = torch.where(_valid_rows(h_AF.shape[0], num_valid), hs_AH, 0)
+        hs_AH = torch.where(valid_rows(h_AF.shape[0], num_valid), hs_AH, 0)
     return hs_AH
 
 
@@ -147,7 +148,7 @@ def swiglu_backward(
     grad_h_AF = torch.cat([grad_gate_AH, grad_up_AH], dim=-1).to(h_AF.dtype)
     hs_AH = (act_AH * w_A1).to(h_AF.dtype)
     if may_drop:
-        valid_A1 = _valid_rows(h_AF.shape[0], num_valid)
+        valid_A1 = valid_rows(h_AF.shape[0], num_valid)
         grad_h_AF = torch.where(valid_A1, grad_h_AF, 0)
         hs_AH = torch.where(valid_A1, hs_AH, 0)
         grad_w_A = torch.where(valid_A1.squeeze(-1), grad_w_A, 0)

@@ -29,7 +29,7 @@ from torchtune import config as tt_config
 from torchtune.config._parse import TuneRecipeArgumentParser
 from torchtune.config._utils import _get_component_from_path, _merge_yaml_and_cli_args
 
-from torchtune_moe._cli._configs import find_config, packaged_configs
+from torchtune_moe._packaged_configs import find_config, packaged_configs
 
 __all__ = [
     "Key",

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchtune_moe._cli._configs import packaged_configs
+from torchtune_moe._packaged_configs import packaged_configs
 from torchtune_moe._cli._plots import load_ratio, merge_windows, read_disk_logs, read_expert_load, split_metrics
 from torchtune_moe._cli.main import main
 

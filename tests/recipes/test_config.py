@@ -52,7 +52,7 @@ def test_parse_resolves_the_config_name(monkeypatch):
 def test_every_packaged_config_passes_the_recipe_validation():
     from moe_full_finetune import CONFIG_SPEC
 
-    from torchtune_moe._cli._configs import packaged_configs
+    from torchtune_moe._packaged_configs import packaged_configs
 
     names = list(packaged_configs())
     assert {"tiny/full", "tiny/full_causal_ec", "small/full"} <= set(names)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from torchtune_moe._cli.subcommand import Subcommand
 
-from torchtune_moe._cli._configs import find_config
+from torchtune_moe._packaged_configs import find_config
 
 
 class Copy(Subcommand):

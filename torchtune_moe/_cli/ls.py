@@ -3,7 +3,7 @@ import textwrap
 
 from torchtune_moe._cli.subcommand import Subcommand
 
-from torchtune_moe._cli._configs import packaged_configs, RECIPE
+from torchtune_moe._packaged_configs import packaged_configs, RECIPE
 
 
 class List(Subcommand):

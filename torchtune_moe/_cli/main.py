@@ -1,6 +1,8 @@
 """Entry point of ``tune-moe`` (declared in pyproject.toml), laid out like torchtune's ``tune`` CLI."""
 
 import argparse
+import os
+import sys
 from typing import Optional, Sequence
 
 from torchtune_moe._cli.cp import Copy
@@ -37,7 +39,10 @@ class TuneMoECLIParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = TuneMoECLIParser()
     args = parser.parse_args(argv)
-    parser.run(args)
+    try:
+        parser.run(args)
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from torchtune_moe.models import from_hf_pretrained  # noqa: E402
-from torchtune_moe.models._hf import build_from_hf_config  # noqa: E402
+from torchtune_moe.training import from_hf_pretrained  # noqa: E402
+from torchtune_moe.models import build_from_hf_config  # noqa: E402
 from torchtune_moe.training._hf_checkpointer import HFMoECheckpointer  # noqa: E402
 
 ATOL = 1e-4
@@ -66,9 +66,9 @@ def load_and_compare(hf_model, path: Path, **kwargs):
 def checkpointer_round_trip(hf_model, path: Path, out: Path, max_shard_size: int = 10_000):
     """Load with HFMoECheckpointer into a model built from config.json, perturb it, save it, load the saved
     directory with transformers (every key found, none missing) and compare again. Returns the saved dir."""
-    ckpt = HFMoECheckpointer(str(path), str(out), max_shard_size=max_shard_size)
-    state_dict = ckpt.load_checkpoint()["model"]
+    ckpt = HFMoECheckpointer(str(path), max_shard_size=max_shard_size)
     ours = build_from_hf_config(json.loads((path / "config.json").read_text()), device="cpu")
+    state_dict = ckpt.load_checkpoint(ours)["model"]
     ours.load_state_dict(state_dict, strict=True)
     with torch.no_grad():
         for p in ours.parameters():

@@ -7,8 +7,8 @@ from hf_testing import checkpointer_round_trip, describe, load_and_compare, save
 
 transformers = pytest.importorskip("transformers")
 
-from torchtune_moe.models import from_hf_pretrained  # noqa: E402
-from torchtune_moe.models._hf import build_from_hf_config  # noqa: E402
+from torchtune_moe.training import from_hf_pretrained  # noqa: E402
+from torchtune_moe.models import build_from_hf_config  # noqa: E402
 from torchtune_moe.models.mixtral import mixtral_8x22b, mixtral_8x7b, mixtral_hf_config_to_kwargs  # noqa: E402
 
 BASE = dict(intermediate_size=16, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)

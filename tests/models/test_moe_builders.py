@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
+from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
 from torchtune.modules import FeedForward, TiedLinear, TransformerDecoder
 
 from torchtune_moe.models import moe, moe_layer
@@ -231,7 +231,7 @@ def test_router_options_reach_the_router():
 
 
 def test_moe_layer_builder():
-    layer = moe_layer(dim=16, hidden_dim=8, num_experts=4, experts_per_token=1, router="causal_expert_choice")
+    layer = moe_layer(dim=16, moe_hidden_dim=8, num_experts=4, experts_per_token=1, router="causal_expert_choice")
     assert isinstance(layer, MoE) and isinstance(layer.router, ExpertThresholdRouter)
     assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 16)
 
@@ -255,10 +255,6 @@ class _Router(nn.Module):
         ({"num_expert_groups": 2, "num_limited_groups": 3}, "num_limited_groups"),
         ({"router": "switch"}, "router"),
         ({"router": None}, "router"),
-        ({"capacity_factor": 1.0}, "capacity_factor"),  # token choice takes no capacity
-        ({"router": "expert_choice", "expert_bias_update_rate": 0.1}, "expert_bias_update_rate"),
-        ({"router": "expert_choice", "threshold_ema_decay": 0.9}, "threshold_ema_decay"),
-        ({"router": "causal_expert_choice", "norm_topk_prob": True}, "norm_topk_prob"),
         ({"router": "causal_expert_choice", "max_experts_per_token": 1}, "max_experts_per_token"),
         ({"router": "causal_expert_choice", "threshold_ema_decay": 1.0}, "threshold_ema_decay"),
         ({"router": _Router(), "num_layers": 1}, "num_experts"),
@@ -267,14 +263,14 @@ class _Router(nn.Module):
         ({"score_func": "relu"}, "score_func"),
         ({"route_scale": 0.0}, "route_scale"),
         ({"expert_bias_update_rate": -0.1}, "expert_bias_update_rate"),
-        ({"moe_layers": 3}, "moe_layers"),  # every 3rd of 2 layers: none
-        ({"moe_layers": 0}, "moe_layers"),
-        ({"moe_layers": [2], "dense_hidden_dim": 16}, "moe_layers"),
-        ({"moe_layers": [-1], "dense_hidden_dim": 16}, "moe_layers"),
-        ({"moe_layers": [], "dense_hidden_dim": 16}, "moe_layers"),
-        ({"moe_layers": [0.5], "dense_hidden_dim": 16}, "moe_layers"),
-        ({"moe_layers": "some"}, "moe_layers"),
-        ({"moe_layers": [0]}, "dense_hidden_dim"),
+        ({"moe_layer_ids": 3}, "moe_layer_ids"),  # every 3rd of 2 layers: none
+        ({"moe_layer_ids": 0}, "moe_layer_ids"),
+        ({"moe_layer_ids": [2], "dense_hidden_dim": 16}, "moe_layer_ids"),
+        ({"moe_layer_ids": [-1], "dense_hidden_dim": 16}, "moe_layer_ids"),
+        ({"moe_layer_ids": [], "dense_hidden_dim": 16}, "moe_layer_ids"),
+        ({"moe_layer_ids": [0.5], "dense_hidden_dim": 16}, "moe_layer_ids"),
+        ({"moe_layer_ids": "some"}, "moe_layer_ids"),
+        ({"moe_layer_ids": [0]}, "dense_hidden_dim"),
         ({"embed_dim": 36, "num_heads": 2, "num_kv_heads": 1}, "embed_dim"),
         ({"moe_hidden_dim": 12}, "moe_hidden_dim"),
         ({"moe_hidden_dim": 0}, "moe_hidden_dim"),
@@ -302,8 +298,8 @@ def test_bad_input_raises_value_error_naming_the_argument(kwargs, name):
 
 
 def test_moe_layer_bad_dims():
-    for name, value in (("dim", 12), ("hidden_dim", 4)):
-        args = dict(dim=16, hidden_dim=16, num_experts=4, experts_per_token=2)
+    for name, value in (("dim", 12), ("moe_hidden_dim", 4)):
+        args = dict(dim=16, moe_hidden_dim=16, num_experts=4, experts_per_token=2)
         args[name] = value
         with pytest.raises(ValueError, match=name):
             moe_layer(**args)
@@ -320,3 +316,53 @@ def test_docs_builders_notebook_runs():
     namespace: dict = {}
     for cell in cells:
         exec(compile(cell, str(doc), "exec"), namespace)
+
+
+@pytest.mark.parametrize(
+    "router, options",
+    [
+        ("token_choice", {"capacity_factor": 1.0}),
+        ("expert_choice", {"norm_topk_prob": True, "expert_bias_update_rate": 0.1, "threshold_ema_decay": 0.9}),
+        ("causal_expert_choice", {"norm_topk_prob": True, "route_scale": 2.0}),
+    ],
+)
+def test_options_of_another_router_are_dropped_with_a_note(router, options, caplog):
+    """Switching the router is one override: options meant for another router are ignored and logged."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        model = small(router=router, **options)
+    cls = {"token_choice": TokenChoiceTopKRouter, "expert_choice": ExpertChoiceTopKRouter,
+           "causal_expert_choice": ExpertThresholdRouter}[router]
+    assert all(isinstance(layer.router, cls) for _, layer in moe_layers(model))
+    notes = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert len(notes) == 1 and all(k in notes[0] for k in options), notes  # once per model, naming each option
+
+
+def test_renamed_arguments_still_work_with_a_warning():
+    with pytest.warns(FutureWarning, match="'moe_layers' is deprecated, use 'moe_layer_ids'"):
+        old = small(moe_layers=[1], dense_hidden_dim=16)
+    assert [n for n, _ in moe_layers(old)] == ["layers.1.mlp"]
+    with pytest.warns(FutureWarning, match="'hidden_dim' is deprecated, use 'moe_hidden_dim'"):
+        layer = moe_layer(dim=16, hidden_dim=8, num_experts=4, experts_per_token=1)
+    assert layer.experts.hidden_dim == 8
+    with pytest.raises(ValueError, match="both 'moe_layers'"):
+        small(moe_layers=[1], moe_layer_ids=[1], dense_hidden_dim=16)
+
+
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        (torch.zeros(16, dtype=torch.long), r"\[batch, seq_len\].*shape \[16\]"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), r"shape \[1, 2, 3\]"),
+        (torch.zeros(2, 0, dtype=torch.long), r"empty: shape \[2, 0\]"),
+        (torch.zeros(0, 4, dtype=torch.long), r"empty: shape \[0, 4\]"),
+        (torch.full((2, 4), V), rf"\[0, {V}\).*from {V} to {V}"),
+        (torch.full((2, 4), -1), rf"\[0, {V}\).*from -1"),
+        (torch.zeros(2, 4), "integer token ids"),
+    ],
+)
+def test_forward_misuse_is_a_value_error(tokens, message):
+    model = small()
+    with pytest.raises(ValueError, match=message):
+        model(tokens)

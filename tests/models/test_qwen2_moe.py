@@ -7,8 +7,8 @@ from hf_testing import checkpointer_round_trip, describe, load_and_compare, save
 
 transformers = pytest.importorskip("transformers")
 
-from torchtune_moe.models import from_hf_pretrained  # noqa: E402
-from torchtune_moe.models._hf import build_from_hf_config  # noqa: E402
+from torchtune_moe.training import from_hf_pretrained  # noqa: E402
+from torchtune_moe.models import build_from_hf_config  # noqa: E402
 from torchtune_moe.models.qwen2_moe import (  # noqa: E402
     qwen1_5_moe_a2_7b,
     qwen2_moe_57b_a14b,

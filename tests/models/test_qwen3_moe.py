@@ -16,8 +16,8 @@ from hf_testing import (
 
 transformers = pytest.importorskip("transformers")
 
-from torchtune_moe.models import from_hf_pretrained  # noqa: E402
-from torchtune_moe.models._hf import build_from_hf_config  # noqa: E402
+from torchtune_moe.training import from_hf_pretrained  # noqa: E402
+from torchtune_moe.models import build_from_hf_config  # noqa: E402
 from torchtune_moe.models.qwen3_moe import (  # noqa: E402
     qwen3_moe_235b_a22b,
     qwen3_moe_30b_a3b,

@@ -11,8 +11,9 @@ from hf_testing import compare, save_tiny_hf
 
 transformers = pytest.importorskip("transformers")
 
-from torchtune_moe.models import from_hf_pretrained  # noqa: E402
-from torchtune_moe.models._hf import EXTRA_STATE_FILE, build_from_hf_config  # noqa: E402
+from torchtune_moe.training import from_hf_pretrained  # noqa: E402
+from torchtune_moe.models import build_from_hf_config  # noqa: E402
+from torchtune_moe.training._hf_files import EXTRA_STATE_FILE  # noqa: E402
 from torchtune_moe.training._hf_checkpointer import HFMoECheckpointer, is_extra_state_key  # noqa: E402
 
 QWEN2_MOE = dict(
@@ -46,11 +47,58 @@ def _edit_weights(path, fn):
 def test_bad_checkpoint_stops_with_listing(hf_dir, tmp_path, edit, listed):
     _, path = hf_dir
     _edit_weights(path, edit)
+    model = build_from_hf_config(json.loads((path / "config.json").read_text()))  # meta: names and shapes
     with pytest.raises(ValueError, match="does not match its config.json") as err:
-        HFMoECheckpointer(str(path), str(tmp_path)).load_checkpoint()
+        HFMoECheckpointer(str(path)).load_checkpoint(model)
     assert listed in str(err.value)
-    with pytest.raises(ValueError, match="does not match its config.json"):
+    with pytest.raises(ValueError, match="does not match its config.json") as err:
         from_hf_pretrained(path)
+    assert listed in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"),
+        lambda t: t.update({"model.layers.1.mlp.experts.4.up_proj.weight": torch.zeros(16, 32)}),
+        lambda t: t.update({"model.layers.1.mlp.mystery.weight": torch.zeros(1)}),
+        lambda t: [t.pop(k) for k in list(t) if ".experts.3." in k],  # 3 experts where config.json says 4
+    ],
+    ids=["missing_expert", "extra_expert", "unknown_key", "too_few_experts"],
+)
+def test_checkpointer_without_a_model_checks_the_key_map_and_config(hf_dir, edit):
+    """Without the model the checkpointer still refuses, from the headers, what its key map cannot place or
+    what contradicts config.json's expert count; the model's strict load catches the rest."""
+    _, path = hf_dir
+    _edit_weights(path, edit)
+    with pytest.raises(ValueError, match="does not match its config.json.*\\n  unexpected"):
+        HFMoECheckpointer(str(path)).load_checkpoint()
+
+
+def test_constructor_validates_config_without_building_a_model(hf_dir, monkeypatch):
+    _, path = hf_dir
+    from torchtune_moe.models import _hf_families
+
+    def no_build(**kwargs):
+        raise AssertionError("the checkpointer built the model")
+
+    family = _hf_families.HF_FAMILIES["qwen2_moe"]
+    monkeypatch.setitem(_hf_families.HF_FAMILIES, "qwen2_moe", type(family)(**{**family.__dict__, "builder": no_build}))
+    ckpt = HFMoECheckpointer(str(path))
+    assert set(ckpt.load_checkpoint()["model"]) >= {"layers.0.mlp.experts.gate_up_proj", "tok_embeddings.weight"}
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "some_new_option": 1}))
+    with pytest.raises(ValueError, match="some_new_option"):
+        HFMoECheckpointer(str(path))
+
+
+@pytest.mark.parametrize("text", ['{"model_type": "qwen2_moe",', "[1, 2]", "\udcff"], ids=["truncated", "list", "binary"])
+def test_broken_config_json_names_the_file(hf_dir, tmp_path, text):
+    _, path = hf_dir
+    (path / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    for load in (lambda: from_hf_pretrained(path), lambda: HFMoECheckpointer(str(path))):
+        with pytest.raises(ValueError, match=str(path / "config.json")):
+            load()
 
 
 def test_many_missing_experts_are_counted(hf_dir, tmp_path):
@@ -65,7 +113,7 @@ def test_unsupported_architecture_names_the_supported_ones(hf_dir, tmp_path):
     config = json.loads((path / "config.json").read_text())
     config.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
     (path / "config.json").write_text(json.dumps(config))
-    for load in (lambda: from_hf_pretrained(path), lambda: HFMoECheckpointer(str(path), str(tmp_path))):
+    for load in (lambda: from_hf_pretrained(path), lambda: HFMoECheckpointer(str(path))):
         with pytest.raises(ValueError, match="DeepseekV3ForCausalLM.*not supported.*MixtralForCausalLM.*Qwen2MoeForCausalLM.*Qwen3MoeForCausalLM.*OlmoeForCausalLM"):
             load()
 
@@ -73,9 +121,9 @@ def test_unsupported_architecture_names_the_supported_ones(hf_dir, tmp_path):
 def test_model_type_mismatch_and_missing_dir(hf_dir, tmp_path):
     _, path = hf_dir
     with pytest.raises(ValueError, match="'qwen3_moe' but .* is a 'qwen2_moe' checkpoint"):
-        HFMoECheckpointer(str(path), str(tmp_path), model_type="qwen3_moe")
+        HFMoECheckpointer(str(path), model_type="qwen3_moe")
     with pytest.raises(ValueError, match="config.json not found"):
-        HFMoECheckpointer(str(tmp_path / "nowhere"), str(tmp_path))
+        HFMoECheckpointer(str(tmp_path / "nowhere"))
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="only safetensors"):
         from_hf_pretrained(path)
@@ -85,7 +133,7 @@ def test_save_shards_by_size_and_reloads_bit_exact_in_bf16(hf_dir, tmp_path):
     _, path = hf_dir
     model = from_hf_pretrained(path, dtype=torch.bfloat16)
     state = model.state_dict()
-    ckpt = HFMoECheckpointer(str(path), str(tmp_path), max_shard_size=4096)
+    ckpt = HFMoECheckpointer(str(path), max_shard_size=4096)
     out = tmp_path / "step_1"
     out.mkdir()
     ckpt.save_checkpoint(state, out)
@@ -99,7 +147,7 @@ def test_save_shards_by_size_and_reloads_bit_exact_in_bf16(hf_dir, tmp_path):
             assert nbytes <= 4096 or len(sizes) == 1  # a tensor larger than the limit gets its own shard
             assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
     assert index["metadata"]["total_size"] == sum(v.numel() * 2 for v in state.values())
-    reloaded = HFMoECheckpointer(str(out), str(tmp_path)).load_checkpoint()["model"]
+    reloaded = HFMoECheckpointer(str(out)).load_checkpoint()["model"]
     assert set(reloaded) == set(state)
     for k, v in state.items():
         assert reloaded[k].dtype == torch.bfloat16 and torch.equal(reloaded[k], v), k
@@ -108,7 +156,7 @@ def test_save_shards_by_size_and_reloads_bit_exact_in_bf16(hf_dir, tmp_path):
 def test_save_refuses_mismatched_state_dict(hf_dir, tmp_path):
     _, path = hf_dir
     state = from_hf_pretrained(path).state_dict()
-    ckpt = HFMoECheckpointer(str(path), str(tmp_path))
+    ckpt = HFMoECheckpointer(str(path))
     bad = dict(state)
     bad.pop("layers.1.mlp.experts.down_proj")
     bad["layers.0.mlp.experts.gate_up_proj"] = bad["layers.0.mlp.experts.gate_up_proj"][:3]
@@ -125,7 +173,7 @@ def test_router_extra_state_is_saved_beside_and_loaded_back(hf_dir, tmp_path, ca
     hf, path = hf_dir
     config = json.loads((path / "config.json").read_text())
     model = build_from_hf_config(config, device="cpu", expert_bias_update_rate=0.01)
-    ckpt = HFMoECheckpointer(str(path), str(tmp_path))
+    ckpt = HFMoECheckpointer(str(path))
     state = ckpt.load_checkpoint()["model"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert sorted(missing) == ["layers.0.mlp.router.expert_bias", "layers.1.mlp.router.expert_bias"]
@@ -141,7 +189,7 @@ def test_router_extra_state_is_saved_beside_and_loaded_back(hf_dir, tmp_path, ca
     reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     # the checkpointer and from_hf_pretrained pick the bias back up
-    assert torch.equal(HFMoECheckpointer(str(out), str(tmp_path)).load_checkpoint()["model"]["layers.1.mlp.router.expert_bias"], bias)
+    assert torch.equal(HFMoECheckpointer(str(out)).load_checkpoint()["model"]["layers.1.mlp.router.expert_bias"], bias)
     ours = from_hf_pretrained(out, expert_bias_update_rate=0.01)
     assert torch.equal(ours.layers[1].mlp.router.expert_bias, bias)
     with pytest.raises(ValueError, match="expert_bias_update_rate"):

@@ -78,6 +78,8 @@ class MoE(nn.Module):
         shared_expert (Optional[nn.Module]): dense FFN applied to every token.
         shared_expert_gate (Optional[nn.Module]): ``D -> 1`` linear whose sigmoid scales the shared expert.
         aux_loss_coeff (float): load-balancing loss coefficient (0 = off).
+        aux_loss_pooled (bool): leave the load-balancing loss to :func:`collect_aux_loss`, which pools the
+            statistics of all such layers (transformers' form); the layer keeps them in ``balance_stats``.
         z_loss_coeff (float): router z-loss coefficient (0 = off).
         seq_aux_loss_coeff (float): sequence-wise balance loss coefficient (0 = off).
     """
@@ -90,6 +92,7 @@ class MoE(nn.Module):
         shared_expert: Optional[nn.Module] = None,
         shared_expert_gate: Optional[nn.Module] = None,
         aux_loss_coeff: float = 0.0,
+        aux_loss_pooled: bool = False,
         z_loss_coeff: float = 0.0,
         seq_aux_loss_coeff: float = 0.0,
     ):
@@ -109,10 +112,13 @@ class MoE(nn.Module):
         self.shared_expert_gate = shared_expert_gate
         self.num_experts = experts.num_experts
         self.aux_loss_coeff = aux_loss_coeff
+        self.aux_loss_pooled = aux_loss_pooled
         self.z_loss_coeff = z_loss_coeff
         self.seq_aux_loss_coeff = seq_aux_loss_coeff
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.aux_loss: Optional[torch.Tensor] = None
+        # aux_loss_pooled: (sum over tokens of the router probabilities [E], assignments per expert [E], tokens).
+        self.balance_stats: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None
         self.tokens_per_expert: Optional[torch.Tensor] = None
         self.last_routing: Optional[RouterOutput] = None
         # Installed by capture_routing / replay_routing (torchtune_moe.modules.routing_replay), else None.
@@ -137,6 +143,7 @@ class MoE(nn.Module):
                 shared_TD = shared_TD * torch.sigmoid(self.shared_expert_gate(x_TD))
             out_TD = out_TD + shared_TD
         aux_losses, aux_loss = self._compute_aux_losses(routing, tokens_per_expert_E, B, S)
+        pooled = self.aux_loss_pooled and "load_balancing" in aux_losses
         if not _in_backward_recompute():
             # Activation checkpointing re-runs this forward inside backward: the graph (aux losses included) is
             # rebuilt, but the layer keeps the first forward's values (else it would keep the recompute's graph
@@ -144,6 +151,7 @@ class MoE(nn.Module):
             self.tokens_per_expert = tokens_per_expert_E.detach()
             self.last_routing = _detached(routing)
             self.aux_losses, self.aux_loss = aux_losses, aux_loss
+            self.balance_stats = (routing.probs_TE.float().sum(0), tokens_per_expert_E, B * S) if pooled else None
         return out_TD.view(B, S, D)
 
     def _compute_aux_losses(
@@ -167,6 +175,9 @@ class MoE(nn.Module):
         ):
             if coeff > 0:
                 value = fn()
+                if name == "load_balancing" and self.aux_loss_pooled:
+                    aux_losses[name] = value.detach()  # logged; collect_aux_loss adds the pooled form
+                    continue
                 aux_losses[name] = value
                 total = coeff * value if total is None else total + coeff * value
         return aux_losses, total
@@ -175,7 +186,7 @@ class MoE(nn.Module):
         # The aux losses of the latest forward carry its autograd graph, which copy.deepcopy (and pickle) cannot
         # copy: copies of the layer start without them.
         state = super().__getstate__()
-        state["aux_losses"], state["aux_loss"] = {}, None
+        state["aux_losses"], state["aux_loss"], state["balance_stats"] = {}, None, None
         return state
 
     @torch.no_grad()
@@ -209,14 +220,35 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor:
 
     A scalar tensor that backpropagates into the routers; 0 when no layer computed an aux loss (eval mode,
     all coefficients 0, or no MoE layer). Call it once per forward and add it to the loss.
+
+    Layers built with ``aux_loss_pooled=True`` contribute one load-balancing loss computed from their pooled
+    statistics, as transformers' ``load_balancing_loss_func`` does: ``E * sum_i f_i * P_i`` with ``f_i`` the
+    share of all L layers' assignments that went to expert i and ``P_i`` the mean probability of expert i over
+    all L layers' tokens, weighted by the sum of the L coefficients (so uniform routing gives the same total as
+    L per-layer losses, and with ``coeff = router_aux_loss_coef * K / L`` it equals transformers'
+    ``router_aux_loss_coef * aux_loss`` exactly).
     """
     total = None
     device = None
+    pooled: list[tuple[float, torch.Tensor, torch.Tensor, int]] = []
     for _, layer in moe_layers(model):
         if layer.aux_loss is not None:
             total = layer.aux_loss if total is None else total + layer.aux_loss
+        if layer.balance_stats is not None:
+            pooled.append((layer.aux_loss_coeff, *layer.balance_stats))
         if device is None and layer.tokens_per_expert is not None:
             device = layer.tokens_per_expert.device
+    if pooled:
+        sizes = {p.shape[0] for _, p, _, _ in pooled}
+        if len(sizes) != 1:
+            raise ValueError(f"aux_loss_pooled pools layers of one expert count; the model has {sorted(sizes)}")
+        coeff = sum(c for c, _, _, _ in pooled)
+        probs_sum_E = torch.stack([p for _, p, _, _ in pooled]).sum(0)
+        counts_E = torch.stack([n for _, _, n, _ in pooled]).sum(0).float()
+        num_tokens = sum(t for _, _, _, t in pooled)  # L * T: the pooled mean probability
+        E = probs_sum_E.shape[0]
+        loss = E * ((counts_E / counts_E.sum().clamp(min=1.0)) * (probs_sum_E / num_tokens)).sum()
+        total = coeff * loss if total is None else total + coeff * loss
     if total is None:
         return torch.zeros((), device=device)
     return total

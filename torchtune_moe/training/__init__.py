@@ -1,5 +1,5 @@
-"""Training utilities for the MoE recipe: checkpointing (interface, native checkpointer, atomic saves) and
-expert-load metrics."""
+"""Training utilities for the MoE recipe: checkpointing (interface, native checkpointer, Hugging Face
+checkpoints and ``from_hf_pretrained``, atomic saves) and expert-load metrics."""
 
 from torchtune_moe.training._checkpointing import (
     MODEL_KEY,
@@ -12,7 +12,7 @@ from torchtune_moe.training._checkpointing import (
     list_checkpoints,
     remove_stale_temporaries,
 )
-from torchtune_moe.training._hf_checkpointer import HFMoECheckpointer
+from torchtune_moe.training._hf_checkpointer import HFMoECheckpointer, from_hf_pretrained
 from torchtune_moe.training._metrics import (
     EXPERT_LOAD_FILENAME,
     ExpertLoadTracker,
@@ -27,6 +27,7 @@ __all__ = [
     "Checkpointer",
     "MoECheckpointer",
     "HFMoECheckpointer",
+    "from_hf_pretrained",
     "MODEL_KEY",
     "RECIPE_STATE_FILENAME",
     "atomic_directory",

@@ -9,12 +9,13 @@ from typing import Optional
 
 from torchtune.modules import TransformerDecoder
 
-from torchtune_moe.models._hf import router_kwargs, set_padding_idx
+from torchtune_moe.models._utils import renamed_arguments, router_kwargs, set_padding_idx
 from torchtune_moe.models.moe import moe
 
 __all__ = ["mixtral"]
 
 
+@renamed_arguments(moe_intermediate_dim="moe_hidden_dim")
 def mixtral(
     *,
     vocab_size: int,
@@ -22,7 +23,7 @@ def mixtral(
     num_heads: int,
     num_kv_heads: int,
     embed_dim: int,
-    moe_intermediate_dim: int,
+    moe_hidden_dim: int,
     num_experts: int,
     experts_per_token: int,
     max_seq_len: int,
@@ -44,7 +45,7 @@ def mixtral(
         num_heads (int): [num_attention_heads].
         num_kv_heads (int): [num_key_value_heads].
         embed_dim (int): [hidden_size].
-        moe_intermediate_dim (int): hidden dim of each expert [intermediate_size].
+        moe_hidden_dim (int): hidden dim of each expert [intermediate_size] (was ``moe_intermediate_dim``).
         num_experts (int): [num_local_experts].
         experts_per_token (int): [num_experts_per_tok].
         max_seq_len (int): RoPE cache length [max_position_embeddings].
@@ -68,7 +69,7 @@ def mixtral(
         max_seq_len=max_seq_len,
         num_experts=num_experts,
         experts_per_token=experts_per_token,
-        moe_hidden_dim=moe_intermediate_dim,
+        moe_hidden_dim=moe_hidden_dim,
         rope_base=rope_base,
         norm_eps=norm_eps,
         attn_dropout=attn_dropout,

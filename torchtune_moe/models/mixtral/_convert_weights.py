@@ -1,78 +1,50 @@
-"""Mixtral config.json and weights <-> torchtune_moe.
+"""Mixtral Hub weights <-> torchtune_moe: the key map.
 
-Hub keys (per layer i): ``model.layers.i.self_attn.{q,k,v,o}_proj.weight``, ``block_sparse_moe.gate.weight``,
-``block_sparse_moe.experts.N.w1.weight`` (gate), ``.w3.weight`` (up), ``.w2.weight`` (down),
-``input_layernorm.weight``, ``post_attention_layernorm.weight``.
+Per layer i: attention without biases, ``block_sparse_moe.gate`` the router, ``block_sparse_moe.experts.N.w1``
+(gate), ``.w3`` (up), ``.w2`` (down) the experts; every layer is MoE.
 """
-
-from typing import Optional
 
 import torch
 
-from torchtune_moe.models._hf import (
-    HFConfigReader,
-    HFFamily,
-    check_sliding_window,
-    convert_hf_to_tune,
-    convert_tune_to_hf,
-    hf_aux_loss_coeff,
-)
+from torchtune_moe.models._convert_weights import HFKeyMap, hf_to_tune, tune_to_hf
+from torchtune_moe.models._hf_config import HFFamily
 from torchtune_moe.models.mixtral._component_builders import mixtral
+from torchtune_moe.models.mixtral._hf_config import mixtral_hf_config_to_kwargs
 
-__all__ = ["mixtral_hf_config_to_kwargs", "mixtral_hf_to_tune", "mixtral_tune_to_hf", "HF_FAMILY"]
+__all__ = ["mixtral_key_map", "mixtral_hf_to_tune", "mixtral_tune_to_hf", "HF_FAMILY"]
+
+_FROM_HF = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.scale",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.scale",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.output_proj.weight",
+    "model.layers.{}.block_sparse_moe.gate.weight": "layers.{}.mlp.router.gate.weight",
+}
+_EXPERTS = (
+    "model.layers.{}.block_sparse_moe.experts.{}.w1.weight",
+    "model.layers.{}.block_sparse_moe.experts.{}.w3.weight",
+    "model.layers.{}.block_sparse_moe.experts.{}.w2.weight",
+)
 
 
-def mixtral_hf_config_to_kwargs(config: dict, max_seq_len: Optional[int] = None) -> dict:
-    """:func:`mixtral` kwargs from a config.json (defaults as transformers' ``MixtralConfig``).
-
-    Raises:
-        ValueError: an option that cannot be reproduced (router jitter noise, rope scaling, a sliding window
-            shorter than ``max_seq_len``, unknown keys, ...), naming it.
-    """
-    r = HFConfigReader(config, "mixtral", aliases={"num_experts": "num_local_experts"})
-    num_layers = r.get_int("num_hidden_layers", 32)
-    num_heads = r.get_int("num_attention_heads", 32)
-    embed_dim = r.get_int("hidden_size", 4096)
-    experts_per_token = r.get_int("num_experts_per_tok", 2)
-    max_seq_len = max_seq_len or r.get_int("max_position_embeddings", 4096 * 32)
-    r.ignore("max_position_embeddings")
-    window = r.raw("sliding_window")
-    if window is not None:
-        window = r.get_int("sliding_window")
-    check_sliding_window("mixtral", window, max_seq_len)
-    if r.get_float("router_jitter_noise", 0.0) != 0.0:
-        r.refuse("router_jitter_noise", "multiplicative router input noise in training is not reproduced; set it to 0")
-    kwargs = dict(
-        vocab_size=r.get_int("vocab_size", 32000),
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=r.get_int("num_key_value_heads", num_heads),
-        embed_dim=embed_dim,
-        head_dim=r.get_int("head_dim", embed_dim // num_heads),
-        moe_intermediate_dim=r.get_int("intermediate_size", 14336),
-        num_experts=r.get_int("num_local_experts", 8),
-        experts_per_token=experts_per_token,
-        max_seq_len=max_seq_len,
-        rope_base=r.rope_theta(default_theta=1_000_000.0),
-        norm_eps=r.get_float("rms_norm_eps", 1e-5),
-        attn_dropout=r.get_float("attention_dropout", 0.0),
-        tie_word_embeddings=r.get_bool("tie_word_embeddings", False),
-        activation=r.activation(),
-        pad_token_id=r.raw("pad_token_id"),
-        aux_loss_coeff=hf_aux_loss_coeff(r.get_float("router_aux_loss_coef", 0.001), experts_per_token, num_layers),
-    )
-    r.finish()
-    return kwargs
+def mixtral_key_map(kwargs: dict) -> HFKeyMap:
+    """The Hub names of a :func:`mixtral` built with ``kwargs``."""
+    return HFKeyMap(_FROM_HF, _EXPERTS, tied=kwargs.get("tie_word_embeddings", False))
 
 
 def mixtral_hf_to_tune(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """Hub state dict (per-expert keys) -> torchtune_moe state dict (stacked experts)."""
-    return convert_hf_to_tune(state_dict, config)
+    return hf_to_tune(state_dict, mixtral_key_map(mixtral_hf_config_to_kwargs(config)))
 
 
 def mixtral_tune_to_hf(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """torchtune_moe state dict -> Hub state dict (``block_sparse_moe.experts.N.w1/w2/w3`` as published)."""
-    return convert_tune_to_hf(state_dict, config)
+    return tune_to_hf(state_dict, mixtral_key_map(mixtral_hf_config_to_kwargs(config)))
 
 
 HF_FAMILY = HFFamily(
@@ -80,6 +52,5 @@ HF_FAMILY = HFFamily(
     architectures=("MixtralForCausalLM",),
     builder=mixtral,
     config_to_kwargs=mixtral_hf_config_to_kwargs,
-    moe_prefix="block_sparse_moe",
-    expert_names=("w1", "w3", "w2"),
+    key_map=mixtral_key_map,
 )

@@ -1,77 +1,59 @@
-"""Mixtral published sizes (values of the Hub config.json files) and the tokenizer."""
+"""Mixtral published sizes and the tokenizer.
+
+Each size is its Hub config.json (the keys that describe the network), built through the same translation as
+a downloaded checkpoint (:func:`mixtral_hf_config_to_kwargs`): the numbers live here once.
+"""
 
 from typing import Optional
 
 from torchtune.data import Message, truncate
-from torchtune.data._prompt_templates import _get_prompt_template, _TemplateType
-from torchtune.models.mistral._tokenizer import MistralTokenizer
+from torchtune.data._prompt_templates import _get_prompt_template  # no public equivalent in torchtune 0.6.1
+from torchtune.models.mistral import MistralTokenizer
 from torchtune.modules import TransformerDecoder
 
-from torchtune_moe.models._hf import hf_aux_loss_coeff
+from torchtune_moe.models._hf_config import published_kwargs
+from torchtune_moe.models._utils import PromptTemplateArg
 from torchtune_moe.models.mixtral._component_builders import mixtral
+from torchtune_moe.models.mixtral._hf_config import mixtral_hf_config_to_kwargs
 
-__all__ = ["mixtral_8x7b", "mixtral_8x22b", "mixtral_tokenizer", "MixtralTokenizer"]
+__all__ = ["mixtral_8x7b", "mixtral_8x22b", "mixtral_tokenizer", "MixtralTokenizer", "MIXTRAL_8X7B", "MIXTRAL_8X22B"]
+
+#: config.json of mistralai/Mixtral-8x7B-v0.1 (and -Instruct-v0.1), network keys.
+MIXTRAL_8X7B = {
+    "vocab_size": 32000, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2,
+    "max_position_embeddings": 32768, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-5, "sliding_window": None,
+    "tie_word_embeddings": False, "router_aux_loss_coef": 0.02,
+}
+#: config.json of mistralai/Mixtral-8x22B-v0.1, network keys (-Instruct-v0.1: vocab_size 32768).
+MIXTRAL_8X22B = {
+    **MIXTRAL_8X7B, "num_hidden_layers": 56, "num_attention_heads": 48, "hidden_size": 6144,
+    "intermediate_size": 16384, "max_position_embeddings": 65536, "router_aux_loss_coef": 0.001,
+}
 
 
-def mixtral_8x7b(
-    *, max_seq_len: int = 32768, aux_loss_coeff: float = hf_aux_loss_coeff(0.02, 2, 32), **moe_kwargs
-) -> TransformerDecoder:
+def mixtral_8x7b(*, max_seq_len: Optional[int] = None, **options) -> TransformerDecoder:
     """Mixtral-8x7B-v0.1 (and -Instruct-v0.1): 32 layers, 8 experts, top-2, 46.7B parameters, 12.9B active.
 
     Args:
-        max_seq_len (int): RoPE cache length (config.json max_position_embeddings: 32768).
-        aux_loss_coeff (float): default reproduces the published ``router_aux_loss_coef`` 0.02
+        max_seq_len (Optional[int]): RoPE cache length; default config.json max_position_embeddings (32768).
+        **options: training options (``aux_loss_coeff``, ``z_loss_coeff``, ``router``, ...). The default
+            ``aux_loss_coeff`` reproduces the published ``router_aux_loss_coef`` 0.02
             (``0.02 * top_k 2 / 32 MoE layers``).
-        **moe_kwargs: training options of :func:`torchtune_moe.models.moe`.
     """
-    return mixtral(
-        vocab_size=32000,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        embed_dim=4096,
-        moe_intermediate_dim=14336,
-        num_experts=8,
-        experts_per_token=2,
-        max_seq_len=max_seq_len,
-        rope_base=1_000_000.0,
-        norm_eps=1e-5,
-        aux_loss_coeff=aux_loss_coeff,
-        **moe_kwargs,
-    )
+    return mixtral(**published_kwargs(mixtral_hf_config_to_kwargs, MIXTRAL_8X7B, max_seq_len, options))
 
 
-def mixtral_8x22b(
-    *,
-    vocab_size: int = 32000,
-    max_seq_len: int = 65536,
-    aux_loss_coeff: float = hf_aux_loss_coeff(0.001, 2, 56),
-    **moe_kwargs,
-) -> TransformerDecoder:
+def mixtral_8x22b(*, vocab_size: int = 32000, max_seq_len: Optional[int] = None, **options) -> TransformerDecoder:
     """Mixtral-8x22B-v0.1: 56 layers, 8 experts, top-2, 141B parameters, 39B active.
 
     Args:
         vocab_size (int): 32000 for v0.1, 32768 for -Instruct-v0.1 (its larger tokenizer).
-        max_seq_len (int): RoPE cache length (config.json max_position_embeddings: 65536).
-        aux_loss_coeff (float): default reproduces the published ``router_aux_loss_coef`` 0.001
-            (``0.001 * 2 / 56``).
-        **moe_kwargs: training options of :func:`torchtune_moe.models.moe`.
+        max_seq_len (Optional[int]): RoPE cache length; default config.json max_position_embeddings (65536).
+        **options: training options, as :func:`mixtral_8x7b` (default ``aux_loss_coeff`` ``0.001 * 2 / 56``).
     """
-    return mixtral(
-        vocab_size=vocab_size,
-        num_layers=56,
-        num_heads=48,
-        num_kv_heads=8,
-        embed_dim=6144,
-        moe_intermediate_dim=16384,
-        num_experts=8,
-        experts_per_token=2,
-        max_seq_len=max_seq_len,
-        rope_base=1_000_000.0,
-        norm_eps=1e-5,
-        aux_loss_coeff=aux_loss_coeff,
-        **moe_kwargs,
-    )
+    config = {**MIXTRAL_8X22B, "vocab_size": vocab_size}
+    return mixtral(**published_kwargs(mixtral_hf_config_to_kwargs, config, max_seq_len, options))
 
 
 class MixtralTokenizer(MistralTokenizer):
@@ -90,14 +72,14 @@ class MixtralTokenizer(MistralTokenizer):
 def mixtral_tokenizer(
     path: str,
     max_seq_len: Optional[int] = None,
-    prompt_template: Optional[_TemplateType] = "torchtune.models.mistral.MistralChatTemplate",
+    prompt_template: PromptTemplateArg = "torchtune.models.mistral.MistralChatTemplate",
 ) -> MixtralTokenizer:
     """Mixtral tokenizer: torchtune's Mistral SentencePiece tokenizer (``[INST] ... [/INST]`` chat template).
 
     Args:
         path (str): the checkpoint's ``tokenizer.model``.
         max_seq_len (Optional[int]): truncate tokenized samples to this length.
-        prompt_template (Optional[_TemplateType]): default ``MistralChatTemplate``; None for plain text.
+        prompt_template (PromptTemplateArg): default ``MistralChatTemplate``; None for plain text.
     """
     template = _get_prompt_template(prompt_template) if prompt_template is not None else None
     return MixtralTokenizer(path=path, max_seq_len=max_seq_len, prompt_template=template)

@@ -4,7 +4,7 @@ import inspect
 from typing import Optional, Union
 
 from torch import nn
-from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
+from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
 from torchtune.modules import (
     FeedForward,
     MultiHeadAttention,
@@ -13,6 +13,7 @@ from torchtune.modules import (
     TransformerDecoder,
     TransformerSelfAttentionLayer,
 )
+from torchtune.utils import get_logger
 
 from torchtune_moe.modules import (
     ExpertChoiceTopKRouter,
@@ -22,7 +23,11 @@ from torchtune_moe.modules import (
     TokenChoiceTopKRouter,
 )
 from torchtune_moe.modules.attention_utils import NormedProjection
+from torchtune_moe.models._utils import renamed_arguments
+from torchtune_moe.models.moe._decoder import MoETransformerDecoder
 from torchtune_moe.modules.moe_linear import _ALIGN_ELEMENTS, _get_activation
+
+log = get_logger("INFO")
 
 __all__ = ["moe_layer", "moe", "ROUTERS"]
 
@@ -38,7 +43,21 @@ ROUTERS = {
         ("capacity_factor", "max_experts_per_token", "threshold_ema_decay"),
     ),
 }
-_ROUTER_OPTIONS = sorted({o for _, opts in ROUTERS.values() for o in opts})
+
+
+def _router_options(router: str, options: dict) -> dict:
+    """The options (None = the router's default) that ``router`` takes. Options meant for another router are
+    dropped with a logged note, so that switching the router is one override (``model.router=expert_choice``)
+    even when the config sets another router's options (``norm_topk_prob``, ``capacity_factor``, ...)."""
+    allowed = ROUTERS[router][1]
+    given = {k: v for k, v in options.items() if v is not None}
+    dropped = sorted(k for k in given if k != "score_func" and k not in allowed)
+    if dropped:
+        log.info(
+            f"router={router!r} does not use {dropped} (options of another router): ignored. It takes "
+            f"{list(allowed)} and score_func."
+        )
+    return {k: v for k, v in given.items() if k not in dropped}
 
 
 def _ffn(dim: int, hidden_dim: int, activation: str, bias: bool = False) -> FeedForward:
@@ -63,10 +82,11 @@ class _ActivationModule(nn.Module):
         return self.name
 
 
+@renamed_arguments(hidden_dim="moe_hidden_dim")
 def moe_layer(
     *,
     dim: int,
-    hidden_dim: int,
+    moe_hidden_dim: int,
     num_experts: int,
     experts_per_token: int,
     router: Union[str, nn.Module] = "token_choice",
@@ -84,6 +104,7 @@ def moe_layer(
     shared_expert_hidden_dim: int = 0,
     shared_expert_gate: bool = False,
     aux_loss_coeff: float = 0.0,
+    aux_loss_pooled: bool = False,
     z_loss_coeff: float = 0.0,
     seq_aux_loss_coeff: float = 0.0,
 ) -> MoE:
@@ -91,7 +112,7 @@ def moe_layer(
 
     Args:
         dim (int): model dim.
-        hidden_dim (int): hidden dim of each routed expert.
+        moe_hidden_dim (int): hidden dim of each routed expert (was ``hidden_dim``).
         num_experts (int): routed experts E.
         experts_per_token (int): K (for expert choice and threshold routers: the average K).
         router (str | nn.Module): ``"token_choice"``, ``"expert_choice"`` (not causal: see docs),
@@ -102,12 +123,17 @@ def moe_layer(
         capacity_factor: expert-choice and causal-expert-choice option.
         max_experts_per_token, threshold_ema_decay: causal-expert-choice options
             (:class:`~torchtune_moe.modules.ExpertThresholdRouter`).
+            An option the chosen router does not take is ignored with a logged note (see ``ROUTERS``), so that a
+            config switches routers by one override.
         activation (str): expert activation (``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"``).
         gated (bool): GLU experts (SwiGLU with silu).
         shared_expert_hidden_dim (int): hidden dim of the shared expert FFN, 0 for none (N shared experts of
             hidden h are one FFN of hidden N*h).
         shared_expert_gate (bool): scale the shared expert by ``sigmoid(Linear(dim, 1)(x))`` (Qwen2-MoE).
         aux_loss_coeff (float): load-balancing loss coefficient, 0 = off.
+        aux_loss_pooled (bool): pool the load-balancing statistics over all MoE layers of the model, as
+            transformers' ``load_balancing_loss_func`` does, instead of one loss per layer (see
+            :func:`~torchtune_moe.modules.collect_aux_loss`); for reproducing a transformers-trained run.
         z_loss_coeff (float): router z-loss coefficient, 0 = off.
         seq_aux_loss_coeff (float): sequence-wise balance loss coefficient, 0 = off.
 
@@ -129,6 +155,11 @@ def moe_layer(
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if not 1 <= experts_per_token <= num_experts:
         raise ValueError(f"experts_per_token must be between 1 and num_experts ({num_experts}), got {experts_per_token}")
+    if moe_hidden_dim < 1 or moe_hidden_dim % _ALIGN_ELEMENTS:
+        raise ValueError(
+            f"moe_hidden_dim must be a positive multiple of {_ALIGN_ELEMENTS} (grouped GEMM needs 16-byte aligned "
+            f"rows), got {moe_hidden_dim}"
+        )
     if shared_expert_hidden_dim < 0:
         raise ValueError(f"shared_expert_hidden_dim must be >= 0, got {shared_expert_hidden_dim}")
     if shared_expert_gate and not shared_expert_hidden_dim:
@@ -142,18 +173,10 @@ def moe_layer(
             raise ValueError(f"the router module has num_experts={router_experts}, but num_experts={num_experts}")
         router_module = router
     elif isinstance(router, str) and router in ROUTERS:
-        cls, allowed = ROUTERS[router]
-        wrong = [k for k, v in options.items() if v is not None and k != "score_func" and k not in allowed]
-        if wrong:
-            raise ValueError(
-                f"router={router!r} does not take {wrong}; it takes {list(allowed)} "
-                f"(the options of each router: { {n: list(o) for n, (_, o) in ROUTERS.items()} })"
-            )
-        kwargs = {k: v for k, v in options.items() if v is not None}
-        router_module = cls(dim, num_experts, experts_per_token, **kwargs)
+        router_module = ROUTERS[router][0](dim, num_experts, experts_per_token, **_router_options(router, options))
     else:
         raise ValueError(f"router must be one of {sorted(ROUTERS)} or an nn.Module, got {router!r}")
-    experts = MoELinear(num_experts, dim, hidden_dim, activation=activation, gated=gated)
+    experts = MoELinear(num_experts, dim, moe_hidden_dim, activation=activation, gated=gated)
     shared = _ffn(dim, shared_expert_hidden_dim, activation) if shared_expert_hidden_dim else None
     gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
     return MoE(
@@ -162,37 +185,40 @@ def moe_layer(
         shared_expert=shared,
         shared_expert_gate=gate,
         aux_loss_coeff=aux_loss_coeff,
+        aux_loss_pooled=aux_loss_pooled,
         z_loss_coeff=z_loss_coeff,
         seq_aux_loss_coeff=seq_aux_loss_coeff,
     )
 
 
-_MOE_LAYER_ARGS = [p for p in inspect.signature(moe_layer).parameters if p not in ("dim", "hidden_dim")]
+_ROUTER_ARGS = ("score_func",) + tuple(sorted({o for _, opts in ROUTERS.values() for o in opts}))
+_MOE_LAYER_ARGS = [p for p in inspect.signature(moe_layer).parameters if p not in ("dim", "moe_hidden_dim")]
 
 
-def _moe_layer_ids(moe_layers: Union[str, int, list], num_layers: int) -> set[int]:
-    if isinstance(moe_layers, str):
-        if moe_layers == "all":
+def _moe_layer_ids(moe_layer_ids: Union[str, int, list], num_layers: int) -> set[int]:
+    if isinstance(moe_layer_ids, str):
+        if moe_layer_ids == "all":
             return set(range(num_layers))
-    elif isinstance(moe_layers, int) and not isinstance(moe_layers, bool):
-        if not 1 <= moe_layers <= num_layers:
+    elif isinstance(moe_layer_ids, int) and not isinstance(moe_layer_ids, bool):
+        if not 1 <= moe_layer_ids <= num_layers:
             raise ValueError(
-                f"moe_layers as an int (every n-th layer) must be between 1 and num_layers ({num_layers}), "
-                f"got {moe_layers}"
+                f"moe_layer_ids as an int (every n-th layer) must be between 1 and num_layers ({num_layers}), "
+                f"got {moe_layer_ids}"
             )
         # Same convention as Hugging Face's decoder_sparse_step: layer i is MoE when (i + 1) % n == 0.
-        return {i for i in range(num_layers) if (i + 1) % moe_layers == 0}
-    elif hasattr(moe_layers, "__iter__"):  # list, tuple or OmegaConf ListConfig
-        ids = list(moe_layers)
+        return {i for i in range(num_layers) if (i + 1) % moe_layer_ids == 0}
+    elif hasattr(moe_layer_ids, "__iter__"):  # list, tuple or OmegaConf ListConfig
+        ids = list(moe_layer_ids)
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
         if bad or not ids:
             raise ValueError(
-                f"moe_layers as a list must hold layer indices in 0..{num_layers - 1} (at least one), got {ids}"
+                f"moe_layer_ids as a list must hold layer indices in 0..{num_layers - 1} (at least one), got {ids}"
             )
         return set(ids)
-    raise ValueError(f"moe_layers must be 'all', an int n (every n-th layer) or a list of layer indices, got {moe_layers!r}")
+    raise ValueError(f"moe_layer_ids must be 'all', an int n (every n-th layer) or a list of layer indices, got {moe_layer_ids!r}")
 
 
+@renamed_arguments(moe_layers="moe_layer_ids")
 def moe(
     *,
     vocab_size: int,
@@ -206,7 +232,7 @@ def moe(
     moe_hidden_dim: int,
     router: Union[str, nn.Module] = "token_choice",
     head_dim: Optional[int] = None,
-    moe_layers: Union[str, int, list] = "all",
+    moe_layer_ids: Union[str, int, list] = "all",
     dense_hidden_dim: Optional[int] = None,
     rope_base: float = 10_000.0,
     norm_eps: float = 1e-6,
@@ -236,8 +262,9 @@ def moe(
         router (str | nn.Module): see :func:`moe_layer`. A module is only allowed with one MoE layer; use a
             router name to get a fresh router per layer.
         head_dim (Optional[int]): per-head dim, default ``embed_dim // num_heads``.
-        moe_layers (str | int | list): ``"all"``, an int n (layer i is MoE when ``(i + 1) % n == 0``, as
-            Hugging Face's ``decoder_sparse_step``), or a list of layer indices.
+        moe_layer_ids (str | int | list): which layers are MoE: ``"all"``, an int n (layer i is MoE when
+            ``(i + 1) % n == 0``, as Hugging Face's ``decoder_sparse_step``), or a list of layer indices (was
+            ``moe_layers``, the name of :func:`torchtune_moe.modules.moe_layers`).
         dense_hidden_dim (Optional[int]): hidden dim of the dense FFN of non-MoE layers (required if any).
         rope_base (float): RoPE theta.
         norm_eps (float): RMSNorm epsilon.
@@ -253,7 +280,7 @@ def moe(
             aux-loss coefficients, activation...).
 
     Returns:
-        TransformerDecoder
+        TransformerDecoder: a :class:`MoETransformerDecoder`, which checks its input tokens.
     """
     unknown = sorted(set(moe_layer_kwargs) - set(_MOE_LAYER_ARGS))
     if unknown:
@@ -284,11 +311,14 @@ def moe(
         raise ValueError(f"clip_qkv must be None or > 0, got {clip_qkv}")
     if qk_norm not in (None, "head", "full"):
         raise ValueError(f"qk_norm must be None, 'head' or 'full', got {qk_norm!r}")
-    moe_ids = _moe_layer_ids(moe_layers, num_layers)
+    moe_ids = _moe_layer_ids(moe_layer_ids, num_layers)
     if len(moe_ids) < num_layers and not dense_hidden_dim:
-        raise ValueError("dense_hidden_dim is required when some layers are dense (moe_layers is not 'all')")
+        raise ValueError("dense_hidden_dim is required when some layers are dense (moe_layer_ids is not 'all')")
     if isinstance(router, nn.Module) and len(moe_ids) > 1:
         raise ValueError("router as a module can serve one MoE layer only; pass a router name instead")
+    if isinstance(router, str) and router in ROUTERS:  # drop other routers' options once, not once per layer
+        options = {k: moe_layer_kwargs.pop(k) for k in _ROUTER_ARGS if k in moe_layer_kwargs}
+        moe_layer_kwargs.update(_router_options(router, options))
 
     rope = Qwen2RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=rope_base)
 
@@ -323,7 +353,7 @@ def moe(
         if i in moe_ids:
             mlp = moe_layer(
                 dim=embed_dim,
-                hidden_dim=moe_hidden_dim,
+                moe_hidden_dim=moe_hidden_dim,
                 num_experts=num_experts,
                 experts_per_token=experts_per_token,
                 router=router,
@@ -341,7 +371,7 @@ def moe(
         )
     tok_embeddings = nn.Embedding(vocab_size, embed_dim)
     output = TiedLinear(tok_embeddings) if tie_word_embeddings else nn.Linear(embed_dim, vocab_size, bias=False)
-    return TransformerDecoder(
+    return MoETransformerDecoder(
         tok_embeddings=tok_embeddings,
         layers=layers,
         max_seq_len=max_seq_len,

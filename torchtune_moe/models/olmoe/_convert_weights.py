@@ -1,80 +1,64 @@
-"""OLMoE config.json and weights <-> torchtune_moe.
+"""OLMoE Hub weights <-> torchtune_moe: the key map.
 
-Hub keys (per layer i): ``model.layers.i.self_attn.{q,k,v,o}_proj.weight`` (+ ``.bias`` with attention_bias),
-``self_attn.{q,k}_norm.weight`` (full width), ``mlp.gate.weight``, ``mlp.experts.N.{gate,up,down}_proj.weight``,
-``input_layernorm.weight``, ``post_attention_layernorm.weight``.
+Per layer i: q and k RMSNorm over the whole projection (ours: ``NormedProjection`` wrapping the linear, hence
+``.proj``; v is wrapped too when ``clip_qkv`` clamps it), biases with ``attention_bias``, ``mlp.gate`` the
+router, ``mlp.experts.N.{gate,up,down}_proj`` the experts; every layer is MoE.
 """
-
-from typing import Optional
 
 import torch
 
-from torchtune_moe.models._hf import (
-    HFConfigReader,
-    HFFamily,
-    convert_hf_to_tune,
-    convert_tune_to_hf,
-    hf_aux_loss_coeff,
-)
+from torchtune_moe.models._convert_weights import HFKeyMap, hf_to_tune, tune_to_hf
+from torchtune_moe.models._hf_config import HFFamily
 from torchtune_moe.models.olmoe._component_builders import olmoe
+from torchtune_moe.models.olmoe._hf_config import olmoe_hf_config_to_kwargs
 
-__all__ = ["olmoe_hf_config_to_kwargs", "olmoe_hf_to_tune", "olmoe_tune_to_hf", "HF_FAMILY"]
+__all__ = ["olmoe_key_map", "olmoe_hf_to_tune", "olmoe_tune_to_hf", "HF_FAMILY"]
+
+_FROM_HF = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.scale",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.scale",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q_proj.proj.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attn.q_proj.proj.bias",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k_proj.proj.weight",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attn.k_proj.proj.bias",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.v_proj.bias",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.output_proj.weight",
+    "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attn.output_proj.bias",
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attn.q_proj.norm.scale",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attn.k_proj.norm.scale",
+    "model.layers.{}.mlp.gate.weight": "layers.{}.mlp.router.gate.weight",
+}
+# With clip_qkv, v is clamped too: ours wraps its linear like q and k.
+_FROM_HF_CLIPPED = {
+    **_FROM_HF,
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.proj.weight",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.v_proj.proj.bias",
+}
+_EXPERTS = (
+    "model.layers.{}.mlp.experts.{}.gate_proj.weight",
+    "model.layers.{}.mlp.experts.{}.up_proj.weight",
+    "model.layers.{}.mlp.experts.{}.down_proj.weight",
+)
 
 
-def olmoe_hf_config_to_kwargs(config: dict, max_seq_len: Optional[int] = None) -> dict:
-    """:func:`olmoe` kwargs from a config.json (defaults as transformers' ``OlmoeConfig``).
-
-    Raises:
-        ValueError: an option that cannot be reproduced, naming it.
-    """
-    r = HFConfigReader(config, "olmoe", aliases={"num_local_experts": "num_experts"})
-    num_layers = r.get_int("num_hidden_layers", 16)
-    num_heads = r.get_int("num_attention_heads", 16)
-    embed_dim = r.get_int("hidden_size", 2048)
-    experts_per_token = r.get_int("num_experts_per_tok", 8)
-    if embed_dim % num_heads:
-        r.refuse("hidden_size", f"must be divisible by num_attention_heads ({num_heads})")
-    head_dim = r.raw("head_dim")
-    if head_dim is not None and head_dim != embed_dim // num_heads:
-        # transformers' OLMoE sizes q_norm by hidden_size and k_norm by (hidden_size // heads) * kv_heads.
-        r.refuse("head_dim", f"OLMoE's q/k norms need head_dim = hidden_size // num_attention_heads ({embed_dim // num_heads})")
-    clip_qkv = r.raw("clip_qkv")
-    if clip_qkv is not None:
-        clip_qkv = r.get_float("clip_qkv")
-    kwargs = dict(
-        vocab_size=r.get_int("vocab_size", 50304),
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=r.get_int("num_key_value_heads", num_heads),
-        embed_dim=embed_dim,
-        moe_intermediate_dim=r.get_int("intermediate_size", 2048),
-        num_experts=r.get_int("num_experts", 64),
-        experts_per_token=experts_per_token,
-        max_seq_len=max_seq_len or r.get_int("max_position_embeddings", 4096),
-        rope_base=r.rope_theta(default_theta=10_000.0),
-        norm_eps=r.get_float("rms_norm_eps", 1e-5),
-        norm_topk_prob=r.get_bool("norm_topk_prob", False),
-        clip_qkv=clip_qkv,
-        attn_bias=r.get_bool("attention_bias", False),
-        attn_dropout=r.get_float("attention_dropout", 0.0),
-        tie_word_embeddings=r.get_bool("tie_word_embeddings", False),
-        activation=r.activation(),
-        pad_token_id=config["pad_token_id"] if "pad_token_id" in config else 1,  # OlmoeConfig default: 1
-        aux_loss_coeff=hf_aux_loss_coeff(r.get_float("router_aux_loss_coef", 0.01), experts_per_token, num_layers),
-    )
-    r.ignore("max_position_embeddings", "pad_token_id")
-    r.finish()
-    return kwargs
+def olmoe_key_map(kwargs: dict) -> HFKeyMap:
+    """The Hub names of an :func:`olmoe` built with ``kwargs``."""
+    from_hf = _FROM_HF_CLIPPED if kwargs.get("clip_qkv") is not None else _FROM_HF
+    return HFKeyMap(from_hf, _EXPERTS, tied=kwargs.get("tie_word_embeddings", False))
 
 
 def olmoe_hf_to_tune(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """Hub state dict (per-expert keys) -> torchtune_moe state dict (stacked experts)."""
-    return convert_hf_to_tune(state_dict, config)
+    return hf_to_tune(state_dict, olmoe_key_map(olmoe_hf_config_to_kwargs(config)))
 
 
 def olmoe_tune_to_hf(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """torchtune_moe state dict -> Hub state dict (per-expert keys as published)."""
-    return convert_tune_to_hf(state_dict, config)
+    return tune_to_hf(state_dict, olmoe_key_map(olmoe_hf_config_to_kwargs(config)))
 
 
 HF_FAMILY = HFFamily(
@@ -82,4 +66,5 @@ HF_FAMILY = HFFamily(
     architectures=("OlmoeForCausalLM",),
     builder=olmoe,
     config_to_kwargs=olmoe_hf_config_to_kwargs,
+    key_map=olmoe_key_map,
 )

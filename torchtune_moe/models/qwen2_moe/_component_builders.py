@@ -10,12 +10,17 @@ from typing import Optional, Sequence
 
 from torchtune.modules import TransformerDecoder
 
-from torchtune_moe.models._hf import hf_moe_layer_ids, router_kwargs, set_padding_idx
+from torchtune_moe.models._utils import hf_moe_layer_ids, renamed_arguments, router_kwargs, set_padding_idx
 from torchtune_moe.models.moe import moe
 
 __all__ = ["qwen2_moe"]
 
 
+@renamed_arguments(
+    intermediate_dim="dense_hidden_dim",
+    moe_intermediate_dim="moe_hidden_dim",
+    shared_expert_intermediate_dim="shared_expert_hidden_dim",
+)
 def qwen2_moe(
     *,
     vocab_size: int,
@@ -23,9 +28,9 @@ def qwen2_moe(
     num_heads: int,
     num_kv_heads: int,
     embed_dim: int,
-    intermediate_dim: int,
-    moe_intermediate_dim: int,
-    shared_expert_intermediate_dim: int,
+    dense_hidden_dim: int,
+    moe_hidden_dim: int,
+    shared_expert_hidden_dim: int,
     num_experts: int,
     experts_per_token: int,
     max_seq_len: int,
@@ -51,9 +56,11 @@ def qwen2_moe(
         num_heads (int): [num_attention_heads].
         num_kv_heads (int): [num_key_value_heads].
         embed_dim (int): [hidden_size].
-        intermediate_dim (int): hidden dim of the dense layers [intermediate_size].
-        moe_intermediate_dim (int): hidden dim of each routed expert [moe_intermediate_size].
-        shared_expert_intermediate_dim (int): hidden dim of the shared expert [shared_expert_intermediate_size].
+        dense_hidden_dim (int): hidden dim of the dense layers [intermediate_size] (was ``intermediate_dim``).
+        moe_hidden_dim (int): hidden dim of each routed expert [moe_intermediate_size] (was
+            ``moe_intermediate_dim``).
+        shared_expert_hidden_dim (int): hidden dim of the shared expert [shared_expert_intermediate_size] (was
+            ``shared_expert_intermediate_dim``).
         num_experts (int): [num_experts].
         experts_per_token (int): [num_experts_per_tok].
         max_seq_len (int): RoPE cache length [max_position_embeddings].
@@ -72,10 +79,10 @@ def qwen2_moe(
         **moe_kwargs: training options of :func:`torchtune_moe.models.moe`.
     """
     moe_ids = hf_moe_layer_ids(num_layers, mlp_only_layers, decoder_sparse_step)
-    if shared_expert_intermediate_dim < 1:
+    if shared_expert_hidden_dim < 1:
         raise ValueError(
-            f"shared_expert_intermediate_dim must be >= 1 (Qwen2-MoE always has a gated shared expert), got "
-            f"{shared_expert_intermediate_dim}"
+            f"shared_expert_hidden_dim must be >= 1 (Qwen2-MoE always has a gated shared expert), got "
+            f"{shared_expert_hidden_dim}"
         )
     model = moe(
         vocab_size=vocab_size,
@@ -87,16 +94,16 @@ def qwen2_moe(
         max_seq_len=max_seq_len,
         num_experts=num_experts,
         experts_per_token=experts_per_token,
-        moe_hidden_dim=moe_intermediate_dim,
-        moe_layers=moe_ids,
-        dense_hidden_dim=intermediate_dim if len(moe_ids) < num_layers else None,
+        moe_hidden_dim=moe_hidden_dim,
+        moe_layer_ids=moe_ids,
+        dense_hidden_dim=dense_hidden_dim if len(moe_ids) < num_layers else None,
         rope_base=rope_base,
         norm_eps=norm_eps,
         attn_bias=qkv_bias,
         attn_dropout=attn_dropout,
         tie_word_embeddings=tie_word_embeddings,
         activation=activation,
-        shared_expert_hidden_dim=shared_expert_intermediate_dim,
+        shared_expert_hidden_dim=shared_expert_hidden_dim,
         shared_expert_gate=True,
         aux_loss_coeff=aux_loss_coeff,
         **router_kwargs(norm_topk_prob, moe_kwargs),

@@ -1,101 +1,61 @@
-"""Qwen2-MoE config.json and weights <-> torchtune_moe.
+"""Qwen2-MoE Hub weights <-> torchtune_moe: the key map.
 
-Hub keys (per layer i): ``model.layers.i.self_attn.{q,k,v}_proj.{weight,bias}``, ``self_attn.o_proj.weight``,
-``mlp.gate.weight``, ``mlp.experts.N.{gate,up,down}_proj.weight``, ``mlp.shared_expert.{gate,up,down}_proj.weight``,
-``mlp.shared_expert_gate.weight`` (MoE layers) or ``mlp.{gate,up,down}_proj.weight`` (dense layers).
+Per layer i: biases on q, k, v (none on o), ``mlp.gate`` the router, ``mlp.experts.N.{gate,up,down}_proj`` the
+routed experts, ``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate`` the gated shared
+expert (MoE layers) or ``mlp.{gate,up,down}_proj`` (dense layers).
 """
-
-from typing import Optional
 
 import torch
 
-from torchtune_moe.models._hf import (
-    HFConfigReader,
-    HFFamily,
-    check_sliding_window,
-    convert_hf_to_tune,
-    convert_tune_to_hf,
-    hf_aux_loss_coeff,
-    hf_moe_layer_ids,
-)
+from torchtune_moe.models._convert_weights import HFKeyMap, hf_to_tune, tune_to_hf
+from torchtune_moe.models._hf_config import HFFamily
 from torchtune_moe.models.qwen2_moe._component_builders import qwen2_moe
+from torchtune_moe.models.qwen2_moe._hf_config import qwen2_moe_hf_config_to_kwargs
 
-__all__ = ["qwen2_moe_hf_config_to_kwargs", "qwen2_moe_hf_to_tune", "qwen2_moe_tune_to_hf", "HF_FAMILY"]
+__all__ = ["qwen2_moe_key_map", "qwen2_moe_hf_to_tune", "qwen2_moe_tune_to_hf", "HF_FAMILY"]
+
+_FROM_HF = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.scale",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.scale",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q_proj.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attn.q_proj.bias",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k_proj.weight",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attn.k_proj.bias",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.v_proj.bias",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.output_proj.weight",
+    "model.layers.{}.mlp.gate.weight": "layers.{}.mlp.router.gate.weight",
+    "model.layers.{}.mlp.shared_expert.gate_proj.weight": "layers.{}.mlp.shared_expert.w1.weight",
+    "model.layers.{}.mlp.shared_expert.down_proj.weight": "layers.{}.mlp.shared_expert.w2.weight",
+    "model.layers.{}.mlp.shared_expert.up_proj.weight": "layers.{}.mlp.shared_expert.w3.weight",
+    "model.layers.{}.mlp.shared_expert_gate.weight": "layers.{}.mlp.shared_expert_gate.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.w3.weight",
+}
+_EXPERTS = (
+    "model.layers.{}.mlp.experts.{}.gate_proj.weight",
+    "model.layers.{}.mlp.experts.{}.up_proj.weight",
+    "model.layers.{}.mlp.experts.{}.down_proj.weight",
+)
 
 
-def qwen2_moe_hf_config_to_kwargs(config: dict, max_seq_len: Optional[int] = None) -> dict:
-    """:func:`qwen2_moe` kwargs from a config.json (defaults as transformers' ``Qwen2MoeConfig``).
-
-    Raises:
-        ValueError: an option that cannot be reproduced, naming it.
-    """
-    r = HFConfigReader(config, "qwen2_moe")
-    num_layers = r.get_int("num_hidden_layers", 24)
-    num_heads = r.get_int("num_attention_heads", 16)
-    embed_dim = r.get_int("hidden_size", 2048)
-    experts_per_token = r.get_int("num_experts_per_tok", 4)
-    mlp_only_layers = r.raw("mlp_only_layers", [])
-    decoder_sparse_step = r.get_int("decoder_sparse_step", 1)
-    max_seq_len = max_seq_len or r.get_int("max_position_embeddings", 32768)
-    # Sliding window, as transformers decides it: layer_types from config.json, else sliding for odd-numbered
-    # layers (i + 1 odd) below max_window_layers when use_sliding_window; the window is 0 without use_sliding_window.
-    use_sliding = r.get_bool("use_sliding_window", False)
-    window = r.get_int("sliding_window", 4096, minimum=0)
-    max_window_layers = r.get_int("max_window_layers", 28, minimum=0)
-    layer_types = r.raw("layer_types") or [
-        "sliding_attention" if (i + 1) % 2 and i < max_window_layers and use_sliding else "full_attention"
-        for i in range(num_layers)
-    ]
-    if len(layer_types) != num_layers or set(layer_types) - {"full_attention", "sliding_attention"}:
-        r.refuse("layer_types", f"expected {num_layers} entries of 'full_attention' / 'sliding_attention'")
-    if "sliding_attention" in layer_types:
-        if not use_sliding:
-            r.refuse("layer_types", "sliding_attention layers with use_sliding_window false (a window of 0)")
-        check_sliding_window("qwen2_moe", window, max_seq_len)
-    kwargs = dict(
-        vocab_size=r.get_int("vocab_size", 151936),
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=r.get_int("num_key_value_heads", 16),
-        embed_dim=embed_dim,
-        head_dim=r.get_int("head_dim", embed_dim // num_heads),
-        intermediate_dim=r.get_int("intermediate_size", 5632),
-        moe_intermediate_dim=r.get_int("moe_intermediate_size", 1408),
-        shared_expert_intermediate_dim=r.get_int("shared_expert_intermediate_size", 5632),
-        num_experts=r.get_int("num_experts", 60),
-        experts_per_token=experts_per_token,
-        max_seq_len=max_seq_len,
-        rope_base=r.rope_theta(default_theta=10_000.0),
-        norm_eps=r.get_float("rms_norm_eps", 1e-6),
-        norm_topk_prob=r.get_bool("norm_topk_prob", False),
-        mlp_only_layers=list(mlp_only_layers),
-        decoder_sparse_step=decoder_sparse_step,
-        qkv_bias=r.get_bool("qkv_bias", True),
-        attn_dropout=r.get_float("attention_dropout", 0.0),
-        tie_word_embeddings=r.get_bool("tie_word_embeddings", False),
-        activation=r.activation(),
-        pad_token_id=r.raw("pad_token_id"),
-        aux_loss_coeff=hf_aux_loss_coeff(
-            r.get_float("router_aux_loss_coef", 0.001),
-            experts_per_token,
-            len(hf_moe_layer_ids(num_layers, mlp_only_layers, decoder_sparse_step)),
-        ),
-    )
-    if r.get_bool("use_mrope", False):
-        r.refuse("use_mrope", "multimodal RoPE is not supported")
-    r.ignore("max_position_embeddings")
-    r.finish()
-    return kwargs
+def qwen2_moe_key_map(kwargs: dict) -> HFKeyMap:
+    """The Hub names of a :func:`qwen2_moe` built with ``kwargs``."""
+    return HFKeyMap(_FROM_HF, _EXPERTS, tied=kwargs.get("tie_word_embeddings", False))
 
 
 def qwen2_moe_hf_to_tune(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """Hub state dict (per-expert keys) -> torchtune_moe state dict (stacked experts)."""
-    return convert_hf_to_tune(state_dict, config)
+    return hf_to_tune(state_dict, qwen2_moe_key_map(qwen2_moe_hf_config_to_kwargs(config)))
 
 
 def qwen2_moe_tune_to_hf(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """torchtune_moe state dict -> Hub state dict (per-expert keys as published)."""
-    return convert_tune_to_hf(state_dict, config)
+    return tune_to_hf(state_dict, qwen2_moe_key_map(qwen2_moe_hf_config_to_kwargs(config)))
 
 
 HF_FAMILY = HFFamily(
@@ -103,4 +63,5 @@ HF_FAMILY = HFFamily(
     architectures=("Qwen2MoeForCausalLM",),
     builder=qwen2_moe,
     config_to_kwargs=qwen2_moe_hf_config_to_kwargs,
+    key_map=qwen2_moe_key_map,
 )

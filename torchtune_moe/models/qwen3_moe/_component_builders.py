@@ -10,12 +10,13 @@ from typing import Optional, Sequence
 
 from torchtune.modules import TransformerDecoder
 
-from torchtune_moe.models._hf import hf_moe_layer_ids, router_kwargs, set_padding_idx
+from torchtune_moe.models._utils import hf_moe_layer_ids, renamed_arguments, router_kwargs, set_padding_idx
 from torchtune_moe.models.moe import moe
 
 __all__ = ["qwen3_moe"]
 
 
+@renamed_arguments(intermediate_dim="dense_hidden_dim", moe_intermediate_dim="moe_hidden_dim")
 def qwen3_moe(
     *,
     vocab_size: int,
@@ -24,8 +25,8 @@ def qwen3_moe(
     num_kv_heads: int,
     embed_dim: int,
     head_dim: int,
-    intermediate_dim: int,
-    moe_intermediate_dim: int,
+    dense_hidden_dim: int,
+    moe_hidden_dim: int,
     num_experts: int,
     experts_per_token: int,
     max_seq_len: int,
@@ -51,8 +52,8 @@ def qwen3_moe(
         num_kv_heads (int): [num_key_value_heads].
         embed_dim (int): [hidden_size].
         head_dim (int): [head_dim].
-        intermediate_dim (int): hidden dim of the dense layers [intermediate_size].
-        moe_intermediate_dim (int): hidden dim of each expert [moe_intermediate_size].
+        dense_hidden_dim (int): hidden dim of the dense layers [intermediate_size] (was ``intermediate_dim``).
+        moe_hidden_dim (int): hidden dim of each expert [moe_intermediate_size] (was ``moe_intermediate_dim``).
         num_experts (int): [num_experts].
         experts_per_token (int): [num_experts_per_tok].
         max_seq_len (int): RoPE cache length [max_position_embeddings].
@@ -67,7 +68,7 @@ def qwen3_moe(
         activation (str): [hidden_act].
         pad_token_id (Optional[int]): embedding row without gradient [pad_token_id].
         aux_loss_coeff (float): per-layer load-balancing loss coefficient (see
-            :func:`torchtune_moe.models._hf.hf_aux_loss_coeff` for the published value's equivalent).
+            :func:`torchtune_moe.models._utils.hf_aux_loss_coeff` for the published value's equivalent).
         **moe_kwargs: training options of :func:`torchtune_moe.models.moe` (``z_loss_coeff``, ``router``,
             ``expert_bias_update_rate``, ...).
     """
@@ -82,9 +83,9 @@ def qwen3_moe(
         max_seq_len=max_seq_len,
         num_experts=num_experts,
         experts_per_token=experts_per_token,
-        moe_hidden_dim=moe_intermediate_dim,
-        moe_layers=moe_ids,
-        dense_hidden_dim=intermediate_dim if len(moe_ids) < num_layers else None,
+        moe_hidden_dim=moe_hidden_dim,
+        moe_layer_ids=moe_ids,
+        dense_hidden_dim=dense_hidden_dim if len(moe_ids) < num_layers else None,
         rope_base=rope_base,
         norm_eps=norm_eps,
         qk_norm="head",

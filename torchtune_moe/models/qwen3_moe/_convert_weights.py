@@ -1,89 +1,60 @@
-"""Qwen3-MoE config.json and weights <-> torchtune_moe.
+"""Qwen3-MoE Hub weights <-> torchtune_moe: the key map.
 
-Hub keys (per layer i): ``model.layers.i.self_attn.{q,k,v,o}_proj.weight`` (+ ``.bias`` with attention_bias),
-``self_attn.{q,k}_norm.weight``, ``mlp.gate.weight``, ``mlp.experts.N.{gate,up,down}_proj.weight`` (MoE layers)
-or ``mlp.{gate,up,down}_proj.weight`` (dense layers), ``input_layernorm``/``post_attention_layernorm``.
+Per layer i: attention with a per-head q/k RMSNorm (ours: ``NormedProjection`` wrapping the linear, hence
+``.proj``), biases with ``attention_bias``, ``mlp.gate`` the router, ``mlp.experts.N.{gate,up,down}_proj`` the
+experts of MoE layers or ``mlp.{gate,up,down}_proj`` the FFN of dense layers.
 """
-
-from typing import Optional
 
 import torch
 
-from torchtune_moe.models._hf import (
-    HFConfigReader,
-    HFFamily,
-    check_sliding_window,
-    convert_hf_to_tune,
-    convert_tune_to_hf,
-    hf_aux_loss_coeff,
-    hf_moe_layer_ids,
-)
+from torchtune_moe.models._convert_weights import HFKeyMap, hf_to_tune, tune_to_hf
+from torchtune_moe.models._hf_config import HFFamily
 from torchtune_moe.models.qwen3_moe._component_builders import qwen3_moe
+from torchtune_moe.models.qwen3_moe._hf_config import qwen3_moe_hf_config_to_kwargs
 
-__all__ = ["qwen3_moe_hf_config_to_kwargs", "qwen3_moe_hf_to_tune", "qwen3_moe_tune_to_hf", "HF_FAMILY"]
+__all__ = ["qwen3_moe_key_map", "qwen3_moe_hf_to_tune", "qwen3_moe_tune_to_hf", "HF_FAMILY"]
+
+_FROM_HF = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.scale",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.scale",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q_proj.proj.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attn.q_proj.proj.bias",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k_proj.proj.weight",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attn.k_proj.proj.bias",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.v_proj.bias",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.output_proj.weight",
+    "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attn.output_proj.bias",
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attn.q_proj.norm.scale",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attn.k_proj.norm.scale",
+    "model.layers.{}.mlp.gate.weight": "layers.{}.mlp.router.gate.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.w3.weight",
+}
+_EXPERTS = (
+    "model.layers.{}.mlp.experts.{}.gate_proj.weight",
+    "model.layers.{}.mlp.experts.{}.up_proj.weight",
+    "model.layers.{}.mlp.experts.{}.down_proj.weight",
+)
 
 
-def qwen3_moe_hf_config_to_kwargs(config: dict, max_seq_len: Optional[int] = None) -> dict:
-    """:func:`qwen3_moe` kwargs from a config.json (defaults as transformers' ``Qwen3MoeConfig``).
-
-    Raises:
-        ValueError: an option that cannot be reproduced (rope scaling, sliding window longer than
-            ``max_seq_len``, unknown keys, ...), naming it.
-    """
-    r = HFConfigReader(config, "qwen3_moe", aliases={"num_local_experts": "num_experts"})
-    num_layers = r.get_int("num_hidden_layers", 24)
-    num_heads = r.get_int("num_attention_heads", 32)
-    embed_dim = r.get_int("hidden_size", 2048)
-    experts_per_token = r.get_int("num_experts_per_tok", 8)
-    mlp_only_layers = r.raw("mlp_only_layers", [])
-    decoder_sparse_step = r.get_int("decoder_sparse_step", 1)
-    max_seq_len = max_seq_len or r.get_int("max_position_embeddings", 32768)
-    r.ignore("max_position_embeddings")
-    # transformers' Qwen3-MoE applies sliding_window (when use_sliding_window) to every layer; max_window_layers is
-    # not read by it.
-    window = r.get_int("sliding_window", 4096) if r.get_bool("use_sliding_window", False) else None
-    r.ignore("sliding_window", "max_window_layers")
-    check_sliding_window("qwen3_moe", window, max_seq_len)
-    kwargs = dict(
-        vocab_size=r.get_int("vocab_size", 151936),
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=r.get_int("num_key_value_heads", 4),
-        embed_dim=embed_dim,
-        head_dim=r.get_int("head_dim", embed_dim // num_heads),
-        intermediate_dim=r.get_int("intermediate_size", 6144),
-        moe_intermediate_dim=r.get_int("moe_intermediate_size", 768),
-        num_experts=r.get_int("num_experts", 128),
-        experts_per_token=experts_per_token,
-        max_seq_len=max_seq_len,
-        rope_base=r.rope_theta(default_theta=10_000.0),
-        norm_eps=r.get_float("rms_norm_eps", 1e-6),
-        norm_topk_prob=r.get_bool("norm_topk_prob", False),
-        mlp_only_layers=list(mlp_only_layers),
-        decoder_sparse_step=decoder_sparse_step,
-        attn_bias=r.get_bool("attention_bias", False),
-        attn_dropout=r.get_float("attention_dropout", 0.0),
-        tie_word_embeddings=r.get_bool("tie_word_embeddings", False),
-        activation=r.activation(),
-        pad_token_id=r.raw("pad_token_id"),
-        aux_loss_coeff=hf_aux_loss_coeff(
-            r.get_float("router_aux_loss_coef", 0.001),
-            experts_per_token,
-            len(hf_moe_layer_ids(num_layers, mlp_only_layers, decoder_sparse_step)),
-        ),
-    )
-    r.finish()
-    return kwargs
+def qwen3_moe_key_map(kwargs: dict) -> HFKeyMap:
+    """The Hub names of a :func:`qwen3_moe` built with ``kwargs``."""
+    return HFKeyMap(_FROM_HF, _EXPERTS, tied=kwargs.get("tie_word_embeddings", False))
 
 
 def qwen3_moe_hf_to_tune(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """Hub state dict (per-expert keys) -> torchtune_moe state dict (stacked experts)."""
-    return convert_hf_to_tune(state_dict, config)
+    return hf_to_tune(state_dict, qwen3_moe_key_map(qwen3_moe_hf_config_to_kwargs(config)))
 
 
 def qwen3_moe_tune_to_hf(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """torchtune_moe state dict -> Hub state dict (per-expert keys as published)."""
-    return convert_tune_to_hf(state_dict, config)
+    return tune_to_hf(state_dict, qwen3_moe_key_map(qwen3_moe_hf_config_to_kwargs(config)))
 
 
 HF_FAMILY = HFFamily(
@@ -91,4 +62,5 @@ HF_FAMILY = HFFamily(
     architectures=("Qwen3MoeForCausalLM",),
     builder=qwen3_moe,
     config_to_kwargs=qwen3_moe_hf_config_to_kwargs,
+    key_map=qwen3_moe_key_map,
 )

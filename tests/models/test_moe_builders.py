@@ -366,3 +366,35 @@ def test_forward_misuse_is_a_value_error(tokens, message):
     model = small()
     with pytest.raises(ValueError, match=message):
         model(tokens)
+
+
+@pytest.mark.parametrize("overrides", [["model.router=causal_expert_choice", "~model.aux_loss_coeff"],
+                                       ["model.router=expert_choice"],
+                                       ["model.router=causal_expert_choice", "model.max_experts_per_token=4"]])
+@pytest.mark.parametrize("config_name", ["tiny/full", "small/full"])
+def test_switching_the_router_is_one_override_of_a_packaged_config(config_name, overrides):
+    """docs/quickstart.md's ``tune run moe_full_finetune --config tiny/full model.router=... ~model.aux_loss_coeff``:
+    the config (with the overrides applied as the CLI applies them) validates and builds the chosen router."""
+    import importlib.util
+    import pathlib
+
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    cfg = OmegaConf.load(root / "torchtune_moe" / "configs" / f"{config_name}.yaml")
+    for override in overrides:
+        if override.startswith("~"):
+            OmegaConf.update(cfg, override[1:], None)
+            del cfg.model[override[1:].split(".", 1)[1]]
+        else:
+            key, value = override.split("=", 1)
+            OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v if not value.isdigit() else int(value))
+    spec = importlib.util.spec_from_file_location("moe_full_finetune_router_test", root / "recipes" / "moe_full_finetune.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    recipe.validate(cfg)
+    with torch.device("meta"):
+        model = tt_config.instantiate(cfg.model)
+    cls = {"expert_choice": ExpertChoiceTopKRouter, "causal_expert_choice": ExpertThresholdRouter}[cfg.model.router]
+    assert all(isinstance(layer.router, cls) for _, layer in moe_layers(model))

@@ -251,12 +251,14 @@ def test_packaged_family_configs_validate(name):
     assert cfg.checkpointer._component_ == "torchtune_moe.training.HFMoECheckpointer"
     assert str(cfg.tokenizer.path).startswith(str(cfg.checkpointer.checkpoint_dir))
     coef, top_k, layers = HF_CONFIGS[name]
-    assert cfg.model.aux_loss_coeff == pytest.approx(coef * top_k / layers)
+    assert "aux_loss_coeff" not in cfg.model  # the builder's default: a config names only what the user changes
+    assert "output_dir" not in cfg.checkpointer
     from torchtune import config as tt_config
 
     with torch.device("meta"):
         model = tt_config.instantiate(cfg.model)
     assert len(list(moe_layers(model))) == layers
+    assert [layer.aux_loss_coeff for _, layer in moe_layers(model)] == pytest.approx([coef * top_k / layers] * layers)
 
 
 def test_recipe_fine_tunes_a_hub_checkpoint_into_a_hub_directory(tmp_path):

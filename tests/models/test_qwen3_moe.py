@@ -145,3 +145,34 @@ def test_tokenizer_round_trip(tmp_path):
     assert tokens[0] == files["special"]["<|im_start|>"] and tokens[-1] == files["special"]["<|im_end|>"]
     assert mask[0] and not mask[-2]
     assert tok.decode(tokens) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nworld<|im_end|>"
+
+
+def test_pooled_aux_loss_matches_transformers_with_several_moe_layers(tmp_path):
+    """``aux_loss_pooled=True`` reproduces transformers' ``load_balancing_loss_func`` (pooled over layers) on a
+    model with 4 MoE layers and sharpened routers; the default per-layer loss differs there by design
+    (docs/routers_and_losses.md)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    from torchtune_moe.modules import collect_aux_loss
+
+    hf, path = save_tiny_hf(
+        transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, tmp_path,
+        **{**BASE, "num_hidden_layers": 4, "router_aux_loss_coef": 0.3, "norm_topk_prob": True},
+    )
+    with torch.no_grad():  # sharpen the routers: opposite imbalances in different layers
+        for layer in hf.model.layers:
+            layer.mlp.gate.weight.mul_(8.0)
+    hf.save_pretrained(path)
+    torch.manual_seed(2)
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 16))
+    out = hf.train()(tokens, output_router_logits=True)
+    expected = 0.3 * load_balancing_loss_func(out.router_logits, 8, 2)
+    torch.testing.assert_close(0.3 * out.aux_loss, expected)
+    pooled = from_hf_pretrained(path, aux_loss_pooled=True).train()
+    pooled(tokens)
+    torch.testing.assert_close(collect_aux_loss(pooled), expected)
+    per_layer = from_hf_pretrained(path).train()
+    per_layer(tokens)
+    assert abs(collect_aux_loss(per_layer).item() / expected.item() - 1) > 0.02  # pooling cancels imbalances
+    collect_aux_loss(pooled).backward()  # the pooled form backpropagates into every router
+    assert all(layer.mlp.router.gate.weight.grad is not None for layer in pooled.layers)

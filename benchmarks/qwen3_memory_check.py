@@ -32,12 +32,12 @@ from torchtune_moe.models.qwen3_moe import qwen3_moe
 from torchtune_moe.modules import Router, collect_aux_loss, update_routers
 
 QWEN3_30B_A3B = dict(
-    vocab_size=151936, num_heads=32, num_kv_heads=4, embed_dim=2048, head_dim=128, intermediate_dim=6144,
-    moe_intermediate_dim=768, num_experts=128, experts_per_token=8, rope_base=1e6, norm_eps=1e-6,
+    vocab_size=151936, num_heads=32, num_kv_heads=4, embed_dim=2048, head_dim=128, dense_hidden_dim=6144,
+    moe_hidden_dim=768, num_experts=128, experts_per_token=8, rope_base=1e6, norm_eps=1e-6,
     norm_topk_prob=True, aux_loss_coeff=0.001 * 8 / 48,
 )
 TINY = dict(QWEN3_30B_A3B, vocab_size=512, num_heads=4, num_kv_heads=2, embed_dim=64, head_dim=16,
-            intermediate_dim=128, moe_intermediate_dim=32, num_experts=8, experts_per_token=2)
+            dense_hidden_dim=128, moe_hidden_dim=32, num_experts=8, experts_per_token=2)
 FULL_DEPTH = 48
 GIB = 1024**3
 

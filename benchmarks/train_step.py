@@ -59,7 +59,7 @@ CONFIGS = {
 
 
 def build_ours(config: dict):
-    from torchtune_moe.models._hf import build_from_hf_config
+    from torchtune_moe.models import build_from_hf_config
 
     return build_from_hf_config(config, device=DEV, dtype=torch.bfloat16, max_seq_len=SEQ).train()
 

@@ -118,3 +118,31 @@ def test_tokenizer_round_trip(tmp_path):
     tokens, mask = tok.tokenize_messages([Message(role="user", content="hi", masked=True), Message(role="assistant", content="yo")])
     assert tok.decode(tokens) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>"
     assert mask[:3] == [True] * 3 and mask[-1] is False
+
+
+TINY_QWEN2 = dict(
+    vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, num_experts=4, experts_per_token=2,
+    max_seq_len=16, mlp_only_layers=[0],
+)
+
+
+def test_old_hidden_size_names_still_build_with_a_warning():
+    from torchtune_moe.models.qwen2_moe import qwen2_moe
+
+    new = qwen2_moe(**TINY_QWEN2, dense_hidden_dim=48, moe_hidden_dim=16, shared_expert_hidden_dim=24)
+    with pytest.warns(FutureWarning, match="'shared_expert_intermediate_dim' is deprecated, use 'shared_expert_hidden_dim'"):
+        old = qwen2_moe(**TINY_QWEN2, intermediate_dim=48, moe_intermediate_dim=16, shared_expert_intermediate_dim=24)
+    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
+
+
+def test_family_model_refuses_forward_misuse():
+    from torchtune_moe.models.qwen2_moe import qwen2_moe
+
+    model = qwen2_moe(**TINY_QWEN2, dense_hidden_dim=48, moe_hidden_dim=16, shared_expert_hidden_dim=24)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\).*from 0 to 64"):
+        model(torch.tensor([[0, 64]]))
+    with pytest.raises(ValueError, match=r"shape \[3\]"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"empty: shape \[1, 0\]"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    assert model(torch.tensor([[0, 63]])).shape == (1, 2, 64)

@@ -81,7 +81,7 @@ def test_sequence_balance_differs_from_batch_balance():
 
 
 def small_layer(**kwargs):
-    args = dict(dim=16, hidden_dim=16, num_experts=4, experts_per_token=2)
+    args = dict(dim=16, moe_hidden_dim=16, num_experts=4, experts_per_token=2)
     args.update(kwargs)
     return moe_layer(**args)
 
@@ -178,3 +178,28 @@ def test_collect_aux_loss_is_zero_in_eval_and_without_grad():
 
 def test_collect_aux_loss_without_moe_layers():
     assert collect_aux_loss(torch.nn.Linear(2, 2)).item() == 0.0
+
+
+def test_pooled_load_balancing_equals_transformers_load_balancing_loss_func():
+    """``aux_loss_pooled=True``: collect_aux_loss is transformers' pooled loss (its value is K at uniform routing,
+    ours 1 per layer), times the summed coefficients: ``coeff * L / K * load_balancing_loss_func(...)``."""
+    transformers_moe = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    from torchtune_moe.models import moe
+    from torchtune_moe.modules import collect_aux_loss, moe_layers
+
+    torch.manual_seed(0)
+    E, K, L, coeff = 8, 2, 3, 0.05
+    model = moe(vocab_size=64, num_layers=L, num_heads=2, num_kv_heads=2, embed_dim=32, max_seq_len=16,
+                num_experts=E, experts_per_token=K, moe_hidden_dim=16, aux_loss_coeff=coeff, aux_loss_pooled=True)
+    with torch.no_grad():
+        for _, layer in moe_layers(model):
+            layer.router.gate.weight.mul_(20.0)  # sharp routers: imbalanced, differently per layer
+    model.train()(torch.randint(0, 64, (2, 12)))
+    logits = tuple(layer.last_routing.logits_TE for _, layer in moe_layers(model))
+    expected = coeff * L / K * transformers_moe.load_balancing_loss_func(logits, E, K)
+    pooled = collect_aux_loss(model)
+    torch.testing.assert_close(pooled, expected.float())
+    per_layer = sum(coeff * layer.aux_losses["load_balancing"] for _, layer in moe_layers(model))
+    assert abs(per_layer.item() / pooled.item() - 1) > 0.01  # a different loss, not a rounding difference
+    pooled.backward()
+    assert all(layer.router.gate.weight.grad.abs().sum() > 0 for _, layer in moe_layers(model))

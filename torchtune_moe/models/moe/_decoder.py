@@ -47,6 +47,8 @@ class MoETransformerDecoder(TransformerDecoder):
             raise ValueError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
         if tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise ValueError(f"tokens is empty: shape {list(tokens.shape)} (batch and seq_len must be >= 1)")
+        if tokens.is_meta or torch.compiler.is_compiling():
+            return  # no values to read (meta / fake tensors while tracing)
         if tokens.device.type == "cpu" or self.check_token_ids or not getattr(self, "_ids_checked", False):
             vocab_size = self.tok_embeddings.num_embeddings
             low, high = int(tokens.min()), int(tokens.max())

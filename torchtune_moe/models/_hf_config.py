@@ -8,7 +8,10 @@ about a family. Nothing here reads files (``torchtune_moe.training`` does) or im
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
 from torchtune.modules import TransformerDecoder
+
+from torchtune_moe.models._convert_weights import HFKeyMap, hf_to_tune, tune_to_hf
 
 __all__ = ["HFConfigReader", "HFFamily", "TRAINING_OPTIONS", "apply_training_options"]
 
@@ -139,7 +142,7 @@ class HFConfigReader:
 
 @dataclass(frozen=True)
 class HFFamily:
-    """A Hub model family this package reproduces.
+    """A Hub model family this package reproduces: what the loaders and converters need to know about it.
 
     Attributes:
         model_type (str): config.json ``model_type``.
@@ -147,15 +150,36 @@ class HFFamily:
         builder (Callable): component builder taking the kwargs of ``config_to_kwargs``.
         config_to_kwargs (Callable): ``(config: dict, max_seq_len: Optional[int]) -> dict`` builder kwargs;
             raises ValueError for anything it cannot reproduce exactly.
-        key_map (Callable): ``(builder kwargs) -> HFKeyMap``, the family's Hub key names
-            (:mod:`torchtune_moe.models._convert_weights`).
+        from_hf (dict[str, str]): the explicit key map, Hub key -> ours (``{}``: layer index), of the family's
+            ``_convert_weights.py``.
+        experts (tuple[str, str, str]): Hub keys of expert ``e``'s gate, up and down projections in layer ``i``
+            (``str.format(i, e)`` templates).
+        from_hf_for (Optional[Callable]): ``(builder kwargs) -> from_hf`` where an option changes our names
+            (OLMoE's ``clip_qkv``); None: ``from_hf`` always.
     """
 
     model_type: str
     architectures: tuple[str, ...]
     builder: Callable[..., TransformerDecoder]
     config_to_kwargs: Callable[..., dict]
-    key_map: Callable[[dict], Any]
+    from_hf: dict[str, str]
+    experts: tuple[str, str, str]
+    from_hf_for: Optional[Callable[[dict], dict[str, str]]] = None
+
+    def key_map(self, kwargs: dict) -> HFKeyMap:
+        """The Hub names of the model ``builder(**kwargs)`` builds."""
+        from_hf = self.from_hf_for(kwargs) if self.from_hf_for is not None else self.from_hf
+        return HFKeyMap(from_hf, self.experts, tied=kwargs.get("tie_word_embeddings", False))
+
+    def hf_to_tune(self, state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+        """Hub state dict (per-expert keys) -> torchtune_moe state dict (stacked experts), for the model
+        ``config`` (config.json) describes."""
+        return hf_to_tune(state_dict, self.key_map(self.config_to_kwargs(config)))
+
+    def tune_to_hf(self, state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+        """torchtune_moe state dict -> Hub state dict (per-expert keys as published; views, router extra state
+        left out), for the model ``config`` (config.json) describes."""
+        return tune_to_hf(state_dict, self.key_map(self.config_to_kwargs(config)))
 
 
 # Builder kwargs a caller may set on top of config.json: training-only options that leave the weights' names

@@ -4,14 +4,11 @@ Per layer i: attention without biases, ``block_sparse_moe.gate`` the router, ``b
 (gate), ``.w3`` (up), ``.w2`` (down) the experts; every layer is MoE.
 """
 
-import torch
-
-from torchtune_moe.models._convert_weights import HFKeyMap, hf_to_tune, tune_to_hf
 from torchtune_moe.models._hf_config import HFFamily
 from torchtune_moe.models.mixtral._component_builders import mixtral
 from torchtune_moe.models.mixtral._hf_config import mixtral_hf_config_to_kwargs
 
-__all__ = ["mixtral_key_map", "mixtral_hf_to_tune", "mixtral_tune_to_hf", "HF_FAMILY"]
+__all__ = ["mixtral_hf_to_tune", "mixtral_tune_to_hf", "HF_FAMILY"]
 
 _FROM_HF = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -32,25 +29,15 @@ _EXPERTS = (
 )
 
 
-def mixtral_key_map(kwargs: dict) -> HFKeyMap:
-    """The Hub names of a :func:`mixtral` built with ``kwargs``."""
-    return HFKeyMap(_FROM_HF, _EXPERTS, tied=kwargs.get("tie_word_embeddings", False))
-
-
-def mixtral_hf_to_tune(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """Hub state dict (per-expert keys) -> torchtune_moe state dict (stacked experts)."""
-    return hf_to_tune(state_dict, mixtral_key_map(mixtral_hf_config_to_kwargs(config)))
-
-
-def mixtral_tune_to_hf(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """torchtune_moe state dict -> Hub state dict (``block_sparse_moe.experts.N.w1/w2/w3`` as published)."""
-    return tune_to_hf(state_dict, mixtral_key_map(mixtral_hf_config_to_kwargs(config)))
-
-
 HF_FAMILY = HFFamily(
     model_type="mixtral",
     architectures=("MixtralForCausalLM",),
     builder=mixtral,
     config_to_kwargs=mixtral_hf_config_to_kwargs,
-    key_map=mixtral_key_map,
+    from_hf=_FROM_HF,
+    experts=_EXPERTS,
 )
+
+#: Hub state dict -> ours, and back (``(state_dict, config) -> state_dict``; see :class:`HFFamily`).
+mixtral_hf_to_tune = HF_FAMILY.hf_to_tune
+mixtral_tune_to_hf = HF_FAMILY.tune_to_hf

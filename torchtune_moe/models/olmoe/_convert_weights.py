@@ -5,14 +5,11 @@ Per layer i: q and k RMSNorm over the whole projection (ours: ``NormedProjection
 router, ``mlp.experts.N.{gate,up,down}_proj`` the experts; every layer is MoE.
 """
 
-import torch
-
-from torchtune_moe.models._convert_weights import HFKeyMap, hf_to_tune, tune_to_hf
 from torchtune_moe.models._hf_config import HFFamily
 from torchtune_moe.models.olmoe._component_builders import olmoe
 from torchtune_moe.models.olmoe._hf_config import olmoe_hf_config_to_kwargs
 
-__all__ = ["olmoe_key_map", "olmoe_hf_to_tune", "olmoe_tune_to_hf", "HF_FAMILY"]
+__all__ = ["olmoe_hf_to_tune", "olmoe_tune_to_hf", "HF_FAMILY"]
 
 _FROM_HF = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -45,20 +42,8 @@ _EXPERTS = (
 )
 
 
-def olmoe_key_map(kwargs: dict) -> HFKeyMap:
-    """The Hub names of an :func:`olmoe` built with ``kwargs``."""
-    from_hf = _FROM_HF_CLIPPED if kwargs.get("clip_qkv") is not None else _FROM_HF
-    return HFKeyMap(from_hf, _EXPERTS, tied=kwargs.get("tie_word_embeddings", False))
-
-
-def olmoe_hf_to_tune(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """Hub state dict (per-expert keys) -> torchtune_moe state dict (stacked experts)."""
-    return hf_to_tune(state_dict, olmoe_key_map(olmoe_hf_config_to_kwargs(config)))
-
-
-def olmoe_tune_to_hf(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """torchtune_moe state dict -> Hub state dict (per-expert keys as published)."""
-    return tune_to_hf(state_dict, olmoe_key_map(olmoe_hf_config_to_kwargs(config)))
+def _from_hf_for(kwargs: dict) -> dict[str, str]:
+    return _FROM_HF_CLIPPED if kwargs.get("clip_qkv") is not None else _FROM_HF
 
 
 HF_FAMILY = HFFamily(
@@ -66,5 +51,11 @@ HF_FAMILY = HFFamily(
     architectures=("OlmoeForCausalLM",),
     builder=olmoe,
     config_to_kwargs=olmoe_hf_config_to_kwargs,
-    key_map=olmoe_key_map,
+    from_hf=_FROM_HF,
+    experts=_EXPERTS,
+    from_hf_for=_from_hf_for,
 )
+
+#: Hub state dict -> ours, and back (``(state_dict, config) -> state_dict``; see :class:`HFFamily`).
+olmoe_hf_to_tune = HF_FAMILY.hf_to_tune
+olmoe_tune_to_hf = HF_FAMILY.tune_to_hf

@@ -1,7 +1,7 @@
 """Qwen2-MoE: Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B."""
 
 from torchtune_moe.models.qwen2_moe._component_builders import qwen2_moe
-from torchtune_moe.models.qwen2_moe._convert_weights import qwen2_moe_hf_to_tune, qwen2_moe_key_map, qwen2_moe_tune_to_hf
+from torchtune_moe.models.qwen2_moe._convert_weights import qwen2_moe_hf_to_tune, qwen2_moe_tune_to_hf
 from torchtune_moe.models.qwen2_moe._hf_config import qwen2_moe_hf_config_to_kwargs
 from torchtune_moe.models.qwen2_moe._model_builders import (
     QWEN1_5_MOE_A2_7B,
@@ -19,7 +19,6 @@ __all__ = [
     "qwen2_moe_hf_config_to_kwargs",
     "qwen2_moe_hf_to_tune",
     "qwen2_moe_tune_to_hf",
-    "qwen2_moe_key_map",
     "QWEN1_5_MOE_A2_7B",
     "QWEN2_MOE_57B_A14B",
 ]

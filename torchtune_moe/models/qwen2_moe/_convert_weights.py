@@ -5,14 +5,11 @@ routed experts, ``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_exper
 expert (MoE layers) or ``mlp.{gate,up,down}_proj`` (dense layers).
 """
 
-import torch
-
-from torchtune_moe.models._convert_weights import HFKeyMap, hf_to_tune, tune_to_hf
 from torchtune_moe.models._hf_config import HFFamily
 from torchtune_moe.models.qwen2_moe._component_builders import qwen2_moe
 from torchtune_moe.models.qwen2_moe._hf_config import qwen2_moe_hf_config_to_kwargs
 
-__all__ = ["qwen2_moe_key_map", "qwen2_moe_hf_to_tune", "qwen2_moe_tune_to_hf", "HF_FAMILY"]
+__all__ = ["qwen2_moe_hf_to_tune", "qwen2_moe_tune_to_hf", "HF_FAMILY"]
 
 _FROM_HF = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -43,25 +40,15 @@ _EXPERTS = (
 )
 
 
-def qwen2_moe_key_map(kwargs: dict) -> HFKeyMap:
-    """The Hub names of a :func:`qwen2_moe` built with ``kwargs``."""
-    return HFKeyMap(_FROM_HF, _EXPERTS, tied=kwargs.get("tie_word_embeddings", False))
-
-
-def qwen2_moe_hf_to_tune(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """Hub state dict (per-expert keys) -> torchtune_moe state dict (stacked experts)."""
-    return hf_to_tune(state_dict, qwen2_moe_key_map(qwen2_moe_hf_config_to_kwargs(config)))
-
-
-def qwen2_moe_tune_to_hf(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """torchtune_moe state dict -> Hub state dict (per-expert keys as published)."""
-    return tune_to_hf(state_dict, qwen2_moe_key_map(qwen2_moe_hf_config_to_kwargs(config)))
-
-
 HF_FAMILY = HFFamily(
     model_type="qwen2_moe",
     architectures=("Qwen2MoeForCausalLM",),
     builder=qwen2_moe,
     config_to_kwargs=qwen2_moe_hf_config_to_kwargs,
-    key_map=qwen2_moe_key_map,
+    from_hf=_FROM_HF,
+    experts=_EXPERTS,
 )
+
+#: Hub state dict -> ours, and back (``(state_dict, config) -> state_dict``; see :class:`HFFamily`).
+qwen2_moe_hf_to_tune = HF_FAMILY.hf_to_tune
+qwen2_moe_tune_to_hf = HF_FAMILY.tune_to_hf

@@ -5,14 +5,11 @@ Per layer i: attention with a per-head q/k RMSNorm (ours: ``NormedProjection`` w
 experts of MoE layers or ``mlp.{gate,up,down}_proj`` the FFN of dense layers.
 """
 
-import torch
-
-from torchtune_moe.models._convert_weights import HFKeyMap, hf_to_tune, tune_to_hf
 from torchtune_moe.models._hf_config import HFFamily
 from torchtune_moe.models.qwen3_moe._component_builders import qwen3_moe
 from torchtune_moe.models.qwen3_moe._hf_config import qwen3_moe_hf_config_to_kwargs
 
-__all__ = ["qwen3_moe_key_map", "qwen3_moe_hf_to_tune", "qwen3_moe_tune_to_hf", "HF_FAMILY"]
+__all__ = ["qwen3_moe_hf_to_tune", "qwen3_moe_tune_to_hf", "HF_FAMILY"]
 
 _FROM_HF = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -42,25 +39,15 @@ _EXPERTS = (
 )
 
 
-def qwen3_moe_key_map(kwargs: dict) -> HFKeyMap:
-    """The Hub names of a :func:`qwen3_moe` built with ``kwargs``."""
-    return HFKeyMap(_FROM_HF, _EXPERTS, tied=kwargs.get("tie_word_embeddings", False))
-
-
-def qwen3_moe_hf_to_tune(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """Hub state dict (per-expert keys) -> torchtune_moe state dict (stacked experts)."""
-    return hf_to_tune(state_dict, qwen3_moe_key_map(qwen3_moe_hf_config_to_kwargs(config)))
-
-
-def qwen3_moe_tune_to_hf(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """torchtune_moe state dict -> Hub state dict (per-expert keys as published)."""
-    return tune_to_hf(state_dict, qwen3_moe_key_map(qwen3_moe_hf_config_to_kwargs(config)))
-
-
 HF_FAMILY = HFFamily(
     model_type="qwen3_moe",
     architectures=("Qwen3MoeForCausalLM",),
     builder=qwen3_moe,
     config_to_kwargs=qwen3_moe_hf_config_to_kwargs,
-    key_map=qwen3_moe_key_map,
+    from_hf=_FROM_HF,
+    experts=_EXPERTS,
 )
+
+#: Hub state dict -> ours, and back (``(state_dict, config) -> state_dict``; see :class:`HFFamily`).
+qwen3_moe_hf_to_tune = HF_FAMILY.hf_to_tune
+qwen3_moe_tune_to_hf = HF_FAMILY.tune_to_hf

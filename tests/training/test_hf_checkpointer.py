@@ -350,3 +350,12 @@ def test_fused_expert_format_is_refused_with_a_hint(hf_dir, tmp_path):
     hf.save_pretrained(tmp_path / "fused", save_original_format=False)
     with pytest.raises(ValueError, match="save_original_format=False"):
         from_hf_pretrained(tmp_path / "fused")
+
+
+def test_from_hf_pretrained_old_import_path_still_works(hf_dir):
+    import torchtune_moe.models as models
+    from torchtune_moe.training import from_hf_pretrained as new
+
+    with pytest.warns(FutureWarning, match="moved to torchtune_moe.training.from_hf_pretrained"):
+        old = models.from_hf_pretrained
+    assert old is new

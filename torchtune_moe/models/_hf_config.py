@@ -126,6 +126,45 @@ class HFConfigReader:
             self.refuse("rope_theta", "must be a number > 0")
         return float(theta)
 
+    def decoder(self, defaults: dict[str, Any], max_seq_len: Optional[int] = None) -> dict:
+        """The builder kwargs every family reads the same way, with the family's transformers defaults.
+
+        Args:
+            defaults (dict): config.json key -> transformers' default for ``vocab_size``, ``num_hidden_layers``,
+                ``num_attention_heads``, ``num_key_value_heads`` (None: ``num_attention_heads``), ``hidden_size``,
+                ``num_experts`` (the family's canonical experts key), ``num_experts_per_tok``,
+                ``max_position_embeddings``, ``rope_theta``, ``rms_norm_eps``.
+            max_seq_len (Optional[int]): overrides ``max_position_embeddings``.
+
+        Returns:
+            dict: ``vocab_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``embed_dim``, ``head_dim``,
+            ``num_experts``, ``experts_per_token``, ``max_seq_len``, ``rope_base``, ``norm_eps``,
+            ``attn_dropout``, ``tie_word_embeddings``, ``activation``, ``pad_token_id``.
+        """
+        num_heads = self.get_int("num_attention_heads", defaults["num_attention_heads"])
+        embed_dim = self.get_int("hidden_size", defaults["hidden_size"])
+        experts_key = "num_local_experts" if "num_local_experts" in defaults else "num_experts"
+        kv_default = defaults["num_key_value_heads"]
+        kwargs = dict(
+            vocab_size=self.get_int("vocab_size", defaults["vocab_size"]),
+            num_layers=self.get_int("num_hidden_layers", defaults["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=self.get_int("num_key_value_heads", num_heads if kv_default is None else kv_default),
+            embed_dim=embed_dim,
+            head_dim=self.get_int("head_dim", embed_dim // num_heads),
+            num_experts=self.get_int(experts_key, defaults[experts_key]),
+            experts_per_token=self.get_int("num_experts_per_tok", defaults["num_experts_per_tok"]),
+            max_seq_len=max_seq_len or self.get_int("max_position_embeddings", defaults["max_position_embeddings"]),
+            rope_base=self.rope_theta(default_theta=defaults["rope_theta"]),
+            norm_eps=self.get_float("rms_norm_eps", defaults["rms_norm_eps"]),
+            attn_dropout=self.get_float("attention_dropout", 0.0),
+            tie_word_embeddings=self.get_bool("tie_word_embeddings", False),
+            activation=self.activation(),
+            pad_token_id=self.raw("pad_token_id", defaults.get("pad_token_id")),
+        )
+        self.ignore("max_position_embeddings")
+        return kwargs
+
     def finish(self) -> None:
         """Raises ValueError for config.json keys nobody read."""
         if self.config.get("quantization_config") is not None:

@@ -9,9 +9,6 @@ from typing import Callable, Iterable, Optional, Union
 
 from torchtune.data import PromptTemplateInterface
 from torchtune.modules import TransformerDecoder
-from torchtune.utils import get_logger
-
-log = get_logger("INFO")
 
 __all__ = [
     "hf_moe_layer_ids",

@@ -359,3 +359,22 @@ def test_from_hf_pretrained_old_import_path_still_works(hf_dir):
     with pytest.warns(FutureWarning, match="moved to torchtune_moe.training.from_hf_pretrained"):
         old = models.from_hf_pretrained
     assert old is new
+
+
+def test_truncated_safetensors_file_is_named(hf_dir):
+    _, path = hf_dir
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for load in (lambda: from_hf_pretrained(path), lambda: HFMoECheckpointer(str(path)).load_checkpoint()):
+        with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
+            load()
+
+
+def test_expert_down_projection_of_another_shape_is_refused(hf_dir):
+    _, path = hf_dir
+    _edit_weights(path, lambda t: t.update({"model.layers.1.mlp.experts.2.down_proj.weight": torch.zeros(32, 8)}))
+    with pytest.raises(ValueError, match=r"unexpected \(12\): model.layers.1.mlp.experts.0.down_proj.weight"):
+        HFMoECheckpointer(str(path)).load_checkpoint()  # uneven shapes: the layer's experts cannot be stacked
+    _edit_weights(path, lambda t: t.update({f"model.layers.1.mlp.experts.{e}.down_proj.weight": torch.zeros(32, 8) for e in range(4)}))
+    with pytest.raises(ValueError, match=r"unexpected \(4\): model.layers.1.mlp.experts.0.down_proj.weight"):
+        HFMoECheckpointer(str(path)).load_checkpoint()  # even, but down [D, H'] does not fit gate/up [H, D]

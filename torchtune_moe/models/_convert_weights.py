@@ -28,6 +28,7 @@ __all__ = [
     "check_hf_tensors",
     "check_tune_state_dict",
     "is_extra_state_key",
+    "router_state_of_moe_layer",
     "hf_to_tune",
     "tune_to_hf",
 ]
@@ -170,7 +171,10 @@ def hf_layout(hf_shapes: dict[str, tuple], key_map: HFKeyMap) -> tuple[HFLayout,
         if len(experts) != E or len(gate_shapes) != 1 or len(down_shapes) != 1 or None in gate_shapes | down_shapes:
             bad += [key_map.experts[w].format(layer, e) for e in experts for w in experts[e]]
             continue
-        (H, D), (_, _) = gate_shapes.pop(), down_shapes.pop()
+        (H, D), down_shape = gate_shapes.pop(), down_shapes.pop()
+        if down_shape != (D, H):
+            bad += [key_map.experts[2].format(layer, e) for e in experts]
+            continue
         for name, shape in (("gate_up_proj", (E, 2 * H, D)), ("down_proj", (E, D, H))):
             key = f"layers.{layer}.mlp.experts.{name}"
             shapes[key] = shape

@@ -39,7 +39,7 @@ def mixtral_8x7b(*, max_seq_len: Optional[int] = None, **options) -> Transformer
         max_seq_len (Optional[int]): RoPE cache length; default config.json max_position_embeddings (32768).
         **options: training options (``aux_loss_coeff``, ``z_loss_coeff``, ``router``, ...). The default
             ``aux_loss_coeff`` reproduces the published ``router_aux_loss_coef`` 0.02
-            (``0.02 * top_k 2 / 32 MoE layers``).
+            (``0.02 * experts_per_token 2 / 32 MoE layers``).
     """
     return mixtral(**published_kwargs(mixtral_hf_config_to_kwargs, MIXTRAL_8X7B, max_seq_len, options))
 

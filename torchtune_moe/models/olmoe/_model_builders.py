@@ -34,7 +34,7 @@ def olmoe_1b_7b(*, max_seq_len: Optional[int] = None, **options) -> TransformerD
         max_seq_len (Optional[int]): RoPE cache length; default config.json max_position_embeddings (4096).
         **options: training options (``aux_loss_coeff``, ``z_loss_coeff``, ``router``, ...). The default
             ``aux_loss_coeff`` reproduces the published ``router_aux_loss_coef`` 0.01
-            (``0.01 * top_k 8 / 16 MoE layers``). OLMoE was pretrained with a router z-loss of 0.001, which
+            (``0.01 * experts_per_token 8 / 16 MoE layers``). OLMoE was pretrained with a router z-loss of 0.001, which
             transformers does not apply: ``z_loss_coeff=0.001`` adds it.
     """
     return olmoe(**published_kwargs(olmoe_hf_config_to_kwargs, OLMOE_1B_7B, max_seq_len, options))

@@ -41,7 +41,7 @@ def qwen1_5_moe_a2_7b(*, max_seq_len: Optional[int] = None, **options) -> Transf
         max_seq_len (Optional[int]): RoPE cache length; default config.json max_position_embeddings (32768).
         **options: training options (``aux_loss_coeff``, ``z_loss_coeff``, ``router``, ...). The default
             ``aux_loss_coeff`` reproduces the published ``router_aux_loss_coef`` 0.001
-            (``0.001 * top_k 4 / 24 MoE layers``).
+            (``0.001 * experts_per_token 4 / 24 MoE layers``).
     """
     return qwen2_moe(**published_kwargs(qwen2_moe_hf_config_to_kwargs, QWEN1_5_MOE_A2_7B, max_seq_len, options))
 

@@ -40,7 +40,7 @@ def qwen3_moe_30b_a3b(*, max_seq_len: Optional[int] = None, **options) -> Transf
         max_seq_len (Optional[int]): RoPE cache length; default config.json max_position_embeddings (40960).
         **options: training options (``aux_loss_coeff``, ``z_loss_coeff``, ``router``, ...: see
             ``TRAINING_OPTIONS`` in :mod:`torchtune_moe.models._hf_config`). The default ``aux_loss_coeff``
-            reproduces the published ``router_aux_loss_coef`` 0.001 (``0.001 * top_k 8 / 48 MoE layers``).
+            reproduces the published ``router_aux_loss_coef`` 0.001 (``0.001 * experts_per_token 8 / 48 MoE layers``).
     """
     return qwen3_moe(**published_kwargs(qwen3_moe_hf_config_to_kwargs, QWEN3_MOE_30B_A3B, max_seq_len, options))
 

@@ -17,9 +17,12 @@ __all__ = ["MoE", "collect_aux_loss", "update_routers", "moe_layers", "dispatch_
 def dispatch_combine(x_TD: torch.Tensor, routing: RouterOutput, experts: MoELinear) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs the routed experts: sort assignments by expert, grouped GEMMs, weighted sum back per token.
 
-    No host-device sync: expert counts come from a scatter-add, offsets from a cumsum. The experts run as
-    one fused autograd node (:meth:`MoELinear.routed`); token-choice routing (``routing.experts_TK`` set,
-    A = T*K token-major) combines by a gather-sum, other routers by index_add.
+    No host-device sync: expert counts come from a scatter-add, offsets from a cumsum, so every buffer has a
+    size known from the shapes alone (for causal expert choice: its T*K_max slots, the dropped ones sorted
+    last and skipped by every kernel). The experts run as one fused autograd node (:meth:`MoELinear.routed`).
+    Routers with token-major slots (``routing.slots_per_token``: token choice, causal expert choice) combine
+    by a gather-sum over each token's slots, any other layout (expert choice) by a sum over each token's rows
+    grouped with a second sort.
 
     Args:
         x_TD (torch.Tensor): [T, D] tokens.
@@ -40,12 +43,12 @@ def dispatch_combine(x_TD: torch.Tensor, routing: RouterOutput, experts: MoELine
     order_A = torch.argsort(expert_ids_A, stable=True)
     rows_A = routing.token_ids_A[order_A]
     weights_A = routing.weights_A[order_A]
-    combine_TK = None
-    if routing.experts_TK is not None:
-        # Token-major, K rows per token: position of assignment (t, k) in the sorted order.
+    combine_TS = None
+    if routing.slots_per_token is not None:
+        # Token-major, S slots per token: position of slot (t, s) in the sorted order (dropped: >= offsets_E[-1]).
         arange_A = torch.arange(A, device=x_TD.device)
-        combine_TK = torch.empty_like(order_A).scatter_(0, order_A, arange_A).view(routing.experts_TK.shape)
-    out_TD = experts.routed(x_TD, rows_A, weights_A, offsets_E, combine_TK, may_drop=routing.may_drop)
+        combine_TS = torch.empty_like(order_A).scatter_(0, order_A, arange_A).view(-1, routing.slots_per_token)
+    out_TD = experts.routed(x_TD, rows_A, weights_A, offsets_E, combine_TS, may_drop=routing.may_drop)
     return out_TD, counts_E
 
 

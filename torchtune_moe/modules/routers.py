@@ -470,9 +470,7 @@ class CausalExpertChoiceRouter(_CapacityRouter):
         if self.training and not _in_backward_recompute():
             with torch.no_grad():
                 C = self.capacity(T)
-                # The C-th largest score of each expert, as the (T - C + 1)-th smallest: one selection kernel
-                # instead of a top-C (the same value).
-                self._thr_sum += torch.kthvalue(scores_TE.detach(), T - C + 1, dim=0).values
+                self._thr_sum += scores_TE.detach().topk(C, dim=0).values[C - 1]
                 self._thr_count += 1
         return RouterOutput(
             token_ids_A=torch.arange(T, device=x_TD.device).repeat_interleave(Kmax),

@@ -226,8 +226,8 @@ class _RoutedExperts(torch.autograd.Function):
     Written by hand (instead of letting autograd record each op) to control what is kept for backward and
     how each step runs: the routing weight is folded into the activation (so no [A, D] product is kept,
     and its gradient comes out of the fused activation backward), the combine and the backward of the
-    gather are gather-sums over each token's rows (no atomics, fp32 accumulation), the gathered input ``x_AD`` and the activation
-    output are recomputed in backward rather than stored. Saved: ``x_TD`` (the caller holds it anyway),
+    gather are gather-sums over each token's rows (no atomics, fp32 accumulation), the gathered input
+    ``x_AD`` and the activation output are recomputed in backward rather than stored. Saved: ``x_TD`` (the caller holds it anyway),
     ``h_AF`` [A, 2H], and the index tensors. The grouped GEMMs are torch's; their backward is spelled out
     exactly as autograd's (``grouped_mm(a.t(), b, offs)`` for weight gradients).
     """

@@ -15,6 +15,8 @@ kernels neither read nor write those rows of their [A, *] outputs (no consumer r
 stop at the last expert's offset, the combines skip them); the torch code writes zeros there.
 """
 
+from typing import Optional
+
 import torch
 
 try:  # Triton comes with CUDA builds of torch; CPU-only installs use the torch code.
@@ -84,7 +86,7 @@ if _HAS_TRITON:
 
 
 def gather_rows(
-    src_TD: torch.Tensor, index_A: torch.Tensor, num_valid: torch.Tensor = None, may_drop: bool = False
+    src_TD: torch.Tensor, index_A: torch.Tensor, num_valid: Optional[torch.Tensor] = None, may_drop: bool = False
 ) -> torch.Tensor:
     """``out[a] = src[index[a]]`` (the dispatch gather): [T, D], [A] int64 -> [A, D].
 

@@ -1,6 +1,7 @@
 """MoE layer, forward + backward, training mode: ours vs transformers' blocks vs the dense-GEMM ceiling.
 
-    python benchmarks/moe_layer.py [--shapes olmoe qwen3 mixtral] [--tokens 8192] [--variants ...] [--out DIR]
+    python benchmarks/moe_layer.py [--shapes olmoe qwen3 mixtral] [--tokens 8192] [--variants ...]
+                                   [--routers token_choice expert_choice causal_expert_choice] [--out DIR]
 
 Needs a CUDA GPU (bf16). For each shape it checks every variant against an fp32 per-expert loop on the same
 routing (relative error ||out - ref|| / ||ref||; for ours also the gradients of x, both expert weights and the
@@ -20,6 +21,13 @@ Variants:
   ours_compile_max  the same, torch.compile mode="max-autotune-no-cudagraphs" (experiment; not the default).
   gmm_only     only the six grouped GEMMs of forward + backward on pre-sorted rows (no routing, no
                activation): what grouped_mm itself reaches.
+
+Routers (``--routers``): the variants ours, ours_again, ours_compile, ours_compile_max, parts and profile run
+once per router kind of ``moe_layer(..., router=...)``, rows named ``ours`` (token choice), ``ours/ec``
+(expert_choice, capacity factor 1) and ``ours/cec`` (causal_expert_choice); every other variant runs with
+token choice. Causal expert choice is timed with its thresholds on: one training forward on the benchmark's
+batch and ``update()`` set them to that batch's expert-choice thresholds (else it would route as token choice
+before its first update). The "experts/token" column is the average number of experts a token gets.
 """
 
 import argparse
@@ -210,26 +218,52 @@ VARIANTS = [
 ]
 
 
-def run_shape(name, T, variants, results):
+ROUTER_TAGS = {"token_choice": "", "expert_choice": "/ec", "causal_expert_choice": "/cec"}
+ROUTER_VARIANTS = ("ours", "ours_again", "ours_compile", "ours_compile_max", "parts", "profile")
+
+
+def run_shape(name, T, variants, results, routers=("token_choice",)):
     E, K, D, H, norm_topk = SHAPES[name]
+    rows = {}
+    for i, router in enumerate(routers):
+        vs = set(variants) if i == 0 else set(variants) & set(ROUTER_VARIANTS)
+        if router != "token_choice":  # transformers' blocks route by token choice
+            vs -= {"hf_grouped", "hf_eager"}
+        if i > 0 and "dense" in variants:
+            vs.add("dense_again")
+        run_router(name, T, vs, rows, router)
+    results[name] = dict(E=E, K=K, D=D, H=H, T=T, flops=18 * T * K * D * H, rows=rows)
+    torch.cuda.empty_cache() if DEV.type == "cuda" else None
+
+
+def run_router(name, T, variants, rows, router):
+    E, K, D, H, norm_topk = SHAPES[name]
+    tag = ROUTER_TAGS[router]
     dev = DEV
     A = T * K
     flops = 18 * A * D * H
-    rows = {}
     torch.manual_seed(0)
+    router_kwargs = {"norm_topk_prob": norm_topk} if router == "token_choice" else {}
     layer = moe_layer(
-        dim=D, hidden_dim=H, num_experts=E, experts_per_token=K, norm_topk_prob=norm_topk, aux_loss_coeff=0.01
+        dim=D, hidden_dim=H, num_experts=E, experts_per_token=K, router=router, aux_loss_coeff=0.01, **router_kwargs
     )
     layer = layer.to(dev, torch.bfloat16).train()
     x = torch.randn(1, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn(1, T, D, device=dev, dtype=torch.bfloat16)
     params = list(layer.parameters())
     x_TD = x.detach().view(T, D)
+    if router == "causal_expert_choice":  # thresholds on (see the module docstring)
+        with torch.no_grad():
+            layer.router(x_TD)
+        layer.router.update()
     routing = layer.router(x_TD)
+    experts_per_token = ((routing.expert_ids_A < E).sum() / T).item()
 
     def record(variant, ms, peak, errs=None, note=""):
         tflops = flops / (ms * 1e-3) / 1e12
-        rows[variant] = dict(ms=ms, tflops=tflops, act_mib=peak, errs=errs or {}, note=note)
+        variant = variant + tag
+        rows[variant] = dict(ms=ms, tflops=tflops, act_mib=peak, errs=errs or {}, note=note, router=router,
+                             experts_per_token=experts_per_token)
         print(f"  {name:8s} {variant:13s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s  mem {peak:8.0f} MiB  "
               f"max err {max(errs.values()) if errs else float('nan'):.2e} {note}", flush=True)
 
@@ -240,7 +274,7 @@ def run_shape(name, T, variants, results):
             f()
         except Exception as e:  # keep going: one failed variant must not lose the others
             traceback.print_exc()
-            rows[variant] = dict(error=repr(e)[:500])
+            rows[variant + tag] = dict(error=repr(e)[:500])
             print(f"  {name:8s} {variant:13s} FAILED {e!r:.200}", flush=True)
 
     # dense ceiling
@@ -250,6 +284,13 @@ def run_shape(name, T, variants, results):
         record("dense", ms, peak)
 
     attempt("dense", v_dense)
+
+    def v_dense_again():  # the ceiling once more, next to this router's rows: its spread is the noise
+        fn, g = dense_fn(A, D, H, dev)
+        ms, peak = bench(fn, g)
+        record("dense_again", ms, peak)
+
+    attempt("dense_again", v_dense_again)
 
     def layer_fn(mod):
         def fn():
@@ -261,13 +302,13 @@ def run_shape(name, T, variants, results):
     # ours, eager
     def v_ours():
         errs = check_dispatch(moe_layer_module.dispatch_combine, layer, x_TD, routing)
-        # an expert that gets no token: its weight gradients must come out exactly zero
-        scores = layer.router.scores(x_TD)[1].detach().clone()
-        scores[:, 0] = -1
-        forced = scores.topk(K, dim=-1).indices
-        r0 = layer.router(x_TD, forced_experts_TK=forced)
-        errs0 = check_dispatch(moe_layer_module.dispatch_combine, layer, x_TD, r0, empty_expert=0)
-        errs.update({f"empty_expert_{k}": v for k, v in errs0.items()})
+        if router == "token_choice":  # an expert that gets no token: its weight gradients must be exactly zero
+            scores = layer.router.scores(x_TD)[1].detach().clone()
+            scores[:, 0] = -1
+            forced = scores.topk(K, dim=-1).indices
+            r0 = layer.router(x_TD, forced_experts_TK=forced)
+            errs0 = check_dispatch(moe_layer_module.dispatch_combine, layer, x_TD, r0, empty_expert=0)
+            errs.update({f"empty_expert_{k}": v for k, v in errs0.items()})
         ms, peak = bench(layer_fn(layer), params + [x])
         record("ours", ms, peak, errs)
 
@@ -386,7 +427,7 @@ def run_shape(name, T, variants, results):
     def v_parts():
         """Router forward + backward alone, and the routing bookkeeping of dispatch_combine (no grad)."""
         xr = x_TD.detach().clone().requires_grad_()
-        gw = torch.rand(A, device=dev)
+        gw = torch.rand(routing.weights_A.shape[0], device=dev)
 
         def router_fn():
             r = layer.router(xr)
@@ -394,17 +435,16 @@ def run_shape(name, T, variants, results):
 
         ms_r = bench(router_fn, [xr] + list(layer.router.parameters()))[0]
 
-        def prep_fn():
+        def prep_fn():  # dispatch_combine's bookkeeping before the experts (token-major slots)
             with torch.no_grad():
                 ids = routing.expert_ids_A
-                c = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
-                c[:E].cumsum(0).to(torch.int32)
-                o = torch.argsort(ids, stable=True)
-                routing.token_ids_A[o], routing.weights_A[o]
-                torch.empty_like(o).scatter_(0, o, torch.arange(A, device=dev))
+                sorted_ids, o = torch.sort(ids, stable=True)
+                torch.searchsorted(sorted_ids, torch.arange(1, E + 1, device=dev)).to(torch.int32)
+                routing.token_ids_A[o], routing.weights_A.gather(0, o)
+                torch.empty_like(o).scatter_(0, o, torch.arange(o.numel(), device=dev))
 
         ms_p = bench(prep_fn, [])[0]
-        rows["parts"] = dict(router_fwd_bwd_ms=ms_r, dispatch_prep_ms=ms_p)
+        rows["parts" + tag] = dict(router_fwd_bwd_ms=ms_r, dispatch_prep_ms=ms_p)
         print(f"  {name:8s} parts    router fwd+bwd {ms_r:.3f} ms, dispatch prep {ms_p:.3f} ms", flush=True)
 
     attempt("parts", v_parts)
@@ -423,9 +463,9 @@ def run_shape(name, T, variants, results):
                 fn()
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-        rows["profile"] = table
+        rows["profile" + tag] = table
         if OUT_DIR:
-            with open(os.path.join(OUT_DIR, f"profile_{name}.txt"), "w") as f:
+            with open(os.path.join(OUT_DIR, f"profile_{name}{tag.replace('/', '_')}.txt"), "w") as f:
                 f.write(table)
         print("\n".join(table.splitlines()[:20]), flush=True)
 
@@ -456,9 +496,7 @@ def run_shape(name, T, variants, results):
 
     attempt("ours_again", v_again)
     attempt("ours_compile_max", lambda: v_compile("ours_compile_max", "max-autotune-no-cudagraphs"))
-    results[name] = dict(E=E, K=K, D=D, H=H, T=T, flops=flops, rows=rows)
     del layer
-    torch.cuda.empty_cache() if DEV.type == "cuda" else None
 
 
 def main():
@@ -467,6 +505,8 @@ def main():
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--variants", nargs="+", default=VARIANTS[:-1], choices=VARIANTS,
                    help="default: all but ours_compile_max (minutes of autotuning)")
+    p.add_argument("--routers", nargs="+", default=["token_choice"], choices=list(ROUTER_TAGS),
+                   help="router kinds for the variants ours* / parts / profile (default: token_choice)")
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script runs")
     args = p.parse_args()
@@ -489,26 +529,30 @@ def main():
     print(env, flush=True)
     results = {}
     for name in args.shapes:
-        run_shape(name, args.tokens, set(args.variants), results)
-    order = ["dense", "ours", "ours_again", "ours_compile", "ours_compile_max", "v0", "hf_grouped", "hf_eager",
-             "gmm_only"]
+        run_shape(name, args.tokens, set(args.variants), results, args.routers)
+    ours = ["ours", "ours_again", "ours_compile", "ours_compile_max"]
+    order = ["dense"] + [v + ROUTER_TAGS[r] for r in args.routers for v in ["dense_again"] + ours]
+    order += ["v0", "hf_grouped", "hf_eager", "gmm_only"]
     lines = [
         f"MoE layer fwd+bwd, {args.tokens} tokens, bf16, {env['gpu']}, torch {env['torch']}",
-        "| shape | variant | ms | TFLOP/s | of dense ceiling | act. MiB | max rel err |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | variant | ms | TFLOP/s | of dense ceiling | act. MiB | max rel err | experts/token |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, res in results.items():
         dense_ms = res["rows"].get("dense", {}).get("ms")
         for v in order:
             r = res["rows"].get(v)
-            if r is None or v in ("kernels", "parts", "profile"):
+            if r is None:
                 continue
             if "error" in r:
-                lines.append(f"| {name} | {v} | failed | | | | |")
+                lines.append(f"| {name} | {v} | failed | | | | | |")
                 continue
             frac = f"{dense_ms / r['ms']:.2f}" if dense_ms else "-"
             err = f"{max(r['errs'].values()):.1e}" if r["errs"] else "-"
-            lines.append(f"| {name} | {v} | {r['ms']:.2f} | {r['tflops']:.0f} | {frac} | {r['act_mib']:.0f} | {err} |")
+            ept = f"{r['experts_per_token']:.2f}" if "ours" in v else "-"
+            lines.append(
+                f"| {name} | {v} | {r['ms']:.2f} | {r['tflops']:.0f} | {frac} | {r['act_mib']:.0f} | {err} | {ept} |"
+            )
     table = "\n".join(lines)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

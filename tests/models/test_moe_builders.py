@@ -14,7 +14,7 @@ from torchtune_moe.models import moe, moe_layer
 from torchtune_moe.modules import (
     MoE,
     ExpertChoiceTopKRouter,
-    ExpertThresholdRouter,
+    CausalExpertChoiceRouter,
     TokenChoiceTopKRouter,
     collect_aux_loss,
     moe_layers,
@@ -98,7 +98,7 @@ def test_causal_expert_choice_is_causal(mode, state):
     """The output at position <= t depends on nothing after t, nor on other sequences of the batch."""
     model = model_for("causal_expert_choice", state)
     routers = [layer.router for _, layer in moe_layers(model)]
-    assert len(routers) == 2 and all(isinstance(r, ExpertThresholdRouter) for r in routers)
+    assert len(routers) == 2 and all(isinstance(r, CausalExpertChoiceRouter) for r in routers)
     if state == "trained":  # thresholds in use, not the warm start
         assert all(r.num_updates == 4 and (r.thresholds > 0).all() for r in routers)
     t = 6
@@ -220,7 +220,7 @@ def test_router_options_reach_the_router():
     assert r.expert_bias_update_rate == 0.001 and tc.shared_expert is not None and tc.shared_expert_gate is not None
     et = small(router="causal_expert_choice", capacity_factor=1.5, max_experts_per_token=3,
                threshold_ema_decay=0.9).layers[1].mlp.router
-    assert isinstance(et, ExpertThresholdRouter)
+    assert isinstance(et, CausalExpertChoiceRouter)
     assert (et.capacity_factor, et.max_experts_per_token, et.threshold_ema_decay) == (1.5, 3, 0.9)
     ec = small(router="expert_choice", capacity_factor=2.0, score_func="sigmoid").layers[0].mlp.router
     assert isinstance(ec, ExpertChoiceTopKRouter) and ec.capacity_factor == 2.0 and ec.score_func == "sigmoid"
@@ -232,7 +232,7 @@ def test_router_options_reach_the_router():
 
 def test_moe_layer_builder():
     layer = moe_layer(dim=16, moe_hidden_dim=8, num_experts=4, experts_per_token=1, router="causal_expert_choice")
-    assert isinstance(layer, MoE) and isinstance(layer.router, ExpertThresholdRouter)
+    assert isinstance(layer, MoE) and isinstance(layer.router, CausalExpertChoiceRouter)
     assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 16)
 
 
@@ -333,7 +333,7 @@ def test_options_of_another_router_are_dropped_with_a_note(router, options, capl
     with caplog.at_level(logging.INFO):
         model = small(router=router, **options)
     cls = {"token_choice": TokenChoiceTopKRouter, "expert_choice": ExpertChoiceTopKRouter,
-           "causal_expert_choice": ExpertThresholdRouter}[router]
+           "causal_expert_choice": CausalExpertChoiceRouter}[router]
     assert all(isinstance(layer.router, cls) for _, layer in moe_layers(model))
     notes = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
     assert len(notes) == 1 and all(k in notes[0] for k in options), notes  # once per model, naming each option
@@ -396,5 +396,5 @@ def test_switching_the_router_is_one_override_of_a_packaged_config(config_name, 
     recipe.validate(cfg)
     with torch.device("meta"):
         model = tt_config.instantiate(cfg.model)
-    cls = {"expert_choice": ExpertChoiceTopKRouter, "causal_expert_choice": ExpertThresholdRouter}[cfg.model.router]
+    cls = {"expert_choice": ExpertChoiceTopKRouter, "causal_expert_choice": CausalExpertChoiceRouter}[cfg.model.router]
     assert all(isinstance(layer.router, cls) for _, layer in moe_layers(model))

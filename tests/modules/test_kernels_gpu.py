@@ -32,30 +32,58 @@ def test_triton_is_used_on_cuda():
     assert _kernels.use_triton(torch.empty(1, device="cuda"))
 
 
+def _valid(t: torch.Tensor, num_valid: torch.Tensor, may_drop: bool) -> torch.Tensor:
+    """The rows a consumer reads: all, or with ``may_drop`` those before ``num_valid`` (the Triton kernels
+    leave the others unwritten)."""
+    return t[: int(num_valid)] if may_drop and t.dim() == 2 else t
+
+
+def _poisoned(fn, *args):
+    """Runs ``fn`` with the caching allocator's next blocks full of NaN: rows a kernel leaves unwritten would
+    then read as NaN, so a check of the rows it must write sees any it missed."""
+    torch.full((64 * 2**20,), float("nan"), device="cuda")  # freed at once, reused by the next allocations
+    return fn(*args)
+
+
 @pytest.mark.parametrize("may_drop", [False, True])
 def test_swiglu_forward_and_backward_match_torch_code(may_drop):
     h_AF, w_A, g_AH = _rand(A, 2 * H), torch.rand(A, device="cuda"), _rand(A, H)
     num_valid = torch.tensor([A - 100], dtype=torch.int32, device="cuda")
     cpu = [t.cpu() for t in (h_AF, w_A, g_AH, num_valid)]
-    _close(_kernels.swiglu_forward(h_AF, w_A, num_valid, may_drop),
-           _kernels.swiglu_forward(cpu[0], cpu[1], cpu[3], may_drop))
-    for got, want in zip(_kernels.swiglu_backward(h_AF, w_A, g_AH, num_valid, may_drop),
-                         _kernels.swiglu_backward(*cpu[:3], cpu[3], may_drop)):
-        _close(got, want)
-    fwd = _kernels.swiglu_forward(h_AF, w_A, num_valid, may_drop)
-    assert torch.equal(_kernels.swiglu_backward(h_AF, w_A, g_AH, num_valid, may_drop)[2], fwd)
+    fwd = _poisoned(_kernels.swiglu_forward, h_AF, w_A, num_valid, may_drop)
+    _close(_valid(fwd, num_valid, may_drop),
+           _valid(_kernels.swiglu_forward(cpu[0], cpu[1], cpu[3], may_drop), num_valid, may_drop))
+    bwd = _poisoned(_kernels.swiglu_backward, h_AF, w_A, g_AH, num_valid, may_drop)
+    for got, want in zip(bwd, _kernels.swiglu_backward(*cpu[:3], cpu[3], may_drop)):
+        _close(_valid(got, num_valid, may_drop), _valid(want, num_valid, may_drop))
+    if may_drop:  # the routing-weight gradient of a dropped row is written, as zero
+        assert bwd[1][int(num_valid):].abs().max() == 0
+    assert torch.equal(_valid(bwd[2], num_valid, may_drop), _valid(fwd, num_valid, may_drop))
 
 
 @pytest.mark.parametrize("may_drop", [False, True])
 def test_gather_rows_and_gather_sum_match_torch_code(may_drop):
     src_TD = _rand(T, D)
     index_A = torch.randint(0, T, (A,), device="cuda")
-    assert torch.equal(_kernels.gather_rows(src_TD, index_A).cpu(), src_TD.cpu()[index_A.cpu()])
+    num_valid = torch.tensor([A - 300], dtype=torch.int32, device="cuda")
+    got = _poisoned(_kernels.gather_rows, src_TD, index_A, num_valid, may_drop)
+    assert torch.equal(_valid(got, num_valid, may_drop).cpu(), _valid(src_TD.cpu()[index_A.cpu()], num_valid, may_drop))
     src_AD = _rand(A, D)
     index_TK = torch.randperm(A, device="cuda")[: T * K].view(T, K)
-    num_valid = torch.tensor([A - 300], dtype=torch.int32, device="cuda")
     _close(_kernels.gather_sum(src_AD, index_TK, num_valid, may_drop),
            _kernels.gather_sum(src_AD.cpu(), index_TK.cpu(), num_valid.cpu(), may_drop), tol=5e-3)
+
+
+def test_segment_sum_matches_torch_code():
+    """Variable rows per token (some none), entries past the last segment never read."""
+    src_AD = _rand(A, D)
+    counts_T = torch.randint(0, 2 * K, (T,), device="cuda")
+    counts_T[:5] = 0
+    offsets_T = counts_T.cumsum(0).to(torch.int32)
+    index_J = torch.randint(0, A, (int(offsets_T[-1]) + 50,), device="cuda")
+    got = _kernels.segment_sum(src_AD, index_J, offsets_T)
+    _close(got, _kernels.segment_sum(src_AD.cpu(), index_J.cpu(), offsets_T.cpu()), tol=5e-3)
+    assert got[:5].abs().max() == 0
 
 
 @pytest.mark.parametrize("router", ["token_choice", "causal_expert_choice", "expert_choice"])
@@ -69,6 +97,10 @@ def test_layer_on_gpu_matches_cpu(router):
     gpu = moe_layer(**kwargs)
     gpu.load_state_dict(cpu.state_dict())
     gpu = gpu.cuda().to(torch.bfloat16)
+    if router == "causal_expert_choice":  # thresholds on: a varying number of experts per token, some none
+        for layer in (cpu, gpu):
+            layer.router.thresholds.fill_(0.08)
+            layer.router.num_updates.fill_(1)
     x = torch.randn(4, 128, D).to(torch.bfloat16)
     x_gpu = x.cuda().requires_grad_()
     x = x.requires_grad_()

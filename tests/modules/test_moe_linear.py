@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from torchtune_moe.modules import (
     ExpertChoiceTopKRouter,
-    ExpertThresholdRouter,
+    CausalExpertChoiceRouter,
     MoELinear,
     RouterOutput,
     TokenChoiceTopKRouter,
@@ -44,7 +44,7 @@ def make_router(kind: str, T: int) -> torch.nn.Module:
         return TokenChoiceTopKRouter(D, E, 2)
     if kind == "expert_choice":
         return ExpertChoiceTopKRouter(D, E, 2, capacity_factor=1.5)
-    router = ExpertThresholdRouter(D, E, 2, max_experts_per_token=3)
+    router = CausalExpertChoiceRouter(D, E, 2, max_experts_per_token=3)
     # Active thresholds: the median score of each expert, so about half of the slots are dropped.
     with torch.no_grad():
         _, scores_TE, _ = router.scores(torch.randn(T, D))
@@ -105,7 +105,7 @@ def test_moelinear_rows_past_last_offset_do_not_touch_weight_grads():
         torch.testing.assert_close(a, p.grad)
 
 
-@pytest.mark.parametrize("kind", ["token_choice", "expert_choice", "expert_threshold"])
+@pytest.mark.parametrize("kind", ["token_choice", "expert_choice", "causal_expert_choice"])
 @pytest.mark.parametrize("gated", [True, False])
 def test_dispatch_combine_equals_loop(kind, gated):
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def test_dispatch_combine_equals_loop(kind, gated):
     experts = MoELinear(E, D, H, gated=gated)
     x_TD = torch.randn(T, D, requires_grad=True)
     routing = router(x_TD)
-    if kind == "expert_threshold":
+    if kind == "causal_expert_choice":
         dropped = (routing.expert_ids_A == E).sum().item()
         assert routing.may_drop and 0 < dropped < routing.expert_ids_A.numel()
     out, counts_E = dispatch_combine(x_TD, routing, experts)
@@ -172,7 +172,7 @@ def poisoned_grouped_mm(monkeypatch):
 def test_dropped_slots_leak_no_garbage(poisoned_grouped_mm):
     torch.manual_seed(0)
     T = 20
-    router = make_router("expert_threshold", T)
+    router = make_router("causal_expert_choice", T)
     experts = MoELinear(E, D, H)
     x_TD = torch.randn(T, D, requires_grad=True)
     routing = router(x_TD)
@@ -192,7 +192,7 @@ def test_dropped_slots_leak_no_garbage(poisoned_grouped_mm):
 def test_all_slots_dropped(poisoned_grouped_mm):
     """A batch where no token passes any threshold: output zero, gradients zero and finite."""
     torch.manual_seed(0)
-    router = ExpertThresholdRouter(D, E, 2)
+    router = CausalExpertChoiceRouter(D, E, 2)
     router.thresholds.fill_(2.0)  # softmax scores never reach 2
     router.num_updates.fill_(1)
     experts = MoELinear(E, D, H)
@@ -213,3 +213,24 @@ def test_moelinear_bad_sizes(name, value):
 def test_moelinear_bad_activation():
     with pytest.raises(ValueError, match="activation"):
         MoELinear(E, D, H, activation="tanh")
+
+
+@pytest.mark.parametrize("kind", ["token_choice", "causal_expert_choice"])
+def test_combine_by_segments_equals_combine_by_slots(kind):
+    """The same routing without its token-major slot layout (as a user's router may return it, dropped slots
+    included) combines through the per-token segments: same output and gradients as the slot gather-sum."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    T = 20
+    router = make_router(kind, T)
+    experts = MoELinear(E, D, H)
+    x_TD = torch.randn(T, D, requires_grad=True)
+    routing = router(x_TD)
+    assert routing.slots_per_token is not None
+    out, _ = dispatch_combine(x_TD, routing, experts)
+    out_seg, _ = dispatch_combine(x_TD, dataclasses.replace(routing, slots_per_token=None), experts)
+    torch.testing.assert_close(out_seg, out, rtol=1e-6, atol=1e-6)
+    params = (x_TD, experts.gate_up_proj, experts.down_proj, router.gate.weight)
+    for a, b in zip(grads(out_seg, params), grads(out, params)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

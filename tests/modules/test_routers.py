@@ -7,7 +7,7 @@ import torch
 
 from torchtune_moe.modules import (
     ExpertChoiceTopKRouter,
-    ExpertThresholdRouter,
+    CausalExpertChoiceRouter,
     Router,
     RouterOutput,
     TokenChoiceTopKRouter,
@@ -182,7 +182,17 @@ def test_expert_choice_cannot_replay():
         ExpertChoiceTopKRouter(D, E, 2)(tokens(), forced_experts_TK=torch.zeros(T, 2, dtype=torch.long))
 
 
-# --- expert threshold (causal expert choice) -----------------------------------------------------------
+def test_causal_expert_choice_names():
+    """One class under its name; the earlier name stays importable as the same class."""
+    from torchtune_moe.models import moe_layer
+    from torchtune_moe.modules import ExpertThresholdRouter
+
+    assert ExpertThresholdRouter is CausalExpertChoiceRouter
+    layer = moe_layer(dim=D, hidden_dim=8, num_experts=E, experts_per_token=2, router="causal_expert_choice")
+    assert type(layer.router) is CausalExpertChoiceRouter
+
+
+# --- causal expert choice (Expert Threshold routing) -----------------------------------------------------------
 
 
 def kept(out: RouterOutput, n_tokens: int, K_max: int) -> torch.Tensor:
@@ -192,7 +202,7 @@ def kept(out: RouterOutput, n_tokens: int, K_max: int) -> torch.Tensor:
 
 def test_threshold_warm_start_is_token_choice_topk():
     torch.manual_seed(0)
-    router = ExpertThresholdRouter(D, E, 2, max_experts_per_token=4)
+    router = CausalExpertChoiceRouter(D, E, 2, max_experts_per_token=4)
     tc = TokenChoiceTopKRouter(D, E, 2, norm_topk_prob=False)
     tc.gate.load_state_dict(router.gate.state_dict())
     x = tokens()
@@ -209,7 +219,7 @@ def test_threshold_warm_start_is_token_choice_topk():
 def test_threshold_update_sets_then_averages_capacity_thresholds():
     torch.manual_seed(0)
     decay = 0.9
-    router = ExpertThresholdRouter(D, E, 2, capacity_factor=1.0, threshold_ema_decay=decay).train()
+    router = CausalExpertChoiceRouter(D, E, 2, capacity_factor=1.0, threshold_ema_decay=decay).train()
     C = router.capacity(T)
     batch_thr = []
     for s in range(3):  # three micro-batches, then one update
@@ -240,7 +250,7 @@ def test_threshold_routing_after_update():
     """With thresholds set from a batch (decay 0), routing is score >= tau, and on that batch each expert gets
     exactly its expert-choice capacity when the per-token cap does not bind."""
     torch.manual_seed(0)
-    router = ExpertThresholdRouter(D, E, 2, max_experts_per_token=E, threshold_ema_decay=0.0).train()
+    router = CausalExpertChoiceRouter(D, E, 2, max_experts_per_token=E, threshold_ema_decay=0.0).train()
     x = tokens(64)
     router(x)
     router.update()
@@ -261,21 +271,21 @@ def test_threshold_routing_after_update():
 
 def test_threshold_max_experts_per_token_caps_to_best():
     torch.manual_seed(0)
-    router = ExpertThresholdRouter(D, E, 2, max_experts_per_token=3)
+    router = CausalExpertChoiceRouter(D, E, 2, max_experts_per_token=3)
     router.thresholds.fill_(-1.0)  # every expert passes
     router.num_updates.fill_(1)
     x = tokens()
     slots = kept(router(x), T, 3)
     assert (slots < E).all()
     assert slots.tolist() == logits_of(router, x).softmax(-1).topk(3, dim=-1).indices.tolist()
-    assert ExpertThresholdRouter(D, E, 3).max_experts_per_token == 6  # default min(E, 2K)
+    assert CausalExpertChoiceRouter(D, E, 3).max_experts_per_token == 6  # default min(E, 2K)
 
 
 @pytest.mark.parametrize("trained", [False, True])
 @pytest.mark.parametrize("training_mode", [True, False])
 def test_threshold_routing_of_a_token_ignores_the_batch(trained, training_mode):
     torch.manual_seed(0)
-    router = ExpertThresholdRouter(D, E, 2).train()
+    router = CausalExpertChoiceRouter(D, E, 2).train()
     if trained:
         router(tokens(seed=3))
         router.update()
@@ -287,7 +297,7 @@ def test_threshold_routing_of_a_token_ignores_the_batch(trained, training_mode):
 
 
 def test_threshold_router_checkpoint_state():
-    router = ExpertThresholdRouter(D, E, 2)
+    router = CausalExpertChoiceRouter(D, E, 2)
     assert set(router.state_dict()) == {"gate.weight", "thresholds", "num_updates"}
 
 
@@ -309,11 +319,11 @@ def test_threshold_router_checkpoint_state():
         (TokenChoiceTopKRouter, {"num_expert_groups": 4, "num_limited_groups": 1, "experts_per_token": 3}, "num_limited_groups"),
         (ExpertChoiceTopKRouter, {"capacity_factor": 0.0}, "capacity_factor"),
         (ExpertChoiceTopKRouter, {"capacity_factor": -1.0}, "capacity_factor"),
-        (ExpertThresholdRouter, {"capacity_factor": 0.0}, "capacity_factor"),
-        (ExpertThresholdRouter, {"max_experts_per_token": 1}, "max_experts_per_token"),
-        (ExpertThresholdRouter, {"max_experts_per_token": 9}, "max_experts_per_token"),
-        (ExpertThresholdRouter, {"threshold_ema_decay": 1.0}, "threshold_ema_decay"),
-        (ExpertThresholdRouter, {"threshold_ema_decay": -0.1}, "threshold_ema_decay"),
+        (CausalExpertChoiceRouter, {"capacity_factor": 0.0}, "capacity_factor"),
+        (CausalExpertChoiceRouter, {"max_experts_per_token": 1}, "max_experts_per_token"),
+        (CausalExpertChoiceRouter, {"max_experts_per_token": 9}, "max_experts_per_token"),
+        (CausalExpertChoiceRouter, {"threshold_ema_decay": 1.0}, "threshold_ema_decay"),
+        (CausalExpertChoiceRouter, {"threshold_ema_decay": -0.1}, "threshold_ema_decay"),
     ],
 )
 def test_bad_router_options(cls, kwargs, name):
@@ -324,7 +334,7 @@ def test_bad_router_options(cls, kwargs, name):
 
 
 def test_routers_share_the_base_class():
-    for cls in (TokenChoiceTopKRouter, ExpertChoiceTopKRouter, ExpertThresholdRouter):
+    for cls in (TokenChoiceTopKRouter, ExpertChoiceTopKRouter, CausalExpertChoiceRouter):
         assert issubclass(cls, Router)
 
 

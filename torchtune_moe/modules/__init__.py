@@ -4,6 +4,7 @@ from torchtune_moe.modules.losses import load_balancing_loss, router_z_loss, seq
 from torchtune_moe.modules.moe_layer import MoE, collect_aux_loss, dispatch_combine, moe_layers, update_routers
 from torchtune_moe.modules.moe_linear import MoELinear
 from torchtune_moe.modules.routers import (
+    CausalExpertChoiceRouter,
     ExpertChoiceTopKRouter,
     ExpertThresholdRouter,
     Router,
@@ -18,7 +19,8 @@ __all__ = [
     "RouterOutput",
     "TokenChoiceTopKRouter",
     "ExpertChoiceTopKRouter",
-    "ExpertThresholdRouter",
+    "CausalExpertChoiceRouter",
+    "ExpertThresholdRouter",  # deprecated alias of CausalExpertChoiceRouter
     "MoE",
     "collect_aux_loss",
     "update_routers",

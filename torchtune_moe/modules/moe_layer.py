@@ -17,9 +17,18 @@ __all__ = ["MoE", "collect_aux_loss", "update_routers", "moe_layers", "dispatch_
 def dispatch_combine(x_TD: torch.Tensor, routing: RouterOutput, experts: MoELinear) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs the routed experts: sort assignments by expert, grouped GEMMs, weighted sum back per token.
 
-    No host-device sync: expert counts come from a scatter-add, offsets from a cumsum. The experts run as
-    one fused autograd node (:meth:`MoELinear.routed`); token-choice routing (``routing.experts_TK`` set,
-    A = T*K token-major) combines by a gather-sum, other routers by index_add.
+    Expert offsets come from the sorted expert ids (a binary search per expert: no atomics). The experts run
+    as one fused autograd node (:meth:`MoELinear.routed`). Routers with token-major slots
+    (``routing.slots_per_token``: token choice, causal expert choice) combine by a gather-sum over each
+    token's slots, any other layout (expert choice) by a sum over each token's rows, grouped with a second
+    sort.
+
+    Host-device syncs: none, except for routings that may drop slots (``routing.may_drop``: causal expert
+    choice, whose T*K_max slots keep about T*K). Those cost one host read of the number of kept slots, so
+    that every [rows, *] buffer of the experts (the gathered input, the up-projection output saved for
+    backward, their gradients) is sized by the kept rows, as token choice's are, instead of by all T*K_max
+    slots (twice the activation memory at the default K_max = 2K). Under torch.compile that read is a graph
+    break.
 
     Args:
         x_TD (torch.Tensor): [T, D] tokens.
@@ -32,20 +41,23 @@ def dispatch_combine(x_TD: torch.Tensor, routing: RouterOutput, experts: MoELine
     E = experts.num_experts
     expert_ids_A = routing.expert_ids_A
     A = expert_ids_A.shape[0]
-    counts_E = torch.zeros(E + 1, dtype=torch.long, device=x_TD.device)
-    counts_E.scatter_add_(0, expert_ids_A, torch.ones_like(expert_ids_A))
-    counts_E = counts_E[:E]
-    offsets_E = counts_E.cumsum(0).to(torch.int32)
-    # Dropped slots (expert id E) sort last, past offsets_E[-1]: the experts skip them.
-    order_A = torch.argsort(expert_ids_A, stable=True)
-    rows_A = routing.token_ids_A[order_A]
-    weights_A = routing.weights_A[order_A]
-    combine_TK = None
-    if routing.experts_TK is not None:
-        # Token-major, K rows per token: position of assignment (t, k) in the sorted order.
+    # Dropped slots (expert id E) sort last, past offsets_E[-1].
+    sorted_ids_A, order_A = torch.sort(expert_ids_A, stable=True)
+    offsets_E = torch.searchsorted(sorted_ids_A, torch.arange(1, E + 1, device=x_TD.device))
+    counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
+    offsets_E = offsets_E.to(torch.int32)
+    order_R = order_A
+    if routing.may_drop:
+        # The R kept rows (at least one, so that no buffer is empty: a lone dropped row is masked as any other).
+        order_R = order_A[: max(int(offsets_E[-1]), 1)]
+    rows_R = routing.token_ids_A[order_R]
+    weights_R = routing.weights_A.gather(0, order_R)  # backward: a scatter (index's backward sorts)
+    combine_TS = None
+    if routing.slots_per_token is not None:
+        # Token-major, S slots per token: position of slot (t, s) in the sorted order (dropped: >= offsets_E[-1]).
         arange_A = torch.arange(A, device=x_TD.device)
-        combine_TK = torch.empty_like(order_A).scatter_(0, order_A, arange_A).view(routing.experts_TK.shape)
-    out_TD = experts.routed(x_TD, rows_A, weights_A, offsets_E, combine_TK, may_drop=routing.may_drop)
+        combine_TS = torch.empty_like(order_A).scatter_(0, order_A, arange_A).view(-1, routing.slots_per_token)
+    out_TD = experts.routed(x_TD, rows_R, weights_R, offsets_E, combine_TS, may_drop=routing.may_drop)
     return out_TD, counts_E
 
 

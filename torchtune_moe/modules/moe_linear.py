@@ -118,17 +118,22 @@ class MoELinear(nn.Module):
             weights_A (torch.Tensor): [A] routing weight of each row (fp32; differentiable).
             offsets_E (torch.Tensor): [E] int32 cumulative row counts per expert (see :meth:`forward`). Rows
                 past ``offsets_E[-1]`` are dropped slots.
-            combine_TK (Optional[torch.Tensor]): [T, K] int64, row of the k-th assignment of token t, when
-                every token has exactly K rows (token choice): the combine is then a gather-sum. None: any
-                number of rows per token (combine by index_add).
-            may_drop (bool): some rows are past ``offsets_E[-1]`` (they contribute nothing).
+            combine_TK (Optional[torch.Tensor]): [T, S] int64, row of the s-th slot of token t, when every
+                token has S slots (token choice; causal expert choice, whose dropped slots point at or past
+                ``offsets_E[-1]``): the combine is a gather-sum over S. None: any number of rows per token
+                (grouped by token with one more sort, :func:`token_segments`, and summed per token).
+            may_drop (bool): some rows, or some entries of ``combine_TK``, are at or past ``offsets_E[-1]``
+                (they contribute nothing).
 
         Returns:
             torch.Tensor: [T, D] in ``x_TD``'s dtype.
         """
+        index_J = offsets_T = None
+        if combine_TK is None:
+            index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
         return _RoutedExperts.apply(
-            x_TD, weights_A, self.gate_up_proj, self.down_proj, rows_A, offsets_E, combine_TK, may_drop,
-            self.act, self.gated,
+            x_TD, weights_A, self.gate_up_proj, self.down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T,
+            may_drop, self.act, self.gated,
         )
 
     def extra_repr(self) -> str:
@@ -178,21 +183,41 @@ def _activate_backward(
     return grad_h_AF, grad_w_A, hs_AH.detach()
 
 
+def token_segments(
+    rows_A: torch.Tensor, num_valid: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of each token, for a combine with any number of rows per token (:func:`_kernels.segment_sum`).
+
+    Args:
+        rows_A (torch.Tensor): [A] int64, token of each row.
+        num_valid (torch.Tensor): [1] rows at or past it are dropped slots and belong to no token.
+        num_tokens (int): T.
+
+    Returns:
+        tuple: ``index_A`` [A] int64 (rows grouped by token, dropped rows last) and ``offsets_T`` [T] int32
+        (cumulative rows per token). No host-device sync.
+    """
+    A = rows_A.shape[0]
+    key_A = torch.where(torch.arange(A, device=rows_A.device) < num_valid, rows_A, num_tokens)
+    index_A = torch.argsort(key_A, stable=True)
+    counts_T = torch.zeros(num_tokens + 1, dtype=torch.long, device=rows_A.device)
+    counts_T.scatter_add_(0, key_A, torch.ones_like(key_A))
+    return index_A, counts_T[:num_tokens].cumsum(0).to(torch.int32)
+
+
 def _combine(
     y_AD: torch.Tensor,
-    rows_A: torch.Tensor,
     combine_TK: Optional[torch.Tensor],
+    index_J: Optional[torch.Tensor],
+    offsets_T: Optional[torch.Tensor],
     num_valid: torch.Tensor,
     may_drop: bool,
-    num_tokens: int,
 ) -> torch.Tensor:
-    """``out[t] = sum of the rows of y that belong to token t`` (fp32 accumulation), [A, D] -> [T, D]."""
+    """``out[t] = sum of the rows of y that belong to token t`` (fp32 accumulation), [A, D] -> [T, D]: a
+    gather-sum over the S slots of ``combine_TK``, else over the segments ``(index_J, offsets_T)``."""
     if combine_TK is not None:
         return _kernels.gather_sum(y_AD, combine_TK, num_valid, may_drop)
-    if may_drop:
-        y_AD = torch.where(_kernels.valid_rows(y_AD.shape[0], num_valid), y_AD, 0)
-    out_TD = torch.zeros(num_tokens, y_AD.shape[1], dtype=torch.float32, device=y_AD.device)
-    return out_TD.index_add_(0, rows_A, y_AD.float()).to(y_AD.dtype)
+    return _kernels.segment_sum(y_AD, index_J, offsets_T)
 
 
 class _RoutedExperts(torch.autograd.Function):
@@ -201,30 +226,37 @@ class _RoutedExperts(torch.autograd.Function):
     Written by hand (instead of letting autograd record each op) to control what is kept for backward and
     how each step runs: the routing weight is folded into the activation (so no [A, D] product is kept,
     and its gradient comes out of the fused activation backward), the combine and the backward of the
-    gather are gather-sums (no atomics, fp32 accumulation), the gathered input ``x_AD`` and the activation
-    output are recomputed in backward rather than stored. Saved: ``x_TD`` (the caller holds it anyway),
+    gather are gather-sums over each token's rows (no atomics, fp32 accumulation), the gathered input
+    ``x_AD`` and the activation output are recomputed in backward rather than stored. Saved: ``x_TD`` (the caller holds it anyway),
     ``h_AF`` [A, 2H], and the index tensors. The grouped GEMMs are torch's; their backward is spelled out
     exactly as autograd's (``grouped_mm(a.t(), b, offs)`` for weight gradients).
     """
 
     @staticmethod
-    def forward(ctx, x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, may_drop, act, gated):
+    def forward(
+        ctx, x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, may_drop,
+        act, gated,
+    ):
         num_valid = offsets_E[-1:]
-        x_AD = _kernels.gather_rows(x_TD, rows_A)
+        x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, may_drop)
         h_AF = F.grouped_mm(x_AD, gate_up_proj.transpose(-2, -1), offs=offsets_E)
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
         y_AD = F.grouped_mm(hs_AH, down_proj.transpose(-2, -1), offs=offsets_E)
-        out_TD = _combine(y_AD, rows_A, combine_TK, num_valid, may_drop, x_TD.shape[0])
-        ctx.save_for_backward(x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, h_AF)
+        out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
+        ctx.save_for_backward(
+            x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF
+        )
         ctx.may_drop, ctx.act, ctx.gated = may_drop, act, gated
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_out_TD):
-        x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, h_AF = ctx.saved_tensors
+        x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF = (
+            ctx.saved_tensors
+        )
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
         num_valid = offsets_E[-1:]
-        grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A)
+        grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A, num_valid, ctx.may_drop)
         grad_hs_AH = F.grouped_mm(grad_y_AD, down_proj, offs=offsets_E)
         grad_h_AF, grad_w_A, hs_AH = _activate_backward(
             h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
@@ -235,9 +267,10 @@ class _RoutedExperts(torch.autograd.Function):
         grad_x_TD = grad_gate_up = None
         if need_x:
             grad_x_AD = F.grouped_mm(grad_h_AF, gate_up_proj, offs=offsets_E)
-            grad_x_TD = _combine(grad_x_AD, rows_A, combine_TK, num_valid, ctx.may_drop, x_TD.shape[0])
+            grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, ctx.may_drop)
             del grad_x_AD
         if need_gate_up:
-            grad_gate_up = F.grouped_mm(grad_h_AF.t(), _kernels.gather_rows(x_TD, rows_A), offs=offsets_E)
+            x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, ctx.may_drop)
+            grad_gate_up = F.grouped_mm(grad_h_AF.t(), x_AD, offs=offsets_E)
         grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
-        return grad_x_TD, grad_w_A, grad_gate_up, grad_down, None, None, None, None, None, None
+        return grad_x_TD, grad_w_A, grad_gate_up, grad_down, None, None, None, None, None, None, None, None

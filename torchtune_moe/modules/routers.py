@@ -2,8 +2,8 @@
 
 Every router maps ``x_TD`` to a :class:`RouterOutput`: a flat list of A (token, expert, weight) assignments
 that the MoE layer dispatches with one sort and two grouped GEMMs. Token choice gives A = T*K, expert
-choice A = E*C, expert threshold A = T*K_max with unused slots marked as dropped. One dispatch path serves
-them all (and a user's own router that returns a ``RouterOutput``).
+choice A = E*C, causal expert choice (Expert Threshold routing) A = T*K_max with unused slots marked as
+dropped. One dispatch path serves them all (and a user's own router that returns a ``RouterOutput``).
 
 Routers that learn from observed load (aux-loss-free bias, expert thresholds) accumulate statistics in
 training forwards and apply them in :meth:`Router.update` (called once per optimizer step by
@@ -25,6 +25,7 @@ __all__ = [
     "Router",
     "TokenChoiceTopKRouter",
     "ExpertChoiceTopKRouter",
+    "CausalExpertChoiceRouter",
     "ExpertThresholdRouter",
 ]
 
@@ -45,6 +46,9 @@ class RouterOutput:
         experts_TK (Optional[torch.Tensor]): [T, K] selected experts when the router picks a fixed K per
             token and A = T*K in token-major order (token choice); None otherwise. Routing capture uses it.
         may_drop (bool): whether some ``expert_ids_A`` may equal E.
+        slots_per_token (Optional[int]): S when the assignments are token-major slots, A = T*S with assignment
+            ``t*S + s`` the s-th slot of token t (token choice: S = K; causal expert choice: S = K_max, some
+            slots dropped). The layer then combines by a gather-sum over S slots per token; None: any layout.
     """
 
     token_ids_A: torch.Tensor
@@ -54,6 +58,7 @@ class RouterOutput:
     probs_TE: torch.Tensor
     experts_TK: Optional[torch.Tensor] = None
     may_drop: bool = False
+    slots_per_token: Optional[int] = None
 
     @staticmethod
     def from_topk(
@@ -69,6 +74,7 @@ class RouterOutput:
             logits_TE=logits_TE,
             probs_TE=probs_TE,
             experts_TK=experts_TK,
+            slots_per_token=K,
         )
 
 
@@ -310,7 +316,25 @@ class TokenChoiceTopKRouter(Router):
         )
 
 
-class ExpertChoiceTopKRouter(Router):
+class _CapacityRouter(Router):
+    """Base of the two expert-choice routers: an expert's capacity ``C = ceil(capacity_factor * T * K / E)``
+    (at least 1, at most T) for T tokens."""
+
+    def __init__(
+        self, dim: int, num_experts: int, experts_per_token: int, capacity_factor: float, score_func: str
+    ):
+        super().__init__(dim, num_experts, experts_per_token, score_func)
+        if not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        self.capacity_factor = capacity_factor
+
+    def capacity(self, num_tokens: int) -> int:
+        """C for T tokens."""
+        c = math.ceil(self.capacity_factor * num_tokens * self.experts_per_token / self.num_experts)
+        return max(1, min(num_tokens, c))
+
+
+class ExpertChoiceTopKRouter(_CapacityRouter):
     """Each expert takes its top-C tokens (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
 
     ``C = ceil(capacity_factor * T * K / E)`` (at most T). Scores are the per-token softmax (or sigmoid) over
@@ -320,7 +344,7 @@ class ExpertChoiceTopKRouter(Router):
     **Not causal.** An expert ranks all T tokens of the batch, so whether token t is routed depends on later
     tokens of its sequence and on other sequences. In a decoder this leaks the future during training and
     cannot be reproduced at generation time. Use it for encoders or as a reference; for decoders use
-    :class:`ExpertThresholdRouter`.
+    :class:`CausalExpertChoiceRouter`.
 
     Args:
         dim (int): model dim D.
@@ -339,15 +363,7 @@ class ExpertChoiceTopKRouter(Router):
         capacity_factor: float = 1.0,
         score_func: str = "softmax",
     ):
-        super().__init__(dim, num_experts, experts_per_token, score_func)
-        if not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-        self.capacity_factor = capacity_factor
-
-    def capacity(self, num_tokens: int) -> int:
-        """C for T tokens."""
-        c = math.ceil(self.capacity_factor * num_tokens * self.experts_per_token / self.num_experts)
-        return max(1, min(num_tokens, c))
+        super().__init__(dim, num_experts, experts_per_token, capacity_factor, score_func)
 
     def forward(self, x_TD: torch.Tensor, forced_experts_TK: Optional[torch.Tensor] = None) -> RouterOutput:
         """
@@ -375,8 +391,9 @@ class ExpertChoiceTopKRouter(Router):
         return f"num_experts={self.num_experts}, experts_per_token={self.experts_per_token}, capacity_factor={self.capacity_factor}"
 
 
-class ExpertThresholdRouter(Router):
-    """Causal-safe expert choice: Expert Threshold (ET) routing (arXiv 2603.11535).
+class CausalExpertChoiceRouter(_CapacityRouter):
+    """Causal-safe expert choice (``router="causal_expert_choice"``): Expert Threshold (ET) routing
+    (arXiv 2603.11535). ``ExpertThresholdRouter`` is a deprecated alias of this class.
 
     Each expert e keeps a threshold ``tau_e``: an exponential moving average of the score that expert choice
     with capacity ``C = capacity_factor * T * K / E`` would have needed in the batches seen so far (the C-th
@@ -413,9 +430,7 @@ class ExpertThresholdRouter(Router):
         threshold_ema_decay: float = 0.99,
         score_func: str = "softmax",
     ):
-        super().__init__(dim, num_experts, experts_per_token, score_func)
-        if not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        super().__init__(dim, num_experts, experts_per_token, capacity_factor, score_func)
         if max_experts_per_token is None:
             max_experts_per_token = min(num_experts, 2 * experts_per_token)
         if not experts_per_token <= max_experts_per_token <= num_experts:
@@ -425,18 +440,12 @@ class ExpertThresholdRouter(Router):
             )
         if not 0.0 <= threshold_ema_decay < 1.0:
             raise ValueError(f"threshold_ema_decay must be in [0, 1), got {threshold_ema_decay}")
-        self.capacity_factor = capacity_factor
         self.max_experts_per_token = max_experts_per_token
         self.threshold_ema_decay = threshold_ema_decay
         self.register_buffer("thresholds", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("_thr_sum", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
         self.register_buffer("_thr_count", torch.zeros((), dtype=torch.float32), persistent=False)
-
-    def capacity(self, num_tokens: int) -> int:
-        """C for T tokens."""
-        c = math.ceil(self.capacity_factor * num_tokens * self.experts_per_token / self.num_experts)
-        return max(1, min(num_tokens, c))
 
     def forward(self, x_TD: torch.Tensor, forced_experts_TK: Optional[torch.Tensor] = None) -> RouterOutput:
         """
@@ -447,7 +456,7 @@ class ExpertThresholdRouter(Router):
             RouterOutput: A = T*K_max slots; slots whose score is under the expert's threshold are dropped.
         """
         if forced_experts_TK is not None:
-            raise ValueError("ExpertThresholdRouter cannot replay per-token routing (forced_experts_TK)")
+            raise ValueError("CausalExpertChoiceRouter cannot replay per-token routing (forced_experts_TK)")
         logits_TE, scores_TE, probs_TE = self.scores(x_TD)
         T, E = scores_TE.shape
         K, Kmax = self.experts_per_token, self.max_experts_per_token
@@ -470,6 +479,7 @@ class ExpertThresholdRouter(Router):
             logits_TE=logits_TE,
             probs_TE=probs_TE,
             may_drop=True,
+            slots_per_token=Kmax,
         )
 
     @torch.no_grad()
@@ -492,3 +502,7 @@ class ExpertThresholdRouter(Router):
             f"num_experts={self.num_experts}, experts_per_token={self.experts_per_token}, "
             f"max_experts_per_token={self.max_experts_per_token}, capacity_factor={self.capacity_factor}"
         )
+
+
+# Deprecated alias (the class's earlier name): the same class, kept importable for code written against it.
+ExpertThresholdRouter = CausalExpertChoiceRouter

@@ -32,14 +32,14 @@ import torch
 from torch import nn
 
 from torchtune_moe.modules.moe_layer import MoE, moe_layers
-from torchtune_moe.modules.routers import ExpertChoiceTopKRouter, ExpertThresholdRouter, _in_backward_recompute
+from torchtune_moe.modules.routers import CausalExpertChoiceRouter, ExpertChoiceTopKRouter, _in_backward_recompute
 
 __all__ = ["RoutingRecord", "capture_routing", "replay_routing"]
 
 ArrayLike = Union[torch.Tensor, Sequence]  # a tensor, a numpy array or nested lists
 
 # Routers whose assignments are not "K experts per token": nothing to capture or replay.
-_NOT_TOKEN_CHOICE = (ExpertChoiceTopKRouter, ExpertThresholdRouter)
+_NOT_TOKEN_CHOICE = (ExpertChoiceTopKRouter, CausalExpertChoiceRouter)
 
 
 class RoutingRecord:
@@ -322,7 +322,7 @@ def capture_routing(model: nn.Module, *, with_weights: bool = False) -> Iterator
 
     Raises:
         ValueError: the model has no MoE layer, or one uses a router that does not pick K experts per token
-            (expert choice, expert threshold).
+            (expert choice, causal expert choice).
     """
     layers = _layers(model, "capture_routing")
     record = RoutingRecord._empty(len(layers), with_weights)
@@ -356,7 +356,7 @@ def replay_routing(model: nn.Module, record: RoutingRecord) -> Iterator[None]:
     Raises:
         ValueError: before any forward, when the record's layer count or top_k differs from the model's, it
             holds expert ids outside ``0..E-1`` or repeats an expert within a token, or a router cannot replay
-            (expert choice, expert threshold, a router without ``forced_experts_TK``); at a forward, when its
+            (expert choice, causal expert choice, a router without ``forced_experts_TK``); at a forward, when its
             token count differs from the record's. Each message names both sizes.
     """
     if not isinstance(record, RoutingRecord):

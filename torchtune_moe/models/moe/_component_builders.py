@@ -17,7 +17,7 @@ from torchtune.utils import get_logger
 
 from torchtune_moe.modules import (
     ExpertChoiceTopKRouter,
-    ExpertThresholdRouter,
+    CausalExpertChoiceRouter,
     MoE,
     MoELinear,
     TokenChoiceTopKRouter,
@@ -39,7 +39,7 @@ ROUTERS = {
     ),
     "expert_choice": (ExpertChoiceTopKRouter, ("capacity_factor",)),
     "causal_expert_choice": (
-        ExpertThresholdRouter,
+        CausalExpertChoiceRouter,
         ("capacity_factor", "max_experts_per_token", "threshold_ema_decay"),
     ),
 }
@@ -122,7 +122,7 @@ def moe_layer(
             token-choice options (:class:`~torchtune_moe.modules.TokenChoiceTopKRouter`); None = its default.
         capacity_factor: expert-choice and causal-expert-choice option.
         max_experts_per_token, threshold_ema_decay: causal-expert-choice options
-            (:class:`~torchtune_moe.modules.ExpertThresholdRouter`).
+            (:class:`~torchtune_moe.modules.CausalExpertChoiceRouter`).
             An option the chosen router does not take is ignored with a logged note (see ``ROUTERS``), so that a
             config switches routers by one override.
         activation (str): expert activation (``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"``).

@@ -1,4 +1,4 @@
-"""Memory-bound pieces of the routed-expert block, fused: SwiGLU with the routing weight, and gather-sum.
+"""Memory-bound pieces of the routed-expert block, fused: SwiGLU with the routing weight, gather-sums.
 
 Each function has one definition of what it computes (the pure-torch code below, used on CPU and when
 Triton is missing) and, on CUDA, a Triton kernel that computes the same thing in one pass over memory.
@@ -6,11 +6,16 @@ The kernels are registered as custom ops (``torch.ops.torchtune_moe.*``) so that
 them as they are rather than tracing into them: Inductor's own fusion of the torch code measured slower
 (benchmarks/NOTES.md). Why hand-written: no library we
 depend on fuses "SwiGLU times a per-row weight" with its backward (recomputing the output instead of
-saving it), or sums K gathered rows per token without materialising the [T, K, D] gather.
+saving it), or sums a token's gathered rows (K of them, or a variable number) without materialising the
+gather or accumulating with atomics.
 
 Rows at or past ``num_valid`` (a 1-element int32 device tensor: dropped slots sorted last, whose grouped
-GEMM rows hold garbage) read as zero when ``may_drop`` is set; with it unset every row is used.
+GEMM rows hold garbage) read as zero when ``may_drop`` is set; with it unset every row is used. The Triton
+kernels neither read nor write those rows of their [A, *] outputs (no consumer reads them: the grouped GEMMs
+stop at the last expert's offset, the combines skip them); the torch code writes zeros there.
 """
+
+from typing import Optional
 
 import torch
 
@@ -22,7 +27,9 @@ except ImportError:  # pragma: no cover - depends on the install
     _triton = None
     _HAS_TRITON = False
 
-__all__ = ["gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "use_triton", "valid_rows"]
+__all__ = [
+    "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
+]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -35,11 +42,11 @@ if _HAS_TRITON:
     Tensor = torch.Tensor
 
     @torch.library.custom_op("torchtune_moe::gather_rows", mutates_args=())
-    def _gather_rows_op(src_TD: Tensor, index_A: Tensor) -> Tensor:
-        return _triton.gather_rows(src_TD, index_A)
+    def _gather_rows_op(src_TD: Tensor, index_A: Tensor, num_valid: Tensor, may_drop: bool) -> Tensor:
+        return _triton.gather_rows(src_TD, index_A, num_valid, may_drop)
 
     @_gather_rows_op.register_fake
-    def _(src_TD, index_A):
+    def _(src_TD, index_A, num_valid, may_drop):
         return src_TD.new_empty((index_A.shape[0], src_TD.shape[1]))
 
     @torch.library.custom_op("torchtune_moe::swiglu_forward", mutates_args=())
@@ -69,15 +76,34 @@ if _HAS_TRITON:
     def _(src_AD, index_TK, num_valid, may_drop):
         return src_AD.new_empty((index_TK.shape[0], src_AD.shape[1]))
 
+    @torch.library.custom_op("torchtune_moe::segment_sum", mutates_args=())
+    def _segment_sum_op(src_AD: Tensor, index_J: Tensor, offsets_T: Tensor) -> Tensor:
+        return _triton.segment_sum(src_AD, index_J, offsets_T)
 
-def gather_rows(src_TD: torch.Tensor, index_A: torch.Tensor) -> torch.Tensor:
+    @_segment_sum_op.register_fake
+    def _(src_AD, index_J, offsets_T):
+        return src_AD.new_empty((offsets_T.shape[0], src_AD.shape[1]))
+
+
+def gather_rows(
+    src_TD: torch.Tensor, index_A: torch.Tensor, num_valid: Optional[torch.Tensor] = None, may_drop: bool = False
+) -> torch.Tensor:
     """``out[a] = src[index[a]]`` (the dispatch gather): [T, D], [A] int64 -> [A, D].
 
     The Triton kernel moves 4 rows per program in 16-byte vectors; ``index_select`` reaches ~2/3 of the
     copy bandwidth on this access pattern (benchmarks/NOTES.md).
+
+    Args:
+        src_TD (torch.Tensor): [T, D] rows.
+        index_A (torch.Tensor): [A] int64.
+        num_valid (torch.Tensor): [1] int32, read only with ``may_drop``.
+        may_drop (bool): rows at or past ``num_valid`` are dropped slots that nothing reads: the Triton
+            kernel leaves them unwritten (their values are unspecified), saving their traffic.
     """
     if use_triton(src_TD):
-        return _gather_rows_op(src_TD, index_A)
+        if num_valid is None:
+            num_valid, may_drop = index_A.new_zeros(1, dtype=torch.int32), False
+        return _gather_rows_op(src_TD, index_A, num_valid, may_drop)
     return src_TD.index_select(0, index_A)
 
 
@@ -102,7 +128,7 @@ def swiglu_forward(
         h_AF (torch.Tensor): [A, 2H] gate columns then up columns.
         weights_A (torch.Tensor): [A] routing weight of each row.
         num_valid (torch.Tensor): [1] int32, rows past it are dropped (only read when ``may_drop``).
-        may_drop (bool): zero the rows at or past ``num_valid``.
+        may_drop (bool): rows at or past ``num_valid`` are dropped: zero (torch code) or left unwritten (Triton).
 
     Returns:
         torch.Tensor: [A, H]
@@ -130,7 +156,8 @@ def swiglu_backward(
         weights_A (torch.Tensor): [A] routing weights.
         grad_hs_AH (torch.Tensor): [A, H] gradient of the output.
         num_valid (torch.Tensor): [1] int32 (see :func:`swiglu_forward`).
-        may_drop (bool): zero every output of rows at or past ``num_valid``.
+        may_drop (bool): rows at or past ``num_valid`` are dropped: their ``grad_weights`` is zero, their rows
+            of ``grad_h`` and ``hs`` are zero (torch code) or left unwritten (Triton).
 
     Returns:
         tuple: ``grad_h_AF`` [A, 2H] (``h``'s dtype), ``grad_weights_A`` [A] fp32, ``hs_AH`` [A, H] (the
@@ -174,7 +201,34 @@ def gather_sum(
     """
     if use_triton(src_AD):
         return _gather_sum_op(src_AD, index_TK, num_valid, may_drop)
-    rows_TKD = src_AD[index_TK]
-    if may_drop:
-        rows_TKD = torch.where((index_TK < num_valid).unsqueeze(-1), rows_TKD, 0)
+    if may_drop:  # dropped entries may point past the last row of src: read row 0 instead, then zero it
+        valid_TK = index_TK < num_valid
+        rows_TKD = torch.where(valid_TK.unsqueeze(-1), src_AD[torch.where(valid_TK, index_TK, 0)], 0)
+    else:
+        rows_TKD = src_AD[index_TK]
     return rows_TKD.sum(dim=1, dtype=torch.float32).to(src_AD.dtype)
+
+
+def segment_sum(src_AD: torch.Tensor, index_J: torch.Tensor, offsets_T: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum of src[index[j]] for j in [offsets[t-1], offsets[t])`` (``offsets[-1]`` read as 0),
+    accumulated in fp32, stored in ``src``'s dtype.
+
+    The combine for any number of rows per token (expert choice, a user's router): ``index`` lists the rows
+    of ``src`` token by token. Deterministic: no atomics. Entries of ``index`` past ``offsets[T-1]`` are
+    never read.
+
+    Args:
+        src_AD (torch.Tensor): [A, D] rows.
+        index_J (torch.Tensor): [J] int64, rows of ``src`` grouped by token.
+        offsets_T (torch.Tensor): [T] int32, cumulative number of rows of tokens 0..t.
+
+    Returns:
+        torch.Tensor: [T, D]
+    """
+    if use_triton(src_AD):
+        return _segment_sum_op(src_AD, index_J, offsets_T)
+    T, J = offsets_T.shape[0], index_J.shape[0]
+    # token of each entry (entries past offsets[T-1] get token T, a row that is cut off below)
+    token_J = torch.searchsorted(offsets_T.long(), torch.arange(J, device=src_AD.device), right=True)
+    out_TD = torch.zeros(T + 1, src_AD.shape[1], dtype=torch.float32, device=src_AD.device)
+    return out_TD.index_add_(0, token_J, src_AD[index_J].float())[:T].to(src_AD.dtype)

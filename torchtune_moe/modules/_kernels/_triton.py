@@ -1,7 +1,8 @@
 """Triton kernels behind :mod:`torchtune_moe.modules._kernels` (CUDA only; same results as its torch code).
 
 All are memory-bound: each reads its inputs once and writes its outputs once, in 16-byte vectors,
-computing in fp32.
+computing in fp32. With ``MAY_DROP``, rows at or past ``num_valid`` (dropped slots) are neither read nor
+written, except the routing-weight gradient, which they get as zero.
 """
 
 import torch
@@ -30,7 +31,7 @@ def _swiglu_fwd_kernel(
     w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
     out = gate * tl.sigmoid(gate) * up * w[:, None]
     out_rows = out_ptr + rows64[:, None] * stride_out + cols[None, :]
-    tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=rows_in[:, None] & cols_in[None, :])
+    tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=load_mask)
 
 
 @triton.jit
@@ -52,7 +53,7 @@ def _swiglu_bwd_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         cols_in = cols < H
         load_mask = rows_ok[:, None] & cols_in[None, :]
-        store_mask = rows_in[:, None] & cols_in[None, :]
+        store_mask = load_mask  # dropped rows are left unwritten: no consumer reads them
         h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
         gate = tl.load(h_rows, mask=load_mask, other=0.0).to(tl.float32)
         up = tl.load(h_rows + H, mask=load_mask, other=0.0).to(tl.float32)
@@ -94,12 +95,31 @@ def _gather_sum_kernel(
 
 
 @triton.jit
+def _segment_sum_kernel(
+    src_ptr, index_ptr, offsets_ptr, out_ptr, D, stride_src, stride_out, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols_in = cols < D
+    end = tl.load(offsets_ptr + t)
+    start = tl.load(offsets_ptr + t - 1, mask=t > 0, other=0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in range(start, end):
+        row = tl.load(index_ptr + j).to(tl.int64)
+        acc += tl.load(src_ptr + row * stride_src + cols, mask=cols_in, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cols_in)
+
+
+@triton.jit
 def _gather_rows_kernel(
-    src_ptr, index_ptr, out_ptr, A, D, stride_src, stride_out, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    src_ptr, index_ptr, out_ptr, num_valid_ptr, A, D, stride_src, stride_out,
+    MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rows_in = rows < A
+    if MAY_DROP:
+        rows_in = rows_in & (rows < tl.load(num_valid_ptr))
     mask = rows_in[:, None] & (cols < D)[None, :]
     src_rows = tl.load(index_ptr + rows, mask=rows_in, other=0).to(tl.int64)
     vals = tl.load(src_ptr + src_rows[:, None] * stride_src + cols[None, :], mask=mask)
@@ -157,7 +177,21 @@ def gather_sum(src_AD, index_TK, num_valid, may_drop):
     return out_TD
 
 
-def gather_rows(src_TD, index_A):
+def segment_sum(src_AD, index_J, offsets_T):
+    src_AD = _rows_contiguous(src_AD)
+    T = offsets_T.shape[0]
+    D = src_AD.shape[1]
+    out_TD = torch.empty((T, D), dtype=src_AD.dtype, device=src_AD.device)
+    BLOCK_D = min(1024, triton.next_power_of_2(D))
+    grid = (T, triton.cdiv(D, BLOCK_D))
+    _segment_sum_kernel[grid](
+        src_AD, index_J.contiguous(), offsets_T.contiguous(), out_TD, D, src_AD.stride(0), out_TD.stride(0),
+        BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return out_TD
+
+
+def gather_rows(src_TD, index_A, num_valid, may_drop):
     src_TD = _rows_contiguous(src_TD)
     A = index_A.shape[0]
     D = src_TD.shape[1]
@@ -165,7 +199,7 @@ def gather_rows(src_TD, index_A):
     BLOCK_M, BLOCK_D = 4, min(1024, triton.next_power_of_2(D))
     grid = (triton.cdiv(A, BLOCK_M), triton.cdiv(D, BLOCK_D))
     _gather_rows_kernel[grid](
-        src_TD, index_A.contiguous(), out_AD, A, D, src_TD.stride(0), out_AD.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=4,
+        src_TD, index_A.contiguous(), out_AD, num_valid, A, D, src_TD.stride(0), out_AD.stride(0),
+        MAY_DROP=may_drop, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=4,
     )
     return out_AD

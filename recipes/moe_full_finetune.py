@@ -382,6 +382,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                     module.requires_grad_(False)
 
         if self._compile:
+            # Lets dynamo trace ops whose output size depends on data, as causal expert choice's kept rows
+            # (torchtune_moe.modules.dispatch_combine): each layer then stays one graph instead of breaking there.
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
             training.compile_model(model, verbose=self._is_rank_zero)
         if self._enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})

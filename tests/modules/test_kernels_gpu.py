@@ -159,3 +159,58 @@ def test_bf16_router_logits_on_tensor_cores_match_fp32_path(compiled):
     for got, want, exact in zip(ours[1:], fp32[1:], fp64[1:]):  # grad_x, grad_w (bf16, as the fp32 path's)
         assert rel(got, want) < 1e-3
         assert rel(got, exact) <= 1.05 * rel(want, exact) + 1e-6
+
+
+def test_kept_prefix_waits_for_the_copy_of_its_count():
+    """dispatch_combine's host read: the count, computed behind ~ms of queued GEMMs and copied to the host
+    without blocking, is waited for (not read early), and the kept prefix is right."""
+    from torchtune_moe.modules import moe_layer as moe_layer_module
+
+    big_NN = torch.randn(4096, 4096, device="cuda")
+    for _ in range(8):
+        big_NN = big_NN @ big_NN * 1e-2
+    count = (big_NN[0, 0] * 0).nan_to_num().long() + 37  # 37, known only once the GEMMs are done
+    host = moe_layer_module._copy_to_host(count)
+    assert host.device.type == "cpu" and host.is_pinned()
+    src_A = torch.arange(100, device="cuda")
+    kept_R = moe_layer_module._kept_prefix(src_A, host)
+    assert torch.equal(kept_R.cpu(), torch.arange(37))
+    assert moe_layer_module._kept_prefix(src_A, moe_layer_module._copy_to_host(count * 0)).shape == (1,)
+
+
+def test_compiled_causal_expert_choice_is_one_graph_and_matches_eager():
+    """With dynamo allowed to trace data-dependent sizes (as the recipe sets it), the causal expert choice
+    layer compiles without a graph break at its kept rows or its threshold statistic (the only break left is
+    the layer's bookkeeping after its output, token choice's too), and matches eager: output, gradients and
+    the accumulated batch thresholds."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    layer = moe_layer(
+        dim=D, hidden_dim=H, num_experts=16, experts_per_token=4, router="causal_expert_choice", aux_loss_coeff=0.01
+    ).cuda().to(torch.bfloat16)
+    layer.router.thresholds.fill_(0.08)
+    layer.router.num_updates.fill_(1)
+    x = _rand(2, 256, D)
+
+    def step(mod):
+        for p in layer.parameters():
+            p.grad = None
+        layer.router._thr_sum.zero_()
+        layer.router._thr_count.zero_()
+        xg = x.detach().requires_grad_()
+        out = mod(xg)
+        (out.float().square().sum() + layer.aux_loss).backward()
+        return [out, xg.grad, layer.router._thr_sum.clone()] + [p.grad for p in layer.parameters()]
+
+    want = step(layer)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got = step(torch.compile(layer))
+    breaks = " ".join(counters["graph_break"])
+    assert "kept_prefix" not in breaks and "accumulate_batch_thresholds" not in breaks, breaks
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["graph_break"])
+    assert layer.router._thr_count.item() == 1
+    for g, w in zip(got, want):
+        _close(g, w.detach(), tol=2e-2)

@@ -391,6 +391,24 @@ class ExpertChoiceTopKRouter(_CapacityRouter):
         return f"num_experts={self.num_experts}, experts_per_token={self.experts_per_token}, capacity_factor={self.capacity_factor}"
 
 
+@torch.library.custom_op("torchtune_moe::accumulate_batch_thresholds", mutates_args=("thr_sum_E", "thr_count"))
+def _accumulate_batch_thresholds(
+    thr_sum_E: torch.Tensor, thr_count: torch.Tensor, scores_TE: torch.Tensor, capacity: int
+) -> None:
+    """``thr_sum_E += `` the ``capacity``-th largest score of each expert over the batch, ``thr_count += 1``;
+    nothing in a backward recompute (activation checkpointing). A custom op so that torch.compile runs that
+    check at every call, inside the layer's graph, instead of breaking the graph at it."""
+    if _in_backward_recompute():
+        return
+    thr_sum_E += scores_TE.topk(capacity, dim=0).values[capacity - 1]
+    thr_count += 1
+
+
+@_accumulate_batch_thresholds.register_fake
+def _(thr_sum_E, thr_count, scores_TE, capacity):
+    return None
+
+
 class CausalExpertChoiceRouter(_CapacityRouter):
     """Causal-safe expert choice (``router="causal_expert_choice"``): Expert Threshold (ET) routing
     (arXiv 2603.11535). ``ExpertThresholdRouter`` is a deprecated alias of this class.
@@ -467,11 +485,8 @@ class CausalExpertChoiceRouter(_CapacityRouter):
         keep_TK = torch.where(self.num_updates > 0, passes_TK, warm_TK)
         expert_ids_TK = torch.where(keep_TK, experts_TK, E)
         weights_TK = top_scores_TK * keep_TK
-        if self.training and not _in_backward_recompute():
-            with torch.no_grad():
-                C = self.capacity(T)
-                self._thr_sum += scores_TE.detach().topk(C, dim=0).values[C - 1]
-                self._thr_count += 1
+        if self.training:
+            _accumulate_batch_thresholds(self._thr_sum, self._thr_count, scores_TE.detach(), self.capacity(T))
         return RouterOutput(
             token_ids_A=torch.arange(T, device=x_TD.device).repeat_interleave(Kmax),
             expert_ids_A=expert_ids_TK.reshape(-1),

@@ -15,8 +15,8 @@ __all__ = ["MoE", "collect_aux_loss", "update_routers", "moe_layers", "dispatch_
 
 
 # The one host read of dispatch_combine (routings that drop slots), split in two custom ops: opaque to
-# torch.compile, so the layer traces as one graph (the kept rows get an unbacked size) instead of breaking it at
-# an ``int(tensor)``; and non-blocking on CUDA, so the GPU runs the launches queued between the two.
+# torch.compile, which traces through them (the kept rows get an unbacked size) instead of breaking the graph
+# at an ``int(tensor)``; and non-blocking on CUDA, so the GPU runs the launches queued between the two.
 _PENDING_HOST_COPIES: dict[int, "torch.cuda.Event"] = {}
 
 
@@ -73,8 +73,7 @@ def dispatch_combine(x_TD: torch.Tensor, routing: RouterOutput, experts: MoELine
     CUDA) before the sort and is waited on after every launch that does not need it, so the GPU is not left
     idle while the host waits. Under torch.compile the read is a custom op whose output (the kept rows) has a
     data-dependent size: with ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` (the recipe
-    sets it when ``compile`` is on; ``fullgraph=True`` implies it) dynamo traces it and the layer stays one
-    graph, otherwise dynamo breaks the graph there.
+    sets it when ``compile`` is on) dynamo traces through it, otherwise it breaks the graph there.
 
     Args:
         x_TD (torch.Tensor): [T, D] tokens.

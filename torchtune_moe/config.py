@@ -44,7 +44,6 @@ __all__ = [
     "string",
     "component",
     "section",
-    "anything",
 ]
 
 _COMPONENT = "_component_"
@@ -180,11 +179,6 @@ def string() -> Check:
     return lambda v: None if isinstance(v, str) and v else "a non-empty string"
 
 
-def anything() -> Check:
-    """Any value."""
-    return lambda v: None
-
-
 def component(allow_list: bool = False) -> Check:
     """A mapping with ``_component_`` (its arguments are checked by :func:`validate_config`); with
     ``allow_list``, a list of such mappings too (e.g. several datasets)."""
@@ -231,12 +225,43 @@ def _check_component(path: str, node: Mapping[str, Any], recipe_kwargs: Sequence
                 f"{path}.{key}: '{target}' has no argument '{key}'.{_suggest(key, named)} "
                 f"Its arguments: {', '.join(named)}"
             )
+    for key, value in node.items():
+        if key != _COMPONENT and key in params:
+            allowed = _argument_type_problem(params[key], value)
+            if allowed:
+                raise ValueError(f"{path}.{key}: got {value!r}; allowed: {allowed} (an argument of '{target}')")
     for key in recipe_kwargs:
         if key not in params:
             raise ValueError(
                 f"{path}._component_: '{target}' must accept the argument '{key}', which the recipe passes "
                 f"(its arguments: {', '.join(named)})"
             )
+
+
+_NUMBER_TYPES = {int: "an integer", float: "a number", "int": "an integer", "float": "a number"}
+
+
+def _argument_type_problem(param: inspect.Parameter, value: Any) -> Optional[str]:
+    """What a component argument must be when ``value`` plainly is not it, judged from the parameter's default
+    (a bool, int or float) or its annotation (``int``, ``float``, ``bool``); None when fine or unknown. Catches
+    ``optimizer.lr=abc`` before the component sees it."""
+    default, annotation = param.default, param.annotation
+    if isinstance(default, bool) or annotation in (bool, "bool"):
+        return None if isinstance(value, bool) else "true or false"
+    kind = None
+    if isinstance(default, (int, float)) and default is not None:
+        kind = "a number" if isinstance(default, float) else "an integer"
+    elif annotation in _NUMBER_TYPES:
+        kind = _NUMBER_TYPES[annotation]
+    if kind is None or isinstance(value, (list, tuple, dict)) or value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str) and value.strip().lower() in ("inf", "-inf", "infinity", "nan"):
+            return None
+        return kind
+    if kind == "an integer" and isinstance(value, float) and not value.is_integer():
+        return kind
+    return None
 
 
 def _walk_components(path: str, value: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib.resources import as_file
@@ -216,6 +217,11 @@ def _check_component(path: str, node: Mapping[str, Any], recipe_kwargs: Sequence
     except (TypeError, ValueError):  # some builtins have no signature: nothing more to check
         return
     params = sig.parameters
+    for key, value in node.items():
+        if key != _COMPONENT and key in params:
+            allowed = _argument_type_problem(params[key], value)
+            if allowed:
+                raise ValueError(f"{path}.{key}: got {value!r}; allowed: {allowed} (an argument of '{target}')")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     named = [n for n, p in params.items() if p.kind not in (inspect.Parameter.VAR_POSITIONAL,)]
@@ -225,11 +231,6 @@ def _check_component(path: str, node: Mapping[str, Any], recipe_kwargs: Sequence
                 f"{path}.{key}: '{target}' has no argument '{key}'.{_suggest(key, named)} "
                 f"Its arguments: {', '.join(named)}"
             )
-    for key, value in node.items():
-        if key != _COMPONENT and key in params:
-            allowed = _argument_type_problem(params[key], value)
-            if allowed:
-                raise ValueError(f"{path}.{key}: got {value!r}; allowed: {allowed} (an argument of '{target}')")
     for key in recipe_kwargs:
         if key not in params:
             raise ValueError(
@@ -238,21 +239,28 @@ def _check_component(path: str, node: Mapping[str, Any], recipe_kwargs: Sequence
             )
 
 
-_NUMBER_TYPES = {int: "an integer", float: "a number", "int": "an integer", "float": "a number"}
+def _annotation_names(annotation: Any) -> set[str]:
+    """The type names in a parameter annotation (``Union[float, Tensor]`` -> {float, Tensor}; also string
+    annotations), without Optional/None."""
+    if annotation is inspect.Parameter.empty:
+        return set()
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or repr(annotation)
+    return set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", text)) - {"typing", "torch", "Optional", "Union", "None", "NoneType"}
 
 
 def _argument_type_problem(param: inspect.Parameter, value: Any) -> Optional[str]:
-    """What a component argument must be when ``value`` plainly is not it, judged from the parameter's default
-    (a bool, int or float) or its annotation (``int``, ``float``, ``bool``); None when fine or unknown. Catches
-    ``optimizer.lr=abc`` before the component sees it."""
-    default, annotation = param.default, param.annotation
-    if isinstance(default, bool) or annotation in (bool, "bool"):
-        return None if isinstance(value, bool) else "true or false"
+    """What a component argument must be when ``value`` plainly is not it, judged from the parameter's annotation
+    (``int``, ``float``, ``bool``, ``Union[float, Tensor]``, optional or not) or, without one, its default;
+    None when fine or unknown. Catches ``optimizer.lr=abc`` before the component sees it."""
+    names = _annotation_names(param.annotation)
+    default = param.default
+    if names == {"bool"} or (not names and isinstance(default, bool)):
+        return None if value is None or isinstance(value, bool) else "true or false"
     kind = None
-    if isinstance(default, (int, float)) and default is not None:
-        kind = "a number" if isinstance(default, float) else "an integer"
-    elif annotation in _NUMBER_TYPES:
-        kind = _NUMBER_TYPES[annotation]
+    if names and names <= {"int", "float", "Tensor"} and names & {"int", "float"}:
+        kind = "an integer" if names == {"int"} else "a number"
+    elif not names and isinstance(default, (int, float)) and not isinstance(default, bool):
+        kind = "a number"  # an int default may still take a float (Adam's weight_decay=0)
     if kind is None or isinstance(value, (list, tuple, dict)) or value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -137,7 +137,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         cfg (DictConfig): the parsed config.
 
     Raises:
-        ValueError: a bad config (naming the key), before any work.
+        ValueError: a bad config (naming the key), before any work: the constructor validates the config and
+            builds the model (on the meta device when weights will be loaded); ``setup`` refuses a used
+            ``output_dir``, a damaged checkpoint or bad data before writing anything.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -184,13 +186,17 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         self.skipped_steps = 0  # non-finite steps skipped (max_skipped_nonfinite_steps)
         self.loss_history: list[tuple[int, float]] = []  # (step, loss) of every optimizer step, for the summary
 
+        # The model is built once, here, so that a bad builder argument is refused with the config errors.
+        self._from_scratch = not self._resume_from_checkpoint and cfg.checkpointer.get("checkpoint_dir") is None
+        self._model = self._build_model(cfg, self._from_scratch)
+
     # ----------------------------------------------------------------------------------------------- setup
 
     def setup(self, cfg: DictConfig) -> None:
-        """Builds everything. First what can refuse the run, before anything is written or loaded: the output
-        directory (or, on resume, the latest checkpoint's integrity and config changes), the model (on the meta
-        device when weights will be loaded), tokenizer, loss and data. Then the output directory, loggers and the
-        logged config; then the weights, sharding, optimizer, lr scheduler and the resumed state."""
+        """Builds everything but the model (built by the constructor). First what can refuse the run, before
+        anything is written or loaded: the output directory (or, on resume, the latest checkpoint's integrity and
+        config changes), tokenizer, loss and data. Then the output directory, loggers and the logged config; then
+        the weights, sharding, optimizer, lr scheduler and the resumed state."""
         # 1. Checks: nothing is written or loaded until they pass.
         recipe_state, previous_run = None, []
         if self._resume_from_checkpoint:
@@ -199,8 +205,6 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         else:
             previous_run = self._on_rank_zero(lambda: check_output_dir(self._output_dir, self._overwrite_output_dir))
             optimizer_changes = []
-        from_scratch = not self._resume_from_checkpoint and cfg.checkpointer.get("checkpoint_dir", None) is None
-        model = self._build_model(cfg, from_scratch)
         self._tokenizer = instantiate("tokenizer", cfg.tokenizer)
         self._loss_fn = instantiate("loss", cfg.loss)
         if not hasattr(self._loss_fn, "ignore_index"):
@@ -238,13 +242,13 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         checkpointer_kwargs = {"checkpoint_dir": str(self._resume_dir)} if recipe_state is not None else {}
         self._checkpointer = instantiate("checkpointer", cfg.checkpointer, **checkpointer_kwargs)
         model_state_dict = self._load_model_state_dict()
-        if model_state_dict is None and not from_scratch:
+        if model_state_dict is None and not self._from_scratch:
             raise ValueError(
                 "checkpointer: checkpoint_dir is set but the checkpointer returned no weights "
                 "(Checkpointer.load_checkpoint must return {'model': state_dict})"
             )
         self._model = self._setup_model(
-            model,
+            self._model,
             model_state_dict=model_state_dict,
             reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
             custom_sharded_layers=cfg.get("custom_sharded_layers", None),

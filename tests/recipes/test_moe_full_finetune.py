@@ -193,7 +193,7 @@ def test_bad_config_fails_before_any_work(tmp_path, override, message):
     out = tmp_path / "out"
     cfg = load_config("tiny/full", [f"output_dir={out}", override])
     with pytest.raises(ValueError, match=message):
-        MoEFullFinetuneRecipe(cfg).setup(cfg)  # builder arguments are checked when setup builds the model, first
+        MoEFullFinetuneRecipe(cfg)
     assert not out.exists()  # nothing was written: the check came first
 
 

@@ -227,6 +227,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
         if recipe_state is not None:
             self._check_resume_layout(recipe_state)
+        checkpointer_kwargs = {"checkpoint_dir": str(self._resume_dir)} if recipe_state is not None else {}
+        self._checkpointer = instantiate("checkpointer", cfg.checkpointer, **checkpointer_kwargs)
 
         # 2. The output directory, loggers and the config, once every check has passed.
         if self._is_rank_zero:
@@ -239,8 +241,6 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 logger.log_config(cfg)
 
         # 3. Weights, sharding, optimizer, schedule, resumed state.
-        checkpointer_kwargs = {"checkpoint_dir": str(self._resume_dir)} if recipe_state is not None else {}
-        self._checkpointer = instantiate("checkpointer", cfg.checkpointer, **checkpointer_kwargs)
         model_state_dict = self._load_model_state_dict()
         if model_state_dict is None and not self._from_scratch:
             raise ValueError(

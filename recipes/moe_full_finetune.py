@@ -673,8 +673,18 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             gc.collect()
         self._optimizer.zero_grad(set_to_none=True)
         self._train_start = time.perf_counter()
-        window = LogWindow()
+        self._window = LogWindow()
+        try:
+            self._train_epochs()
+        except TrainingStopped:
+            if self._window.steps:  # show the steps that led there (every rank stops at the same step)
+                self._log_window(self._window)
+            raise
+        self._train_time = time.perf_counter() - self._train_start
 
+    def _train_epochs(self) -> None:
+        """The epochs and steps of :meth:`train`; the current logging window is ``self._window``."""
+        window = self._window
         for curr_epoch in range(self.epochs_run, self.total_epochs):
             self._sampler.set_epoch(curr_epoch)
             pbar = tqdm(
@@ -709,7 +719,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 pbar.set_description(f"{curr_epoch + 1}|{self.global_step}|Loss: {step['loss']:.4f}")
                 if self.global_step % self._log_every_n_steps == 0 and window.steps:
                     self._log_window(window)
-                    window = LogWindow()
+                    window = self._window = LogWindow()
 
                 epoch_done = self.steps_run_in_epoch == self._steps_per_epoch
                 if epoch_done:
@@ -721,9 +731,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             self.steps_run_in_epoch = 0
             if window.steps:  # the last, partial logging window: logged before the save, which may fail
                 self._log_window(window)
-                window = LogWindow()
+                window = self._window = LogWindow()
             self.save_checkpoint(epoch_done=True)
-        self._train_time = time.perf_counter() - self._train_start
 
     def _grad_norm(self) -> Optional[torch.Tensor]:
         """The total gradient norm, clipping to ``clip_grad_norm`` when set (every rank: reduced over shards)."""

@@ -102,9 +102,6 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 CONFIG_SPEC = FULL_FINETUNE_CONFIG_SPEC
 # Console lines show every MoE layer's expert load up to this many layers (beyond: a one-line summary).
 _MAX_CONSOLE_LAYERS = 8
-# Default of process_group_timeout_s: long enough for rank 0 to gather and write a large model's checkpoint
-# while the other ranks wait in a barrier.
-_DEFAULT_PG_TIMEOUT_S = 1800.0
 # Keys whose change on resume is expected and says nothing about the run.
 _RESUME_IGNORED_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "checkpointer.checkpoint_dir")
 
@@ -152,8 +149,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             backend = training.get_distributed_backend(
                 self._device.type, offload_ops_to_cpu=self._device.type != "cpu"
             )
-            timeout_s = float(cfg.get("process_group_timeout_s", _DEFAULT_PG_TIMEOUT_S))
-            init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            timeout_s = cfg.get("process_group_timeout_s", None)
+            kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=float(timeout_s))}
+            init_process_group(backend, **kwargs)
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
 
@@ -987,11 +985,12 @@ def recipe_main(cfg: DictConfig) -> None:
     except (RuntimeError, dist.DistError) as e:
         if not (recipe._distributed and _is_timeout(e)):
             raise
-        timeout = cfg.get("process_group_timeout_s", _DEFAULT_PG_TIMEOUT_S)
+        timeout = cfg.get("process_group_timeout_s", None)
+        within = "torch's default timeout" if timeout is None else f"process_group_timeout_s={timeout:g}s"
         # No cleanup: destroying the process group would wait on the stalled rank.
         sys.exit(
-            f"moe_full_finetune: rank {recipe.rank}: a collective did not complete within process_group_timeout_s="
-            f"{timeout:g}s, so another rank stalled or died (its own output says why); "
+            f"moe_full_finetune: rank {recipe.rank}: a collective did not complete within {within}, so another "
+            f"rank stalled or died (its own output says why); "
             f"{last_good_checkpoint_note(recipe._output_dir)}. ({type(e).__name__}: {str(e).splitlines()[0]})"
         )
     recipe.cleanup()

@@ -51,7 +51,7 @@ FULL_FINETUNE_CONFIG_SPEC: dict[str, Key] = {
     "freeze_router": Key(boolean()),
     "fsdp_reshard_after_forward": Key(boolean()),
     "custom_sharded_layers": Key(lambda v: None if isinstance(v, list) else "a list of module names", nullable=True),
-    "process_group_timeout_s": Key(number(0, strict=True, allow_inf=False)),
+    "process_group_timeout_s": Key(number(0, strict=True, allow_inf=False), nullable=True),
     "log_every_n_steps": Key(integer(1)),
     "log_expert_load": Key(one_of("brief", "detailed")),
     "log_peak_memory_stats": Key(boolean()),

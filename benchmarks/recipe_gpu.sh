@@ -9,7 +9,7 @@ tune=${TUNE:-tune}
 run() {  # name, then overrides
   local name=$1; shift
   echo "== $name: $*"
-  /usr/bin/time -f "$name wall %e s" $tune run moe_full_finetune "$@" output_dir="$out/$name" 2>&1 \
+  /usr/bin/time -f "$name wall %e s" $tune run moe_full_finetune "$@" output_dir="$out/$name" overwrite_output_dir=true 2>&1 \
     | tr '\r' '\n' | grep -v "it/s]" > "$out/$name.log"
   grep -E "^step |wall|exactly right|Error|error" "$out/$name.log" | tail -6
 }

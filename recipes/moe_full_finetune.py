@@ -17,25 +17,27 @@ metric loggers, ``padded_collate_sft``, ``StatefulDistributedSampler``). What it
   reduced across ranks, and ``{output_dir}/expert_load.jsonl`` for ``tune-moe plot``;
 - atomic checkpoints (``{output_dir}/step_{N}``) every epoch and every ``save_every_n_steps``, with everything
   needed to resume to the identical loss curve (``resume_from_checkpoint: true``);
+- fail-safe runs: a used ``output_dir``, a damaged checkpoint, a non-finite loss or a full disk stop the run with
+  the last good checkpoint named, and never replace a good checkpoint;
 - optional routing replay from a dataset column (``replay_routing_column``);
 - a sample of greedy completions at the end.
 
-Every config key is documented in docs/recipe.md and in the packaged configs' comments.
+The helpers (config schema, state-dict plumbing, RNG, console output, data adapters, safety checks) live in
+``torchtune_moe.training`` and ``torchtune_moe.data``; this file orchestrates. Every config key is documented in
+docs/recipe.md.
 """
 
 import contextlib
 import gc
-import json
-import random
 import shutil
 import sys
 import time
 import warnings
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -54,111 +56,54 @@ from torchtune.training.metric_logging import DiskLogger
 from tqdm import tqdm
 
 from torchtune_moe import config as moe_config
-from torchtune_moe.config import Key, boolean, component, integer, number, one_of, section, string
-from torchtune_moe.modules import (
-    Router,
-    RoutingRecord,
-    collect_aux_loss,
-    moe_layers,
-    replay_routing,
-    update_routers,
-)
+from torchtune_moe.data import RawColumn, RowErrors, build_dataset, check_dataset, collate_with_routing, load_raw_rows
+from torchtune_moe.modules import Router, RoutingRecord, collect_aux_loss, moe_layers, replay_routing, update_routers
 from torchtune_moe.training import (
+    FULL_FINETUNE_CONFIG_SPEC,
     MODEL_KEY,
     RECIPE_STATE_FILENAME,
     ExpertLoadTracker,
+    LogWindow,
+    TrainingStopped,
+    all_finite,
     append_expert_load,
     atomic_directory,
+    check_model,
+    check_output_dir,
+    check_state_dict,
     checkpoint_dir_name,
-    clean_module_name,
+    checkpoint_problems,
+    clear_previous_run,
+    config_changes,
     find_latest_checkpoint,
+    format_rate,
+    instantiate,
+    is_out_of_space,
+    last_good_checkpoint_note,
+    latest_intact_checkpoint,
     list_checkpoints,
+    load_buffers,
+    materialize_meta_buffers,
     peak_memory_stats,
+    prompt_and_expected,
     remove_stale_temporaries,
+    restore_rng_state,
+    rng_state,
+    samples_table,
     truncate_expert_load,
+    validate_recipe_config,
 )
 
 log = utils.get_logger("INFO")
 # torchdata's StatefulDataLoader calls a deprecated torch API on every iterator; nothing for users to act on.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
-# ---------------------------------------------------------------------------------------------------------------
-# The config keys this recipe knows. Anything else is refused before any work (a misspelt key would otherwise be
-# silently ignored). Documented in docs/recipe.md.
-CONFIG_SPEC: dict[str, Key] = {
-    "output_dir": Key(string(), required=True, doc="directory for checkpoints and logs"),
-    "model": Key(component(), required=True, doc="the model builder"),
-    "tokenizer": Key(component(), required=True, doc="the tokenizer builder"),
-    "dataset": Key(component(allow_list=True), required=True, doc="dataset builder(s)"),
-    "checkpointer": Key(component(), required=True, doc="checkpointer (torchtune_moe.training.MoECheckpointer)"),
-    "optimizer": Key(component(), required=True, doc="optimizer, e.g. torch.optim.AdamW"),
-    "loss": Key(component(), required=True, doc="token loss, e.g. torch.nn.CrossEntropyLoss"),
-    "batch_size": Key(integer(1), required=True, doc="micro-batch size per device"),
-    "epochs": Key(integer(1), required=True, doc="number of epochs"),
-    "lr_scheduler": Key(component(), nullable=True, recipe_kwargs=("num_training_steps", "last_epoch")),
-    "metric_logger": Key(component(), nullable=True),
-    "collate_fn": Key(string()),
-    "seed": Key(integer(0), nullable=True),
-    "shuffle": Key(boolean()),
-    "device": Key(one_of("cpu", "cuda", "xpu", "npu", "mps")),
-    "dtype": Key(one_of("fp32", "bf16")),
-    "gradient_accumulation_steps": Key(integer(1)),
-    "max_steps_per_epoch": Key(integer(1), nullable=True),
-    "clip_grad_norm": Key(number(0, strict=True), nullable=True),
-    "enable_activation_checkpointing": Key(boolean()),
-    "compile": Key(boolean()),
-    "freeze_router": Key(boolean()),
-    "fsdp_reshard_after_forward": Key(boolean()),
-    "custom_sharded_layers": Key(lambda v: None if isinstance(v, list) else "a list of module names", nullable=True),
-    "log_every_n_steps": Key(integer(1)),
-    "log_expert_load": Key(one_of("brief", "detailed")),
-    "log_peak_memory_stats": Key(boolean()),
-    "save_every_n_steps": Key(integer(1), nullable=True),
-    "keep_last_n_checkpoints": Key(integer(1), nullable=True),
-    "resume_from_checkpoint": Key(boolean()),
-    "replay_routing_column": Key(string(), nullable=True),
-    "samples": Key(
-        section(),
-        nullable=True,
-        children={
-            "prompts": Key(component(), required=True, doc="builder returning the prompts"),
-            "max_new_tokens": Key(integer(1)),
-        },
-    ),
-}
-
+#: The config keys this recipe knows (documented in docs/recipe.md).
+CONFIG_SPEC = FULL_FINETUNE_CONFIG_SPEC
 # Console lines show every MoE layer's expert load up to this many layers (beyond: a one-line summary).
 _MAX_CONSOLE_LAYERS = 8
-
-
-def _collate_with_routing(batch: list[dict], *, collate_fn, column: str) -> dict:
-    """Collates a batch whose samples carry per-token routing ``[S_b, L, K]`` in ``column`` (nested lists, an
-    array, or their JSON string); the routing is checked against each sample's token count, padded to the
-    batch's padded length and returned as ``[B, S, L, K]`` under the same key."""
-    routing = [sample.pop(column) for sample in batch]
-    routing = [json.loads(r) if isinstance(r, str) else r for r in routing]
-    lengths = [len(sample["tokens"]) for sample in batch]
-    out = collate_fn(batch)
-    B, S = out["tokens"].shape
-    arr_TLK = RoutingRecord.from_batch(routing, seq_len=S, lengths=lengths).to_array()
-    out[column] = arr_TLK.view(B, S, *arr_TLK.shape[1:])
-    return out
-
-
-class _WithColumn(torch.utils.data.Dataset):
-    """Adds a raw column of a torchtune SFT-style dataset (which keeps its rows in ``_data``) to each sample:
-    their transforms keep only ``tokens``/``mask``/``labels``."""
-
-    def __init__(self, ds, column: str):
-        self.ds, self.column = ds, column
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, idx: int) -> dict:
-        sample = dict(self.ds[idx])
-        sample[self.column] = self.ds._data[idx][self.column]
-        return sample
+# Keys whose change on resume is expected and says nothing about the run.
+_RESUME_IGNORED_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "checkpointer.checkpoint_dir")
 
 
 class MoEFullFinetuneRecipe(FTRecipeInterface):
@@ -176,21 +121,26 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
     - **Routers**: ``update_routers`` once per optimizer step on every rank; ``freeze_router``.
     - **Precision** fp32 or bf16 (``dtype``), **gradient accumulation**, **clipping** (``clip_grad_norm``),
       **activation checkpointing**, per-layer **torch.compile** (``compile``).
-    - **Logging** every ``log_every_n_steps``: loss, ce_loss, aux_loss, ``aux/<name>``, lr, tokens/s, peak
-      memory, grad norm, and expert load (``log_expert_load: brief|detailed``) to the metric logger plus always
-      a torchtune ``DiskLogger`` in ``{output_dir}/logs`` and ``{output_dir}/expert_load.jsonl``.
+    - **Logging** every ``log_every_n_steps`` and at the end: loss, ce_loss, aux_loss, ``aux/<name>``, lr,
+      tokens/s, peak memory, grad norm, and expert load (``log_expert_load: brief|detailed``) to the metric logger
+      plus always a torchtune ``DiskLogger`` in ``{output_dir}/logs`` and ``{output_dir}/expert_load.jsonl``.
     - **Checkpoints** ``{output_dir}/step_{N}`` written atomically at each epoch end and every
       ``save_every_n_steps``; ``resume_from_checkpoint`` continues from the latest one.
+    - **Fail-safe**: a non-finite loss or gradient norm stops before the optimizer step
+      (``max_skipped_nonfinite_steps`` skips a few instead); a used ``output_dir`` is refused unless resuming
+      or ``overwrite_output_dir``; collectives time out after ``process_group_timeout_s``.
 
     Args:
         cfg (DictConfig): the parsed config.
 
     Raises:
-        ValueError: a bad config (naming the key), before any work.
+        ValueError: a bad config (naming the key), before any work: the constructor validates the config and
+            builds the model (on the meta device when weights will be loaded); ``setup`` refuses a used
+            ``output_dir``, a damaged checkpoint or bad data before writing anything.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        validate(cfg)
+        validate_recipe_config(cfg, CONFIG_SPEC)
         self._device = utils.get_device(device=cfg.get("device", None))
         self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
 
@@ -199,7 +149,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             backend = training.get_distributed_backend(
                 self._device.type, offload_ops_to_cpu=self._device.type != "cpu"
             )
-            init_process_group(backend)
+            timeout_s = cfg.get("process_group_timeout_s", None)
+            kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=float(timeout_s))}
+            init_process_group(backend, **kwargs)
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
 
@@ -210,12 +162,17 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._keep_last_n_checkpoints = cfg.get("keep_last_n_checkpoints", None)
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
+        self._overwrite_output_dir = cfg.get("overwrite_output_dir", False)
         self._gradient_accumulation_steps = cfg.get("gradient_accumulation_steps", 1)
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._max_skipped_nonfinite = cfg.get("max_skipped_nonfinite_steps", 0)
         self._enable_activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
         self._compile = cfg.get("compile", False)
         self._freeze_router = cfg.get("freeze_router", False)
         self._replay_column = cfg.get("replay_routing_column", None)
+        self._metric_loggers: list = []
+        self._last_checkpoint: Optional[Path] = None
+        self._train_time = 0.0
 
         # Public state, restored from recipe_state.pt on resume.
         self.seed = training.set_seed(seed=cfg.get("seed", None))
@@ -224,46 +181,32 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
         self.global_step = 0
         self.steps_run_in_epoch = 0
+        self.skipped_steps = 0  # non-finite steps skipped (max_skipped_nonfinite_steps)
         self.loss_history: list[tuple[int, float]] = []  # (step, loss) of every optimizer step, for the summary
+
+        # The model is built once, here, so that a bad builder argument is refused with the config errors.
+        self._from_scratch = not self._resume_from_checkpoint and cfg.checkpointer.get("checkpoint_dir") is None
+        self._model = self._build_model(cfg, self._from_scratch)
 
     # ----------------------------------------------------------------------------------------------- setup
 
     def setup(self, cfg: DictConfig) -> None:
-        """Builds everything: loggers, checkpointer, model (+ weights), tokenizer, optimizer, loss, data, lr
-        scheduler; on resume restores the recipe state from the latest checkpoint."""
-        recipe_state = None
-        checkpointer_kwargs = {}
+        """Builds everything but the model (built by the constructor). First what can refuse the run, before
+        anything is written or loaded: the output directory (or, on resume, the latest checkpoint's integrity and
+        config changes), tokenizer, loss and data. Then the output directory, loggers and the logged config; then
+        the weights, sharding, optimizer, lr scheduler and the resumed state."""
+        # 1. Checks: nothing is written or loaded until they pass.
+        recipe_state, previous_run = None, []
         if self._resume_from_checkpoint:
-            ckpt_dir = self._find_resume_checkpoint()
-            checkpointer_kwargs["checkpoint_dir"] = str(ckpt_dir)
-            recipe_state = torch.load(ckpt_dir / RECIPE_STATE_FILENAME, map_location="cpu", weights_only=True)
-            self._resume_dir = ckpt_dir
-
-        if self._is_rank_zero:
-            self._output_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self._output_dir)
-            self._metric_loggers = self._setup_metric_loggers(cfg)
-            for logger in self._metric_loggers:
-                logger.log_config(cfg)
-
-        self._checkpointer = _instantiate("checkpointer", cfg.checkpointer, **checkpointer_kwargs)
-        model_state_dict = self._load_model_state_dict()
-
-        self._model = self._setup_model(
-            cfg_model=cfg.model,
-            model_state_dict=model_state_dict,
-            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
-            custom_sharded_layers=cfg.get("custom_sharded_layers", None),
-        )
-        self._tokenizer = _instantiate("tokenizer", cfg.tokenizer)
-        self._optimizer = self._setup_optimizer(cfg.optimizer, recipe_state["optimizer"] if recipe_state else None)
-
-        self._loss_fn = _instantiate("loss", cfg.loss)
+            self._resume_dir, recipe_state = self._read_resume_state()
+            optimizer_changes = self._check_config_changes(cfg, recipe_state.get("config"))
+        else:
+            previous_run = self._on_rank_zero(lambda: check_output_dir(self._output_dir, self._overwrite_output_dir))
+            optimizer_changes = []
+        self._tokenizer = instantiate("tokenizer", cfg.tokenizer)
+        self._loss_fn = instantiate("loss", cfg.loss)
         if not hasattr(self._loss_fn, "ignore_index"):
             raise ValueError(f"loss: {type(self._loss_fn).__name__} has no ignore_index (use a cross-entropy loss)")
-        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
-            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-
         self._sampler, self._dataloader = self._setup_data(
             cfg_dataset=cfg.dataset,
             shuffle=cfg.get("shuffle", True),
@@ -280,13 +223,47 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             )
         if self.max_steps_per_epoch is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
+        if recipe_state is not None:
+            self._check_resume_layout(recipe_state)
+        checkpointer_kwargs = {"checkpoint_dir": str(self._resume_dir)} if recipe_state is not None else {}
+        self._checkpointer = instantiate("checkpointer", cfg.checkpointer, **checkpointer_kwargs)
+
+        # 2. The output directory, loggers and the config, once every check has passed.
+        if self._is_rank_zero:
+            clear_previous_run(previous_run)  # only with overwrite_output_dir: true
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self._output_dir)
+            self._metric_loggers = self._setup_metric_loggers(cfg)
+            config.log_config(recipe_name="MoEFullFinetuneRecipe", cfg=cfg)
+            for logger in self._metric_loggers:
+                logger.log_config(cfg)
+
+        # 3. Weights, sharding, optimizer, schedule, resumed state.
+        model_state_dict = self._load_model_state_dict()
+        if model_state_dict is None and not self._from_scratch:
+            raise ValueError(
+                "checkpointer: checkpoint_dir is set but the checkpointer returned no weights "
+                "(Checkpointer.load_checkpoint must return {'model': state_dict})"
+            )
+        self._model = self._setup_model(
+            self._model,
+            model_state_dict=model_state_dict,
+            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
+            custom_sharded_layers=cfg.get("custom_sharded_layers", None),
+        )
+        del model_state_dict
+        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
+            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        self._optimizer = self._setup_optimizer(cfg.optimizer, recipe_state["optimizer"] if recipe_state else None)
+        if optimizer_changes:
+            self._apply_optimizer_changes(optimizer_changes)
 
         if recipe_state is not None:
             self._load_recipe_state(recipe_state)
 
         self._lr_scheduler = None
         if cfg.get("lr_scheduler", None) is not None:
-            self._lr_scheduler = _instantiate(
+            self._lr_scheduler = instantiate(
                 "lr_scheduler",
                 cfg.lr_scheduler,
                 self._optimizer,
@@ -295,6 +272,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             )
 
         self._samples_cfg = cfg.get("samples", None)
+        self._config_container = OmegaConf.to_container(cfg, resolve=True)
         self._expert_load = ExpertLoadTracker(self._moe_layers, self._device)
         # Used to ignore the label of the last position (labels are shifted by one).
         self._ignore_labels_cache = torch.full(
@@ -306,19 +284,121 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         if recipe_state is not None:
             if self._is_rank_zero:
                 truncate_expert_load(self._output_dir, self.global_step)
-            self._restore_rng(recipe_state.get("rng"))
+            warning = restore_rng_state(recipe_state.get("rng"), self.rank, self.world_size, self._device)
+            if warning:
+                log.warning(warning)
             utils.log_rank_zero(log, f"Resumed from {self._resume_dir} (step {self.global_step}).")
 
-    def _find_resume_checkpoint(self) -> Path:
-        found = [str(find_latest_checkpoint(self._output_dir) or "")] if self._is_rank_zero else [None]
+    def _on_rank_zero(self, fn):
+        """Runs ``fn`` on rank 0 and gives every rank its result, or its ValueError (so that all ranks stop
+        together instead of the others waiting in the next collective)."""
+        result = [None, None]
+        if self._is_rank_zero:
+            try:
+                result = [fn(), None]
+            except ValueError as e:
+                result = [None, str(e)]
         if self._distributed:
-            dist.broadcast_object_list(found, src=0)
-        if not found[0]:
+            dist.broadcast_object_list(result, src=0)
+        if result[1] is not None:
+            raise ValueError(result[1])
+        return result[0]
+
+    def _read_resume_state(self) -> tuple[Path, dict]:
+        """The latest complete checkpoint and its ``recipe_state.pt``, after checking its files; a damaged file
+        is named with the step and the newest earlier checkpoint that is intact."""
+
+        def find() -> tuple[str, int]:
+            latest = find_latest_checkpoint(self._output_dir)
+            if latest is None:
+                raise ValueError(
+                    f"resume_from_checkpoint: true, but {self._output_dir} holds no complete checkpoint "
+                    f"(a step_N directory with {RECIPE_STATE_FILENAME}); set resume_from_checkpoint=false to start "
+                    f"anew"
+                )
+            step = int(latest.name.split("_")[1])
+            problems = checkpoint_problems(latest)
+            if problems:
+                raise ValueError(self._damaged_checkpoint_message(latest, step, "; ".join(problems)))
+            return str(latest), step
+
+        latest, step = self._on_rank_zero(find)
+        ckpt_dir = Path(latest)
+        try:
+            recipe_state = torch.load(ckpt_dir / RECIPE_STATE_FILENAME, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's message would advise weights_only=False: never do that for a damaged file
             raise ValueError(
-                f"resume_from_checkpoint: true, but {self._output_dir} holds no complete checkpoint "
-                f"(a step_N directory with {RECIPE_STATE_FILENAME}); set resume_from_checkpoint=false to start anew"
+                self._damaged_checkpoint_message(
+                    ckpt_dir, step, f"{ckpt_dir / RECIPE_STATE_FILENAME} cannot be read ({type(e).__name__})"
+                )
+            ) from None
+        return ckpt_dir, recipe_state
+
+    def _damaged_checkpoint_message(self, ckpt_dir: Path, step: int, what: str) -> str:
+        intact = latest_intact_checkpoint(self._output_dir, before_step=step)
+        if intact is None:
+            advice = "no earlier checkpoint is intact; start anew in another output_dir"
+        else:
+            advice = (
+                f"the earlier checkpoint {intact[1]} (step {intact[0]}) is intact: move {ckpt_dir} aside "
+                f"(e.g. `mv {ckpt_dir} {ckpt_dir}.damaged`) and resume again to continue from it"
             )
-        return Path(found[0])
+        return f"resume_from_checkpoint: the checkpoint of step {step} is damaged: {what}. {advice}"
+
+    def _check_config_changes(self, cfg: DictConfig, saved: Optional[dict]) -> list[tuple[str, Any, Any]]:
+        """Says which config values differ from the checkpoint's run and what happens to each: new values are
+        applied (optimizer hyperparameters are written into the restored optimizer state), except ``seed`` (the
+        checkpoint's is kept) and a different ``optimizer._component_`` (refused: its state cannot be loaded).
+        Returns the optimizer changes to apply."""
+        if saved is None:  # a checkpoint from before configs were saved in recipe_state.pt
+            return []
+        changes = config_changes(saved, OmegaConf.to_container(cfg, resolve=True), ignore=_RESUME_IGNORED_KEYS)
+        if not changes:
+            return []
+        for key, old, new in changes:
+            if key == "optimizer._component_":
+                raise ValueError(
+                    f"optimizer._component_: the checkpoint's optimizer state is for {old}, not {new}; resume with "
+                    f"the same optimizer, or start a new run in another output_dir"
+                )
+        lines = []
+        for key, old, new in changes:
+            if key == "seed":
+                what = "kept the checkpoint's: the data order and random streams continue"
+            else:
+                what = "applied: the new value is used from here on"
+            lines.append(f"  {key}: {old!r} -> {new!r} ({what})")
+        utils.log_rank_zero(
+            log, "resume_from_checkpoint: the config differs from the checkpoint's run:\n" + "\n".join(lines)
+        )
+        return [(k, o, n) for k, o, n in changes if k.startswith("optimizer.")]
+
+    def _apply_optimizer_changes(self, changes: list[tuple[str, Any, Any]]) -> None:
+        """Writes changed optimizer hyperparameters into the restored param groups (``initial_lr`` too, so that
+        an lr schedule scales the new learning rate)."""
+        for key, _, new in changes:
+            name = key.split(".", 1)[1]
+            for group in self._optimizer.param_groups:
+                if name in group:
+                    group[name] = tuple(new) if isinstance(group[name], tuple) and new is not None else new
+                    if name == "lr" and "initial_lr" in group:
+                        group["initial_lr"] = new
+
+    def _check_resume_layout(self, state: dict) -> None:
+        """Refuses a resume whose data layout differs from the checkpoint's where the position cannot carry over."""
+        if state["steps_per_epoch"] != self._steps_per_epoch:
+            raise ValueError(
+                f"resume_from_checkpoint: the checkpoint ran {state['steps_per_epoch']} steps per epoch, this config "
+                f"{self._steps_per_epoch}; keep max_steps_per_epoch, batch_size, gradient_accumulation_steps, the "
+                f"dataset and the number of ranks as they were to resume"
+            )
+        if state.get("dataloader") is not None:
+            layout = (self.world_size, self._batch_size, self._gradient_accumulation_steps)
+            if tuple(state["data_layout"]) != layout:
+                raise ValueError(
+                    f"resume_from_checkpoint: the checkpoint was taken mid-epoch with (ranks, batch_size, "
+                    f"gradient_accumulation_steps) = {tuple(state['data_layout'])}, now {layout}; keep them to resume"
+                )
 
     def _setup_metric_loggers(self, cfg: DictConfig) -> list:
         """The configured metric logger, plus a DiskLogger in ``{output_dir}/logs`` unless it is one already
@@ -326,10 +406,27 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         logs_dir = self._output_dir / "logs"
         loggers = []
         if cfg.get("metric_logger", None) is not None:
-            loggers.append(_instantiate("metric_logger", cfg.metric_logger))
+            loggers.append(instantiate("metric_logger", cfg.metric_logger))
         if not any(isinstance(lg, DiskLogger) and Path(lg.log_dir).absolute() == logs_dir for lg in loggers):
             loggers.append(DiskLogger(log_dir=str(logs_dir)))
         return loggers
+
+    def _build_model(self, cfg: DictConfig, from_scratch: bool) -> torch.nn.Module:
+        """Builds the model once: from scratch on the device with ``torch.manual_seed(seed)`` (the same on every
+        rank, so one process and N processes start from the same weights), else on the meta device (weights are
+        loaded later). A bad builder argument stops here, before any checkpoint is read."""
+        if from_scratch:
+            devices = [self._device] if self._device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                with training.set_default_dtype(self._dtype), self._device:
+                    model = instantiate("model", cfg.model)
+        else:
+            with training.set_default_dtype(self._dtype), torch.device("meta"):
+                model = instantiate("model", cfg.model)
+        self._moe_layers = list(moe_layers(model))  # names before any wrapping
+        check_model(model, cfg, len(self._moe_layers))
+        return model
 
     def _load_model_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """The checkpoint's full model state dict, or None when training from scratch.
@@ -340,40 +437,36 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         so a node holds one host copy of the model instead of one per rank (~57 GiB each for Qwen3-30B-A3B).
         """
         if self.world_size == 1:
-            return self._checkpointer.load_checkpoint().get(MODEL_KEY)
-        state_dict = self._checkpointer.load_checkpoint().get(MODEL_KEY) if self._is_rank_zero else None
+            return self._read_checkpoint()
+        state_dict = self._read_checkpoint() if self._is_rank_zero else None
         layout = [None if state_dict is None else {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()}]
         dist.broadcast_object_list(layout, src=0)
         if layout[0] is None or self._is_rank_zero:
             return state_dict
         return {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in layout[0].items()}
 
+    def _read_checkpoint(self) -> Optional[dict[str, torch.Tensor]]:
+        try:
+            return self._checkpointer.load_checkpoint().get(MODEL_KEY)
+        except Exception as e:
+            if not self._resume_from_checkpoint:
+                raise
+            step = int(self._resume_dir.name.split("_")[1])
+            raise ValueError(self._damaged_checkpoint_message(self._resume_dir, step, str(e))) from e
+
     def _setup_model(
         self,
-        cfg_model: DictConfig,
+        model: torch.nn.Module,
         model_state_dict: Optional[dict[str, torch.Tensor]],
         reshard_after_forward: bool,
         custom_sharded_layers: Optional[list[str]],
     ) -> torch.nn.Module:
-        """Builds the model, applies freezing, compile, activation checkpointing and FSDP2, and loads weights.
-
-        From scratch (no state dict) every rank builds the same random init on its device (seeded with
-        ``seed``, independent of the rank) before sharding; with a state dict the model is built on the meta
-        device and the full state dict is loaded into the (sharded) parameters, as torchtune does.
-        """
+        """Applies freezing, compile, activation checkpointing and FSDP2 to the built model, and loads the
+        weights: the full state dict goes into the (sharded) parameters of the meta-device model, as torchtune
+        does."""
         t0 = time.perf_counter()
-        if model_state_dict is None:
-            devices = [self._device] if self._device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
-                with training.set_default_dtype(self._dtype), self._device:
-                    model = _instantiate("model", cfg_model)
-        else:
-            with training.set_default_dtype(self._dtype), torch.device("meta"):
-                model = _instantiate("model", cfg_model)
-            _check_state_dict(model, model_state_dict)
-
-        self._moe_layers = list(moe_layers(model))  # names before any wrapping
+        if model_state_dict is not None:
+            check_state_dict(model, model_state_dict)
         if not self._moe_layers:
             log.warning("model: the model has no MoE layer; training it as a dense model")
         if self._freeze_router:
@@ -403,11 +496,10 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 for m in model.modules():
                     if hasattr(m, "rope_init"):  # RoPE caches are not in the state dict
                         m.rope_init()
-            # Buffers (router state) are set directly: torchtune's loader would turn them into parameters.
-            params_sd = _load_buffers(model, model_state_dict, self._device)
-            # strict=False: _check_state_dict has already refused any mismatch but absent router buffers.
+            params_sd = load_buffers(model, model_state_dict, self._device)
+            # strict=False: check_state_dict has already refused any mismatch but absent router buffers.
             training.load_from_full_model_state_dict(model, params_sd, self._device, strict=False)
-            _materialize_meta_buffers(model, self._device)
+            materialize_meta_buffers(model, self._device)
             if self.world_size > 1:  # the other ranks hold placeholders (_load_model_state_dict): rank 0's buffers
                 for buf in model.buffers():
                     dist.broadcast(buf, src=0)
@@ -418,7 +510,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             f"Model: {sum(p.numel() for p in model.parameters()):,} parameters, "  # DTensor.numel() is the global size
             f"{len(self._moe_layers)} MoE layers, dtype {self._dtype}, "
             f"{'FSDP2 over ' + str(self.world_size) + ' ranks' if self.world_size > 1 else str(self._device)}; "
-            f"built in {time.perf_counter() - t0:.1f}s",
+            f"set up in {time.perf_counter() - t0:.1f}s",
         )
         if self._is_rank_zero and self._device.type == "cuda":
             training.log_memory_stats(training.get_memory_stats(device=self._device))
@@ -428,20 +520,42 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
 
     def _setup_optimizer(self, cfg_optimizer: DictConfig, opt_state_dict: Optional[dict]) -> torch.optim.Optimizer:
         params = [p for p in self._model.parameters() if p.requires_grad]
-        optimizer = _instantiate("optimizer", cfg_optimizer, params)
+        optimizer = instantiate("optimizer", cfg_optimizer, params)
         if opt_state_dict:
             training.load_from_full_optimizer_state_dict(self._model, optimizer, opt_state_dict, self._device)
         return optimizer
 
     def _setup_data(self, cfg_dataset, shuffle: bool, batch_size: int, collate_fn: str):
-        if isinstance(cfg_dataset, ListConfig):
-            ds = ConcatDataset(
-                datasets=[_instantiate(f"dataset[{i}]", c, self._tokenizer) for i, c in enumerate(cfg_dataset)]
-            )
-            packed = getattr(ds, "packed", False)
-        else:
-            ds = _instantiate("dataset", cfg_dataset, self._tokenizer)
-            packed = cfg_dataset.get("packed", False)
+        """The dataset (checked now: a missing column, a null field or a bad data file stops setup naming it),
+        its sampler and dataloader, with routing replay's column when configured."""
+        nodes = list(cfg_dataset) if isinstance(cfg_dataset, ListConfig) else [cfg_dataset]
+        keys = [f"dataset[{i}]" for i in range(len(nodes))] if isinstance(cfg_dataset, ListConfig) else ["dataset"]
+        parts = []
+        for key, node in zip(keys, nodes):
+            ds = build_dataset(key, node, self._tokenizer)
+            packed = node.get("packed", False)
+            rows = None if packed else load_raw_rows(node)
+            check_dataset(key, ds, rows)
+            if self._replay_column is not None:
+                if packed:
+                    raise ValueError("replay_routing_column: routing replay does not support packed datasets")
+                if self._replay_column not in ds[0]:
+                    source_rows = rows if rows is not None else getattr(ds, "rows", None)
+                    columns = getattr(source_rows, "column_names", None) or (
+                        sorted(source_rows[0]) if source_rows else []
+                    )
+                    if self._replay_column not in columns:
+                        raise ValueError(
+                            f"replay_routing_column: {key} has no column {self._replay_column!r} "
+                            f"(sample keys: {sorted(ds[0])}; raw columns: {list(columns)})"
+                        )
+                    ds = RawColumn(ds, source_rows, self._replay_column)
+            parts.append(RowErrors(ds, key))
+        packed = [bool(node.get("packed", False)) for node in nodes]
+        if any(packed) and not all(packed):
+            raise ValueError("dataset: packed and unpacked datasets cannot be mixed (set packed the same in all)")
+        packed = packed[0]
+        ds = parts[0] if len(parts) == 1 else ConcatDataset(datasets=parts)
         if "left_pad_sequence" in collate_fn:
             raise ValueError("collate_fn: left_pad_sequence is for inference only")
         collate = (
@@ -454,17 +568,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             )
         )
         if self._replay_column is not None:
-            if packed:
-                raise ValueError("replay_routing_column: routing replay does not support packed datasets")
-            if self._replay_column not in ds[0]:
-                if self._replay_column in getattr(getattr(ds, "_data", None), "column_names", ()):
-                    ds = _WithColumn(ds, self._replay_column)
-                else:
-                    raise ValueError(
-                        f"replay_routing_column: dataset samples have no column {self._replay_column!r} "
-                        f"(sample keys: {sorted(ds[0])})"
-                    )
-            collate = partial(_collate_with_routing, collate_fn=collate, column=self._replay_column)
+            collate = partial(collate_with_routing, collate_fn=collate, column=self._replay_column)
         sampler = StatefulDistributedSampler(
             ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed
         )
@@ -474,27 +578,16 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         return sampler, dataloader
 
     def _load_recipe_state(self, state: dict) -> None:
-        """Restores progress and the dataloader position from ``recipe_state.pt``."""
+        """Restores progress and the dataloader position from ``recipe_state.pt`` (layout checked before)."""
         self.global_step = state["global_step"]
         self.epochs_run = state["epochs_run"]
         self.steps_run_in_epoch = state["steps_run_in_epoch"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         if self.seed != state["seed"]:
             log.warning(f"seed: the checkpoint used seed {state['seed']}; using it instead of {self.seed}")
             self.seed = state["seed"]
             self._sampler.seed = self.seed
-        if state["steps_per_epoch"] != self._steps_per_epoch:
-            raise ValueError(
-                f"resume_from_checkpoint: the checkpoint ran {state['steps_per_epoch']} steps per epoch, this config "
-                f"{self._steps_per_epoch}; keep max_steps_per_epoch, batch_size, gradient_accumulation_steps, the "
-                f"dataset and the number of ranks as they were to resume"
-            )
         if state.get("dataloader") is not None:
-            layout = (self.world_size, self._batch_size, self._gradient_accumulation_steps)
-            if tuple(state["data_layout"]) != layout:
-                raise ValueError(
-                    f"resume_from_checkpoint: the checkpoint was taken mid-epoch with (ranks, batch_size, "
-                    f"gradient_accumulation_steps) = {tuple(state['data_layout'])}, now {layout}; keep them to resume"
-                )
             self._dataloader.load_state_dict(state["dataloader"])
 
     # ----------------------------------------------------------------------------------------------- training
@@ -572,15 +665,27 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         return out
 
     def train(self) -> None:
-        """The training loop."""
+        """The training loop. Each optimizer step checks the loss and gradient norm before stepping: a non-finite
+        value stops the run (or skips the step, up to ``max_skipped_nonfinite_steps``), so no update and no
+        checkpoint ever comes from it."""
         if self._device.type == "cuda":
             training.cleanup_before_training()
         else:
             gc.collect()
         self._optimizer.zero_grad(set_to_none=True)
         self._train_start = time.perf_counter()
-        window = _Window()
+        self._window = LogWindow()
+        try:
+            self._train_epochs()
+        except TrainingStopped:
+            if self._window.steps:  # show the steps that led there (every rank stops at the same step)
+                self._log_window(self._window)
+            raise
+        self._train_time = time.perf_counter() - self._train_start
 
+    def _train_epochs(self) -> None:
+        """The epochs and steps of :meth:`train`; the current logging window is ``self._window``."""
+        window = self._window
         for curr_epoch in range(self.epochs_run, self.total_epochs):
             self._sampler.set_epoch(curr_epoch)
             pbar = tqdm(
@@ -595,28 +700,27 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 if (idx + 1) % self._gradient_accumulation_steps != 0:
                     continue
                 step = self._finish_accumulation()
-                grad_norm = None
-                if self._clip_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        [p for p in self._model.parameters() if p.requires_grad], max_norm=float(self._clip_grad_norm)
-                    )
-                    if isinstance(grad_norm, DTensor):
-                        grad_norm = grad_norm.full_tensor()
-                self._optimizer.step()
+                grad_norm = self._grad_norm()
+                finite = all_finite([step["loss"], None if grad_norm is None else float(grad_norm)])
+                if finite:
+                    self._optimizer.step()
+                else:
+                    self._skip_nonfinite_step(step["loss"], grad_norm)
                 self._optimizer.zero_grad(set_to_none=True)
                 update_routers(self._model)  # every rank: all-reduces the routers' accumulated load statistics
                 if self._lr_scheduler is not None:
                     self._lr_scheduler.step()
                 self.global_step += 1
                 self.steps_run_in_epoch += 1
-                self.loss_history.append((self.global_step, step["loss"]))
-                window.add(step, grad_norm)
+                if finite:
+                    self.loss_history.append((self.global_step, step["loss"]))
+                    window.add(step, grad_norm)
 
                 pbar.update(1)
                 pbar.set_description(f"{curr_epoch + 1}|{self.global_step}|Loss: {step['loss']:.4f}")
-                if self.global_step % self._log_every_n_steps == 0:
+                if self.global_step % self._log_every_n_steps == 0 and window.steps:
                     self._log_window(window)
-                    window = _Window()
+                    window = self._window = LogWindow()
 
                 epoch_done = self.steps_run_in_epoch == self._steps_per_epoch
                 if epoch_done:
@@ -626,10 +730,52 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             pbar.close()
             self.epochs_run += 1
             self.steps_run_in_epoch = 0
+            if window.steps:  # the last, partial logging window: logged before the save, which may fail
+                self._log_window(window)
+                window = self._window = LogWindow()
             self.save_checkpoint(epoch_done=True)
-        self._train_time = time.perf_counter() - self._train_start
 
-    def _log_window(self, window: "_Window") -> None:
+    def _grad_norm(self) -> Optional[torch.Tensor]:
+        """The total gradient norm, clipping to ``clip_grad_norm`` when set (every rank: reduced over shards)."""
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        if self._clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=float(self._clip_grad_norm))
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                return None
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        return grad_norm
+
+    def _skip_nonfinite_step(self, loss: float, grad_norm: Optional[torch.Tensor]) -> None:
+        """A step whose loss or gradient norm is not finite: its gradients and router statistics are dropped and
+        the optimizer does not step; past ``max_skipped_nonfinite_steps`` such steps, the run stops."""
+        step = self.global_step + 1
+        what = f"loss {loss}" + ("" if grad_norm is None else f", gradient norm {float(grad_norm)}")
+        self.skipped_steps += 1
+        if self.skipped_steps > self._max_skipped_nonfinite:
+            allowed = self._max_skipped_nonfinite
+            raise TrainingStopped(
+                f"step {step}: non-finite {what}; stopped before the optimizer step, so the model and the "
+                f"checkpoints are not touched"
+                + (f" ({allowed} non-finite steps were already skipped)" if allowed else "")
+                + f"; {last_good_checkpoint_note(self._output_dir)}. Lower optimizer.lr, set clip_grad_norm, or "
+                f"allow rare spikes with max_skipped_nonfinite_steps"
+            )
+        for module in self._model.modules():  # the step's router statistics are as bad as its loss
+            if isinstance(module, Router):
+                for name, buf in module.named_buffers(recurse=False):
+                    if name in module._non_persistent_buffers_set:
+                        buf.zero_()
+        utils.log_rank_zero(
+            log,
+            f"step {step}: non-finite {what}; step skipped ({self.skipped_steps} of "
+            f"max_skipped_nonfinite_steps={self._max_skipped_nonfinite})",
+        )
+
+    def _log_window(self, window: LogWindow) -> None:
         """Logs the steps since the previous log (all ranks take part: the expert load is all-reduced)."""
         load = self._expert_load.window()
         if not self._is_rank_zero:
@@ -652,7 +798,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         total = self.total_epochs * self._steps_per_epoch
         lines = [
             f"step {self.global_step:>{len(str(total))}}/{total}  loss {metrics['loss']:.4f}{aux}  "
-            f"lr {metrics['lr']:.2e}  {_fmt_rate(metrics['tokens_per_second_per_gpu'])} tok/s/device{mem}"
+            f"lr {metrics['lr']:.2e}  {format_rate(metrics['tokens_per_second_per_gpu'])} tok/s/device{mem}"
         ]
         if load.names and len(load.names) <= _MAX_CONSOLE_LAYERS or self._log_expert_load == "detailed":
             lines += load.console_lines()
@@ -668,67 +814,76 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
 
     def save_checkpoint(self, epoch_done: bool) -> None:
         """Saves ``{output_dir}/step_{global_step}`` atomically: the model files (by the checkpointer) and
-        ``recipe_state.pt``. All ranks take part (gathering the sharded state); rank 0 writes."""
+        ``recipe_state.pt``. All ranks take part (gathering the sharded state); rank 0 writes. A state dict with a
+        non-finite value is never written, a full disk leaves the earlier checkpoints as they were, and older
+        checkpoints are deleted (``keep_last_n_checkpoints``) only after the new one is in place."""
         t0 = time.perf_counter()
         model_sd = self._full_model_state_dict()
         optim_sd = training.get_full_optimizer_state_dict(
             self._model, self._optimizer, self._is_rank_zero, device=self._device
         )
-        rng = _rng_state()
+        rng = rng_state()
         if self._distributed:
             gathered = [None] * self.world_size if self._is_rank_zero else None
             dist.gather_object(rng, gathered, dst=0)
             rng = gathered
         else:
             rng = [rng]
+        error = [None]
         if self._is_rank_zero:
-            state = {
-                "optimizer": optim_sd,
-                "global_step": self.global_step,
-                "epochs_run": self.epochs_run,
-                "steps_run_in_epoch": self.steps_run_in_epoch,
-                "total_epochs": self.total_epochs,
-                "steps_per_epoch": self._steps_per_epoch,
-                "seed": self.seed,
-                # At an epoch end the next epoch starts afresh; mid-epoch the position within the epoch is kept.
-                "dataloader": None if epoch_done else self._dataloader.state_dict(),
-                "data_layout": [self.world_size, self._batch_size, self._gradient_accumulation_steps],
-                "rng": rng,
-            }
             final_dir = self._output_dir / checkpoint_dir_name(self.global_step)
-            with atomic_directory(final_dir) as tmp:
-                self._checkpointer.save_checkpoint(model_sd, tmp)
-                torch.save(state, tmp / RECIPE_STATE_FILENAME)
-            if self._keep_last_n_checkpoints:
-                for _, old in list_checkpoints(self._output_dir)[: -self._keep_last_n_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
-            self._last_checkpoint = final_dir
-            tqdm.write(f"Saved checkpoint {final_dir} ({time.perf_counter() - t0:.1f}s)")
+            try:
+                self._write_checkpoint(final_dir, model_sd, optim_sd, rng, epoch_done)
+                tqdm.write(f"Saved checkpoint {final_dir} ({time.perf_counter() - t0:.1f}s)")
+            except Exception as e:
+                if not is_out_of_space(e):
+                    raise
+                error[0] = (
+                    f"step {self.global_step}: out of disk space while saving {final_dir}; nothing was replaced "
+                    f"(the partial files were deleted); {last_good_checkpoint_note(self._output_dir)}. Free space "
+                    f"(or lower keep_last_n_checkpoints) and resume"
+                )
         if self._distributed:
-            dist.barrier()
+            dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise TrainingStopped(error[0])
+
+    def _write_checkpoint(self, final_dir: Path, model_sd: dict, optim_sd: dict, rng: list, epoch_done: bool) -> None:
+        """Rank 0: refuses a non-finite state dict, writes the checkpoint atomically, then rotates old ones."""
+        bad = next((k for k, v in model_sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise TrainingStopped(
+                f"step {self.global_step}: the weight {bad} is not finite; no checkpoint written, none deleted; "
+                f"{last_good_checkpoint_note(self._output_dir)}"
+            )
+        state = {
+            "optimizer": optim_sd,
+            "global_step": self.global_step,
+            "epochs_run": self.epochs_run,
+            "steps_run_in_epoch": self.steps_run_in_epoch,
+            "total_epochs": self.total_epochs,
+            "steps_per_epoch": self._steps_per_epoch,
+            "seed": self.seed,
+            "skipped_steps": self.skipped_steps,
+            # At an epoch end the next epoch starts afresh; mid-epoch the position within the epoch is kept.
+            "dataloader": None if epoch_done else self._dataloader.state_dict(),
+            "data_layout": [self.world_size, self._batch_size, self._gradient_accumulation_steps],
+            "rng": rng,
+            "config": self._config_container,  # compared on resume: changed keys are reported
+        }
+        with atomic_directory(final_dir) as tmp:
+            self._checkpointer.save_checkpoint(model_sd, tmp)
+            torch.save(state, tmp / RECIPE_STATE_FILENAME)
+        self._last_checkpoint = final_dir
+        if self._keep_last_n_checkpoints:
+            for _, old in list_checkpoints(self._output_dir)[: -self._keep_last_n_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _full_model_state_dict(self) -> dict[str, torch.Tensor]:
         """The full model state dict on CPU (on rank 0; empty on other ranks when sharded)."""
         if self.world_size > 1:
             return training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
         return {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
-
-    def _restore_rng(self, states: Optional[list]) -> None:
-        if not states:
-            return
-        if len(states) != self.world_size:
-            log.warning(
-                f"resume_from_checkpoint: RNG states were saved by {len(states)} ranks, now {self.world_size}; "
-                f"random streams are not restored"
-            )
-            return
-        s = states[self.rank]
-        torch.set_rng_state(s["torch"])
-        if s.get("cuda") is not None and self._device.type == "cuda":
-            torch.cuda.set_rng_state(s["cuda"], device=self._device)
-        random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-        name, keys, pos, has_gauss, cached = s["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
     # ----------------------------------------------------------------------------------------------- the end
 
@@ -738,7 +893,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         (all ranks run the generation: the model may be sharded)."""
         if self._samples_cfg is None:
             return
-        prompts = _instantiate("samples.prompts", self._samples_cfg.prompts)
+        prompts = instantiate("samples.prompts", self._samples_cfg.prompts)
         max_new_tokens = self._samples_cfg.get("max_new_tokens", 32)
         self._model.eval()
         chunked = hasattr(self._loss_fn, "num_output_chunks")
@@ -746,8 +901,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             self._model.set_num_output_chunks(0)
         rows = []
         rng = torch.Generator(device=self._device).manual_seed(0)
+        stops = set(self._tokenizer.stop_tokens)
         for item in prompts:
-            prompt, expected = _prompt_and_expected(item)
+            prompt, expected = prompt_and_expected(item)
             messages = [Message(role="user", content=prompt, masked=True), Message(role="assistant", content="")]
             prompt_ids = self._tokenizer({"messages": messages}, inference=True)["tokens"]
             out, _ = generate(
@@ -761,31 +917,13 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 rng=rng,
             )
             new_ids = out[0, len(prompt_ids) :].tolist()
-            stops = set(self._tokenizer.stop_tokens)
             cut = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
             rows.append((prompt, self._tokenizer.decode(new_ids[:cut]), expected))
         self._model.train()
         if chunked:
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-        if not self._is_rank_zero:
-            return
-        shown = [(p, repr(a)[1:-1], "" if e is None else str(e)) for p, a, e in rows]  # escapes newlines
-        w_p = max(len("prompt"), *(len(r[0]) for r in shown))
-        w_a = max(len("model answer"), *(len(r[1]) for r in shown))
-        w_e = max(len("expected"), *(len(r[2]) for r in shown))
-        lines = ["", "What the model learned (greedy decoding of held-out prompts):", ""]
-        lines.append(f"  {'prompt':<{w_p}}  {'model answer':<{w_a}}  {'expected':<{w_e}}")
-        correct = 0
-        for (prompt, answer, expected), (_, a, e) in zip(rows, shown):
-            mark = ""
-            if expected is not None:
-                ok = answer.strip() == str(expected).strip()
-                correct += ok
-                mark = "  right" if ok else "  wrong"
-            lines.append(f"  {prompt:<{w_p}}  {a:<{w_a}}  {e:<{w_e}}{mark}")
-        if any(r[2] is not None for r in rows):
-            lines.append(f"  {correct}/{sum(r[2] is not None for r in rows)} answers exactly right")
-        print("\n".join(lines), flush=True)
+        if self._is_rank_zero:
+            print(samples_table(rows), flush=True)
 
     def print_summary(self) -> None:
         """Where the checkpoints and logs went, and what the loss did."""
@@ -799,10 +937,12 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 f"Trained {len(self.loss_history)} steps in {self._train_time:.0f}s: loss {first:.3f} -> "
                 f"{sum(l for _, l in self.loss_history[-k:]) / k:.3f} (mean of the last {k} steps; last {last:.3f})"
             )
+        if self.skipped_steps:
+            lines.append(f"Skipped {self.skipped_steps} steps with a non-finite loss or gradient norm")
         logger_files = [
             str(Path(lg.path_to_log_file()).absolute()) for lg in self._metric_loggers if isinstance(lg, DiskLogger)
         ]
-        if getattr(self, "_last_checkpoint", None):
+        if self._last_checkpoint:
             lines.append(f"Checkpoint:  {self._last_checkpoint}")
         lines.append(f"Metric logs: {', '.join(logger_files)}")
         lines.append(f"Expert load: {self._output_dir / 'expert_load.jsonl'}")
@@ -810,152 +950,16 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         print("\n".join(lines), flush=True)
 
     def cleanup(self) -> None:
-        if self._is_rank_zero:
-            for logger in self._metric_loggers:
-                logger.close()
+        for logger in self._metric_loggers:
+            logger.close()
+        self._metric_loggers = []
         if self._distributed and dist.is_initialized():
             destroy_process_group()
 
 
-class _Window:
-    """Sums of the per-step values between two log steps."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.steps = 0
-        self.sums: dict[str, float] = {}
-        self.grad_norm: Optional[float] = None
-
-    def add(self, step: dict[str, float], grad_norm: Optional[torch.Tensor]) -> None:
-        self.steps += 1
-        for k, v in step.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        if grad_norm is not None:
-            self.grad_norm = float(grad_norm)
-
-    def metrics(self, world_size: int) -> dict[str, float]:
-        """Mean losses over the window's steps, tokens/s per device (non-padding input tokens), last grad norm."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {k: v / self.steps for k, v in self.sums.items() if k not in ("num_tokens", "num_inputs")}
-        out["tokens_per_second_per_gpu"] = self.sums.get("num_inputs", 0.0) / elapsed / world_size
-        if self.grad_norm is not None:
-            out["grad_norm"] = self.grad_norm
-        return out
-
-
-def _fmt_rate(x: float) -> str:
-    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
-
-
-def _prompt_and_expected(item: Any) -> tuple[str, Optional[str]]:
-    """A sample prompt given as an object with ``.prompt``/``.answer`` (``TaskExample``), a mapping with
-    ``prompt``/``answer`` keys, or a plain string (no expected answer)."""
-    if isinstance(item, str):
-        return item, None
-    if isinstance(item, dict) or OmegaConf.is_dict(item):
-        return str(item["prompt"]), item.get("answer")
-    return str(item.prompt), getattr(item, "answer", None)
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-
-
-def _instantiate(key: str, node: DictConfig, *args: Any, **kwargs: Any) -> Any:
-    """``torchtune.config.instantiate`` whose ValueError/TypeError names the config key."""
-    try:
-        return config.instantiate(node, *args, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{key}: {e}") from e
-
-
-def _check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Raises ValueError listing missing, unexpected and mis-shaped keys (before any weight is loaded).
-
-    Router buffers (aux-loss-free ``expert_bias``, Expert Threshold ``thresholds``) may be missing: a Hugging Face
-    checkpoint has no slot for them, and they keep their initial values (zeros).
-    """
-    expected = model.state_dict()
-    router_buffers = {
-        f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, Router) for b, _ in m.named_buffers()
-    }
-    absent_buffers = sorted(set(expected) & router_buffers - set(state_dict))
-    if absent_buffers:
-        utils.log_rank_zero(log, f"checkpointer: router state not in the checkpoint, starting from zeros: {absent_buffers}")
-    missing = sorted(set(expected) - set(state_dict) - router_buffers)
-    unexpected = sorted(set(state_dict) - set(expected))
-    misshaped = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or misshaped:
-        raise ValueError(
-            "checkpointer: the checkpoint does not match the model.\n"
-            f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  mis-shaped: {misshaped}"
-        )
-
-
-def _load_buffers(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Sets the model's persistent buffers (the same full tensor on every rank: FSDP2 does not shard buffers)
-    from ``state_dict``; returns the remaining (parameter) entries."""
-    buffers = {}
-    for prefix, module in model.named_modules():
-        for name in module._buffers:
-            if name not in module._non_persistent_buffers_set:
-                key = clean_module_name(f"{prefix}.{name}" if prefix else name)
-                buffers[key] = (module, name)
-    rest = {}
-    for key, value in state_dict.items():
-        if key in buffers:
-            module, name = buffers[key]
-            module._buffers[name] = value.to(device)
-        else:
-            rest[key] = value
-    return rest
-
-
-def _materialize_meta_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Replaces buffers still on the meta device after loading by zeros on ``device``: the routers' buffers
-    that state dicts lack (non-persistent load accumulators; router state a Hub checkpoint has no slot for),
-    all zero-initialised by the routers. RoPE caches are rebuilt by ``rope_init`` before."""
-    for module in model.modules():
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf is not None and buf.is_meta:
-                module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
-
-
-def validate(cfg: DictConfig) -> None:
-    """Checks the config before any work: known keys, values, components (see ``CONFIG_SPEC``), then builds the
-    model on the meta device and the optimizer / lr scheduler on a dummy parameter on the configured device, so
-    that a bad builder argument stops here with the key named.
-
-    Raises:
-        ValueError: naming the key.
-    """
-    moe_config.validate_config(cfg, CONFIG_SPEC)
-    if cfg.get("compile", False) and cfg.get("dtype", "fp32") != "bf16":
-        # torch.compile traces torch's grouped GEMM (the experts) with its meta kernel, which takes bf16 only.
-        raise ValueError("compile: true needs dtype: bf16 (torch.compile of the grouped-GEMM experts is bf16-only)")
-    with torch.device("meta"):
-        model = _instantiate("model", cfg.model)
-    if cfg.get("replay_routing_column", None) is not None and not any(True for _ in moe_layers(model)):
-        raise ValueError("replay_routing_column: the model has no MoE layer to replay routing into")
-    del model
-    device = utils.get_device(device=cfg.get("device", None))
-    dummy = [torch.nn.Parameter(torch.zeros(1, device=device))]
-    optimizer = _instantiate("optimizer", cfg.optimizer, dummy)
-    if cfg.get("lr_scheduler", None) is not None:
-        _instantiate("lr_scheduler", cfg.lr_scheduler, optimizer, num_training_steps=1, last_epoch=-1)
+def _is_timeout(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return "timed out" in text or "timeout" in text
 
 
 @moe_config.parse
@@ -965,16 +969,33 @@ def recipe_main(cfg: DictConfig) -> None:
     Configurable parameters are read in the following order:
         - Parameters specified in config (see available configs through ``tune-moe ls``)
         - Overwritten by arguments from the command-line
+
+    A bad config, a refused resume or output directory, a damaged checkpoint, a non-finite loss, a full disk or a
+    collective that times out (``process_group_timeout_s``) ends the process with a message and exit status 1.
     """
     try:
         recipe = MoEFullFinetuneRecipe(cfg=cfg)  # validates the config first, before any work
     except ValueError as e:
         sys.exit(f"moe_full_finetune: bad config: {e}")
-    config.log_config(recipe_name="MoEFullFinetuneRecipe", cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.print_samples()
-    recipe.print_summary()
+    try:
+        recipe.setup(cfg=cfg)
+        recipe.train()
+        recipe.print_samples()
+        recipe.print_summary()
+    except (ValueError, TrainingStopped) as e:
+        recipe.cleanup()
+        sys.exit(f"moe_full_finetune: {e}")
+    except (RuntimeError, dist.DistError) as e:
+        if not (recipe._distributed and _is_timeout(e)):
+            raise
+        timeout = cfg.get("process_group_timeout_s", None)
+        within = "torch's default timeout" if timeout is None else f"process_group_timeout_s={timeout:g}s"
+        # No cleanup: destroying the process group would wait on the stalled rank.
+        sys.exit(
+            f"moe_full_finetune: rank {recipe.rank}: a collective did not complete within {within}, so another "
+            f"rank stalled or died (its own output says why); "
+            f"{last_good_checkpoint_note(recipe._output_dir)}. ({type(e).__name__}: {str(e).splitlines()[0]})"
+        )
     recipe.cleanup()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib.resources import as_file
@@ -44,7 +45,6 @@ __all__ = [
     "string",
     "component",
     "section",
-    "anything",
 ]
 
 _COMPONENT = "_component_"
@@ -180,11 +180,6 @@ def string() -> Check:
     return lambda v: None if isinstance(v, str) and v else "a non-empty string"
 
 
-def anything() -> Check:
-    """Any value."""
-    return lambda v: None
-
-
 def component(allow_list: bool = False) -> Check:
     """A mapping with ``_component_`` (its arguments are checked by :func:`validate_config`); with
     ``allow_list``, a list of such mappings too (e.g. several datasets)."""
@@ -222,6 +217,11 @@ def _check_component(path: str, node: Mapping[str, Any], recipe_kwargs: Sequence
     except (TypeError, ValueError):  # some builtins have no signature: nothing more to check
         return
     params = sig.parameters
+    for key, value in node.items():
+        if key != _COMPONENT and key in params:
+            allowed = _argument_type_problem(params[key], value)
+            if allowed:
+                raise ValueError(f"{path}.{key}: got {value!r}; allowed: {allowed} (an argument of '{target}')")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     named = [n for n, p in params.items() if p.kind not in (inspect.Parameter.VAR_POSITIONAL,)]
@@ -237,6 +237,39 @@ def _check_component(path: str, node: Mapping[str, Any], recipe_kwargs: Sequence
                 f"{path}._component_: '{target}' must accept the argument '{key}', which the recipe passes "
                 f"(its arguments: {', '.join(named)})"
             )
+
+
+def _annotation_names(annotation: Any) -> set[str]:
+    """The type names in a parameter annotation (``Union[float, Tensor]`` -> {float, Tensor}; also string
+    annotations), without Optional/None."""
+    if annotation is inspect.Parameter.empty:
+        return set()
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or repr(annotation)
+    return set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", text)) - {"typing", "torch", "Optional", "Union", "None", "NoneType"}
+
+
+def _argument_type_problem(param: inspect.Parameter, value: Any) -> Optional[str]:
+    """What a component argument must be when ``value`` plainly is not it, judged from the parameter's annotation
+    (``int``, ``float``, ``bool``, ``Union[float, Tensor]``, optional or not) or, without one, its default;
+    None when fine or unknown. Catches ``optimizer.lr=abc`` before the component sees it."""
+    names = _annotation_names(param.annotation)
+    default = param.default
+    if names == {"bool"} or (not names and isinstance(default, bool)):
+        return None if value is None or isinstance(value, bool) else "true or false"
+    kind = None
+    if names and names <= {"int", "float", "Tensor"} and names & {"int", "float"}:
+        kind = "an integer" if names == {"int"} else "a number"
+    elif not names and isinstance(default, (int, float)) and not isinstance(default, bool):
+        kind = "a number"  # an int default may still take a float (Adam's weight_decay=0)
+    if kind is None or isinstance(value, (list, tuple, dict)) or value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str) and value.strip().lower() in ("inf", "-inf", "infinity", "nan"):
+            return None
+        return kind
+    if kind == "an integer" and isinstance(value, float) and not value.is_integer():
+        return kind
+    return None
 
 
 def _walk_components(path: str, value: Any) -> None:

@@ -10,12 +10,13 @@ from omegaconf import OmegaConf
 
 from torchtune import config
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message, padded_collate_sft
-from torchtune.datasets import PackedDataset, SFTDataset
+from torchtune.datasets import PackedDataset
 from torchtune.modules.transforms.tokenizers import tokenize_messages_no_special_tokens
 
 from torchtune_moe.data import (
     TASK_NAMES,
     CharTokenizer,
+    TaskDataset,
     TaskExample,
     char_tokenizer,
     generate_examples,
@@ -243,7 +244,7 @@ def test_sample_prompts() -> None:
 
 def test_dataset_samples_tokens_and_labels(tok: CharTokenizer) -> None:
     ds = synthetic_tasks(tok, num_samples=40, seed=1)
-    assert isinstance(ds, SFTDataset) and len(ds) == 40
+    assert isinstance(ds, TaskDataset) and len(ds) == 40
     examples = generate_examples(40, seed=1)
     for i in range(len(ds)):
         s = ds[i]

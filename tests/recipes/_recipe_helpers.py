@@ -1,28 +1,27 @@
 """Helpers for the recipe tests: run ``moe_full_finetune`` in process on the tiny configs, read its disk logs."""
 
-import re
 from pathlib import Path
 from typing import Sequence
 
+from torchtune_moe._cli._plots import read_disk_logs
 from torchtune_moe.config import load_config
 
 # Small, fast runs: fewer samples to build, a short epoch, a log line per step, no sample generation at the end.
 FAST = ("dataset.num_samples=2000", "log_every_n_steps=1", "samples=null")
 
-_LINE_RE = re.compile(r"^Step (\d+) \| (.*)$")
-_PAIR_RE = re.compile(r"([^\s:]+):(\S+)")
-
 
 def read_metrics(output_dir: Path) -> dict[int, dict[str, float]]:
-    """``{step: {key: value}}`` from the DiskLogger files in ``output_dir/logs`` (later files win)."""
+    """``{step: {key: value}}`` from the DiskLogger files in ``output_dir/logs`` (later files win), parsed by
+    ``tune-moe plot``'s reader; ``{}`` when nothing was logged."""
+    files = sorted((Path(output_dir) / "logs").glob("*.txt"))
+    try:
+        series = read_disk_logs(files) if files else {}
+    except ValueError:  # no `Step N | ...` line in any file
+        series = {}
     out: dict[int, dict[str, float]] = {}
-    for path in sorted((Path(output_dir) / "logs").glob("*.txt")):
-        for line in path.read_text().splitlines():
-            m = _LINE_RE.match(line)
-            if m:
-                out.setdefault(int(m.group(1)), {}).update(
-                    {k: float(v) for k, v in _PAIR_RE.findall(m.group(2))}
-                )
+    for key, (steps, values) in series.items():
+        for step, value in zip(steps.tolist(), values.tolist()):
+            out.setdefault(int(step), {})[key] = float(value)
     return out
 
 

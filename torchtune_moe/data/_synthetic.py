@@ -12,9 +12,9 @@ easy signal to specialise on) and ends with ``=``, followed by a short answer::
     next 2,4,6=    -> 8
 
 Examples are generated in memory from a seed (no files, no network) and served by
-torchtune's own :class:`~torchtune.datasets.SFTDataset` machinery with
-:class:`~torchtune.data.InputOutputToMessages` (prompt = user message, answer =
-assistant message), so samples are ``{"tokens", "mask", "labels", ...}`` dicts that
+:class:`TaskDataset` with torchtune's :class:`~torchtune.data.InputOutputToMessages`
+(prompt = user message, answer = assistant message), exactly as torchtune's ``SFTDataset``
+serves file rows, so samples are ``{"tokens", "mask", "labels", ...}`` dicts that
 torchtune's ``padded_collate_sft`` and ``PackedDataset`` handle unchanged.
 """
 
@@ -25,11 +25,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from datasets import Dataset
-
-from torchtune.data import InputOutputToMessages
-from torchtune.datasets import PackedDataset, SFTDataset
-from torchtune.datasets._sft import SFTTransform
+import torch
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, InputOutputToMessages, validate_messages
+from torchtune.datasets import PackedDataset
 from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
@@ -113,9 +111,14 @@ class TaskExample:
     answer: str
 
     def is_correct(self, completion: str) -> bool:
-        """True if a generated continuation of ``prompt`` equals ``answer`` (ignoring
-        surrounding whitespace)."""
-        return completion.strip() == self.answer
+        """True if a generated continuation of ``prompt`` equals ``answer`` (:func:`answer_matches`)."""
+        return answer_matches(completion, self.answer)
+
+
+def answer_matches(completion: str, expected: Any) -> bool:
+    """True if a generated ``completion`` equals the ``expected`` answer, ignoring surrounding whitespace (the one
+    rule the recipes' sample table and :meth:`TaskExample.is_correct` use)."""
+    return completion.strip() == str(expected).strip()
 
 
 def _check_tasks(tasks: str | Iterable[str] | None) -> list[str]:
@@ -180,30 +183,34 @@ def sample_prompts(
     return generate_examples(n, seed=seed, tasks=tasks, split="test")
 
 
-class _InMemorySFTDataset(SFTDataset):
-    """``SFTDataset`` over in-memory rows.
+class TaskDataset(torch.utils.data.Dataset):
+    """Map-style SFT dataset over in-memory rows, producing what torchtune's ``SFTDataset`` produces: the
+    message transform turns a row into messages, the model transform (the tokenizer) into ``tokens``/``mask``,
+    and ``labels`` are the tokens with ``CROSS_ENTROPY_IGNORE_IDX`` where masked.
 
-    ``SFTDataset.__init__`` always calls ``datasets.load_dataset(source, ...)``, which
-    only takes a hub name or files (``"json"`` + ``data_files``) and writes an Arrow
-    cache to disk. Our rows are generated in memory, so this overrides only that
-    loading step (an in-memory ``datasets.Dataset``) and otherwise sets exactly what
-    ``SFTDataset.__init__`` sets, reusing its ``__len__``/``__getitem__`` and
-    ``SFTTransform`` (labels = ``CROSS_ENTROPY_IGNORE_IDX`` where masked).
+    Written here rather than reused: ``SFTDataset`` only reads through ``datasets.load_dataset`` (a hub name or
+    files), and our rows are generated in memory.
+
+    Args:
+        rows (Sequence[dict]): the raw rows (kept, public: ``rows``).
+        message_transform (Transform): row -> ``{"messages": [...]}``.
+        model_transform (Transform): the tokenizer.
     """
 
-    def __init__(
-        self,
-        rows: Sequence[dict[str, Any]],
-        *,
-        message_transform: Transform,
-        model_transform: Transform,
-    ) -> None:
+    def __init__(self, rows: Sequence[dict[str, Any]], *, message_transform: Transform, model_transform: Transform):
+        self.rows = list(rows)
         self._message_transform = message_transform
         self._model_transform = model_transform
-        self._data = Dataset.from_list(list(rows))
-        self._prepare_sample = SFTTransform(
-            message_transform=message_transform, model_transform=model_transform
-        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self._message_transform(self.rows[index])
+        validate_messages(sample["messages"])
+        out = self._model_transform(sample)
+        out["labels"] = [CROSS_ENTROPY_IGNORE_IDX if m else t for t, m in zip(out["tokens"], out["mask"])]
+        return out
 
 
 def synthetic_tasks(
@@ -215,7 +222,7 @@ def synthetic_tasks(
     train_on_input: bool = False,
     packed: bool = False,
     split: str = "train",
-) -> SFTDataset | PackedDataset:
+) -> TaskDataset | PackedDataset:
     """Config builder: ``_component_: torchtune_moe.data.synthetic_tasks``.
 
     Args:
@@ -229,7 +236,7 @@ def synthetic_tasks(
         split (str): ``"train"``, ``"validation"`` or ``"test"`` (independent streams).
 
     Returns:
-        SFTDataset | PackedDataset: samples are dicts with ``tokens``, ``mask`` and
+        TaskDataset | PackedDataset: samples are dicts with ``tokens``, ``mask`` and
         ``labels`` (``PackedDataset``: ``tokens``, ``labels``, ``input_pos``,
         ``seq_lens``). Use :func:`generate_examples` with the same arguments to see
         the underlying ``TaskExample`` of each index.
@@ -242,7 +249,7 @@ def synthetic_tasks(
     if packed and getattr(tokenizer, "max_seq_len", None) is None:
         raise ValueError("packed=True requires the tokenizer's max_seq_len to be set")
     rows = [{"task": e.task, "input": e.prompt, "output": e.answer} for e in examples]
-    ds = _InMemorySFTDataset(
+    ds = TaskDataset(
         rows,
         message_transform=InputOutputToMessages(train_on_input=train_on_input),
         model_transform=tokenizer,

@@ -1,5 +1,7 @@
-"""Training utilities for the MoE recipe: checkpointing (interface, native checkpointer, Hugging Face
-checkpoints and ``from_hf_pretrained``, atomic saves) and expert-load metrics."""
+"""Training utilities for the MoE recipes: checkpointing (interface, native checkpointer, Hugging Face checkpoints
+and ``from_hf_pretrained``, atomic saves, integrity checks), expert-load metrics, the recipes' config schema and
+validation, state-dict plumbing, RNG save/restore, console output, and the safety checks that keep a run from
+losing work."""
 
 from torchtune_moe.training._checkpointing import (
     MODEL_KEY,
@@ -8,10 +10,13 @@ from torchtune_moe.training._checkpointing import (
     MoECheckpointer,
     atomic_directory,
     checkpoint_dir_name,
+    checkpoint_problems,
     find_latest_checkpoint,
+    latest_intact_checkpoint,
     list_checkpoints,
     remove_stale_temporaries,
 )
+from torchtune_moe.training._console import LogWindow, format_rate, prompt_and_expected, samples_table
 from torchtune_moe.training._hf_checkpointer import HFMoECheckpointer, from_hf_pretrained
 from torchtune_moe.training._metrics import (
     EXPERT_LOAD_FILENAME,
@@ -22,6 +27,25 @@ from torchtune_moe.training._metrics import (
     peak_memory_stats,
     truncate_expert_load,
 )
+from torchtune_moe.training._recipe_config import (
+    FULL_FINETUNE_CONFIG_SPEC,
+    check_model,
+    instantiate,
+    validate_recipe_config,
+)
+from torchtune_moe.training._rng import restore_rng_state, rng_state
+from torchtune_moe.training._safety import (
+    CONFIG_FILENAME,
+    TrainingStopped,
+    all_finite,
+    check_output_dir,
+    clear_previous_run,
+    config_changes,
+    is_out_of_space,
+    last_good_checkpoint_note,
+    previous_run_files,
+)
+from torchtune_moe.training._state_dict import check_state_dict, load_buffers, materialize_meta_buffers
 
 __all__ = [
     "Checkpointer",
@@ -32,7 +56,9 @@ __all__ = [
     "RECIPE_STATE_FILENAME",
     "atomic_directory",
     "checkpoint_dir_name",
+    "checkpoint_problems",
     "find_latest_checkpoint",
+    "latest_intact_checkpoint",
     "list_checkpoints",
     "remove_stale_temporaries",
     "EXPERT_LOAD_FILENAME",
@@ -42,4 +68,26 @@ __all__ = [
     "clean_module_name",
     "peak_memory_stats",
     "truncate_expert_load",
+    "FULL_FINETUNE_CONFIG_SPEC",
+    "check_model",
+    "instantiate",
+    "validate_recipe_config",
+    "check_state_dict",
+    "load_buffers",
+    "materialize_meta_buffers",
+    "rng_state",
+    "restore_rng_state",
+    "LogWindow",
+    "format_rate",
+    "prompt_and_expected",
+    "samples_table",
+    "CONFIG_FILENAME",
+    "TrainingStopped",
+    "all_finite",
+    "check_output_dir",
+    "clear_previous_run",
+    "config_changes",
+    "is_out_of_space",
+    "last_good_checkpoint_note",
+    "previous_run_files",
 ]

@@ -18,7 +18,9 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
@@ -36,6 +38,8 @@ __all__ = [
     "find_latest_checkpoint",
     "list_checkpoints",
     "remove_stale_temporaries",
+    "checkpoint_problems",
+    "latest_intact_checkpoint",
 ]
 
 #: Key of the model state dict in the dict :meth:`Checkpointer.load_checkpoint` returns.
@@ -121,7 +125,10 @@ class MoECheckpointer:
                 f"reads the files it writes; for a Hugging Face checkpoint use "
                 f"torchtune_moe.training.HFMoECheckpointer)"
             )
-        return {MODEL_KEY: load_file(str(path))}
+        try:
+            return {MODEL_KEY: load_file(str(path))}
+        except Exception as e:  # safetensors raises SafetensorError for a truncated or garbage file
+            raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from e
 
     def save_checkpoint(self, model_state_dict: dict[str, torch.Tensor], save_dir: Path) -> None:
         """Writes ``model.safetensors`` (and ``model_config.json``) into ``save_dir``."""
@@ -159,6 +166,59 @@ def find_latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     """The complete checkpoint of ``output_dir`` with the highest step, or None."""
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Why the safetensors file ``path`` is unreadable (header or size), or None. Reads the header only."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path}: truncated ({size} bytes, no safetensors header)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{path}: truncated or not a safetensors file (header of {n} bytes, file of {size})"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        return f"{path}: not a safetensors file (unreadable header: {e})"
+    if 8 + n + end != size:
+        return f"{path}: truncated or padded ({size} bytes, the header describes {8 + n + end})"
+    return None
+
+
+def checkpoint_problems(checkpoint_dir: str | Path) -> list[str]:
+    """What is wrong with the files of a checkpoint directory, one line per bad file; empty when intact.
+
+    Checks, without loading any tensor: every ``*.safetensors`` file's header against its size, and that
+    ``recipe_state.pt`` (when present) is a complete torch zip archive (its directory is at the end of the file,
+    so a truncated file fails).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    problems = []
+    for path in sorted(checkpoint_dir.glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            problems.append(problem)
+    state = checkpoint_dir / RECIPE_STATE_FILENAME
+    if state.exists():
+        try:
+            with zipfile.ZipFile(state) as z:
+                if not z.namelist():
+                    problems.append(f"{state}: an empty archive")
+        except (zipfile.BadZipFile, OSError) as e:
+            problems.append(f"{state}: truncated or corrupt ({e})")
+    return problems
+
+
+def latest_intact_checkpoint(output_dir: str | Path, before_step: Optional[int] = None) -> Optional[tuple[int, Path]]:
+    """The complete checkpoint of ``output_dir`` with the highest step (below ``before_step`` if given) whose files
+    pass :func:`checkpoint_problems`, as ``(step, path)``; None if there is none."""
+    for step, path in reversed(list_checkpoints(output_dir)):
+        if (before_step is None or step < before_step) and not checkpoint_problems(path):
+            return step, path
+    return None
 
 
 def _fsync_path(path: Path) -> None:

@@ -1,0 +1,127 @@
+"""The config keys of the MoE training recipes and their validation, shared by ``moe_full_finetune`` and the
+recipes built on it (a LoRA recipe extends :data:`FULL_FINETUNE_CONFIG_SPEC` with its own keys).
+
+Everything here runs before any work: nothing is written and no model is built. Checks that need the model
+(its ``max_seq_len``, its MoE layers) run in the recipe right after the model is built (:func:`check_model`),
+still before any checkpoint is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from omegaconf import DictConfig
+from torchtune import config, utils
+
+from torchtune_moe.config import Key, boolean, component, integer, number, one_of, section, string, validate_config
+
+__all__ = [
+    "FULL_FINETUNE_CONFIG_SPEC",
+    "instantiate",
+    "validate_recipe_config",
+    "check_model",
+]
+
+#: The config keys of ``moe_full_finetune`` (documented in docs/recipe.md). Anything else is refused before any
+#: work: a misspelt key would otherwise be silently ignored.
+FULL_FINETUNE_CONFIG_SPEC: dict[str, Key] = {
+    "output_dir": Key(string(), required=True, doc="directory for checkpoints and logs"),
+    "model": Key(component(), required=True, doc="the model builder"),
+    "tokenizer": Key(component(), required=True, doc="the tokenizer builder"),
+    "dataset": Key(component(allow_list=True), required=True, doc="dataset builder(s)"),
+    "checkpointer": Key(component(), required=True, doc="checkpointer (torchtune_moe.training.MoECheckpointer)"),
+    "optimizer": Key(component(), required=True, doc="optimizer, e.g. torch.optim.AdamW"),
+    "loss": Key(component(), required=True, doc="token loss, e.g. torch.nn.CrossEntropyLoss"),
+    "batch_size": Key(integer(1), required=True, doc="micro-batch size per device"),
+    "epochs": Key(integer(1), required=True, doc="number of epochs"),
+    "lr_scheduler": Key(component(), nullable=True, recipe_kwargs=("num_training_steps", "last_epoch")),
+    "metric_logger": Key(component(), nullable=True),
+    "collate_fn": Key(string()),
+    "seed": Key(integer(0), nullable=True),
+    "shuffle": Key(boolean()),
+    "device": Key(one_of("cpu", "cuda", "xpu", "npu", "mps")),
+    "dtype": Key(one_of("fp32", "bf16")),
+    "gradient_accumulation_steps": Key(integer(1)),
+    "max_steps_per_epoch": Key(integer(1), nullable=True),
+    "clip_grad_norm": Key(number(0, strict=True), nullable=True),
+    "max_skipped_nonfinite_steps": Key(integer(0)),
+    "enable_activation_checkpointing": Key(boolean()),
+    "compile": Key(boolean()),
+    "freeze_router": Key(boolean()),
+    "fsdp_reshard_after_forward": Key(boolean()),
+    "custom_sharded_layers": Key(lambda v: None if isinstance(v, list) else "a list of module names", nullable=True),
+    "process_group_timeout_s": Key(number(0, strict=True, allow_inf=False), nullable=True),
+    "log_every_n_steps": Key(integer(1)),
+    "log_expert_load": Key(one_of("brief", "detailed")),
+    "log_peak_memory_stats": Key(boolean()),
+    "save_every_n_steps": Key(integer(1), nullable=True),
+    "keep_last_n_checkpoints": Key(integer(1), nullable=True),
+    "resume_from_checkpoint": Key(boolean()),
+    "overwrite_output_dir": Key(boolean()),
+    "replay_routing_column": Key(string(), nullable=True),
+    "samples": Key(
+        section(),
+        nullable=True,
+        children={
+            "prompts": Key(component(), required=True, doc="builder returning the prompts"),
+            "max_new_tokens": Key(integer(1)),
+        },
+    ),
+}
+
+
+def instantiate(key: str, node: DictConfig, *args: Any, **kwargs: Any) -> Any:
+    """``torchtune.config.instantiate`` whose ValueError/TypeError names the config ``key``."""
+    try:
+        return config.instantiate(node, *args, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{key}: {e}") from e
+
+
+def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINETUNE_CONFIG_SPEC) -> None:
+    """Checks a recipe config before any work: known keys, value types and ranges (nested sections included),
+    components and their arguments (``validate_config``); then the cross-key rules (``compile`` needs bf16,
+    ``tokenizer.max_seq_len`` within ``model.max_seq_len``), and builds the optimizer and lr scheduler on a
+    dummy parameter so that their arguments (``optimizer.lr=abc``) are refused with the key named.
+
+    The model is not built here: the recipe builds it once and calls :func:`check_model`.
+
+    Raises:
+        ValueError: naming the key (and the bad value).
+    """
+    validate_config(cfg, spec)
+    if cfg.get("compile", False) and cfg.get("dtype", "fp32") != "bf16":
+        # torch.compile traces torch's grouped GEMM (the experts) with its meta kernel, which takes bf16 only.
+        raise ValueError("compile: true needs dtype: bf16 (torch.compile of the grouped-GEMM experts is bf16-only)")
+    tok_len = cfg.tokenizer.get("max_seq_len", None)
+    model_len = cfg.model.get("max_seq_len", None)
+    if isinstance(tok_len, int) and isinstance(model_len, int) and tok_len > model_len:
+        raise ValueError(_seq_len_message(tok_len, model_len))
+    device = utils.get_device(device=cfg.get("device", None))
+    dummy = [torch.nn.Parameter(torch.zeros(1, device=device))]
+    optimizer = instantiate("optimizer", cfg.optimizer, dummy)
+    if cfg.get("lr_scheduler", None) is not None:
+        instantiate("lr_scheduler", cfg.lr_scheduler, optimizer, num_training_steps=1, last_epoch=-1)
+
+
+def _seq_len_message(tok_len: int, model_len: int) -> str:
+    return (
+        f"tokenizer.max_seq_len: got {tok_len}, longer than the model's max_seq_len {model_len} (its RoPE table); "
+        f"allowed: at most {model_len}"
+    )
+
+
+def check_model(model: torch.nn.Module, cfg: DictConfig, moe_layer_count: int) -> None:
+    """Checks that need the built model (on any device, meta included): ``tokenizer.max_seq_len`` within the
+    model's ``max_seq_len``, and routing replay needs an MoE layer.
+
+    Raises:
+        ValueError: naming the key.
+    """
+    tok_len: Optional[int] = cfg.tokenizer.get("max_seq_len", None)
+    model_len = getattr(model, "max_seq_len", None)
+    if isinstance(tok_len, int) and isinstance(model_len, int) and tok_len > model_len:
+        raise ValueError(_seq_len_message(tok_len, model_len))
+    if cfg.get("replay_routing_column", None) is not None and moe_layer_count == 0:
+        raise ValueError("replay_routing_column: the model has no MoE layer to replay routing into")

@@ -375,11 +375,12 @@ def test_forward_misuse_is_a_value_error(tokens, message):
 def test_switching_the_router_is_one_override_of_a_packaged_config(config_name, overrides):
     """docs/quickstart.md's ``tune run moe_full_finetune --config tiny/full model.router=... ~model.aux_loss_coeff``:
     the config (with the overrides applied as the CLI applies them) validates and builds the chosen router."""
-    import importlib.util
     import pathlib
 
     from omegaconf import OmegaConf
     from torchtune import config as tt_config
+
+    from torchtune_moe.training import validate_recipe_config
 
     root = pathlib.Path(__file__).resolve().parents[2]
     cfg = OmegaConf.load(root / "torchtune_moe" / "configs" / f"{config_name}.yaml")
@@ -390,10 +391,7 @@ def test_switching_the_router_is_one_override_of_a_packaged_config(config_name, 
         else:
             key, value = override.split("=", 1)
             OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v if not value.isdigit() else int(value))
-    spec = importlib.util.spec_from_file_location("moe_full_finetune_router_test", root / "recipes" / "moe_full_finetune.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    recipe.validate(cfg)
+    validate_recipe_config(cfg)
     with torch.device("meta"):
         model = tt_config.instantiate(cfg.model)
     cls = {"expert_choice": ExpertChoiceTopKRouter, "causal_expert_choice": CausalExpertChoiceRouter}[cfg.model.router]

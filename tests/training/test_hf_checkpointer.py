@@ -213,17 +213,6 @@ def test_sharded_index_checkpoint_loads(hf_dir, tmp_path):
     compare(hf, from_hf_pretrained(sharded))
 
 
-def _recipe_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "recipes" / "moe_full_finetune.py"
-    spec = importlib.util.spec_from_file_location("moe_full_finetune_for_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 HF_CONFIGS = {
     "mixtral/8x7b_full": (0.02, 2, 32),
     "mixtral/8x22b_full": (0.001, 2, 56),
@@ -244,10 +233,11 @@ def test_packaged_family_configs_validate(name):
     from omegaconf import OmegaConf
 
     from torchtune_moe.modules import moe_layers
+    from torchtune_moe.training import validate_recipe_config
 
     path = Path(__file__).resolve().parents[2] / "torchtune_moe" / "configs" / f"{name}.yaml"
     cfg = OmegaConf.load(path)
-    _recipe_module().validate(cfg)
+    validate_recipe_config(cfg)
     assert cfg.checkpointer._component_ == "torchtune_moe.training.HFMoECheckpointer"
     assert str(cfg.tokenizer.path).startswith(str(cfg.checkpointer.checkpoint_dir))
     coef, top_k, layers = HF_CONFIGS[name]

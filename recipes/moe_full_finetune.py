@@ -949,11 +949,15 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         lines.append(f"Plot them:   tune-moe plot {self._output_dir}")
         print("\n".join(lines), flush=True)
 
-    def cleanup(self) -> None:
+    def cleanup(self, wait_for_ranks: bool = True) -> None:
+        """Closes the loggers and the process group; with ``wait_for_ranks``, after every rank got here (a rank
+        tearing the group down while another still finishes its last collective can abort the other)."""
         for logger in self._metric_loggers:
             logger.close()
         self._metric_loggers = []
         if self._distributed and dist.is_initialized():
+            if wait_for_ranks:
+                dist.barrier()
             destroy_process_group()
 
 
@@ -983,7 +987,7 @@ def recipe_main(cfg: DictConfig) -> None:
         recipe.print_samples()
         recipe.print_summary()
     except (ValueError, TrainingStopped) as e:
-        recipe.cleanup()
+        recipe.cleanup(wait_for_ranks=False)  # some ranks may not have got this far
         sys.exit(f"moe_full_finetune: {e}")
     except (RuntimeError, dist.DistError) as e:
         if not (recipe._distributed and _is_timeout(e)):

@@ -333,7 +333,9 @@ def moe(
 
     if rotary_dim is not None and not (0 < rotary_dim <= head_dim and rotary_dim % 2 == 0):
         raise ValueError(f"rotary_dim must be a positive even number <= head_dim ({head_dim}), got {rotary_dim}")
-    if rotary_dim is None or rotary_dim == head_dim:
+    if attention is not None:
+        rope = None  # the attention modules bring their own
+    elif rotary_dim is None or rotary_dim == head_dim:
         rope = Qwen2RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=rope_base)
     else:
         rope = PartialRotaryPositionalEmbeddings(

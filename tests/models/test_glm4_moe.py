@@ -77,7 +77,7 @@ def test_bias_and_route_scale_matter(tmp_path):
                 else:
                     layer.router.route_scale = 1.0
             diff = (hf(tokens).logits - ours(tokens)).abs().max().item()
-        assert diff > 1e-3, change
+        assert diff > 2e-4, (change, diff)  # the comparison allows 1e-4
 
 
 def test_in_memory_conversion_round_trip(tmp_path):

@@ -242,3 +242,19 @@ def test_tokenizer_round_trip(tmp_path):
         [Message(role="user", content="hello", masked=True), Message(role="assistant", content="world")]
     )
     assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id and mask[0] and not mask[-2]
+
+
+@pytest.mark.parametrize("name, total_b", zip(["deepseek_v3/671b_full", "deepseek_v3/moonlight_16b_a3b_full"], (671.0, 16.0)))
+def test_packaged_config_validates_and_builds_on_meta(name, total_b):
+    """The packaged config passes the recipe's validation and its model builds on the meta device (no machine here
+    holds it) with the published parameter count."""
+    from moe_full_finetune import CONFIG_SPEC
+    from torchtune import config as tt_config
+
+    from torchtune_moe.config import load_config, validate_config
+
+    cfg = load_config(name)
+    validate_config(cfg, CONFIG_SPEC)
+    with torch.device("meta"):
+        model = tt_config.instantiate(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(total_b, abs=0.05)

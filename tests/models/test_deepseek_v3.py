@@ -258,3 +258,62 @@ def test_packaged_config_validates_and_builds_on_meta(name, total_b):
     with torch.device("meta"):
         model = tt_config.instantiate(cfg.model)
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(total_b, abs=0.05)
+
+
+# DeepSeek-V2 (model_type deepseek_v2): the same network with softmax routing and no selection bias.
+V2_YARN = {**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+def test_deepseek_v2_matches_transformers_and_round_trips(tmp_path):
+    hf, path = save_tiny_hf(
+        transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, tmp_path / "hf",
+        **{**BASE, "n_group": 1, "topk_group": 1, "q_lora_rank": None, "routed_scaling_factor": 1.5,
+           "rope_scaling": V2_YARN},
+    )
+    ours = load_and_compare(hf, path)
+    assert {(m.router.score_func, m.router.expert_bias) for _, m in moe_layers(ours)} == {("softmax", None)}
+    checkpointer_round_trip(hf, path, tmp_path / "out")
+
+
+HUB_DEEPSEEK_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config"}, "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000, "eos_token_id": 100001, "ep_size": 1, "first_k_dense_replace": 1, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "model_type": "deepseek_v2", "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16,
+    "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+    "transformers_version": "4.39.3", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+}
+
+
+def test_deepseek_v2_lite_builds_on_meta_and_matches_hub_config():
+    from torchtune_moe.models.deepseek_v2 import DEEPSEEK_V2_LITE, deepseek_v2_lite
+
+    assert {k: v for k, v in HUB_DEEPSEEK_V2_LITE.items() if k in DEEPSEEK_V2_LITE} == DEEPSEEK_V2_LITE
+    with torch.device("meta"):
+        model = deepseek_v2_lite()
+    assert describe_mla(model) == describe_mla(build_from_hf_config(HUB_DEEPSEEK_V2_LITE))
+    total, active = _count(model)
+    assert total / 1e9 == pytest.approx(15.7, abs=0.05) and active / 1e9 == pytest.approx(2.66, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3}, "topk_method"),
+        ({"norm_topk_prob": True}, "norm_topk_prob"),
+        ({"scoring_func": "sigmoid"}, "scoring_func"),
+        ({"mlp_bias": True}, "mlp_bias"),
+    ],
+)
+def test_deepseek_v2_unsupported_options_are_refused(change, message):
+    from torchtune_moe.models.deepseek_v2 import deepseek_v2_hf_config_to_kwargs
+
+    with pytest.raises(ValueError, match=message):
+        deepseek_v2_hf_config_to_kwargs({**HUB_DEEPSEEK_V2_LITE, **change})

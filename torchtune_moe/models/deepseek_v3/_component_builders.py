@@ -1,4 +1,4 @@
-"""DeepSeek-V3 (and Moonlight) on top of :func:`torchtune_moe.models.moe`, as transformers'
+"""DeepSeek-V3 (and Moonlight; DeepSeek-V2 with softmax routing) on top of :func:`torchtune_moe.models.moe`, as transformers'
 ``DeepseekV3ForCausalLM``: multi-head latent attention
 (:class:`~torchtune_moe.modules.attention.MultiHeadLatentAttention`) with optional YaRN RoPE and its softmax
 scale, the first ``first_k_dense_replace`` layers dense, then MoE layers with sigmoid top-K routing (the
@@ -68,6 +68,8 @@ def deepseek_v3(
     yarn: Optional[dict] = None,
     rope_interleave: bool = True,
     norm_eps: float = 1e-6,
+    score_func: str = "sigmoid",
+    expert_bias: bool = True,
     norm_topk_prob: bool = True,
     route_scale: float = 1.0,
     num_expert_groups: int = 1,
@@ -106,6 +108,8 @@ def deepseek_v3(
             ``mscale``, ``mscale_all_dim``, ``attention_factor``, ``truncate``. None: plain RoPE.
         rope_interleave (bool): RoPE channels in interleaved pairs [rope_interleave].
         norm_eps (float): [rms_norm_eps] (the latent norms use 1e-6, as transformers).
+        score_func (str): ``"sigmoid"`` (V3) or ``"softmax"`` (V2) router scores [scoring_func].
+        expert_bias (bool): the routers hold the checkpoint's selection bias [e_score_correction_bias; V2 has none].
         norm_topk_prob (bool): renormalise the top-K weights [norm_topk_prob].
         route_scale (float): multiplies the routed weights [routed_scaling_factor].
         num_expert_groups (int): [n_group]; 1 = no group limit.
@@ -138,7 +142,7 @@ def deepseek_v3(
     groups = {}
     if num_expert_groups != 1 or num_limited_groups != 1:
         groups = dict(num_expert_groups=num_expert_groups, num_limited_groups=num_limited_groups)
-    options = dict(score_func="sigmoid", route_scale=route_scale, expert_bias=True, **groups, **moe_kwargs)
+    options = dict(score_func=score_func, route_scale=route_scale, expert_bias=expert_bias, **groups, **moe_kwargs)
     model = moe(
         vocab_size=vocab_size,
         num_layers=num_layers,

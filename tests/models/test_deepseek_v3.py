@@ -244,7 +244,10 @@ def test_tokenizer_round_trip(tmp_path):
     assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id and mask[0] and not mask[-2]
 
 
-@pytest.mark.parametrize("name, total_b", zip(["deepseek_v3/671b_full", "deepseek_v3/moonlight_16b_a3b_full"], (671.0, 16.0)))
+@pytest.mark.parametrize(
+    "name, total_b",
+    [("deepseek_v3/671b_full", 671.0), ("deepseek_v3/moonlight_16b_a3b_full", 16.0), ("deepseek_v2/lite_16b_full", 15.7)],
+)
 def test_packaged_config_validates_and_builds_on_meta(name, total_b):
     """The packaged config passes the recipe's validation and its model builds on the meta device (no machine here
     holds it) with the published parameter count."""

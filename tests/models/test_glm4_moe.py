@@ -200,7 +200,7 @@ def test_tokenizer_round_trip(tmp_path):
     assert tokens[-1] == eos and mask[0] and not mask[-2]
 
 
-@pytest.mark.parametrize("name, total_b", zip(["glm4_moe/355b_a32b_full", "glm4_moe/air_106b_a12b_full"], (352.8, 106.9)))
+@pytest.mark.parametrize("name, total_b", [("glm4_moe/355b_a32b_full", 352.8), ("glm4_moe/air_106b_a12b_full", 106.9)])
 def test_packaged_config_validates_and_builds_on_meta(name, total_b):
     """The packaged config passes the recipe's validation and its model builds on the meta device (no machine here
     holds it) with the published parameter count."""

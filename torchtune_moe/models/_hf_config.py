@@ -121,11 +121,11 @@ class HFConfigReader:
     def rope_theta(self, default_theta: float) -> float:
         """RoPE base (:meth:`rope_parameters`); only the default (unscaled, full-width) RoPE is supported."""
         params = self.rope_parameters(default_theta)
-        if params.pop("rope_type") != "default":
+        rope_type = params.pop("rope_type")
+        if rope_type != "default":
             raise ValueError(
-                f"{self.family} config.json rope type {self.rope_parameters(default_theta)['rope_type']!r} "
-                "(rope_parameters/rope_scaling) is not supported: only the default RoPE is (remove the scaling to "
-                "fine-tune at the pretraining context length)"
+                f"{self.family} config.json rope type {rope_type!r} (rope_parameters/rope_scaling) is not supported: "
+                "only the default RoPE is (remove the scaling to fine-tune at the pretraining context length)"
             )
         theta = params.pop("rope_theta")
         if params.pop("partial_rotary_factor") != 1.0:

@@ -80,6 +80,25 @@ def test_bias_and_route_scale_matter(tmp_path):
         assert diff > 2e-4, (change, diff)  # the comparison allows 1e-4
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.01])
+def test_bias_stays_fixed_or_is_trained_and_saved_to_the_hub_key(tmp_path, rate):
+    """By default a training step leaves the published bias as it is (transformers never updates it); with
+    ``expert_bias_update_rate`` it moves and is exported as ``e_score_correction_bias``."""
+    from torchtune_moe.modules import update_routers
+
+    hf, path = _save_with_bias(tmp_path, **BASE)
+    config = json.loads((path / "config.json").read_text())
+    ours = from_hf_pretrained(path, expert_bias_update_rate=rate).train()
+    before = ours.layers[1].mlp.router.expert_bias.clone()
+    ours(torch.randint(0, 96, (2, 16))).sum().backward()
+    assert ours.layers[1].mlp.router.gate.weight.grad is not None
+    update_routers(ours)
+    after = ours.layers[1].mlp.router.expert_bias
+    assert torch.equal(after, before) == (rate == 0.0)
+    exported = glm4_moe_tune_to_hf(ours.state_dict(), config)["model.layers.1.mlp.gate.e_score_correction_bias"]
+    torch.testing.assert_close(exported, after)
+
+
 def test_in_memory_conversion_round_trip(tmp_path):
     hf, path = _save_with_bias(tmp_path, **BASE, use_qk_norm=True, attention_bias=True)
     config = json.loads((path / "config.json").read_text())

@@ -111,10 +111,10 @@ def test_many_missing_experts_are_counted(hf_dir, tmp_path):
 def test_unsupported_architecture_names_the_supported_ones(hf_dir, tmp_path):
     _, path = hf_dir
     config = json.loads((path / "config.json").read_text())
-    config.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
+    config.update(architectures=["DbrxForCausalLM"], model_type="dbrx")  # a family this package does not build
     (path / "config.json").write_text(json.dumps(config))
     for load in (lambda: from_hf_pretrained(path), lambda: HFMoECheckpointer(str(path))):
-        with pytest.raises(ValueError, match="DeepseekV3ForCausalLM.*not supported.*MixtralForCausalLM.*Qwen2MoeForCausalLM.*Qwen3MoeForCausalLM.*OlmoeForCausalLM"):
+        with pytest.raises(ValueError, match="DbrxForCausalLM.*not supported.*MixtralForCausalLM.*Qwen2MoeForCausalLM.*Qwen3MoeForCausalLM.*OlmoeForCausalLM.*Glm4MoeForCausalLM.*DeepseekV3ForCausalLM"):
             load()
 
 

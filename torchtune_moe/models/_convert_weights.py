@@ -16,6 +16,7 @@ state" (:func:`is_extra_state_key`), saved beside the Hub files by ``torchtune_m
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -47,17 +48,29 @@ class HFKeyMap:
         experts (tuple[str, str, str]): Hub keys of expert ``e``'s gate, up and down projections of layer ``i``,
             as ``str.format(i, e)`` templates.
         tied (bool): the output projection is the token embedding (a Hub ``lm_head.weight`` is ignored).
+        num_layers (Optional[int]): Hub keys of layers at or past this index are ignored on load (DeepSeek-V3 and
+            GLM-4.5 publish their multi-token-prediction module as layer ``num_hidden_layers``, which
+            transformers ignores too); None: no such layers.
     """
 
     from_hf: dict[str, str]
     experts: tuple[str, str, str]
     tied: bool = False
+    num_layers: Optional[int] = None
     to_hf: dict[str, str] = field(init=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "to_hf", {ours: hf for hf, ours in self.from_hf.items()})
         if len(self.to_hf) != len(self.from_hf):
             raise ValueError("HFKeyMap.from_hf maps two Hub keys to one of ours")
+
+    def ignores(self, hf_key: str) -> bool:
+        """Hub keys accepted on load and dropped: RoPE buffers, a tied model's ``lm_head.weight``, layers past
+        ``num_layers``."""
+        if hf_key.endswith("rotary_emb.inv_freq") or (self.tied and hf_key == "lm_head.weight"):
+            return True
+        m = _LAYER_RE.fullmatch(hf_key)
+        return self.num_layers is not None and m is not None and int(m[2]) >= self.num_layers
 
 
 @dataclass
@@ -70,6 +83,8 @@ class HFLayout:
         hf_keys (dict[str, tuple[str, tuple, tuple]]): Hub key -> (our key, index, Hub shape).
         extra_keys (list[str]): our keys with no Hub slot (router state).
         ignored_hf_keys (list[str]): Hub keys accepted on load and dropped (``lm_head.weight`` of a tied model).
+        ignores (Optional[Callable[[str], bool]]): all Hub keys accepted on load and dropped
+            (:meth:`HFKeyMap.ignores`).
     """
 
     shapes: dict[str, tuple]
@@ -77,6 +92,7 @@ class HFLayout:
     hf_keys: dict[str, tuple[str, tuple, tuple]]
     extra_keys: list[str]
     ignored_hf_keys: list[str]
+    ignores: Optional[Callable[[str], bool]] = None
 
 
 _LAYER_RE = re.compile(r"(.*?layers)\.(\d+)\.(.+)")
@@ -114,9 +130,12 @@ def _piece_shape(shape: tuple, index: Index) -> tuple:
     return tuple(torch.empty(shape, device="meta")[index].shape)
 
 
-def _layout(shapes: dict[str, tuple], pieces: dict, extra: list[str], ignored: list[str]) -> HFLayout:
+def _layout(shapes: dict[str, tuple], pieces: dict, extra: list[str], ignored: list[str], key_map: HFKeyMap) -> HFLayout:
     hf_keys = {hf: (key, index, _piece_shape(shapes[key], index)) for key, ps in pieces.items() for hf, index in ps}
-    return HFLayout(shapes=shapes, pieces=pieces, hf_keys=hf_keys, extra_keys=extra, ignored_hf_keys=ignored)
+    return HFLayout(
+        shapes=shapes, pieces=pieces, hf_keys=hf_keys, extra_keys=extra, ignored_hf_keys=ignored,
+        ignores=key_map.ignores,
+    )
 
 
 def tune_layout(shapes: dict[str, tuple], key_map: HFKeyMap) -> HFLayout:
@@ -127,7 +146,10 @@ def tune_layout(shapes: dict[str, tuple], key_map: HFKeyMap) -> HFLayout:
     """
     pieces, extra = {}, []
     for key, shape in shapes.items():
-        if is_extra_state_key(key):
+        template, layer = _abstract(key)
+        if template in key_map.to_hf:  # router state may have a Hub slot (e_score_correction_bias)
+            pieces[key] = [(key_map.to_hf[template].format(layer), ())]
+        elif is_extra_state_key(key):
             extra.append(key)
         elif m := _EXPERT_RE.fullmatch(key):
             pieces[key] = expert_pieces(int(m[1]), m[2], shape, key_map)
@@ -137,7 +159,7 @@ def tune_layout(shapes: dict[str, tuple], key_map: HFKeyMap) -> HFLayout:
                 raise RuntimeError(f"{key} has no Hugging Face name (a parameter this converter does not know)")
             pieces[key] = [(key_map.to_hf[template].format(layer), ())]
     ignored = ["lm_head.weight"] if key_map.tied else []
-    return _layout(dict(shapes), pieces, extra, ignored)
+    return _layout(dict(shapes), pieces, extra, ignored, key_map)
 
 
 def hf_layout(hf_shapes: dict[str, tuple], key_map: HFKeyMap) -> tuple[HFLayout, list[str]]:
@@ -150,7 +172,7 @@ def hf_layout(hf_shapes: dict[str, tuple], key_map: HFKeyMap) -> tuple[HFLayout,
     by_layer: dict[int, dict[int, dict[int, tuple]]] = {}  # layer -> expert -> which (0 gate, 1 up, 2 down) -> shape
     bad, ignored = [], []
     for hf_key, shape in hf_shapes.items():
-        if hf_key.endswith("rotary_emb.inv_freq") or (key_map.tied and hf_key == "lm_head.weight"):
+        if key_map.ignores(hf_key):
             ignored.append(hf_key)
             continue
         for which, pattern in enumerate(experts_re):
@@ -179,7 +201,7 @@ def hf_layout(hf_shapes: dict[str, tuple], key_map: HFKeyMap) -> tuple[HFLayout,
             key = f"layers.{layer}.mlp.experts.{name}"
             shapes[key] = shape
             pieces[key] = expert_pieces(layer, name, shape, key_map)
-    return _layout(shapes, pieces, [], ignored), sorted(bad)
+    return _layout(shapes, pieces, [], ignored, key_map), sorted(bad)
 
 
 def _listing(title: str, keys: list[str]) -> str:
@@ -194,6 +216,7 @@ def check_hf_tensors(layout: HFLayout, found: dict[str, tuple], where: str) -> N
     unexpected = sorted(
         k for k in found
         if k not in layout.hf_keys and k not in layout.ignored_hf_keys and not k.endswith("rotary_emb.inv_freq")
+        and not (layout.ignores is not None and layout.ignores(k))
     )
     misshaped = sorted(
         f"{k} {list(found[k])} (expected {list(layout.hf_keys[k][2])})"

@@ -93,40 +93,51 @@ class HFConfigReader:
             self.refuse("hidden_act", f"supported activations are {sorted(_ACTIVATIONS)}")
         return _ACTIVATIONS[act]
 
-    def rope_theta(self, default_theta: float) -> float:
-        """RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling`` (older files);
-        only the default (unscaled, full-width) RoPE is supported."""
+    def rope_parameters(self, default_theta: float) -> dict:
+        """The RoPE settings of ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``/
+        ``partial_rotary_factor`` (older files), merged: ``rope_type`` (``"default"`` when unscaled),
+        ``rope_theta``, ``partial_rotary_factor`` (1.0 when absent) and the scaling keys as given. The caller
+        checks what it supports (:meth:`rope_theta` supports the default, full-width RoPE only)."""
         params = self.raw("rope_parameters") or self.raw("rope_scaling") or {}
         if not isinstance(params, dict):
             self.refuse("rope_parameters", "expected a dict")
         params = dict(params)
         rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
         params.pop("type", None)
-        if rope_type != "default":
-            raise ValueError(
-                f"{self.family} config.json rope type {rope_type!r} (rope_parameters/rope_scaling) is not supported: "
-                "only the default RoPE is (remove the scaling to fine-tune at the pretraining context length)"
-            )
         theta = params.pop("rope_theta", None)
         if theta is None:
             theta = self.get_float("rope_theta", default_theta)
         else:
             self.used.add("rope_theta")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            self.refuse("rope_theta", "must be a number > 0")
         partial = params.pop("partial_rotary_factor", None)
         if partial is None:
             partial = self.raw("partial_rotary_factor", 1.0)
-        if partial != 1.0:
+        if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+            self.refuse("partial_rotary_factor", "must be a number in (0, 1]")
+        return {"rope_type": rope_type, "rope_theta": float(theta), "partial_rotary_factor": float(partial), **params}
+
+    def rope_theta(self, default_theta: float) -> float:
+        """RoPE base (:meth:`rope_parameters`); only the default (unscaled, full-width) RoPE is supported."""
+        params = self.rope_parameters(default_theta)
+        rope_type = params.pop("rope_type")
+        if rope_type != "default":
+            raise ValueError(
+                f"{self.family} config.json rope type {rope_type!r} (rope_parameters/rope_scaling) is not supported: "
+                "only the default RoPE is (remove the scaling to fine-tune at the pretraining context length)"
+            )
+        theta = params.pop("rope_theta")
+        if params.pop("partial_rotary_factor") != 1.0:
             self.refuse("partial_rotary_factor", "only RoPE over the full head dim (1.0) is supported")
         if params:
             raise ValueError(
                 f"{self.family} config.json rope_parameters holds {sorted(params)}, which are not supported "
                 "(only rope_type 'default' and rope_theta)"
             )
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-            self.refuse("rope_theta", "must be a number > 0")
-        return float(theta)
+        return theta
 
-    def decoder(self, defaults: dict[str, Any], max_seq_len: Optional[int] = None) -> dict:
+    def decoder(self, defaults: dict[str, Any], max_seq_len: Optional[int] = None, rope: bool = True) -> dict:
         """The builder kwargs every family reads the same way, with the family's transformers defaults.
 
         Args:
@@ -135,6 +146,8 @@ class HFConfigReader:
                 ``num_experts`` (the family's canonical experts key), ``num_experts_per_tok``,
                 ``max_position_embeddings``, ``rope_theta``, ``rms_norm_eps``.
             max_seq_len (Optional[int]): overrides ``max_position_embeddings``.
+            rope (bool): read ``rope_base`` with :meth:`rope_theta` (default RoPE only); False leaves the RoPE
+                keys to the family (:meth:`rope_parameters`) and ``rope_base`` out.
 
         Returns:
             dict: ``vocab_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``embed_dim``, ``head_dim``,
@@ -155,7 +168,7 @@ class HFConfigReader:
             num_experts=self.get_int(experts_key, defaults[experts_key]),
             experts_per_token=self.get_int("num_experts_per_tok", defaults["num_experts_per_tok"]),
             max_seq_len=max_seq_len or self.get_int("max_position_embeddings", defaults["max_position_embeddings"]),
-            rope_base=self.rope_theta(default_theta=defaults["rope_theta"]),
+            rope_base=self.rope_theta(default_theta=defaults["rope_theta"]) if rope else None,
             norm_eps=self.get_float("rms_norm_eps", defaults["rms_norm_eps"]),
             attn_dropout=self.get_float("attention_dropout", 0.0),
             tie_word_embeddings=self.get_bool("tie_word_embeddings", False),
@@ -163,6 +176,8 @@ class HFConfigReader:
             pad_token_id=self.raw("pad_token_id", defaults.get("pad_token_id")),
         )
         self.ignore("max_position_embeddings")
+        if not rope:
+            del kwargs["rope_base"]
         return kwargs
 
     def finish(self) -> None:
@@ -195,6 +210,8 @@ class HFFamily:
             (``str.format(i, e)`` templates).
         from_hf_for (Optional[Callable]): ``(builder kwargs) -> from_hf`` where an option changes our names
             (OLMoE's ``clip_qkv``); None: ``from_hf`` always.
+        mtp_layers (bool): the Hub checkpoints hold multi-token-prediction layers after the last decoder layer
+            (``model.layers.{num_hidden_layers}.*``: DeepSeek-V3, GLM-4.5), ignored on load as transformers does.
     """
 
     model_type: str
@@ -204,11 +221,15 @@ class HFFamily:
     from_hf: dict[str, str]
     experts: tuple[str, str, str]
     from_hf_for: Optional[Callable[[dict], dict[str, str]]] = None
+    mtp_layers: bool = False
 
     def key_map(self, kwargs: dict) -> HFKeyMap:
         """The Hub names of the model ``builder(**kwargs)`` builds."""
         from_hf = self.from_hf_for(kwargs) if self.from_hf_for is not None else self.from_hf
-        return HFKeyMap(from_hf, self.experts, tied=kwargs.get("tie_word_embeddings", False))
+        return HFKeyMap(
+            from_hf, self.experts, tied=kwargs.get("tie_word_embeddings", False),
+            num_layers=kwargs["num_layers"] if self.mtp_layers else None,
+        )
 
     def hf_to_tune(self, state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
         """Hub state dict (per-expert keys) -> torchtune_moe state dict (stacked experts), for the model

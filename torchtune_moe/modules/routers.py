@@ -211,6 +211,8 @@ class TokenChoiceTopKRouter(Router):
         num_expert_groups (Optional[int]): G, must divide E.
         num_limited_groups (Optional[int]): groups each token may use, 1..G.
         expert_bias_update_rate (float): 0 disables the aux-loss-free bias.
+        expert_bias (bool): keep the bias buffer even at update rate 0 (a checkpoint's fixed bias, e.g.
+            DeepSeek-V3's ``e_score_correction_bias``, used for selection and not updated).
     """
 
     def __init__(
@@ -225,6 +227,7 @@ class TokenChoiceTopKRouter(Router):
         num_expert_groups: Optional[int] = None,
         num_limited_groups: Optional[int] = None,
         expert_bias_update_rate: float = 0.0,
+        expert_bias: bool = False,
     ):
         super().__init__(dim, num_experts, experts_per_token, score_func)
         if route_scale <= 0:
@@ -254,7 +257,7 @@ class TokenChoiceTopKRouter(Router):
         self.num_expert_groups = num_expert_groups
         self.num_limited_groups = num_limited_groups
         self.expert_bias_update_rate = expert_bias_update_rate
-        if expert_bias_update_rate > 0:
+        if expert_bias_update_rate > 0 or expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
             self.register_buffer("_load_accum", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
         else:
@@ -292,7 +295,7 @@ class TokenChoiceTopKRouter(Router):
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if self.route_scale != 1.0:
             weights_TK = weights_TK * self.route_scale
-        if self.expert_bias is not None and self.training and not _in_backward_recompute():
+        if self.expert_bias_update_rate > 0 and self.training and not _in_backward_recompute():
             with torch.no_grad():
                 self._load_accum.scatter_add_(
                     0, experts_TK.reshape(-1), torch.ones(experts_TK.numel(), device=x_TD.device)
@@ -302,7 +305,7 @@ class TokenChoiceTopKRouter(Router):
     @torch.no_grad()
     def update(self, process_group: Optional[dist.ProcessGroup] = None) -> None:
         """``bias += rate * sign(mean_load - load)`` with the loads since the last update (all ranks)."""
-        if self.expert_bias is None:
+        if self.expert_bias is None or self.expert_bias_update_rate == 0:
             return
         load_E = self._all_reduce(self._load_accum.clone(), process_group)
         # No load seen gives sign(0) = 0: no change, and no host-device sync to find out.

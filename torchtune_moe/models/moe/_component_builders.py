@@ -1,7 +1,7 @@
 """Builders for MoE layers and MoE decoders made of torchtune's transformer pieces."""
 
 import inspect
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from torch import nn
 from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
@@ -22,6 +22,7 @@ from torchtune_moe.modules import (
     MoELinear,
     TokenChoiceTopKRouter,
 )
+from torchtune_moe.modules.attention import PartialRotaryPositionalEmbeddings
 from torchtune_moe.modules.attention_utils import NormedProjection
 from torchtune_moe.models._utils import renamed_arguments
 from torchtune_moe.models.moe._decoder import MoETransformerDecoder
@@ -35,7 +36,8 @@ __all__ = ["moe_layer", "moe", "ROUTERS"]
 ROUTERS = {
     "token_choice": (
         TokenChoiceTopKRouter,
-        ("norm_topk_prob", "route_scale", "num_expert_groups", "num_limited_groups", "expert_bias_update_rate"),
+        ("norm_topk_prob", "route_scale", "num_expert_groups", "num_limited_groups", "expert_bias_update_rate",
+         "expert_bias"),
     ),
     "expert_choice": (ExpertChoiceTopKRouter, ("capacity_factor",)),
     "causal_expert_choice": (
@@ -96,6 +98,7 @@ def moe_layer(
     num_expert_groups: Optional[int] = None,
     num_limited_groups: Optional[int] = None,
     expert_bias_update_rate: Optional[float] = None,
+    expert_bias: Optional[bool] = None,
     capacity_factor: Optional[float] = None,
     max_experts_per_token: Optional[int] = None,
     threshold_ema_decay: Optional[float] = None,
@@ -118,7 +121,7 @@ def moe_layer(
         router (str | nn.Module): ``"token_choice"``, ``"expert_choice"`` (not causal: see docs),
             ``"causal_expert_choice"`` (Expert Threshold routing), or your own router module.
         score_func (Optional[str]): ``"softmax"`` (default) or ``"sigmoid"``.
-        norm_topk_prob, route_scale, num_expert_groups, num_limited_groups, expert_bias_update_rate:
+        norm_topk_prob, route_scale, num_expert_groups, num_limited_groups, expert_bias_update_rate, expert_bias:
             token-choice options (:class:`~torchtune_moe.modules.TokenChoiceTopKRouter`); None = its default.
         capacity_factor: expert-choice and causal-expert-choice option.
         max_experts_per_token, threshold_ema_decay: causal-expert-choice options
@@ -147,6 +150,7 @@ def moe_layer(
         "num_expert_groups": num_expert_groups,
         "num_limited_groups": num_limited_groups,
         "expert_bias_update_rate": expert_bias_update_rate,
+        "expert_bias": expert_bias,
         "capacity_factor": capacity_factor,
         "max_experts_per_token": max_experts_per_token,
         "threshold_ema_decay": threshold_ema_decay,
@@ -235,6 +239,8 @@ def moe(
     moe_layer_ids: Union[str, int, list] = "all",
     dense_hidden_dim: Optional[int] = None,
     rope_base: float = 10_000.0,
+    rotary_dim: Optional[int] = None,
+    attention: Optional[Callable[[int], nn.Module]] = None,
     norm_eps: float = 1e-6,
     attn_bias: bool = False,
     attn_output_bias: bool = False,
@@ -267,6 +273,11 @@ def moe(
             ``moe_layers``, the name of :func:`torchtune_moe.modules.moe_layers`).
         dense_hidden_dim (Optional[int]): hidden dim of the dense FFN of non-MoE layers (required if any).
         rope_base (float): RoPE theta.
+        rotary_dim (Optional[int]): RoPE over the first ``rotary_dim`` channels of each head only (GLM-4.5's
+            ``partial_rotary_factor``); None: the whole head.
+        attention (Optional[Callable[[int], nn.Module]]): ``layer index -> attention module`` replacing
+            torchtune's ``MultiHeadAttention`` (DeepSeek's multi-head latent attention); the attention
+            arguments above other than ``num_heads`` and ``head_dim`` (the decoder's) are then unused.
         norm_eps (float): RMSNorm epsilon.
         attn_bias (bool): biases on the q, k, v projections (Qwen2-MoE).
         attn_output_bias (bool): bias on the attention output projection (Qwen3-MoE and OLMoE put one there
@@ -320,7 +331,16 @@ def moe(
         options = {k: moe_layer_kwargs.pop(k) for k in _ROUTER_ARGS if k in moe_layer_kwargs}
         moe_layer_kwargs.update(_router_options(router, options))
 
-    rope = Qwen2RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=rope_base)
+    if rotary_dim is not None and not (0 < rotary_dim <= head_dim and rotary_dim % 2 == 0):
+        raise ValueError(f"rotary_dim must be a positive even number <= head_dim ({head_dim}), got {rotary_dim}")
+    if attention is not None:
+        rope = None  # the attention modules bring their own
+    elif rotary_dim is None or rotary_dim == head_dim:
+        rope = Qwen2RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=rope_base)
+    else:
+        rope = PartialRotaryPositionalEmbeddings(
+            Qwen2RotaryPositionalEmbeddings(dim=rotary_dim, max_seq_len=max_seq_len, base=rope_base)
+        )
 
     def proj(n_out: int, norm: bool) -> nn.Module:
         linear = nn.Linear(embed_dim, n_out, bias=attn_bias)
@@ -337,8 +357,10 @@ def moe(
 
     layers = nn.ModuleList()
     for i in range(num_layers):
-        attn = MultiHeadAttention(
-            embed_dim=embed_dim,
+        attn = attention(i) if attention is not None else MultiHeadAttention(
+            # torchtune only checks embed_dim % num_heads (it reads embed_dim nowhere else): give it the attention
+            # width, which GLM-4.5's 96 heads of 128 over a 5120-dim model need.
+            embed_dim=num_heads * head_dim,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,

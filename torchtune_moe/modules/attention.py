@@ -1,0 +1,269 @@
+"""Attention pieces torchtune 0.6.1 does not have: partial RoPE, YaRN RoPE and multi-head latent attention.
+
+- :class:`PartialRotaryPositionalEmbeddings` (GLM-4.5): RoPE over the first ``rotary_dim`` channels of each head,
+  the rest passed through. torchtune's ``MultiHeadAttention`` takes any ``pos_embeddings`` module, so wrapping
+  a rotate-half RoPE of ``rotary_dim`` channels keeps torchtune's attention unchanged.
+- :class:`YarnRotaryPositionalEmbeddings` (DeepSeek-V3): rotate-half RoPE with YaRN frequency interpolation
+  (Peng et al. 2023) and its cos/sin scaling, as the published DeepSeek-V3 config.json sets (``rope_scaling``
+  type ``yarn``, factor 40).
+- :class:`MultiHeadLatentAttention` (DeepSeek-V2/V3, Moonlight): does not fit ``MultiHeadAttention``, which
+  projects q, k and v from the input with one linear each and uses one head dim. MLA projects k and v from a
+  low-rank latent (``kv_a_proj`` -> RMSNorm -> ``kv_b_proj``), optionally q too (``q_lora_rank``), splits each
+  query/key head into a RoPE part and a no-RoPE part with one RoPE key shared by all heads, has a value head
+  dim of its own and a softmax scale of its own (YaRN's mscale). It reuses torchtune's attention call (SDPA, or
+  flex attention for packed samples' ``BlockMask``), so packing works as for the other families.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
+from torchtune.modules import RMSNorm
+from torchtune.modules.attention_utils import _MaskType, _sdpa_or_flex_attention
+
+__all__ = [
+    "PartialRotaryPositionalEmbeddings",
+    "YarnRotaryPositionalEmbeddings",
+    "yarn_mscale",
+    "MultiHeadLatentAttention",
+]
+
+
+class PartialRotaryPositionalEmbeddings(nn.Module):
+    """RoPE on the first ``rope.dim`` channels of each head; the other channels pass unchanged (GLM-4.5's
+    ``partial_rotary_factor``, as transformers' ``Glm4MoeAttention``).
+
+    Args:
+        rope (nn.Module): a RoPE module over ``rope.dim`` channels (``[b, s, n_h, rope.dim]`` in and out).
+    """
+
+    def __init__(self, rope: nn.Module):
+        super().__init__()
+        self.rope = rope
+        self.rotary_dim = rope.dim
+
+    @property
+    def base(self) -> float:
+        return self.rope.base
+
+    def forward(self, x: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` [b, s, n_h, h_d] -> [b, s, n_h, h_d], RoPE applied to ``x[..., :rotary_dim]``."""
+        x_rot, x_pass = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        return torch.cat([self.rope(x_rot, input_pos=input_pos), x_pass], dim=-1)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature term ``0.1 * mscale * ln(factor) + 1`` (1 for ``factor <= 1``)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+class YarnRotaryPositionalEmbeddings(Qwen2RotaryPositionalEmbeddings):
+    """Rotate-half RoPE with YaRN scaling: frequencies between the ``beta_fast`` and ``beta_slow`` rotation
+    counts (over ``original_max_seq_len``) blend linearly from the original ones to ones divided by ``factor``;
+    cos and sin are multiplied by ``attention_factor``. Same frequencies as transformers'
+    ``_compute_yarn_parameters`` (``truncate`` rounds the blend range to whole channels).
+
+    Args:
+        dim (int): RoPE channels per head.
+        max_seq_len (int): cache length.
+        base (float): RoPE theta.
+        factor (float): context extension factor.
+        original_max_seq_len (int): pretraining context length (config ``original_max_position_embeddings``).
+        beta_fast (float): rotation count above which frequencies are kept.
+        beta_slow (float): rotation count below which frequencies are interpolated.
+        attention_factor (float): scale of cos and sin.
+        truncate (bool): round the blend range to integers.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        max_seq_len: int,
+        base: float,
+        *,
+        factor: float,
+        original_max_seq_len: int,
+        beta_fast: float = 32.0,
+        beta_slow: float = 1.0,
+        attention_factor: float = 1.0,
+        truncate: bool = True,
+    ):
+        if not factor > 0 or original_max_seq_len < 1:
+            raise ValueError(f"YaRN needs factor > 0 and original_max_seq_len >= 1, got {factor}, {original_max_seq_len}")
+        self.factor = factor
+        self.original_max_seq_len = original_max_seq_len
+        self.beta_fast = beta_fast
+        self.beta_slow = beta_slow
+        self.attention_factor = attention_factor
+        self.truncate = truncate
+        super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)
+
+    def _correction_dim(self, rotations: float) -> float:
+        """The channel whose frequency turns ``rotations`` times over the original context."""
+        return self.dim * math.log(self.original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(self.base))
+
+    def rope_init(self) -> None:
+        low, high = self._correction_dim(self.beta_fast), self._correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, self.dim - 1)
+        if low == high:
+            high += 0.001  # as transformers: avoid a zero-width ramp
+        freqs = self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim)
+        ramp = ((torch.arange(self.dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1: original frequency (extrapolation), 0: interpolated by factor
+        theta = (1.0 / (self.factor * freqs)) * (1 - keep) + (1.0 / freqs) * keep
+        self.register_buffer("theta", theta, persistent=False)
+        self.build_rope_cache(self.max_seq_len)
+
+    def build_rope_cache(self, max_seq_len: int = 4096) -> None:
+        super().build_rope_cache(max_seq_len)
+        if self.attention_factor != 1.0:
+            self.cache.mul_(self.attention_factor)
+
+
+def _deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """``[x0, x1, x2, x3, ...]`` -> ``[x0, x2, ..., x1, x3, ...]`` over the last dim: DeepSeek's interleaved RoPE
+    pairs as rotate-half halves (q and k get the same permutation, so their dot products are unchanged)."""
+    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, DeepSeek-V3, Moonlight), as transformers' ``DeepseekV3Attention``.
+
+    Per token x [D]::
+
+        q      = q_proj(x)                      or  q_b_proj(q_norm(q_a_proj(x)))      [H, nope + rope]
+        c, k_r = split(kv_a_proj(x), [kv_lora_rank, rope])
+        k_n, v = split(kv_b_proj(kv_norm(c)), [nope, v_head_dim])                      [H, nope], [H, v]
+        q = [q_nope, RoPE(q_rope)],  k = [k_n, RoPE(k_r) for every head]
+        out = output_proj(softmax(q k^T * softmax_scale + causal) v)
+
+    Args:
+        embed_dim (int): model dim D.
+        num_heads (int): H.
+        qk_nope_head_dim (int): query/key channels without RoPE.
+        qk_rope_head_dim (int): query/key channels with RoPE (one RoPE key shared by the heads).
+        v_head_dim (int): value channels per head.
+        kv_lora_rank (int): rank of the key/value latent.
+        q_lora_rank (Optional[int]): rank of the query latent; None projects q directly.
+        pos_embeddings (nn.Module): RoPE over ``qk_rope_head_dim`` channels.
+        max_seq_len (int): maximum sequence length.
+        softmax_scale (Optional[float]): default ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5`` (times
+            ``yarn_mscale(factor, mscale_all_dim) ** 2`` under YaRN: the caller's choice).
+        rope_interleave (bool): the RoPE channels come in interleaved pairs (DeepSeek's checkpoints) rather than
+            rotate-half halves.
+        attn_bias (bool): biases on ``q_a_proj``, ``kv_a_proj`` and ``output_proj`` (config ``attention_bias``).
+        latent_norm_eps (float): epsilon of the latent RMSNorms (transformers uses 1e-6 whatever ``rms_norm_eps``).
+        attn_dropout (float): attention dropout.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        num_heads: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        kv_lora_rank: int,
+        q_lora_rank: Optional[int],
+        pos_embeddings: nn.Module,
+        max_seq_len: int,
+        softmax_scale: Optional[float] = None,
+        rope_interleave: bool = True,
+        attn_bias: bool = False,
+        latent_norm_eps: float = 1e-6,
+        attn_dropout: float = 0.0,
+    ):
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("qk_nope_head_dim", qk_nope_head_dim),
+                            ("v_head_dim", v_head_dim), ("kv_lora_rank", kv_lora_rank)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if qk_rope_head_dim < 2 or qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be a positive even number (RoPE), got {qk_rope_head_dim}")
+        if q_lora_rank is not None and q_lora_rank < 1:
+            raise ValueError(f"q_lora_rank must be None or >= 1, got {q_lora_rank}")
+        if not 0.0 <= attn_dropout <= 1.0:
+            raise ValueError(f"attn_dropout must be in [0, 1], got {attn_dropout}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.kv_lora_rank = kv_lora_rank
+        self.q_lora_rank = q_lora_rank
+        self.max_seq_len = max_seq_len
+        self.rope_interleave = rope_interleave
+        self.softmax_scale = self.qk_head_dim**-0.5 if softmax_scale is None else softmax_scale
+        self.attn_dropout = attn_dropout
+        H = num_heads
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(embed_dim, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(embed_dim, q_lora_rank, bias=attn_bias)
+            self.q_norm = RMSNorm(q_lora_rank, eps=latent_norm_eps)
+            self.q_b_proj = nn.Linear(q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj = nn.Linear(embed_dim, kv_lora_rank + qk_rope_head_dim, bias=attn_bias)
+        self.kv_norm = RMSNorm(kv_lora_rank, eps=latent_norm_eps)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, H * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.output_proj = nn.Linear(H * v_head_dim, embed_dim, bias=attn_bias)
+        self.pos_embeddings = pos_embeddings
+        self.is_causal = True
+        self.kv_cache = None  # training only: no KV cache (generation is transformers' or vLLM's job)
+        self.cache_enabled = False
+        self._attention_call = _sdpa_or_flex_attention()
+
+    def setup_cache(self, *args, **kwargs) -> None:
+        raise NotImplementedError("MultiHeadLatentAttention has no KV cache: this package fine-tunes; generate with "
+                                  "transformers or vLLM from the saved Hugging Face checkpoint")
+
+    def reset_cache(self) -> None:
+        pass
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: Optional[torch.Tensor] = None,
+        *,
+        mask: Optional[_MaskType] = None,
+        input_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Self-attention ``x`` [b, s, D] -> [b, s, D] (``y`` must be None or ``x``: no cross-attention).
+
+        Args:
+            mask: None (causal), a boolean [b, s, s] mask or a flex-attention ``BlockMask`` (packed samples).
+            input_pos: [b, s] positions of packed samples, None for 0..s-1.
+        """
+        if y is not None and y is not x:
+            raise ValueError("MultiHeadLatentAttention is self-attention only: y must be None or x")
+        b, s, _ = x.shape
+        H = self.num_heads
+        q_BSHQ = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_norm(self.q_a_proj(x)))
+        q_BSHQ = q_BSHQ.view(b, s, H, self.qk_head_dim)
+        q_nope, q_rope = q_BSHQ.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_rope = k_rope.view(b, s, 1, self.qk_rope_head_dim)
+        if self.rope_interleave:
+            q_rope, k_rope = _deinterleave(q_rope), _deinterleave(k_rope)
+        q_rope = self.pos_embeddings(q_rope, input_pos=input_pos)
+        k_rope = self.pos_embeddings(k_rope, input_pos=input_pos)
+        kv = self.kv_b_proj(self.kv_norm(latent)).view(b, s, H, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(b, s, H, self.qk_rope_head_dim)], dim=-1)
+        # torchtune's attention call applies the default 1/sqrt(qk_head_dim); fold our scale into q instead.
+        q = q * (self.softmax_scale * math.sqrt(self.qk_head_dim))
+        out = self._attention_call(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=mask is None,
+        )
+        return self.output_proj(out.transpose(1, 2).reshape(b, s, H * self.v_head_dim))

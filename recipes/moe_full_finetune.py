@@ -100,6 +100,18 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 #: The config keys this recipe knows (documented in docs/recipe.md).
 CONFIG_SPEC = FULL_FINETUNE_CONFIG_SPEC
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks a config of this recipe before any work (``validate_recipe_config`` with :data:`CONFIG_SPEC`); the
+    constructor then builds the model, which checks the builder's arguments.
+
+    Raises:
+        ValueError: naming the key.
+    """
+    validate_recipe_config(cfg, CONFIG_SPEC)
+
+
 # Console lines show every MoE layer's expert load up to this many layers (beyond: a one-line summary).
 _MAX_CONSOLE_LAYERS = 8
 # Keys whose change on resume is expected and says nothing about the run.
@@ -140,7 +152,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        validate_recipe_config(cfg, CONFIG_SPEC)
+        validate(cfg)
         self._device = utils.get_device(device=cfg.get("device", None))
         self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
 

@@ -1,6 +1,7 @@
 """Builders: the generic ``moe()``/``moe_layer()`` and one folder per model family."""
 
 from torchtune_moe.models._hf import from_hf_pretrained
+from torchtune_moe.models._lora import lora_model
 from torchtune_moe.models.moe import moe, moe_layer
 
-__all__ = ["moe", "moe_layer", "from_hf_pretrained"]
+__all__ = ["moe", "moe_layer", "from_hf_pretrained", "lora_model"]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from torchtune_moe.modules.peft import LoRAMoELinear, adapter_state_dict, lora_factors, lora_modules
+from torchtune_moe.modules.peft._apply import _factor_keys
 
 __all__ = ["save_peft_adapter", "load_peft_adapter", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
@@ -87,14 +88,6 @@ def _hub_pieces(model: nn.Module, config: dict) -> dict[str, list[tuple[str, tup
     return pieces
 
 
-def _factor_keys(module: nn.Module, weight: str) -> tuple[str, str]:
-    """Parameter names of the A and B of base weight ``weight`` of a LoRA module."""
-    if isinstance(module, LoRAMoELinear):
-        stem = weight.removesuffix("_proj")
-        return f"lora_{stem}_a", f"lora_{stem}_b"
-    return "lora_a.weight", "lora_b.weight"
-
-
 def _adapter_slots(model: nn.Module, config: dict):
     """Yields ``(hub_module, A key, A index, B key, B index, rank, alpha)`` for every Hub module an adapter of
     ``model`` covers: the Hub module's lora_A is ``state_dict[A key][A index]``, its lora_B likewise."""
@@ -121,6 +114,7 @@ def save_peft_adapter(
     *,
     base_model_name_or_path: Optional[str] = None,
     lora_dropout: float = 0.0,
+    adapter_state: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
     """Writes the adapters of ``model`` as a PEFT LoRA directory for the Hub model ``config`` describes.
 
@@ -130,11 +124,13 @@ def save_peft_adapter(
         out_dir (str | Path): directory to write (created).
         base_model_name_or_path (Optional[str]): recorded in adapter_config.json.
         lora_dropout (float): recorded in adapter_config.json.
+        adapter_state (Optional[dict]): the adapter values by state-dict key (e.g. gathered from FSDP shards);
+            default: ``model``'s own.
 
     Raises:
         ValueError: no adapter, adapters of different ranks or alphas, or an unsupported family.
     """
-    sd = adapter_state_dict(model)
+    sd = adapter_state_dict(model) if adapter_state is None else adapter_state
     tensors, targets, ranks = {}, set(), set()
     for module_name, a_key, a_idx, b_key, b_idx, r, alpha in _adapter_slots(model, config):
         tensors[f"{_PREFIX}{module_name}.lora_A.weight"] = sd[a_key][a_idx].cpu().contiguous()

@@ -1,6 +1,6 @@
 """Turning any torchtune_moe decoder into its LoRA / QLoRA version: one mechanism for every family and size."""
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -129,10 +129,13 @@ def apply_lora(
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` of every LoRA module of ``model`` (``LoRALinear`` and :class:`LoRAMoELinear`)."""
+    """``(name, module)`` of every LoRA module of ``model`` (``LoRALinear`` and :class:`LoRAMoELinear`), names as
+    in the state dict (without the wrappers activation checkpointing or compile add)."""
+    from torchtune_moe.training._metrics import clean_module_name  # lazy: training imports the models
+
     for name, module in model.named_modules():
         if isinstance(module, (LoRALinear, LoRAMoELinear)):
-            yield name, module
+            yield clean_module_name(name), module
 
 
 @torch.no_grad()
@@ -156,31 +159,47 @@ def lora_factors(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """The base model's state dict with every adapter merged in (``W + alpha / r * B @ A``), dense (NF4
-    dequantized), without adapter keys: what the base model's checkpointer saves. Tensors on CPU."""
-    state = {}
-    merged = {}
-    adapter_keys = set()
+    dequantized), without adapter keys: what the base model's checkpointer saves. Tensors on CPU.
+
+    Args:
+        model (nn.Module): the LoRA model (its modules give ranks, scales and shapes).
+        state_dict (Optional[dict]): its full (gathered) state dict; default ``model.state_dict()``.
+    """
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    merged, adapter_keys = {}, set()
     for name, module in lora_modules(model):
         prefix = f"{name}." if name else ""
         adapter_keys.update(prefix + p for p in module.adapter_params())
         if isinstance(module, LoRAMoELinear):
-            for w in ("gate_up_proj", "down_proj"):
-                merged[prefix + w] = module.merged_weight(w)
+            weights = module.base_shapes
         else:
-            w = dequantize(module.weight)
-            delta = (module.alpha / module.rank) * (module.lora_b.weight.float() @ module.lora_a.weight.float())
-            merged[prefix + "weight"] = (w.float() + delta).to(w.dtype)
-    for key, value in model.state_dict().items():
-        if key in adapter_keys:
-            continue
-        value = merged.get(key, value)
-        state[key] = dequantize(value).detach().cpu()
-    return state
+            weights = {"weight": None}
+        for w, shape in weights.items():
+            base = dequantize(state_dict[prefix + w], shape).cpu()
+            a, b, parts = lora_factors(module, w)
+            a_key, b_key = (prefix + k for k in _factor_keys(module, w))
+            a, b = state_dict[a_key].cpu().float(), state_dict[b_key].cpu().float()
+            r, rows = module.rank, b.shape[-2] // parts
+            delta = torch.cat(
+                [b[..., p * rows : (p + 1) * rows, :] @ a[..., p * r : (p + 1) * r, :] for p in range(parts)], dim=-2
+            )
+            merged[prefix + w] = (base.float() + (module.alpha / module.rank) * delta).to(base.dtype)
+    return {k: merged.get(k, dequantize(v).detach().cpu()) for k, v in state_dict.items() if k not in adapter_keys}
+
+
+def _factor_keys(module: nn.Module, weight: str) -> tuple[str, str]:
+    """Parameter names (in ``module``) of the A and B of its base weight ``weight``."""
+    if isinstance(module, LoRAMoELinear):
+        stem = weight.removesuffix("_proj")
+        return f"lora_{stem}_a", f"lora_{stem}_b"
+    return "lora_a.weight", "lora_b.weight"
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter parameters of ``model`` by state-dict key (torchtune's ``get_adapter_params``), detached."""
-    return {k: v.detach() for k, v in get_adapter_params(model).items()}
+    from torchtune_moe.training._metrics import clean_module_name  # lazy: training imports the models
+
+    return {clean_module_name(k): v.detach() for k, v in get_adapter_params(model).items()}
 

@@ -235,7 +235,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         checkpointer_kwargs = {}
         if self._resume_from_checkpoint:
             ckpt_dir = self._find_resume_checkpoint()
-            checkpointer_kwargs["checkpoint_dir"] = str(ckpt_dir)
+            checkpointer_kwargs = self._resume_checkpointer_kwargs(ckpt_dir)
             recipe_state = torch.load(ckpt_dir / RECIPE_STATE_FILENAME, map_location="cpu", weights_only=True)
             self._resume_dir = ckpt_dir
 
@@ -308,6 +308,11 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 truncate_expert_load(self._output_dir, self.global_step)
             self._restore_rng(recipe_state.get("rng"))
             utils.log_rank_zero(log, f"Resumed from {self._resume_dir} (step {self.global_step}).")
+
+    def _resume_checkpointer_kwargs(self, ckpt_dir: Path) -> dict[str, Any]:
+        """Checkpointer overrides on resume: read the model from the step directory (the LoRA recipe keeps the
+        configured base instead)."""
+        return {"checkpoint_dir": str(ckpt_dir)}
 
     def _find_resume_checkpoint(self) -> Path:
         found = [str(find_latest_checkpoint(self._output_dir) or "")] if self._is_rank_zero else [None]

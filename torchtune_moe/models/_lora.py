@@ -7,7 +7,20 @@ from torchtune.modules import TransformerDecoder
 
 from torchtune_moe.modules.peft import apply_lora
 
-__all__ = ["lora_model"]
+__all__ = ["lora_model", "LORA_ARGS", "base_model_config"]
+
+# lora_model's own arguments (the rest go to the base builder).
+LORA_ARGS = (
+    "lora_attn_modules",
+    "apply_lora_to_mlp",
+    "apply_lora_to_experts",
+    "apply_lora_to_output",
+    "apply_lora_to_router",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "quantize_base",
+)
 
 
 def lora_model(
@@ -74,3 +87,15 @@ def lora_model(
         lora_dropout=lora_dropout,
         quantize_base=quantize_base,
     )
+
+
+def base_model_config(model_config: dict) -> dict:
+    """The builder config of the base model of a :func:`lora_model` config (``_component_: base`` and the base
+    builder's arguments): what rebuilds the model merged weights load into. Other configs are returned as is."""
+    if not str(model_config.get("_component_", "")).endswith("lora_model"):
+        return dict(model_config)
+    base = model_config["base"]
+    if not isinstance(base, str):
+        raise ValueError("model.base must be a dotted path to describe the merged model")
+    rest = {k: v for k, v in model_config.items() if k not in LORA_ARGS and k not in ("_component_", "base")}
+    return {"_component_": base, **rest}

@@ -124,3 +124,20 @@ def test_lora_recipe_on_a_hub_checkpoint_writes_a_peft_adapter_and_merged_hub_we
         assert (with_adapter(tokens).logits - ours).abs().max().item() <= 1e-4
         merged = transformers.Qwen3MoeForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
         assert (merged(tokens).logits - ours).abs().max().item() <= 1e-4
+
+
+def test_every_packaged_lora_config_builds_a_lora_model():
+    from torchtune import config as tt_config
+
+    from torchtune_moe._packaged_configs import packaged_configs
+    from torchtune_moe.modules.peft import LoRAMoELinear, lora_modules
+
+    names = [n for n in packaged_configs() if n.endswith("lora")]
+    families = {n.split("/")[0] for n in names}
+    assert families == {"tiny", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe"}
+    full = {n.removesuffix("_full") for n in packaged_configs() if n.endswith("_full") and not n.startswith(("tiny", "small"))}
+    assert full <= {n.removesuffix("_lora") for n in names}  # a LoRA config for every size
+    for name in names:
+        with torch.device("meta"):
+            model = tt_config.instantiate(load_config(name).model)
+        assert any(isinstance(m, LoRAMoELinear) for _, m in lora_modules(model)), name

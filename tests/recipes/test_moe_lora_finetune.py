@@ -141,3 +141,22 @@ def test_every_packaged_lora_config_builds_a_lora_model():
         with torch.device("meta"):
             model = tt_config.instantiate(load_config(name).model)
         assert any(isinstance(m, LoRAMoELinear) for _, m in lora_modules(model)), name
+
+
+def test_two_processes_fsdp2_lora(tmp_path):
+    """`tune run --nproc_per_node 2 moe_lora_finetune --config tiny/lora` (gloo, FSDP2): trains, writes adapter-only
+    intermediate checkpoints and a merged final one; its losses match one process with the same global batch."""
+    import subprocess
+
+    common = ["max_steps_per_epoch=4", "save_every_n_steps=2", *FAST]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(one, overrides=["batch_size=16", *common[:2]])
+    cmd = ["tune", "run", "--nproc_per_node", "2", "moe_lora_finetune", "--config", "tiny/lora",
+           f"output_dir={two}", "batch_size=8", *common]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert sorted(p.name for p in (two / "step_2").iterdir()) == ["adapter", "recipe_state.pt"]
+    for (s1, v1), (s2, v2) in zip(losses(one, "ce_loss"), losses(two, "ce_loss")):
+        assert v1 == pytest.approx(v2, abs=2e-3), (s1, v1, v2)
+    a, b = load_file(one / "step_4" / "model.safetensors"), load_file(two / "step_4" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-3) for k in a if "expert_bias" not in k)

@@ -90,6 +90,15 @@ def bench_layer(args, dev, dtype) -> dict:
                 p.grad = None
 
         out["ms"][name] = 1000 * _time(step, iters=5 if args.dry_run else 20)
+        if args.profile and name in ("frozen", "lora"):
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for _ in range(3):
+                    step()
+            sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+            print(f"--- profile: {name} (3 steps)\n" + prof.key_averages().table(sort_by=sort, row_limit=14), flush=True)
         del experts, params
         gc.collect()
     for name in ("lora", "qlora", "full"):
@@ -140,7 +149,7 @@ def bench_model(args, dev, dtype, quantize: bool) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
 
     model.train()
     step_s = _time(step, iters=2 if args.dry_run else args.steps, warmup=1 if args.dry_run else 2)
@@ -171,6 +180,7 @@ def main():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--profile", action="store_true", help="print the top kernels of the frozen and LoRA layer steps")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args()

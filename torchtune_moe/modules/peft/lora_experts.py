@@ -203,29 +203,25 @@ class LoRAMoELinear(MoELinear, AdapterModule):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, quantize_base={self._quantize_base}"
 
 
-def _lora_up(xa_AR, b_EOR, offsets_E, parts: int, r: int, scale: float, out_AO: torch.Tensor) -> None:
-    """``out[:, part p] += scale * xa[:, p*r:(p+1)*r] @ B[:, part p]^T`` per expert (in place)."""
-    rows = b_EOR.shape[1] // parts
+def _block_diag(b_EOR: torch.Tensor, parts: int) -> torch.Tensor:
+    """``[E, P*rows, r]`` -> ``[E, P*rows, P*r]`` with part p's B in diagonal block p (zeros elsewhere): the P
+    parts' up-projections then run as one grouped GEMM of the ``[A, P*r]`` down-projected rows."""
+    if parts == 1:
+        return b_EOR
+    E, out_rows, r = b_EOR.shape
+    rows = out_rows // parts
+    bd = b_EOR.new_zeros(E, out_rows, parts * r)
     for p in range(parts):  # at most 2 parts (gate, up): not a loop over experts
-        delta = F.grouped_mm(
-            xa_AR[:, p * r : (p + 1) * r].contiguous(), b_EOR[:, p * rows : (p + 1) * rows].transpose(-2, -1),
-            offs=offsets_E,
-        )
-        out_AO[:, p * rows : (p + 1) * rows].add_(delta, alpha=scale)
+        bd[:, p * rows : (p + 1) * rows, p * r : (p + 1) * r] = b_EOR[:, p * rows : (p + 1) * rows]
+    return bd
 
 
-def _lora_up_backward(grad_AO, xa_AR, b_EOR, offsets_E, parts: int, r: int, scale: float, need_b: bool):
-    """Gradients of :func:`_lora_up` w.r.t. ``xa`` ([A, P*r]) and ``B`` ([E, P*rows, r], None unless need_b)."""
-    rows = b_EOR.shape[1] // parts
-    grad_xa, grad_b = [], []
-    for p in range(parts):
-        g_AO = grad_AO[:, p * rows : (p + 1) * rows]
-        grad_xa.append(F.grouped_mm(g_AO, b_EOR[:, p * rows : (p + 1) * rows], offs=offsets_E))
-        if need_b:
-            grad_b.append(F.grouped_mm(g_AO.t(), xa_AR[:, p * r : (p + 1) * r].contiguous(), offs=offsets_E))
-    grad_xa_AR = torch.cat(grad_xa, dim=-1).mul_(scale)
-    grad_b_EOR = torch.cat(grad_b, dim=1).mul_(scale) if need_b else None
-    return grad_xa_AR, grad_b_EOR
+def _diag_blocks(bd: torch.Tensor, parts: int, r: int) -> torch.Tensor:
+    """Inverse of :func:`_block_diag`: ``[E, P*rows, P*r]`` -> ``[E, P*rows, r]`` (the diagonal blocks)."""
+    if parts == 1:
+        return bd
+    rows = bd.shape[1] // parts
+    return torch.cat([bd[:, p * rows : (p + 1) * rows, p * r : (p + 1) * r] for p in range(parts)], dim=1)
 
 
 class _RoutedExpertsLoRA(torch.autograd.Function):
@@ -246,12 +242,12 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         x_AD = _kernels.gather_rows(x_TD, rows_A)
         h_AF = F.grouped_mm(x_AD, dequantize(gate_up, shapes["gate_up_proj"]).transpose(-2, -1), offs=offsets_E)
         xa_AR = F.grouped_mm(x_AD, a_gu.transpose(-2, -1), offs=offsets_E)
-        _lora_up(xa_AR, b_gu, offsets_E, P, r, s, h_AF)
+        h_AF.add_(F.grouped_mm(xa_AR, _block_diag(b_gu, P).transpose(-2, -1), offs=offsets_E), alpha=s)
         del x_AD
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, mod.act, mod.gated)
         y_AD = F.grouped_mm(hs_AH, dequantize(down, shapes["down_proj"]).transpose(-2, -1), offs=offsets_E)
         ha_AR = F.grouped_mm(hs_AH, a_d.transpose(-2, -1), offs=offsets_E)
-        _lora_up(ha_AR, b_d, offsets_E, 1, r, s, y_AD)
+        y_AD.add_(F.grouped_mm(ha_AR, b_d.transpose(-2, -1), offs=offsets_E), alpha=s)
         out_TD = _combine(y_AD, rows_A, combine_TK, num_valid, may_drop, x_TD.shape[0])
         ctx.save_for_backward(x_TD, weights_A, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, h_AF, xa_AR, ha_AR)
         # Base weights by reference (NF4 subclasses included): parameters, alive as long as the module.
@@ -275,7 +271,8 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         # Rows past offsets_E[-1] (dropped slots) belong to no group: the grouped GEMMs leave them out of every
         # weight gradient, and the activation backward and the combine mask them.
         grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A)
-        grad_ha_AR, grad_b_d = _lora_up_backward(grad_y_AD, ha_AR, b_d, offsets_E, 1, r, s, need_b_d)
+        grad_ha_AR = F.grouped_mm(grad_y_AD, b_d, offs=offsets_E).mul_(s)
+        grad_b_d = F.grouped_mm(grad_y_AD.t(), ha_AR, offs=offsets_E).mul_(s) if need_b_d else None
         grad_hs_AH = F.grouped_mm(grad_y_AD, w_down, offs=offsets_E)
         grad_hs_AH += F.grouped_mm(grad_ha_AR, a_d, offs=offsets_E)
         del w_down
@@ -288,7 +285,10 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         del grad_y_AD, hs_AH, grad_ha_AR
 
         # gate_up: h = x @ Wgu^T + s * [(x @ Agu_p^T) @ Bgu_p^T]_p
-        grad_xa_AR, grad_b_gu = _lora_up_backward(grad_h_AF, xa_AR, b_gu, offsets_E, P, r, s, need_b_gu)
+        grad_xa_AR = F.grouped_mm(grad_h_AF, _block_diag(b_gu, P), offs=offsets_E).mul_(s)
+        grad_b_gu = None
+        if need_b_gu:
+            grad_b_gu = _diag_blocks(F.grouped_mm(grad_h_AF.t(), xa_AR, offs=offsets_E), P, r).mul_(s)
         x_AD = _kernels.gather_rows(x_TD, rows_A) if (need_a_gu or need_gate_up) else None
         grad_a_gu = F.grouped_mm(grad_xa_AR.t(), x_AD, offs=offsets_E) if need_a_gu else None
         grad_gate_up = F.grouped_mm(grad_h_AF.t(), x_AD, offs=offsets_E) if need_gate_up else None

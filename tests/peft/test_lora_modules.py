@@ -125,8 +125,8 @@ def test_lora_model_targets_and_merge():
 def test_lora_model_bad_options():
     with pytest.raises(ValueError, match="lora_attn_modules"):
         _tiny(lora_attn_modules=["qkv"])
-    with pytest.raises(ValueError, match="apply_lora_to_router"):
-        _tiny(apply_lora_to_router=True)
+    with pytest.raises(ValueError, match="nothing to adapt"):
+        _tiny(lora_attn_modules=[], apply_lora_to_experts=False)
     with pytest.raises(ValueError, match="base"):
         lora_model("torchtune_moe.models.no_such_builder")
 
@@ -184,3 +184,30 @@ def test_routed_with_other_routers_matches_merged(router_name):
     for name in lora.adapter_params():
         grad = getattr(lora, name).grad
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_router_lora_trains_and_merges():
+    from torchtune_moe.modules.peft import LoRAGate
+
+    model = _tiny(lora_attn_modules=[], apply_lora_to_experts=False, apply_lora_to_router=True, lora_rank=8)
+    gate = model.layers[1].mlp.router.gate
+    assert isinstance(gate, LoRAGate)
+    assert "layers.1.mlp.router.gate.weight" in model.state_dict()  # the base key is unchanged
+    with torch.no_grad():
+        gate.lora_b.weight.normal_(0, 0.1)
+    set_trainable_params(model, get_adapter_params(model))
+    tokens = torch.randint(0, 64, (2, 10))
+    model.train()
+    model(tokens).sum().backward()
+    assert gate.lora_a.weight.grad.abs().sum() > 0 and gate._parameters["weight"].grad is None
+    model.eval()
+    with torch.no_grad():
+        out = model(tokens)
+    torch.manual_seed(1)
+    base = moe(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=32,
+               num_experts=4, experts_per_token=2, moe_hidden_dim=16, moe_layers=[1], dense_hidden_dim=32,
+               shared_expert_hidden_dim=16, qk_norm="head")
+    base.load_state_dict(merged_state_dict(model), strict=True)
+    base.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(base(tokens), out, atol=1e-5, rtol=1e-5)

@@ -1,12 +1,13 @@
 """LoRA adapters and merged weights against transformers + PEFT, for every Hugging Face family.
 
 For each family a tiny random transformers model is saved offline (tests/hf_testing.py); our model loads it,
-gets adapters on every attention projection, dense / shared MLP, routed expert and the output, with random
-(non-zero) A and B. Then:
+gets adapters on every attention projection, dense / shared MLP, routed expert, router gate and the output,
+with random (non-zero) A and B. Then:
 - the adapter written by ``save_peft_adapter`` (per-expert Hub layout), loaded by PEFT onto transformers' model,
   gives the same logits as ours (<= 1e-4, fp32). PEFT 0.21 converts per-expert adapters to transformers 5's
-  fused experts for Qwen3-MoE, Mixtral and OLMoE, not for Qwen2-MoE (it drops them): there the PEFT check runs
-  without expert adapters and the experts are checked through the merged export;
+  fused experts (and router adapters to its router parameter) for Qwen3-MoE, Mixtral and OLMoE, not for
+  Qwen2-MoE (it drops expert adapters and refuses router ones): there the PEFT check runs without expert and
+  router adapters, and those are checked through the merged export;
 - ``load_peft_adapter`` reads it back exactly;
 - the merged weights saved through HFMoECheckpointer reload in transformers with the same logits.
 """
@@ -77,12 +78,13 @@ def _tokens(vocab):
     return torch.randint(0, vocab, (2, 16))
 
 
-def _adapted(path, experts=True):
+def _adapted(path, experts=True, router=True):
     """Our model from the checkpoint, adapters everywhere, random non-zero A and B."""
     ours = from_hf_pretrained(path, dtype=torch.float32)
     apply_lora(
         ours, lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
-        apply_lora_to_experts=experts, apply_lora_to_output=True, lora_rank=8, lora_alpha=16,
+        apply_lora_to_experts=experts, apply_lora_to_output=True, apply_lora_to_router=router, lora_rank=8,
+        lora_alpha=16,
     )
     torch.manual_seed(3)
     with torch.no_grad():
@@ -108,7 +110,7 @@ def test_peft_adapter_and_merged_export_match_transformers(family, tmp_path):
     save_peft_adapter(ours, config, adapter_dir, lora_dropout=0.0)
     peft_ours, peft_logits, peft_dir = ours, logits, adapter_dir
     if not peft_reads_experts:
-        peft_ours, peft_dir = _adapted(path, experts=False), tmp_path / "adapter_no_experts"
+        peft_ours, peft_dir = _adapted(path, experts=False, router=False), tmp_path / "adapter_no_experts"
         save_peft_adapter(peft_ours, config, peft_dir)
         with torch.no_grad():
             peft_logits = peft_ours(tokens)
@@ -118,6 +120,7 @@ def test_peft_adapter_and_merged_export_match_transformers(family, tmp_path):
         keys = set(f.keys())
     assert f"base_model.model.{sample_module}.lora_A.weight" in keys
     assert "base_model.model.lm_head.lora_B.weight" in keys
+    assert any(k.endswith(".gate.lora_A.weight") for k in keys)  # the routers' gates
     hf_base = model_cls_from(model_cls).from_pretrained(path, dtype=torch.float32)
     hf_lora = peft.PeftModel.from_pretrained(hf_base, peft_dir).eval()
     with torch.no_grad():

@@ -57,7 +57,7 @@ def lora_model(
         apply_lora_to_mlp (bool): adapt the dense FFNs (dense layers and shared experts).
         apply_lora_to_experts (bool): adapt the routed experts (a pair per expert and projection).
         apply_lora_to_output (bool): adapt the output projection.
-        apply_lora_to_router (bool): must stay False (not supported: the router is frozen).
+        apply_lora_to_router (bool): adapt each router's gate (off by default: the router stays frozen).
         lora_rank (int): r (a multiple of 8 when the experts are adapted).
         lora_alpha (float): LoRA scale numerator (scale = alpha / r).
         lora_dropout (float): dropout on the input of the dense adapters (the expert adapters take none).

@@ -3,7 +3,9 @@ every dense projection."""
 
 from torchtune_moe.modules.peft._apply import (
     LORA_ATTN_MODULES,
+    LoRAGate,
     adapter_state_dict,
+    base_weight,
     apply_lora,
     lora_factors,
     lora_modules,
@@ -14,7 +16,9 @@ from torchtune_moe.modules.peft.lora_experts import LoRAMoELinear, dequantize
 
 __all__ = [
     "LORA_ATTN_MODULES",
+    "LoRAGate",
     "LoRAMoELinear",
+    "base_weight",
     "apply_lora",
     "adapter_state_dict",
     "dequantize",

@@ -3,6 +3,7 @@
 from typing import Iterable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune.modules import FeedForward, TransformerDecoder
@@ -20,28 +21,59 @@ __all__ = [
     "lora_factors",
     "merged_state_dict",
     "adapter_state_dict",
+    "LoRAGate",
+    "base_weight",
 ]
 
 # torchtune's names of the attention projections (MultiHeadAttention attributes).
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
 
-def _lora_linear(linear: nn.Linear, rank: int, alpha: float, dropout: float, quantize_base: bool) -> LoRALinear:
-    """torchtune's LoRALinear around ``linear``'s own weight and bias (shared, not copied)."""
+def _lora_linear(
+    linear: nn.Linear, rank: int, alpha: float, dropout: float, quantize_base: bool, cls: type = LoRALinear
+) -> LoRALinear:
+    """torchtune's LoRALinear (or ``cls``) around ``linear``'s own weight and bias (shared, not copied)."""
     with torch.device(linear.weight.device):
         # Built unquantized: the base weight is replaced by linear's right after (quantize_base_weights
         # quantizes it once it holds its values).
-        lora = LoRALinear(
+        lora = cls(
             linear.in_features, linear.out_features, rank=rank, alpha=alpha, dropout=dropout,
             use_bias=linear.bias is not None, quantize_base=False,
         )
-    lora.weight = linear.weight
+    lora.register_parameter("weight", linear.weight)
     if linear.bias is not None:
         lora.bias = linear.bias
     lora.lora_a.to(dtype=linear.weight.dtype)
     lora.lora_b.to(dtype=linear.weight.dtype)
     lora._quantize_base = quantize_base  # read by LoRALinear.forward (linear_nf4) and quantize_base_weights
     return lora
+
+
+class LoRAGate(LoRALinear):
+    """A router's gate (``dim -> num_experts``) with a LoRA pair.
+
+    The routers compute their logits from ``gate.weight`` with their own kernel rather than by calling the gate,
+    so here ``weight`` reads as the adapted weight ``W + alpha / r * B @ A`` (an [E, D] product, recomputed at
+    each read; gradients flow to A and B). The frozen base stays the registered parameter ``weight`` (same
+    state-dict key as the plain gate); :func:`base_weight` returns it.
+    """
+
+    @property
+    def weight(self) -> torch.Tensor:
+        try:
+            w = self._parameters["weight"]
+        except KeyError:
+            raise AttributeError("weight") from None  # not registered yet (construction)
+        delta = (self.alpha / self.rank) * (self.lora_b.weight @ self.lora_a.weight)
+        return w + delta.to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The frozen base weight of a LoRA module (for :class:`LoRAGate`, not the adapted one ``.weight`` reads)."""
+    return module._parameters["weight"]
 
 
 def apply_lora(
@@ -65,7 +97,9 @@ def apply_lora(
       experts, treated like dense MLPs) becomes ``LoRALinear``;
     - ``apply_lora_to_experts``: each MoE layer's routed experts become :class:`LoRAMoELinear` (a pair per
       expert and projection);
-    - ``apply_lora_to_output``: the output projection (not possible with tied embeddings).
+    - ``apply_lora_to_output``: the output projection (not possible with tied embeddings);
+    - ``apply_lora_to_router``: each router's gate becomes :class:`LoRAGate` (the router's own state, e.g. the
+      aux-loss-free bias, is unchanged).
 
     Adapter weights start with B = 0 (the model computes exactly what the base does). ``quantize_base``
     marks the adapted modules' base weights for NF4; the weights are quantized now if they live on a real
@@ -73,7 +107,7 @@ def apply_lora(
 
     Raises:
         ValueError: an unknown attention module, a tied output with ``apply_lora_to_output``, a rank that
-            is not a positive multiple of 8 with experts, ``apply_lora_to_router``, nothing to adapt.
+            is not a positive multiple of 8 with experts, a router without a linear gate, nothing to adapt.
     """
     lora_attn_modules = list(lora_attn_modules)
     bad = [m for m in lora_attn_modules if m not in LORA_ATTN_MODULES]
@@ -83,15 +117,11 @@ def apply_lora(
         raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-    if apply_lora_to_router:
-        raise ValueError(
-            "apply_lora_to_router: not supported (the routers compute their logits from the gate weight with a "
-            "dedicated kernel); keep it false: the router stays frozen"
-        )
-    if not (lora_attn_modules or apply_lora_to_mlp or apply_lora_to_experts or apply_lora_to_output):
+    if not (lora_attn_modules or apply_lora_to_mlp or apply_lora_to_experts or apply_lora_to_output
+            or apply_lora_to_router):
         raise ValueError(
             "nothing to adapt: give lora_attn_modules or set apply_lora_to_mlp / apply_lora_to_experts / "
-            "apply_lora_to_output"
+            "apply_lora_to_output / apply_lora_to_router"
         )
     kw = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, quantize_base=quantize_base)
 
@@ -112,6 +142,14 @@ def apply_lora(
                 )
             if mlp.shared_expert is not None:
                 ffns.append(mlp.shared_expert)
+            if apply_lora_to_router:
+                gate = getattr(mlp.router, "gate", None)
+                if not isinstance(gate, nn.Linear):
+                    raise ValueError(
+                        f"apply_lora_to_router: the router {type(mlp.router).__name__} has no linear gate to adapt"
+                    )
+                # The router's gate is small ([E, D]) and read directly by its logits kernel: never quantized.
+                mlp.router.gate = _lora_linear(gate, **{**kw, "quantize_base": False}, cls=LoRAGate)
         elif isinstance(mlp, FeedForward):
             ffns.append(mlp)
         if apply_lora_to_mlp:
@@ -144,8 +182,10 @@ def quantize_base_weights(model: nn.Module) -> None:
     for name, module in lora_modules(model):
         if isinstance(module, LoRAMoELinear):
             module.quantize_base_weights()
-        elif module._quantize_base and not isinstance(module.weight, NF4Tensor) and not module.weight.is_meta:
-            module.weight = nn.Parameter(to_nf4_checked(module.weight.detach(), f"{name}.weight"), requires_grad=False)
+        elif module._quantize_base:
+            w = base_weight(module)
+            if not isinstance(w, NF4Tensor) and not w.is_meta:
+                module.weight = nn.Parameter(to_nf4_checked(w.detach(), f"{name}.weight"), requires_grad=False)
 
 
 def lora_factors(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:

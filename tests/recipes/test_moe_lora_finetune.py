@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _recipe_helpers import FAST, losses
+from _recipe_helpers import FAST, losses, run_recipe
 
 from torchtune_moe.config import load_config
 from torchtune_moe.training import list_checkpoints
@@ -193,3 +193,65 @@ def test_benchmark_dry_run(tmp_path):
     out = json.loads((tmp_path / "lora.json").read_text())
     assert set(out["layer"]["ms"]) == {"frozen", "lora", "qlora", "full"}
     assert [m["variant"] for m in out["model"]] == ["lora", "qlora"]
+
+
+# ------------------------------------------------------------------------- the full recipe's fail-safe checks
+
+_SHORT = ["batch_size=8", "dataset.num_samples=200"]
+
+
+def test_lora_nonfinite_loss_stops_and_keeps_the_good_adapter(tmp_path, monkeypatch):
+    """A NaN loss at step 2 stops the LoRA run before the optimizer step, naming step_1, whose adapter stays."""
+    from moe_lora_finetune import MoELoRAFinetuneRecipe
+
+    from torchtune_moe.training import TrainingStopped
+
+    real = MoELoRAFinetuneRecipe._finish_accumulation
+
+    def nan_at_step_2(self):
+        out = real(self)
+        if self.global_step == 1:
+            out["loss"] = float("nan")
+        return out
+
+    monkeypatch.setattr(MoELoRAFinetuneRecipe, "_finish_accumulation", nan_at_step_2)
+    with pytest.raises(TrainingStopped, match=r"step 2: non-finite .*step_1 \(step 1\)"):
+        _run(tmp_path, overrides=[*_SHORT, "max_steps_per_epoch=3", "save_every_n_steps=1"])
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    adapter = load_file(tmp_path / "step_1" / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
+
+
+def test_lora_second_run_into_a_used_output_dir_is_refused(tmp_path):
+    _run(tmp_path, overrides=[*_SHORT, "max_steps_per_epoch=1"])
+    with pytest.raises(ValueError, match=r"output_dir: .* already holds a run \(checkpoints step_1\)"):
+        _run(tmp_path, overrides=[*_SHORT, "max_steps_per_epoch=2"])
+
+
+def test_lora_resume_names_a_damaged_adapter_and_reports_a_changed_base(tmp_path, caplog):
+    """A damaged step_N/adapter is named with the intact earlier checkpoint; the base's checkpoint_dir is part of
+    the run on resume (the base is read from it), so a change is reported instead of ignored."""
+    from torchtune_moe.training import checkpoint_problems
+
+    overrides = [*_SHORT, "max_steps_per_epoch=4", "save_every_n_steps=2"]
+    run_recipe(tmp_path / "base", overrides=[*_SHORT, "max_steps_per_epoch=1"])  # the full recipe: a base
+    base = tmp_path / "base" / "step_1"
+    run = tmp_path / "run"
+    _run(run, overrides=[*overrides, f"checkpointer.checkpoint_dir={base}"])
+    adapter = run / "step_4" / "adapter" / "adapter_model.safetensors"
+    good = adapter.read_bytes()
+    adapter.write_bytes(good[:100])
+    assert checkpoint_problems(run / "step_4")
+    with pytest.raises(ValueError) as info:
+        _run(run, overrides=[*overrides, f"checkpointer.checkpoint_dir={base}", "resume_from_checkpoint=true"])
+    assert "checkpoint of step 4 is damaged" in str(info.value) and str(adapter) in str(info.value)
+    assert f"the earlier checkpoint {run / 'step_2'} (step 2) is intact" in str(info.value)
+
+    adapter.write_bytes(good)
+    shutil.rmtree(run / "step_4")
+    other = tmp_path / "other_base"
+    shutil.copytree(base, other)
+    with caplog.at_level("INFO"):
+        recipe = _run(run, overrides=[*overrides, f"checkpointer.checkpoint_dir={other}", "resume_from_checkpoint=true"])
+    assert recipe.global_step == 4
+    assert "checkpointer.checkpoint_dir" in caplog.text

@@ -76,6 +76,7 @@ from torchtune_moe.training import (
     clear_previous_run,
     config_changes,
     find_latest_checkpoint,
+    first_nonfinite,
     format_rate,
     instantiate,
     is_out_of_space,
@@ -102,20 +103,11 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 CONFIG_SPEC = FULL_FINETUNE_CONFIG_SPEC
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks a config of this recipe before any work (``validate_recipe_config`` with :data:`CONFIG_SPEC`); the
-    constructor then builds the model, which checks the builder's arguments.
-
-    Raises:
-        ValueError: naming the key.
-    """
-    validate_recipe_config(cfg, CONFIG_SPEC)
-
-
 # Console lines show every MoE layer's expert load up to this many layers (beyond: a one-line summary).
 _MAX_CONSOLE_LAYERS = 8
-# Keys whose change on resume is expected and says nothing about the run.
-_RESUME_IGNORED_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "checkpointer.checkpoint_dir")
+# Keys whose change on resume is expected and says nothing about the run (and checkpointer.checkpoint_dir, when
+# the resumed model is read from the step directory).
+_RESUME_IGNORED_KEYS = ("resume_from_checkpoint", "overwrite_output_dir")
 
 
 class MoEFullFinetuneRecipe(FTRecipeInterface):
@@ -151,8 +143,15 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             ``output_dir``, a damaged checkpoint or bad data before writing anything.
     """
 
+    #: The config keys this recipe knows (documented in docs/recipe.md); a recipe built on this one extends it.
+    config_spec = FULL_FINETUNE_CONFIG_SPEC
+    #: On resume the model weights are read from the step directory. False: from the configured
+    #: ``checkpointer.checkpoint_dir`` as on a first run (the LoRA recipe: the frozen base is not in the step
+    #: directory, only the adapters are).
+    resume_model_from_step_dir = True
+
     def __init__(self, cfg: DictConfig) -> None:
-        validate(cfg)
+        validate_recipe_config(cfg, self.config_spec)
         self._device = utils.get_device(device=cfg.get("device", None))
         self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
 
@@ -197,7 +196,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         self.loss_history: list[tuple[int, float]] = []  # (step, loss) of every optimizer step, for the summary
 
         # The model is built once, here, so that a bad builder argument is refused with the config errors.
-        self._from_scratch = not self._resume_from_checkpoint and cfg.checkpointer.get("checkpoint_dir") is None
+        self._from_scratch = cfg.checkpointer.get("checkpoint_dir") is None and not (
+            self._resume_from_checkpoint and self.resume_model_from_step_dir
+        )
         self._model = self._build_model(cfg, self._from_scratch)
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -237,7 +238,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
         if recipe_state is not None:
             self._check_resume_layout(recipe_state)
-        checkpointer_kwargs = {"checkpoint_dir": str(self._resume_dir)} if recipe_state is not None else {}
+        checkpointer_kwargs = {}
+        if recipe_state is not None and self.resume_model_from_step_dir:
+            checkpointer_kwargs = {"checkpoint_dir": str(self._resume_dir)}
         self._checkpointer = instantiate("checkpointer", cfg.checkpointer, **checkpointer_kwargs)
 
         # 2. The output directory, loggers and the config, once every check has passed.
@@ -246,7 +249,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             self._output_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self._output_dir)
             self._metric_loggers = self._setup_metric_loggers(cfg)
-            config.log_config(recipe_name="MoEFullFinetuneRecipe", cfg=cfg)
+            config.log_config(recipe_name=type(self).__name__, cfg=cfg)
             for logger in self._metric_loggers:
                 logger.log_config(cfg)
 
@@ -364,7 +367,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         Returns the optimizer changes to apply."""
         if saved is None:  # a checkpoint from before configs were saved in recipe_state.pt
             return []
-        changes = config_changes(saved, OmegaConf.to_container(cfg, resolve=True), ignore=_RESUME_IGNORED_KEYS)
+        ignore = _RESUME_IGNORED_KEYS + (("checkpointer.checkpoint_dir",) if self.resume_model_from_step_dir else ())
+        changes = config_changes(saved, OmegaConf.to_container(cfg, resolve=True), ignore=ignore)
         if not changes:
             return []
         for key, old, new in changes:
@@ -862,7 +866,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
 
     def _write_checkpoint(self, final_dir: Path, model_sd: dict, optim_sd: dict, rng: list, epoch_done: bool) -> None:
         """Rank 0: refuses a non-finite state dict, writes the checkpoint atomically, then rotates old ones."""
-        bad = next((k for k, v in model_sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        bad = first_nonfinite(model_sd)
         if bad is not None:
             raise TrainingStopped(
                 f"step {self.global_step}: the weight {bad} is not finite; no checkpoint written, none deleted; "
@@ -978,6 +982,35 @@ def _is_timeout(e: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
+def run(recipe_cls: type, cfg: DictConfig, name: str) -> None:
+    """Runs a recipe class (this one or one built on it) start to end, turning a refused config, a stopped run or a
+    timed-out collective into a message and exit status 1 (``name`` prefixes the message)."""
+    try:
+        recipe = recipe_cls(cfg=cfg)  # validates the config first, before any work
+    except ValueError as e:
+        sys.exit(f"{name}: bad config: {e}")
+    try:
+        recipe.setup(cfg=cfg)
+        recipe.train()
+        recipe.print_samples()
+        recipe.print_summary()
+    except (ValueError, TrainingStopped) as e:
+        recipe.cleanup(wait_for_ranks=False)  # some ranks may not have got this far
+        sys.exit(f"{name}: {e}")
+    except (RuntimeError, dist.DistError) as e:
+        if not (recipe._distributed and _is_timeout(e)):
+            raise
+        timeout = cfg.get("process_group_timeout_s", None)
+        within = "torch's default timeout" if timeout is None else f"process_group_timeout_s={timeout:g}s"
+        # No cleanup: destroying the process group would wait on the stalled rank.
+        sys.exit(
+            f"{name}: rank {recipe.rank}: a collective did not complete within {within}, so another "
+            f"rank stalled or died (its own output says why); "
+            f"{last_good_checkpoint_note(recipe._output_dir)}. ({type(e).__name__}: {str(e).splitlines()[0]})"
+        )
+    recipe.cleanup()
+
+
 @moe_config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of the recipe.
@@ -989,31 +1022,7 @@ def recipe_main(cfg: DictConfig) -> None:
     A bad config, a refused resume or output directory, a damaged checkpoint, a non-finite loss, a full disk or a
     collective that times out (``process_group_timeout_s``) ends the process with a message and exit status 1.
     """
-    try:
-        recipe = MoEFullFinetuneRecipe(cfg=cfg)  # validates the config first, before any work
-    except ValueError as e:
-        sys.exit(f"moe_full_finetune: bad config: {e}")
-    try:
-        recipe.setup(cfg=cfg)
-        recipe.train()
-        recipe.print_samples()
-        recipe.print_summary()
-    except (ValueError, TrainingStopped) as e:
-        recipe.cleanup(wait_for_ranks=False)  # some ranks may not have got this far
-        sys.exit(f"moe_full_finetune: {e}")
-    except (RuntimeError, dist.DistError) as e:
-        if not (recipe._distributed and _is_timeout(e)):
-            raise
-        timeout = cfg.get("process_group_timeout_s", None)
-        within = "torch's default timeout" if timeout is None else f"process_group_timeout_s={timeout:g}s"
-        # No cleanup: destroying the process group would wait on the stalled rank.
-        sys.exit(
-            f"moe_full_finetune: rank {recipe.rank}: a collective did not complete within {within}, so another "
-            f"rank stalled or died (its own output says why); "
-            f"{last_good_checkpoint_note(recipe._output_dir)}. ({type(e).__name__}: {str(e).splitlines()[0]})"
-        )
-    recipe.cleanup()
-
+    run(MoEFullFinetuneRecipe, cfg, "moe_full_finetune")
 
 if __name__ == "__main__":
     sys.exit(recipe_main())

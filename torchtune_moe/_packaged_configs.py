@@ -4,9 +4,15 @@ so they work from an installed wheel as well as from a checkout."""
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 
-# Every packaged config belongs to this recipe (the only one the package ships); `tune-moe ls` shows it
-# next to each config, as `tune ls` does for torchtune's.
+# The recipe of the packaged configs (`tune-moe ls` shows it next to each config, as `tune ls` does for
+# torchtune's); the `*lora` configs belong to LORA_RECIPE.
 RECIPE = "moe_full_finetune"
+LORA_RECIPE = "moe_lora_finetune"
+
+
+def recipe_of(name: str) -> str:
+    """The recipe a packaged config is for."""
+    return LORA_RECIPE if name.endswith("lora") else RECIPE
 
 _SUFFIXES = (".yaml", ".yml")
 

@@ -100,8 +100,12 @@ def test_ls_lists_packaged_configs_with_recipe(capsys):
     assert code == 0
     rows = [line.split() for line in out.strip().splitlines()]
     assert rows[0] == ["RECIPE", "CONFIG"]
-    assert rows[1] == ["moe_full_finetune", on_disk[0]]
-    assert [r[-1] for r in rows[1:]] == on_disk
+    from torchtune_moe._packaged_configs import recipe_of
+
+    expected = sorted(on_disk, key=lambda n: (recipe_of(n), n))  # grouped by recipe, as `tune ls`
+    assert rows[1] == ["moe_full_finetune", expected[0]]
+    assert [r[-1] for r in rows[1:]] == expected
+    assert ["moe_lora_finetune", "mixtral/8x22b_lora"] in rows
 
 
 @pytest.mark.parametrize("name", ["tiny/full", "tiny/full.yaml"])

@@ -17,7 +17,7 @@ How a command runs:
 
 - ``tune run`` gets fast overrides appended (:data:`FAST_OVERRIDES`: 2 steps of a small dataset, short samples);
 - when the shown output starts with an error line of the program (``moe_full_finetune: ...``,
-  ``tune-moe cp: ...``, e.g. ``moe_full_finetune: bad config: ...``),
+  ``moe_lora_finetune: ...``, ``tune-moe cp: ...``, e.g. ``moe_full_finetune: bad config: ...``),
   the command must fail and print that line (up to a trailing ``...``); otherwise it must exit 0;
 - install steps in a ``&&`` chain (``python3 -m venv``, ``. .venv/bin/activate``, ``pip install``) are dropped and
   the rest of the chain runs (the test runs inside an installed environment already).
@@ -130,7 +130,7 @@ def _expected_error(output: list[str]) -> str | None:
     if not output:
         return None
     first = output[0].strip()
-    if not re.match(r"^(moe_full_finetune|tune-moe( \w+)?|tune|error): ", first):
+    if not re.match(r"^(moe_full_finetune|moe_lora_finetune|tune-moe( \w+)?|tune|error): ", first):
         return None
     return first[:-3].rstrip() if first.endswith("...") else first
 

@@ -50,14 +50,34 @@ def test_parse_resolves_the_config_name(monkeypatch):
 
 
 def test_every_packaged_config_passes_the_recipe_validation():
-    from moe_full_finetune import CONFIG_SPEC
+    """Each packaged config against the keys of its recipe (``tune-moe ls``): the LoRA configs against the LoRA
+    recipe's spec, which is the full recipe's with ``model`` a LoRA builder."""
+    from moe_full_finetune import MoEFullFinetuneRecipe
+    from moe_lora_finetune import MoELoRAFinetuneRecipe
 
-    from torchtune_moe._packaged_configs import packaged_configs
+    from torchtune_moe._packaged_configs import LORA_RECIPE, packaged_configs, recipe_of
 
     names = list(packaged_configs())
-    assert {"tiny/full", "tiny/full_causal_ec", "small/full"} <= set(names)
+    assert {"tiny/full", "tiny/full_causal_ec", "small/full", "tiny/lora"} <= set(names)
     for name in names:
-        validate_config(load_config(name), CONFIG_SPEC)
+        recipe = MoELoRAFinetuneRecipe if recipe_of(name) == LORA_RECIPE else MoEFullFinetuneRecipe
+        validate_config(load_config(name), recipe.config_spec)
+
+
+def test_lora_spec_extends_the_full_spec():
+    """One spec built from the full one: every full-recipe key is known to the LoRA recipe, ``model`` is checked
+    as a LoRA builder, and a LoRA config's bad values are refused naming the key."""
+    from torchtune_moe.training import FULL_FINETUNE_CONFIG_SPEC, LORA_FINETUNE_CONFIG_SPEC, validate_recipe_config
+
+    assert set(LORA_FINETUNE_CONFIG_SPEC) == set(FULL_FINETUNE_CONFIG_SPEC)
+    assert all(LORA_FINETUNE_CONFIG_SPEC[k] is v for k, v in FULL_FINETUNE_CONFIG_SPEC.items() if k != "model")
+    validate_recipe_config(load_config("tiny/lora"), LORA_FINETUNE_CONFIG_SPEC)
+    with pytest.raises(ValueError, match=r"model\.lora_rank: got 'abc'"):
+        validate_recipe_config(load_config("tiny/lora", ["model.lora_rank=abc"]), LORA_FINETUNE_CONFIG_SPEC)
+    with pytest.raises(ValueError, match=r"model: got .*allowed: a lora_model with base"):
+        validate_recipe_config(load_config("tiny/lora", ["~model.base"]), LORA_FINETUNE_CONFIG_SPEC)
+    with pytest.raises(ValueError, match=r"lora_rnak: unknown config key"):
+        validate_recipe_config(load_config("tiny/lora", ["+lora_rnak=8"]), LORA_FINETUNE_CONFIG_SPEC)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@ import textwrap
 
 from torchtune_moe._cli.subcommand import Subcommand
 
-from torchtune_moe._packaged_configs import packaged_configs, RECIPE
+from torchtune_moe._packaged_configs import packaged_configs, recipe_of
 
 
 class List(Subcommand):
@@ -37,6 +37,8 @@ class List(Subcommand):
     def _ls_cmd(self, args: argparse.Namespace) -> None:
         """List all packaged configs."""
         print(f"{'RECIPE':<40} CONFIG")
-        for i, name in enumerate(packaged_configs()):
+        names = sorted(packaged_configs(), key=lambda n: (recipe_of(n), n))
+        for i, name in enumerate(names):
             # Like `tune ls`: the recipe name only on its first config's row
-            print(f"{RECIPE if i == 0 else '':<40} {name}")
+            first = i == 0 or recipe_of(names[i - 1]) != recipe_of(name)
+            print(f"{recipe_of(name) if first else '':<40} {name}")

@@ -191,13 +191,14 @@ def _safetensors_problem(path: Path) -> Optional[str]:
 def checkpoint_problems(checkpoint_dir: str | Path) -> list[str]:
     """What is wrong with the files of a checkpoint directory, one line per bad file; empty when intact.
 
-    Checks, without loading any tensor: every ``*.safetensors`` file's header against its size, and that
+    Checks, without loading any tensor: every ``*.safetensors`` file's header against its size (subdirectories
+    included: the LoRA recipe's ``adapter/``), and that
     ``recipe_state.pt`` (when present) is a complete torch zip archive (its directory is at the end of the file,
     so a truncated file fails).
     """
     checkpoint_dir = Path(checkpoint_dir)
     problems = []
-    for path in sorted(checkpoint_dir.glob("*.safetensors")):
+    for path in sorted(checkpoint_dir.rglob("*.safetensors")):
         problem = _safetensors_problem(path)
         if problem:
             problems.append(problem)

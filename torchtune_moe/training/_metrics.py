@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torchtune import training
 
+from torchtune_moe.modules._utils import clean_module_name
+
 __all__ = [
     "EXPERT_LOAD_FILENAME",
     "ExpertLoadTracker",
@@ -32,17 +34,7 @@ __all__ = [
 #: ``{"step": int, "layers": {"<layer module name>": [tokens per expert over the window, ...], ...}}``.
 EXPERT_LOAD_FILENAME = "expert_load.jsonl"
 
-# Wrappers that activation checkpointing / torch.compile / FSDP1 insert into module names.
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 _BARS = "▁▂▃▄▅▆▇█"
-
-
-def clean_module_name(name: str) -> str:
-    """``name`` without the wrapper parts that activation checkpointing or compile add
-    (``layers.0._checkpoint_wrapped_module.mlp`` -> ``layers.0.mlp``)."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
 
 
 @dataclass

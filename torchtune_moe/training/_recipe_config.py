@@ -18,6 +18,7 @@ from torchtune_moe.config import Key, boolean, component, integer, number, one_o
 
 __all__ = [
     "FULL_FINETUNE_CONFIG_SPEC",
+    "LORA_FINETUNE_CONFIG_SPEC",
     "instantiate",
     "validate_recipe_config",
     "check_model",
@@ -68,6 +69,23 @@ FULL_FINETUNE_CONFIG_SPEC: dict[str, Key] = {
             "max_new_tokens": Key(integer(1)),
         },
     ),
+}
+
+
+
+def _lora_model(value: Any) -> Optional[str]:
+    """The LoRA recipe's ``model``: a component; ``torchtune_moe.models.lora_model`` needs its ``base``."""
+    problem = component()(value)
+    if problem is None and str(value["_component_"]).rsplit(".", 1)[-1] == "lora_model" and "base" not in value:
+        problem = "a lora_model with base: the dotted path of a model builder (e.g. torchtune_moe.models.moe)"
+    return problem
+
+
+#: The config keys of ``moe_lora_finetune`` (docs/lora.md): the full recipe's, with ``model`` a LoRA builder
+#: (its LoRA arguments, ``lora_rank``, ``lora_alpha``, ..., are checked against ``lora_model``'s signature).
+LORA_FINETUNE_CONFIG_SPEC: dict[str, Key] = {
+    **FULL_FINETUNE_CONFIG_SPEC,
+    "model": Key(_lora_model, required=True, doc="the model builder with adapters (torchtune_moe.models.lora_model)"),
 }
 
 

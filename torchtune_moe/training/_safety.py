@@ -12,7 +12,9 @@ import errno
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
 
 from torchtune_moe.training._checkpointing import latest_intact_checkpoint, list_checkpoints
 
@@ -26,6 +28,7 @@ __all__ = [
     "is_out_of_space",
     "last_good_checkpoint_note",
     "all_finite",
+    "first_nonfinite",
 ]
 
 #: torchtune's metric loggers write the resolved config here (``{output_dir}/torchtune_config.yaml``).
@@ -123,3 +126,16 @@ def last_good_checkpoint_note(output_dir: str | Path) -> str:
 def all_finite(values: Iterable[Optional[float]]) -> bool:
     """True if every value that is not None is finite."""
     return all(v is None or math.isfinite(v) for v in values)
+
+
+def first_nonfinite(state_dict: Mapping[str, Any], prefix: str = "") -> Optional[str]:
+    """The key of the first floating-point tensor with a non-finite value in ``state_dict`` (nested mappings are
+    searched too, their keys joined by dots; None values skipped), or None."""
+    for key, value in state_dict.items():
+        if isinstance(value, Mapping):
+            found = first_nonfinite(value, f"{prefix}{key}.")
+            if found is not None:
+                return found
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return f"{prefix}{key}"
+    return None

@@ -1,0 +1,321 @@
+"""LoRA on the routed experts: one low-rank pair per expert, run with grouped GEMMs inside the fused expert path."""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
+from torchtune.modules.peft import AdapterModule
+
+from torchtune_moe.modules import _kernels
+from torchtune_moe.modules.moe_linear import MoELinear, _activate, _activate_backward, _combine, token_segments
+
+__all__ = ["LoRAMoELinear", "dequantize", "to_nf4_checked"]
+
+# grouped_mm needs 16-byte aligned rows: the rank is a row length of the adapter matrices.
+_RANK_MULTIPLE = 8
+
+
+def dequantize(w: torch.Tensor, shape: Optional[torch.Size] = None) -> torch.Tensor:
+    """The dense value of a (possibly NF4) base weight, in its original shape ``shape`` when given.
+
+    torchao's NF4 takes 2-D tensors only, so quantized stacked expert weights are kept as ``[E*rows, cols]``.
+    """
+    if isinstance(w, NF4Tensor):
+        w = w.get_original_weight()
+    return w if shape is None else w.view(shape)
+
+
+# torchao NF4: 64-element blocks whose scales are quantized in blocks of 256.
+_NF4_NUMEL_MULTIPLE = 64 * 256
+
+
+def to_nf4_checked(w: torch.Tensor, what: str) -> NF4Tensor:
+    """``to_nf4(w)``, refusing (ValueError naming ``what``) a tensor torchao cannot quantize."""
+    if w.numel() % _NF4_NUMEL_MULTIPLE:
+        raise ValueError(
+            f"quantize_base: {what} has {w.numel()} elements; NF4 (torchao) needs a multiple of {_NF4_NUMEL_MULTIPLE}"
+        )
+    return to_nf4(w)
+
+
+class LoRAMoELinear(MoELinear, AdapterModule):
+    """:class:`~torchtune_moe.modules.MoELinear` with a LoRA pair per expert on each projection; base frozen.
+
+    ``W_e' = W_e + (alpha / rank) * B_e @ A_e`` for every expert ``e``, with separate pairs for the gate and the
+    up projections (as the Hub checkpoints, PEFT and vLLM describe them: one adapter per
+    ``experts.e.{gate,up,down}_proj``):
+
+    - ``lora_gate_up_a`` [E, P*r, D]: rows ``[p*r:(p+1)*r]`` are the A of part p (P = 2 parts, gate then up,
+      when gated; 1 otherwise); ``lora_gate_up_b`` [E, P*H, r]: rows ``[p*H:(p+1)*H]`` are the B of part p.
+    - ``lora_down_a`` [E, r, H], ``lora_down_b`` [E, D, r].
+
+    The adapter runs inside the same fused autograd node as the experts (:class:`_RoutedExpertsLoRA`): each
+    low-rank product is a grouped GEMM over the rows sorted by expert (no Python loop over experts, no host
+    sync), and besides the base path it keeps only the ``[A, P*r]`` and ``[A, r]`` down-projected activations.
+
+    ``quantize_base`` stores the frozen base weights in NF4 (torchao, as torchtune's QLoRA): call
+    :meth:`quantize_base_weights` once they hold their values (the builder does on a real device; the recipe
+    after loading a checkpoint). Expert adapters take no dropout.
+
+    Args:
+        num_experts, dim, hidden_dim, activation, gated: as :class:`MoELinear`.
+        rank (int): r, a positive multiple of 8 (grouped GEMM alignment).
+        alpha (float): scaling numerator (``scale = alpha / rank``).
+        quantize_base (bool): NF4 base weights.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        *,
+        rank: int,
+        alpha: float,
+        activation="silu",
+        gated: bool = True,
+        quantize_base: bool = False,
+    ):
+        if rank < 1 or rank % _RANK_MULTIPLE:
+            raise ValueError(
+                f"lora_rank must be a positive multiple of {_RANK_MULTIPLE} for the experts' grouped GEMMs, got {rank}"
+            )
+        super().__init__(num_experts, dim, hidden_dim, activation=activation, gated=gated)
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.parts = 2 if gated else 1
+        self._quantize_base = quantize_base
+        E, P = num_experts, self.parts
+        self.lora_gate_up_a = nn.Parameter(torch.empty(E, P * rank, dim))
+        self.lora_gate_up_b = nn.Parameter(torch.empty(E, P * hidden_dim, rank))
+        self.lora_down_a = nn.Parameter(torch.empty(E, rank, hidden_dim))
+        self.lora_down_b = nn.Parameter(torch.empty(E, dim, rank))
+        self.initialize_parameters()
+
+    @classmethod
+    def from_moe_linear(cls, base: MoELinear, *, rank: int, alpha: float, quantize_base: bool = False):
+        """A LoRA version of ``base`` sharing its (frozen) weights, built on their device."""
+        with torch.device(base.gate_up_proj.device):
+            lora = cls(
+                base.num_experts, base.dim, base.hidden_dim, rank=rank, alpha=alpha, activation=base.act,
+                gated=base.gated, quantize_base=quantize_base,
+            )
+        lora.gate_up_proj, lora.down_proj = base.gate_up_proj, base.down_proj
+        lora.to(dtype=base.gate_up_proj.dtype)
+        return lora
+
+    def initialize_parameters(self) -> None:
+        """A as ``nn.Linear``'s default (kaiming uniform, a=sqrt(5)) per expert, B zero: the adapter starts at 0."""
+        for a in (self.lora_gate_up_a, self.lora_down_a):
+            bound = 1.0 / math.sqrt(a.shape[-1])
+            nn.init.uniform_(a, -bound, bound)
+        nn.init.zeros_(self.lora_gate_up_b)
+        nn.init.zeros_(self.lora_down_b)
+
+    def adapter_params(self) -> list[str]:
+        return ["lora_gate_up_a", "lora_gate_up_b", "lora_down_a", "lora_down_b"]
+
+    @property
+    def base_shapes(self) -> dict[str, torch.Size]:
+        """Dense shapes of the base weights (an NF4 weight is stored flattened to 2-D)."""
+        E, D, H = self.num_experts, self.dim, self.hidden_dim
+        return {"gate_up_proj": torch.Size((E, self.parts * H, D)), "down_proj": torch.Size((E, D, H))}
+
+    @torch.no_grad()
+    def quantize_base_weights(self) -> None:
+        """Stores the base weights in NF4 (no-op unless ``quantize_base``, already done or on meta)."""
+        if not self._quantize_base:
+            return
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name)
+            if isinstance(w, NF4Tensor) or w.is_meta:
+                continue
+            setattr(self, name, nn.Parameter(to_nf4_checked(w.detach().flatten(0, 1), name), requires_grad=False))
+
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(A, B, parts)`` of base weight ``name``: A [E, parts*r, in], B [E, out, r] (see class doc)."""
+        if name == "gate_up_proj":
+            return self.lora_gate_up_a, self.lora_gate_up_b, self.parts
+        if name == "down_proj":
+            return self.lora_down_a, self.lora_down_b, 1
+        raise KeyError(name)
+
+    @torch.no_grad()
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """``W + scale * B @ A`` per expert (and part), in the base weight's dense shape and dtype."""
+        w = dequantize(getattr(self, name), self.base_shapes[name])
+        a, b, parts = self.lora_factors(name)
+        r, rows = self.rank, b.shape[1] // parts
+        delta = torch.cat(
+            [b[:, p * rows : (p + 1) * rows].float() @ a[:, p * r : (p + 1) * r].float() for p in range(parts)], dim=1
+        )
+        return (w.float() + self.scale * delta).to(w.dtype)
+
+    def forward(self, x_AD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """Unfused reference path (plain autograd). Same contract as :meth:`MoELinear.forward`."""
+        E, P, r, H = self.num_experts, self.parts, self.rank, self.hidden_dim
+        w_gu = dequantize(self.gate_up_proj, self.base_shapes["gate_up_proj"])
+        w_d = dequantize(self.down_proj, self.base_shapes["down_proj"])
+        h_AF = F.grouped_mm(x_AD, w_gu.transpose(-2, -1), offs=offsets_E)
+        xa_AR = F.grouped_mm(x_AD, self.lora_gate_up_a.transpose(-2, -1), offs=offsets_E)
+        delta_AF = torch.cat(
+            [
+                F.grouped_mm(
+                    xa_AR[:, p * r : (p + 1) * r].contiguous(),
+                    self.lora_gate_up_b[:, p * H : (p + 1) * H].transpose(-2, -1),
+                    offs=offsets_E,
+                )
+                for p in range(P)
+            ],
+            dim=-1,
+        )
+        h_AF = h_AF + self.scale * delta_AF
+        if self.gated:
+            gate_AH, up_AH = h_AF.chunk(2, dim=-1)
+            h_AH = self.act(gate_AH) * up_AH
+        else:
+            h_AH = self.act(h_AF)
+        y_AD = F.grouped_mm(h_AH, w_d.transpose(-2, -1), offs=offsets_E)
+        ha_AR = F.grouped_mm(h_AH, self.lora_down_a.transpose(-2, -1), offs=offsets_E)
+        return y_AD + self.scale * F.grouped_mm(ha_AR, self.lora_down_b.transpose(-2, -1), offs=offsets_E)
+
+    def routed(
+        self,
+        x_TD: torch.Tensor,
+        rows_A: torch.Tensor,
+        weights_A: torch.Tensor,
+        offsets_E: torch.Tensor,
+        combine_TK: Optional[torch.Tensor] = None,
+        may_drop: bool = False,
+    ) -> torch.Tensor:
+        """:meth:`MoELinear.routed` with the adapters (same arguments and result)."""
+        index_J = offsets_T = None
+        if combine_TK is None:  # any number of rows per token: combined per token segment, as MoELinear does
+            index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
+        return _RoutedExpertsLoRA.apply(
+            x_TD, weights_A, self.gate_up_proj, self.down_proj,
+            self.lora_gate_up_a, self.lora_gate_up_b, self.lora_down_a, self.lora_down_b,
+            rows_A, offsets_E, combine_TK, index_J, offsets_T, may_drop, self,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, quantize_base={self._quantize_base}"
+
+
+def _block_diag(b_EOR: torch.Tensor, parts: int) -> torch.Tensor:
+    """``[E, P*rows, r]`` -> ``[E, P*rows, P*r]`` with part p's B in diagonal block p (zeros elsewhere): the P
+    parts' up-projections then run as one grouped GEMM of the ``[A, P*r]`` down-projected rows."""
+    if parts == 1:
+        return b_EOR
+    E, out_rows, r = b_EOR.shape
+    rows = out_rows // parts
+    bd = b_EOR.new_zeros(E, out_rows, parts * r)
+    for p in range(parts):  # at most 2 parts (gate, up): not a loop over experts
+        bd[:, p * rows : (p + 1) * rows, p * r : (p + 1) * r] = b_EOR[:, p * rows : (p + 1) * rows]
+    return bd
+
+
+def _diag_blocks(bd: torch.Tensor, parts: int, r: int) -> torch.Tensor:
+    """Inverse of :func:`_block_diag`: ``[E, P*rows, P*r]`` -> ``[E, P*rows, r]`` (the diagonal blocks)."""
+    if parts == 1:
+        return bd
+    rows = bd.shape[1] // parts
+    return torch.cat([bd[:, p * rows : (p + 1) * rows, p * r : (p + 1) * r] for p in range(parts)], dim=1)
+
+
+class _RoutedExpertsLoRA(torch.autograd.Function):
+    """:class:`~torchtune_moe.modules.moe_linear._RoutedExperts` plus the per-expert adapters, one node.
+
+    The base path is the same (the fused activation x routing weight, gather-sum combine, ``x_AD`` and the
+    activation output recomputed in backward); the adapters add, per projection, ``xa = x @ A^T`` ([A, P*r],
+    kept for backward) and ``scale * xa @ B^T`` added into the projection's output before the activation
+    (gate/up) or the combine (down). Frozen NF4 base weights are dequantized when used (forward, and again in
+    backward) and never kept dense. Base-weight gradients are computed only when they require grad.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x_TD, weights_A, gate_up, down, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T,
+        may_drop, mod,
+    ):
+        P, r, s = mod.parts, mod.rank, mod.scale
+        shapes = mod.base_shapes
+        num_valid = offsets_E[-1:]
+        x_AD = _kernels.gather_rows(x_TD, rows_A)
+        h_AF = F.grouped_mm(x_AD, dequantize(gate_up, shapes["gate_up_proj"]).transpose(-2, -1), offs=offsets_E)
+        xa_AR = F.grouped_mm(x_AD, a_gu.transpose(-2, -1), offs=offsets_E)
+        h_AF.add_(F.grouped_mm(xa_AR, _block_diag(b_gu, P).transpose(-2, -1), offs=offsets_E), alpha=s)
+        del x_AD
+        hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, mod.act, mod.gated)
+        y_AD = F.grouped_mm(hs_AH, dequantize(down, shapes["down_proj"]).transpose(-2, -1), offs=offsets_E)
+        ha_AR = F.grouped_mm(hs_AH, a_d.transpose(-2, -1), offs=offsets_E)
+        y_AD.add_(F.grouped_mm(ha_AR, b_d.transpose(-2, -1), offs=offsets_E), alpha=s)
+        out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
+        ctx.save_for_backward(
+            x_TD, weights_A, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, xa_AR,
+            ha_AR,
+        )
+        # Base weights by reference (NF4 subclasses included): parameters, alive as long as the module.
+        ctx.gate_up, ctx.down = gate_up, down
+        ctx.may_drop, ctx.mod = may_drop, mod
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_out_TD):
+        x_TD, weights_A, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, xa_AR, ha_AR = (
+            ctx.saved_tensors
+        )
+        mod, may_drop = ctx.mod, ctx.may_drop
+        P, r, s = mod.parts, mod.rank, mod.scale
+        shapes = mod.base_shapes
+        need = ctx.needs_input_grad
+        need_x, need_w, need_gate_up, need_down = need[:4]
+        need_a_gu, need_b_gu, need_a_d, need_b_d = need[4:8]
+        num_valid = offsets_E[-1:]
+        w_down = dequantize(ctx.down, shapes["down_proj"])
+
+        # down: y = hs @ Wd^T + s * (hs @ Ad^T) @ Bd^T
+        # Rows past offsets_E[-1] (dropped slots) belong to no group: the grouped GEMMs leave them out of every
+        # weight gradient, and the activation backward and the combine mask them.
+        grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A)
+        grad_ha_AR = F.grouped_mm(grad_y_AD, b_d, offs=offsets_E).mul_(s)
+        grad_b_d = F.grouped_mm(grad_y_AD.t(), ha_AR, offs=offsets_E).mul_(s) if need_b_d else None
+        grad_hs_AH = F.grouped_mm(grad_y_AD, w_down, offs=offsets_E)
+        grad_hs_AH += F.grouped_mm(grad_ha_AR, a_d, offs=offsets_E)
+        del w_down
+        grad_h_AF, grad_w_A, hs_AH = _activate_backward(
+            h_AF, weights_A, grad_hs_AH, num_valid, may_drop, mod.act, mod.gated
+        )
+        del grad_hs_AH
+        grad_a_d = F.grouped_mm(grad_ha_AR.t(), hs_AH, offs=offsets_E) if need_a_d else None
+        grad_down = F.grouped_mm(grad_y_AD.t(), hs_AH, offs=offsets_E) if need_down else None
+        del grad_y_AD, hs_AH, grad_ha_AR
+
+        # gate_up: h = x @ Wgu^T + s * [(x @ Agu_p^T) @ Bgu_p^T]_p
+        grad_xa_AR = F.grouped_mm(grad_h_AF, _block_diag(b_gu, P), offs=offsets_E).mul_(s)
+        grad_b_gu = None
+        if need_b_gu:
+            grad_b_gu = _diag_blocks(F.grouped_mm(grad_h_AF.t(), xa_AR, offs=offsets_E), P, r).mul_(s)
+        x_AD = _kernels.gather_rows(x_TD, rows_A) if (need_a_gu or need_gate_up) else None
+        grad_a_gu = F.grouped_mm(grad_xa_AR.t(), x_AD, offs=offsets_E) if need_a_gu else None
+        grad_gate_up = F.grouped_mm(grad_h_AF.t(), x_AD, offs=offsets_E) if need_gate_up else None
+        del x_AD
+        grad_x_TD = None
+        if need_x:
+            w_gu = dequantize(ctx.gate_up, shapes["gate_up_proj"])
+            grad_x_AD = F.grouped_mm(grad_h_AF, w_gu, offs=offsets_E)
+            grad_x_AD += F.grouped_mm(grad_xa_AR, a_gu, offs=offsets_E)
+            grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
+        grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
+        if grad_gate_up is not None and isinstance(ctx.gate_up, NF4Tensor):
+            grad_gate_up = None
+        if grad_down is not None and isinstance(ctx.down, NF4Tensor):
+            grad_down = None
+        return (
+            grad_x_TD, grad_w_A, grad_gate_up, grad_down, grad_a_gu, grad_b_gu, grad_a_d, grad_b_d,
+            None, None, None, None, None, None, None,
+        )

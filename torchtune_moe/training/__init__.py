@@ -27,6 +27,7 @@ from torchtune_moe.training._metrics import (
     peak_memory_stats,
     truncate_expert_load,
 )
+from torchtune_moe.training._parallel import clip_and_total_grad_norm, init_meshes, shard_experts
 from torchtune_moe.training._recipe_config import (
     FULL_FINETUNE_CONFIG_SPEC,
     check_model,
@@ -72,6 +73,9 @@ __all__ = [
     "check_model",
     "instantiate",
     "validate_recipe_config",
+    "init_meshes",
+    "shard_experts",
+    "clip_and_total_grad_norm",
     "check_state_dict",
     "load_buffers",
     "materialize_meta_buffers",

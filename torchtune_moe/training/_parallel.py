@@ -51,6 +51,8 @@ def shard_experts(model: torch.nn.Module, expert_mesh: DeviceMesh, reshard_after
     for _, layer in moe_layers(model):
         fully_shard(layer.experts, mesh=expert_mesh["expert_dp"], reshard_after_forward=reshard_after_forward)
         layer.experts.set_gradient_divide_factor(float(world_size))
+        if expert_mesh.device_type == "cpu":  # gloo has no pre-multiplied sum: sum, then divide
+            layer.experts.set_force_sum_reduction_for_comms(True)
 
 
 def clip_and_total_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: Optional[float]) -> Optional[torch.Tensor]:

@@ -91,6 +91,7 @@ from torchtune_moe.training import (
     restore_rng_state,
     rng_state,
     samples_table,
+    scale_expert_grads,
     shard_experts,
     truncate_expert_load,
     validate_recipe_config,
@@ -657,6 +658,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             dist.all_reduce(stats)
         num_tokens = stats[2]
         training.scale_grads(self._model, self.world_size / num_tokens.clamp(min=1))
+        if self._expert_parallel_degree > 1:  # expert gradients also sum over their EP group (shard_experts)
+            scale_expert_grads(self._model, 1.0 / self._expert_parallel_degree)
         values = stats.tolist()
         n = max(values[2], 1.0)
         out = {

@@ -27,7 +27,7 @@ from torchtune_moe.training._metrics import (
     peak_memory_stats,
     truncate_expert_load,
 )
-from torchtune_moe.training._parallel import clip_and_total_grad_norm, init_meshes, shard_experts
+from torchtune_moe.training._parallel import clip_and_total_grad_norm, init_meshes, scale_expert_grads, shard_experts
 from torchtune_moe.training._recipe_config import (
     FULL_FINETUNE_CONFIG_SPEC,
     check_model,
@@ -75,6 +75,7 @@ __all__ = [
     "validate_recipe_config",
     "init_meshes",
     "shard_experts",
+    "scale_expert_grads",
     "clip_and_total_grad_norm",
     "check_state_dict",
     "load_buffers",

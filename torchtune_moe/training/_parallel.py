@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torchtune_moe.modules import moe_layers
 from torchtune_moe.modules.expert_parallel import apply_expert_parallel
 
-__all__ = ["init_meshes", "shard_experts", "clip_and_total_grad_norm"]
+__all__ = ["init_meshes", "shard_experts", "scale_expert_grads", "clip_and_total_grad_norm"]
 
 
 def init_meshes(device_type: str, world_size: int, expert_parallel_degree: int) -> tuple[DeviceMesh, Optional[DeviceMesh]]:
@@ -43,16 +43,21 @@ def shard_experts(model: torch.nn.Module, expert_mesh: DeviceMesh, reshard_after
     leaves the experts to their unit).
 
     Gradients: an expert's gradient on its rank already sums the rows of all P ranks of its group, and FSDP2
-    sums over the W / P ranks of ``expert_dp``; dividing by W (instead of FSDP2's default W / P) makes the expert
-    gradients the same average over all W ranks as every other gradient's.
+    averages it over the W / P ranks of ``expert_dp``, so it comes out P times the average over all W ranks that
+    every other gradient is: :func:`scale_expert_grads` with ``1 / P`` after backward makes them alike.
     """
-    world_size = expert_mesh.size()
     apply_expert_parallel(model, expert_mesh["ep"])
     for _, layer in moe_layers(model):
         fully_shard(layer.experts, mesh=expert_mesh["expert_dp"], reshard_after_forward=reshard_after_forward)
-        layer.experts.set_gradient_divide_factor(float(world_size))
-        if expert_mesh.device_type == "cpu":  # gloo has no pre-multiplied sum: sum, then divide
-            layer.experts.set_force_sum_reduction_for_comms(True)
+
+
+@torch.no_grad()
+def scale_expert_grads(model: torch.nn.Module, factor: float) -> None:
+    """Multiplies the gradients of the routed experts of every MoE layer by ``factor`` (their local shards)."""
+    for _, layer in moe_layers(model):
+        for p in layer.experts.parameters():
+            if p.grad is not None:
+                (p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad).mul_(factor)
 
 
 def clip_and_total_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: Optional[float]) -> Optional[torch.Tensor]:

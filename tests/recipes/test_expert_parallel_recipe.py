@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.recipes._recipe_helpers import FAST, losses, read_metrics
+from _recipe_helpers import FAST, losses, read_metrics
 from torchtune_moe.config import load_config
 
 

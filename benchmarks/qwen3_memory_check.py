@@ -11,6 +11,7 @@ is extrapolated (and compared with the arithmetic of docs/models.md).
 
     torchrun --nproc_per_node 2 benchmarks/qwen3_memory_check.py --layers 2 4
     torchrun --nproc_per_node 8 benchmarks/qwen3_memory_check.py --layers 4 8 --batch-size 4 --seq-len 2048
+    torchrun --nproc_per_node 2 benchmarks/qwen3_memory_check.py --layers 2 4 --expert-parallel-degree 2
 
 CPU smoke test of the script itself (tiny dims, gloo): ``torchrun --nproc_per_node 2
 benchmarks/qwen3_memory_check.py --device cpu --tiny --layers 1 2``.
@@ -24,12 +25,13 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from torch.distributed import init_device_mesh
 from torchtune import modules, training
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from torchtune_moe.models.qwen3_moe import qwen3_moe
 from torchtune_moe.modules import Router, collect_aux_loss, update_routers
+from torchtune_moe.modules.expert_parallel import check_expert_parallel_degree
+from torchtune_moe.training import init_meshes, scale_expert_grads, shard_experts
 
 QWEN3_30B_A3B = dict(
     vocab_size=151936, num_heads=32, num_kv_heads=4, embed_dim=2048, head_dim=128, dense_hidden_dim=6144,
@@ -42,11 +44,16 @@ FULL_DEPTH = 48
 GIB = 1024**3
 
 
-def build_sharded(dims: dict, num_layers: int, max_seq_len: int, device: torch.device, mesh) -> torch.nn.Module:
-    """Meta-device build, FSDP2 sharding of each layer and the root, random init of the local shards."""
+def build_sharded(
+    dims: dict, num_layers: int, max_seq_len: int, device: torch.device, mesh, expert_mesh=None
+) -> torch.nn.Module:
+    """Meta-device build, FSDP2 sharding of each layer and the root (with ``expert_mesh``: the experts split by
+    expert first, as the recipe's ``expert_parallel_degree``), random init of the local shards."""
     with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
         model = qwen3_moe(num_layers=num_layers, max_seq_len=max_seq_len, **dims)
     training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+    if expert_mesh is not None:
+        shard_experts(model, expert_mesh, reshard_after_forward=True)
     training.shard_model(
         model=model,
         shard_conditions=[partial(training.get_shard_conditions, names_to_match=None)],
@@ -69,9 +76,9 @@ def build_sharded(dims: dict, num_layers: int, max_seq_len: int, device: torch.d
     return model
 
 
-def measure(dims: dict, num_layers: int, args, device: torch.device, mesh) -> dict:
+def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, expert_mesh=None) -> dict:
     """Runs ``args.steps`` optimizer steps; returns this rank's peak memory (GiB) and timing."""
-    model = build_sharded(dims, num_layers, args.seq_len, device, mesh)
+    model = build_sharded(dims, num_layers, args.seq_len, device, mesh, expert_mesh)
     loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
     model.set_num_output_chunks(loss_fn.num_output_chunks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -86,6 +93,8 @@ def measure(dims: dict, num_layers: int, args, device: torch.device, mesh) -> di
         logits = model(tokens[:, :-1])
         loss = loss_fn(logits, tokens[:, 1:]) + collect_aux_loss(model)
         loss.backward()
+        if expert_mesh is not None:  # as the recipe: expert gradients also sum over their EP group
+            scale_expert_grads(model, 1.0 / expert_mesh["ep"].size())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_routers(model)
@@ -116,6 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny dims (smoke test of the script)")
+    parser.add_argument("--expert-parallel-degree", type=int, default=1, help="split experts over this many ranks")
     parser.add_argument("--out", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args()
 
@@ -127,12 +137,13 @@ def main() -> None:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    mesh = init_device_mesh(args.device, (world,), mesh_dim_names=("dp",))["dp"]
     dims = TINY if args.tiny else QWEN3_30B_A3B
+    check_expert_parallel_degree(args.expert_parallel_degree, world, [dims["num_experts"]])
+    mesh, expert_mesh = init_meshes(args.device, world, args.expert_parallel_degree)
 
     results = []
     for num_layers in args.layers:
-        mine = measure(dims, num_layers, args, device, mesh)
+        mine = measure(dims, num_layers, args, device, mesh, expert_mesh)
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
         row = dict(
@@ -144,6 +155,10 @@ def main() -> None:
             peak_allocated_gib_per_rank=[round(r["peak_allocated_gib"], 2) for r in everyone],
             peak_reserved_gib_per_rank=[round(r["peak_reserved_gib"], 2) for r in everyone],
             seconds_per_step=round(max(r["seconds_per_step"] for r in everyone), 3),
+            expert_parallel_degree=args.expert_parallel_degree,
+            tokens_per_second_per_gpu=round(
+                args.batch_size * args.seq_len / max(r["seconds_per_step"] for r in everyone)
+            ),
         )
         results.append(row)
         if rank == 0:

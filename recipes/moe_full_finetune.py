@@ -41,8 +41,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch.distributed import destroy_process_group, init_device_mesh, init_process_group
-from torch.distributed.tensor import DTensor
+from torch.distributed import destroy_process_group, init_process_group
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
@@ -74,10 +73,12 @@ from torchtune_moe.training import (
     checkpoint_dir_name,
     checkpoint_problems,
     clear_previous_run,
+    clip_and_total_grad_norm,
     config_changes,
     find_latest_checkpoint,
     first_nonfinite,
     format_rate,
+    init_meshes,
     instantiate,
     is_out_of_space,
     last_good_checkpoint_note,
@@ -91,6 +92,8 @@ from torchtune_moe.training import (
     restore_rng_state,
     rng_state,
     samples_table,
+    scale_expert_grads,
+    shard_experts,
     truncate_expert_load,
     validate_recipe_config,
 )
@@ -181,6 +184,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         self._compile = cfg.get("compile", False)
         self._freeze_router = cfg.get("freeze_router", False)
         self._replay_column = cfg.get("replay_routing_column", None)
+        self._expert_parallel_degree = cfg.get("expert_parallel_degree", 1)
         self._metric_loggers: list = []
         self._last_checkpoint: Optional[Path] = None
         self._train_time = 0.0
@@ -441,7 +445,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             with training.set_default_dtype(self._dtype), torch.device("meta"):
                 model = instantiate("model", cfg.model)
         self._moe_layers = list(moe_layers(model))  # names before any wrapping
-        check_model(model, cfg, len(self._moe_layers))
+        check_model(model, cfg, len(self._moe_layers), self.world_size)
         return model
 
     def _load_model_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
@@ -498,13 +502,15 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         if self._enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         if self.world_size > 1:
-            mesh = init_device_mesh(self._device.type, mesh_shape=(self.world_size,), mesh_dim_names=("dp",))
+            dp_mesh, expert_mesh = init_meshes(self._device.type, self.world_size, self._expert_parallel_degree)
+            if expert_mesh is not None:  # expert parallelism: the experts first, as FSDP2 units of their own
+                shard_experts(model, expert_mesh, reshard_after_forward)
             training.shard_model(
                 model=model,
                 shard_conditions=[partial(training.get_shard_conditions, names_to_match=custom_sharded_layers)],
                 cpu_offload=False,
                 reshard_after_forward=reshard_after_forward,
-                dp_mesh=mesh["dp"],
+                dp_mesh=dp_mesh,
             )
 
         if model_state_dict is not None:
@@ -525,7 +531,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             log,
             f"Model: {sum(p.numel() for p in model.parameters()):,} parameters, "  # DTensor.numel() is the global size
             f"{len(self._moe_layers)} MoE layers, dtype {self._dtype}, "
-            f"{'FSDP2 over ' + str(self.world_size) + ' ranks' if self.world_size > 1 else str(self._device)}; "
+            f"{'FSDP2 over ' + str(self.world_size) + ' ranks' if self.world_size > 1 else str(self._device)}"
+            f"{', experts split over ' + str(self._expert_parallel_degree) + ' ranks (expert parallelism)' if self._expert_parallel_degree > 1 else ''}; "
             f"set up in {time.perf_counter() - t0:.1f}s",
         )
         if self._is_rank_zero and self._device.type == "cuda":
@@ -667,6 +674,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             dist.all_reduce(stats)
         num_tokens = stats[2]
         training.scale_grads(self._model, self.world_size / num_tokens.clamp(min=1))
+        if self._expert_parallel_degree > 1:  # expert gradients also sum over their EP group (shard_experts)
+            scale_expert_grads(self._model, 1.0 / self._expert_parallel_degree)
         values = stats.tolist()
         n = max(values[2], 1.0)
         out = {
@@ -754,16 +763,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
     def _grad_norm(self) -> Optional[torch.Tensor]:
         """The total gradient norm, clipping to ``clip_grad_norm`` when set (every rank: reduced over shards)."""
         params = [p for p in self._model.parameters() if p.requires_grad]
-        if self._clip_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=float(self._clip_grad_norm))
-        else:
-            grads = [p.grad for p in params if p.grad is not None]
-            if not grads:
-                return None
-            grad_norm = torch.nn.utils.get_total_norm(grads)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        return grad_norm
+        return clip_and_total_grad_norm(params, self._clip_grad_norm)
 
     def _skip_nonfinite_step(self, loss: float, grad_norm: Optional[torch.Tensor]) -> None:
         """A step whose loss or gradient norm is not finite: its gradients and router statistics are dropped and

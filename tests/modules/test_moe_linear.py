@@ -66,7 +66,7 @@ def test_moelinear_equals_loop(gated, activation):
     counts = [3, 0, 5, 2]  # an empty expert included
     x_AD = torch.randn(sum(counts), D, requires_grad=True)
     offsets_E = torch.tensor(counts).cumsum(0).to(torch.int32)
-    y = experts(x_AD, offsets_E)
+    y = experts.grouped(x_AD, offsets_E)
     ref = torch.cat(
         [expert_ref(experts, e, x_AD[s:t], ACTS[activation]) for e, (s, t) in enumerate(zip([0, 3, 3, 8], [3, 3, 8, 10]))]
     )
@@ -93,13 +93,13 @@ def test_moelinear_rows_past_last_offset_do_not_touch_weight_grads():
     x_AD = torch.randn(9, D)
     x_AD[7:] = float("nan")
     offsets_E = torch.tensor([2, 4, 6, 7], dtype=torch.int32)
-    y = experts(x_AD, offsets_E)
+    y = experts.grouped(x_AD, offsets_E)
     g = torch.randn(9, D)
     g[7:] = 0
     (y[:7] * g[:7]).sum().backward()
     got = [p.grad.clone() for p in (experts.gate_up_proj, experts.down_proj)]
     experts.zero_grad()
-    (experts(x_AD[:7], offsets_E)[:7] * g[:7]).sum().backward()
+    (experts.grouped(x_AD[:7], offsets_E)[:7] * g[:7]).sum().backward()
     for a, p in zip(got, (experts.gate_up_proj, experts.down_proj)):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, p.grad)

@@ -47,7 +47,7 @@ def test_routed_matches_reference_and_merged(gated):
     counts = torch.bincount(routing.expert_ids_A, minlength=E)
     offs = counts.cumsum(0).to(torch.int32)
     rows = routing.token_ids_A[order]
-    y = ref_mod(x_ref[rows], offs) * routing.weights_A[order].unsqueeze(-1)
+    y = ref_mod.grouped(x_ref[rows], offs) * routing.weights_A[order].unsqueeze(-1)
     ref = torch.zeros_like(x_ref).index_add(0, rows, y)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 

@@ -7,7 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.distributed.tensor import DTensor
+
 from torchtune_moe.modules import _kernels
+from torchtune_moe.modules.dispatch import dispatch_combine
+from torchtune_moe.modules.routers import RouterOutput
 
 # torch.nn.functional.grouped_mm needs every row stride to be a multiple of 16 bytes.
 _ALIGN_ELEMENTS = 8
@@ -22,6 +26,12 @@ def _get_activation(activation: str | Callable[[torch.Tensor], torch.Tensor]):
     return table[activation]
 
 
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """This rank's experts of a weight: the local shard of a DTensor sharded by expert (expert parallelism; the
+    gradient flows back as a DTensor), else the weight itself."""
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
 class MoELinear(nn.Module):
     """The routed experts of one layer: E feed-forward networks held as stacked weights.
 
@@ -32,9 +42,14 @@ class MoELinear(nn.Module):
         [E, H, D] when not.
       - ``down_proj``: [E, D, H].
 
-    The forward takes tokens already sorted by expert and the number of rows of each expert, and runs
-    both projections as one grouped GEMM each (``torch.nn.functional.grouped_mm``): no Python loop over
-    experts and no host-device sync.
+    ``forward(x_TD, routing)`` is the whole routed path, through ``nn.Module.__call__`` (so FSDP2's hooks
+    gather the weights): ``dispatcher`` orders the routing's assignments by expert, runs them through
+    :meth:`routed` (both projections as one grouped GEMM each, ``torch.nn.functional.grouped_mm``: no Python
+    loop over experts) and sums the results back per token. The dispatcher is swappable:
+    :func:`~torchtune_moe.modules.dispatch.dispatch_combine` (local, the default) or
+    :class:`~torchtune_moe.modules.expert_parallel.AllToAllDispatcher` (expert parallelism, installed by
+    :func:`~torchtune_moe.modules.expert_parallel.apply_expert_parallel`, which also shards the weights by
+    expert: each is then a DTensor, ``Shard(0)``, and this module computes with its local experts).
 
     Args:
         num_experts (int): E.
@@ -70,6 +85,8 @@ class MoELinear(nn.Module):
         in_rows = 2 * hidden_dim if gated else hidden_dim
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, in_rows, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        # Called as dispatcher(x_TD, routing, self) -> (out_TD, tokens_per_expert_E); not a module (no state).
+        self.dispatcher = dispatch_combine
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -78,8 +95,23 @@ class MoELinear(nn.Module):
             bound = 1.0 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)
 
-    def forward(self, x_AD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, routing: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch, experts, combine (see the class doc).
+
+        Args:
+            x_TD (torch.Tensor): [T, D] tokens.
+            routing (RouterOutput): A assignments of these tokens to the E experts.
+
+        Returns:
+            tuple: ``out_TD`` [T, D] (``sum_k w_k * expert_k(x)`` per token) and ``tokens_per_expert_E`` [E]
+            int64, the rows this rank's tokens sent to each expert (dropped slots excluded).
         """
+        return self.dispatcher(x_TD, routing, self)
+
+    def grouped(self, x_AD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """The experts on rows already sorted by expert, with plain autograd (a reference; training uses the
+        fused :meth:`routed`).
+
         Args:
             x_AD (torch.Tensor): [A, D] rows sorted by expert (A = routed assignments).
             offsets_E (torch.Tensor): [E] int32, cumulative row counts: expert e owns rows
@@ -89,13 +121,13 @@ class MoELinear(nn.Module):
         Returns:
             torch.Tensor: [A, D]
         """
-        h_AH = F.grouped_mm(x_AD, self.gate_up_proj.transpose(-2, -1), offs=offsets_E)
+        h_AH = F.grouped_mm(x_AD, _local(self.gate_up_proj).transpose(-2, -1), offs=offsets_E)
         if self.gated:
             gate_AH, up_AH = h_AH.chunk(2, dim=-1)
             h_AH = self.act(gate_AH) * up_AH
         else:
             h_AH = self.act(h_AH)
-        return F.grouped_mm(h_AH, self.down_proj.transpose(-2, -1), offs=offsets_E)
+        return F.grouped_mm(h_AH, _local(self.down_proj).transpose(-2, -1), offs=offsets_E)
 
     def routed(
         self,
@@ -116,7 +148,8 @@ class MoELinear(nn.Module):
             x_TD (torch.Tensor): [T, D] tokens.
             rows_A (torch.Tensor): [A] int64, token of each row, rows sorted by expert.
             weights_A (torch.Tensor): [A] routing weight of each row (fp32; differentiable).
-            offsets_E (torch.Tensor): [E] int32 cumulative row counts per expert (see :meth:`forward`). Rows
+            offsets_E (torch.Tensor): [E] int32 cumulative row counts per expert (see :meth:`grouped`; under expert
+                parallelism E is this rank's experts). Rows
                 past ``offsets_E[-1]`` are dropped slots.
             combine_TK (Optional[torch.Tensor]): [T, S] int64, row of the s-th slot of token t, when every
                 token has S slots (token choice; causal expert choice, whose dropped slots point at or past
@@ -132,7 +165,8 @@ class MoELinear(nn.Module):
         if combine_TK is None:
             index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
         return _RoutedExperts.apply(
-            x_TD, weights_A, self.gate_up_proj, self.down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T,
+            x_TD, weights_A, _local(self.gate_up_proj), _local(self.down_proj), rows_A, offsets_E, combine_TK, index_J,
+            offsets_T,
             may_drop, self.act, self.gated,
         )
 

@@ -33,6 +33,7 @@ from torchtune_moe.training._peft_files import (
     save_native_adapter,
     save_peft_adapter,
 )
+from torchtune_moe.training._parallel import clip_and_total_grad_norm, init_meshes, scale_expert_grads, shard_experts
 from torchtune_moe.training._recipe_config import (
     FULL_FINETUNE_CONFIG_SPEC,
     LORA_FINETUNE_CONFIG_SPEC,
@@ -85,6 +86,10 @@ __all__ = [
     "check_model",
     "instantiate",
     "validate_recipe_config",
+    "init_meshes",
+    "shard_experts",
+    "scale_expert_grads",
+    "clip_and_total_grad_norm",
     "check_state_dict",
     "load_buffers",
     "materialize_meta_buffers",

@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 from torchtune import config, utils
 
 from torchtune_moe.config import Key, boolean, component, integer, number, one_of, section, string, validate_config
+from torchtune_moe.modules import moe_layers
+from torchtune_moe.modules.expert_parallel import check_expert_parallel_degree
 
 __all__ = [
     "FULL_FINETUNE_CONFIG_SPEC",
@@ -51,6 +53,7 @@ FULL_FINETUNE_CONFIG_SPEC: dict[str, Key] = {
     "compile": Key(boolean()),
     "freeze_router": Key(boolean()),
     "fsdp_reshard_after_forward": Key(boolean()),
+    "expert_parallel_degree": Key(integer(1), doc="ranks each MoE layer's routed experts are split over (1 = off)"),
     "custom_sharded_layers": Key(lambda v: None if isinstance(v, list) else "a list of module names", nullable=True),
     "process_group_timeout_s": Key(number(0, strict=True, allow_inf=False), nullable=True),
     "log_every_n_steps": Key(integer(1)),
@@ -86,6 +89,8 @@ def _lora_model(value: Any) -> Optional[str]:
 LORA_FINETUNE_CONFIG_SPEC: dict[str, Key] = {
     **FULL_FINETUNE_CONFIG_SPEC,
     "model": Key(_lora_model, required=True, doc="the model builder with adapters (torchtune_moe.models.lora_model)"),
+    # The expert adapters ([E, r, in] per layer) are not split over an expert-parallel mesh yet.
+    "expert_parallel_degree": Key(one_of(1), doc="1: the LoRA recipe does not split experts over ranks yet"),
 }
 
 
@@ -130,9 +135,10 @@ def _seq_len_message(tok_len: int, model_len: int) -> str:
     )
 
 
-def check_model(model: torch.nn.Module, cfg: DictConfig, moe_layer_count: int) -> None:
+def check_model(model: torch.nn.Module, cfg: DictConfig, moe_layer_count: int, world_size: int = 1) -> None:
     """Checks that need the built model (on any device, meta included): ``tokenizer.max_seq_len`` within the
-    model's ``max_seq_len``, and routing replay needs an MoE layer.
+    model's ``max_seq_len``, routing replay needs an MoE layer, and ``expert_parallel_degree`` divides the number
+    of processes (``world_size``) and every MoE layer's expert count.
 
     Raises:
         ValueError: naming the key.
@@ -143,3 +149,6 @@ def check_model(model: torch.nn.Module, cfg: DictConfig, moe_layer_count: int) -
         raise ValueError(_seq_len_message(tok_len, model_len))
     if cfg.get("replay_routing_column", None) is not None and moe_layer_count == 0:
         raise ValueError("replay_routing_column: the model has no MoE layer to replay routing into")
+    check_expert_parallel_degree(
+        cfg.get("expert_parallel_degree", 1), world_size, [layer.num_experts for _, layer in moe_layers(model)]
+    )

@@ -155,8 +155,8 @@ class LoRAMoELinear(MoELinear, AdapterModule):
         )
         return (w.float() + self.scale * delta).to(w.dtype)
 
-    def forward(self, x_AD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        """Unfused reference path (plain autograd). Same contract as :meth:`MoELinear.forward`."""
+    def grouped(self, x_AD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """Unfused reference path (plain autograd). Same contract as :meth:`MoELinear.grouped`."""
         E, P, r, H = self.num_experts, self.parts, self.rank, self.hidden_dim
         w_gu = dequantize(self.gate_up_proj, self.base_shapes["gate_up_proj"])
         w_d = dequantize(self.down_proj, self.base_shapes["down_proj"])

@@ -1,0 +1,72 @@
+"""Expert parallelism through the recipe: 2 processes (gloo) with ``expert_parallel_degree=2`` against the same run
+with expert parallelism off (FSDP2 only), a save and resume with EP=2, and a bad degree refused by name (the
+degree arithmetic for other world sizes: tests/modules/test_expert_parallel_layer.py)."""
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _recipe_helpers import FAST, losses, read_metrics
+from torchtune_moe.config import load_config
+
+
+def _tune_run_2(output_dir, *overrides):
+    cmd = ["tune", "run", "--nproc_per_node", "2", "moe_full_finetune", "--config", "tiny/full",
+           f"output_dir={output_dir}", *FAST, *overrides]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res
+
+
+def test_expert_parallel_equals_fsdp_only_and_resumes(tmp_path):
+    """EP=2 gives the EP=1 run's losses, gradient norms (clipped at 1.0: the norm spans the expert mesh and the
+    dp mesh), global expert loads and aux-loss-free biases (router statistics all-reduced), and weights; its
+    checkpoint (gathered from expert-sharded DTensors) resumes under EP=2 to the same step 3. The EP run also
+    checkpoints activations (recomputing the forward's all-to-alls in backward)."""
+    common = ["max_steps_per_epoch=3", "save_every_n_steps=2", "batch_size=4", "model.expert_bias_update_rate=0.01"]
+    off, ep, resumed = tmp_path / "off", tmp_path / "ep", tmp_path / "resumed"
+    _tune_run_2(off, *common)
+    # EP with activation checkpointing: the recompute in backward runs the dispatch's collectives again.
+    res = _tune_run_2(ep, *common, "expert_parallel_degree=2", "enable_activation_checkpointing=true")
+    assert "experts split over 2 ranks (expert parallelism)" in res.stdout + res.stderr
+    m_off, m_ep = read_metrics(off), read_metrics(ep)
+    assert sorted(m_ep) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("loss", "ce_loss", "aux_loss", "grad_norm", "expert_load/max_over_mean"):
+            assert m_ep[step][key] == pytest.approx(m_off[step][key], rel=1e-5), (step, key)
+    assert (off / "expert_load.jsonl").read_text() == (ep / "expert_load.jsonl").read_text()
+    a, b = load_file(off / "step_3" / "model.safetensors"), load_file(ep / "step_3" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(b[k].abs().sum() > 0 for k in b if k.endswith("expert_bias"))
+
+    shutil.copytree(ep, resumed)
+    shutil.rmtree(resumed / "step_3")
+    shutil.rmtree(resumed / "logs")
+    _tune_run_2(resumed, *common, "expert_parallel_degree=2", "enable_activation_checkpointing=true",
+                "resume_from_checkpoint=true")
+    assert [s for s, _ in losses(resumed)] == [3]
+    assert losses(resumed)[0][1] == pytest.approx(losses(ep)[2][1], rel=1e-6)
+    c = load_file(resumed / "step_3" / "model.safetensors")
+    assert all(torch.allclose(b[k], c[k], atol=1e-6) for k in b)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("expert_parallel_degree=2", r"expert_parallel_degree: got 2; it must divide the number of processes \(1\) "
+                                     r"and the experts per MoE layer \(8\); allowed: 1"),
+        ("expert_parallel_degree=0", r"expert_parallel_degree: got 0; allowed: an integer >= 1"),
+    ],
+)
+def test_a_bad_expert_parallel_degree_stops_before_any_work(tmp_path, override, message):
+    from moe_full_finetune import MoEFullFinetuneRecipe
+
+    out = tmp_path / "out"
+    cfg = load_config("tiny/full", [f"output_dir={out}", override])
+    with pytest.raises(ValueError, match=message):
+        MoEFullFinetuneRecipe(cfg)
+    assert not out.exists()

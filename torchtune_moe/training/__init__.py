@@ -43,6 +43,7 @@ from torchtune_moe.training._sharded_checkpoint import (
     local_nonfinite_key,
     read_slices_into,
     save_training_state,
+    tensor_meta,
 )
 from torchtune_moe.training._safety import (
     CONFIG_FILENAME,
@@ -95,6 +96,7 @@ __all__ = [
     "local_nonfinite_key",
     "read_slices_into",
     "save_training_state",
+    "tensor_meta",
     "LogWindow",
     "format_rate",
     "prompt_and_expected",

@@ -113,8 +113,8 @@ def _check_cpu_offload(cfg: DictConfig) -> None:
     ``CPUOffloadPolicy``): it needs an accelerator to offload from and an optimizer that steps on the CPU."""
     if not cfg.get("fsdp_cpu_offload", False):
         return
-    device = utils.get_device(device=cfg.get("device", None))
-    if device.type == "cpu":
+    device = cfg.get("device", None) or utils.get_device(None).type
+    if device == "cpu":
         raise ValueError(
             "fsdp_cpu_offload: true moves parameters, gradients and optimizer states from the GPU to the CPU; with "
             "device: cpu they are there already (allowed: false, or a GPU device)"

@@ -101,12 +101,15 @@ def _add_saved_group_keys(optim_sd: dict, path: Path) -> None:
     which an lr scheduler adds) get a placeholder, so that the saved value is read into it."""
     prefix = "optimizer.param_groups."
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    for key in metadata.state_dict_metadata:
+    for key, md in metadata.state_dict_metadata.items():
         if key.startswith(prefix):
             index, name = key[len(prefix) :].split(".", 1)
             groups = optim_sd.get("param_groups", [])
-            if index.isdigit() and int(index) < len(groups) and "." not in name:
-                groups[int(index)].setdefault(name, None)
+            if index.isdigit() and int(index) < len(groups) and "." not in name and name not in groups[int(index)]:
+                # A tensor (torchao's optimizers keep lr as one) needs a tensor of its size to be read into.
+                size, props = getattr(md, "size", None), getattr(md, "properties", None)
+                placeholder = None if size is None else torch.empty(size, dtype=props.dtype)
+                groups[int(index)][name] = placeholder
 
 
 def dcp_problems(path: Path) -> list[str]:

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from _recipe_helpers import FAST, losses, make_recipe, run_recipe
 
 from torchtune_moe.training import DCP_DIRNAME, checkpoint_problems, list_checkpoints
@@ -94,3 +95,21 @@ def test_cpu_offload_is_refused_where_it_cannot_work(tmp_path, overrides, messag
     with pytest.raises(ValueError, match=message):
         MoEFullFinetuneRecipe(cfg)
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_router_state_round_trips(tmp_path):
+    """Expert Threshold state (thresholds and their update count: router buffers no Hub format has) comes back
+    from distcp/ exactly."""
+    overrides = ["max_steps_per_epoch=2", "batch_size=8"]
+    trained = run_recipe(tmp_path, "tiny/full_causal_ec", overrides=overrides)
+    resumed = make_recipe(tmp_path, "tiny/full_causal_ec", overrides=[*overrides, "epochs=2",
+                                                                      "resume_from_checkpoint=true"])
+    try:
+        saved = {k: v for k, v in trained._model.state_dict().items()
+                 if k.endswith(("router.thresholds", "router.num_updates"))}
+        loaded = resumed._model.state_dict()
+        assert saved and any(v.abs().sum() > 0 for v in saved.values())
+        assert all(torch.equal(v, loaded[k]) for k, v in saved.items())
+        assert resumed.global_step == 2 and resumed.epochs_run == 1
+    finally:
+        resumed.cleanup()

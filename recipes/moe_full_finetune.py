@@ -485,10 +485,12 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         t0 = time.perf_counter()
         try:
             load_training_state(self._model, self._optimizer, self._resume_dir / DCP_DIRNAME)
-        except Exception as e:
-            step = int(self._resume_dir.name.split("_")[1])
-            what = f"{self._resume_dir / DCP_DIRNAME} cannot be loaded into this model and optimizer ({e})"
-            raise ValueError(self._damaged_checkpoint_message(self._resume_dir, step, what)) from e
+        except Exception as e:  # its files passed checkpoint_problems: the model or optimizer differ
+            detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"resume_from_checkpoint: {self._resume_dir / DCP_DIRNAME} does not fit this model and optimizer "
+                f"({detail}); resume with the model and optimizer options of the run that saved it"
+            ) from e
         utils.log_rank_zero(log, f"Loaded the sharded training state in {time.perf_counter() - t0:.1f}s")
 
     def _setup_model(

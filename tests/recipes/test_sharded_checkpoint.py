@@ -1,6 +1,6 @@
 """Sharded checkpoints (``step_N/distcp``, torch.distributed.checkpoint): a run resumes under another world size
-(2 -> 1 and 1 -> 2 processes, gloo), the integrity checks cover the shards, and FSDP2 CPU offload is refused
-where it cannot work."""
+(2 -> 1 and 1 -> 2 processes, gloo), router state round-trips, the integrity checks and the fail-safe cover the
+shards, and FSDP2 CPU offload is refused where it cannot work."""
 
 import shutil
 import subprocess
@@ -113,3 +113,35 @@ def test_router_state_round_trips(tmp_path):
         assert resumed.global_step == 2 and resumed.epochs_run == 1
     finally:
         resumed.cleanup()
+
+
+def test_resume_with_another_router_state_is_refused_by_name(tmp_path):
+    """A resumed model with router state the checkpoint lacks (expert_bias switched on) is refused, naming it."""
+    run_recipe(tmp_path, overrides=["max_steps_per_epoch=1", "batch_size=8"])
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint: .*distcp does not fit this model and optimizer "
+                                         r"\(.*expert_bias.*\); resume with the model and optimizer options"):
+        make_recipe(tmp_path, overrides=["max_steps_per_epoch=1", "batch_size=8", "epochs=2",
+                                         "model.expert_bias_update_rate=0.01", "resume_from_checkpoint=true"])
+
+
+def test_full_disk_while_writing_shards_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC inside torch.distributed.checkpoint's writer at step 2: the run stops saying so, step_1 stays."""
+    import errno
+
+    from torch.distributed.checkpoint import filesystem
+
+    from torchtune_moe.training import TrainingStopped
+
+    real = filesystem._write_item
+
+    def full_disk(transforms, stream, *args, **kwargs):  # stream: the open shard file of the temporary directory
+        if ".step_2" in str(getattr(stream, "name", "")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(transforms, stream, *args, **kwargs)
+
+    monkeypatch.setattr(filesystem, "_write_item", full_disk)
+    with pytest.raises(TrainingStopped, match=r"step 2: out of disk space while saving .*step_2; nothing was "
+                                              r"replaced.*step_1 \(step 1\)"):
+        run_recipe(tmp_path, overrides=["max_steps_per_epoch=2", "save_every_n_steps=1", "batch_size=8"])
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

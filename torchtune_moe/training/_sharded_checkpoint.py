@@ -50,10 +50,19 @@ def _no_dist() -> bool:
 
 
 def _dcp(fn, state: dict, path: Path) -> None:
+    """Runs ``dcp.save``/``dcp.load``; its ``CheckpointException`` (a BaseException, holding every failed rank's
+    traceback) becomes a RuntimeError naming the first rank's error, the exception kept as the cause."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     no_dist = _no_dist()
-    with warnings.catch_warnings():  # one process: DCP says it assumes so, which is what no_dist=True asks for
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        fn(state, checkpoint_id=str(path), no_dist=no_dist)
+    try:
+        with warnings.catch_warnings():  # one process: DCP says it assumes so, which is what no_dist=True asks
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            fn(state, checkpoint_id=str(path), no_dist=no_dist)
+    except CheckpointException as e:
+        failures = getattr(e, "failures", {}) or {}
+        rank, first = next(iter(sorted(failures.items(), key=lambda kv: kv[0])), (None, e))
+        raise RuntimeError(f"{path}: rank {rank}: {type(first).__name__}: {first}") from e
 
 
 def save_training_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], path: Path) -> None:

@@ -4,8 +4,13 @@ No weights are downloaded (the GPU machines have no network): the model is Qwen3
 (hidden 2048, 32 query / 4 KV heads of 128, 128 experts of 768, top-8, vocabulary 151936) at a reduced depth,
 randomly initialised. For each depth it builds the model on the meta device, shards every decoder layer and
 the root with FSDP2 (torchtune's ``training.shard_model``, as the recipe does), initialises the local shards,
-and runs a few training steps (bf16, activation checkpointing, chunked cross-entropy, torch AdamW with bf16
-states, as configs/qwen3_moe/30b_a3b_full.yaml), then reports the peak allocated and reserved memory per GPU.
+and runs training steps (bf16, activation checkpointing, chunked cross-entropy, torch AdamW with bf16
+states, as configs/qwen3_moe/30b_a3b_full.yaml): ``--warmup-steps`` unmeasured ones first (kernel selection,
+allocator growth, the optimizer states' creation), then ``--steps`` measured ones, for which it reports the peak
+allocated and reserved memory per GPU and the time per step. ``params`` is the model's parameter count (a
+DTensor's ``numel()`` is its global size, so it is not multiplied by the number of GPUs). ``--cpu-offload``
+shards with FSDP2's ``CPUOffloadPolicy`` (parameters, gradients and AdamW states in host memory; unfused AdamW
+steps on the CPU), as ``fsdp_cpu_offload: true`` in the recipe.
 Peak memory grows linearly with depth, so two depths give the per-layer slope and the full 48-layer figure
 is extrapolated (and compared with the arithmetic of docs/models.md).
 
@@ -45,10 +50,17 @@ GIB = 1024**3
 
 
 def build_sharded(
-    dims: dict, num_layers: int, max_seq_len: int, device: torch.device, mesh, expert_mesh=None
+    dims: dict,
+    num_layers: int,
+    max_seq_len: int,
+    device: torch.device,
+    mesh,
+    expert_mesh=None,
+    cpu_offload: bool = False,
 ) -> torch.nn.Module:
     """Meta-device build, FSDP2 sharding of each layer and the root (with ``expert_mesh``: the experts split by
-    expert first, as the recipe's ``expert_parallel_degree``), random init of the local shards."""
+    expert first, as the recipe's ``expert_parallel_degree``), random init of the local shards (on the CPU under
+    ``cpu_offload``)."""
     with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
         model = qwen3_moe(num_layers=num_layers, max_seq_len=max_seq_len, **dims)
     training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
@@ -57,11 +69,11 @@ def build_sharded(
     training.shard_model(
         model=model,
         shard_conditions=[partial(training.get_shard_conditions, names_to_match=None)],
-        cpu_offload=False,
+        cpu_offload=cpu_offload,
         reshard_after_forward=True,
         dp_mesh=mesh,
     )
-    model.to_empty(device=device)
+    model.to_empty(device="cpu" if cpu_offload else device)
     torch.manual_seed(0)
     with torch.no_grad(), torch.device(device):
         for name, p in model.named_parameters():
@@ -71,24 +83,23 @@ def build_sharded(
             if hasattr(m, "rope_init"):
                 m.rope_init()
             elif isinstance(m, Router):
-                for b in m.buffers(recurse=False):
-                    b.zero_()
+                for name, b in list(m.named_buffers(recurse=False)):
+                    setattr(m, name, torch.zeros(b.shape, dtype=b.dtype, device=device))
     return model
 
 
 def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, expert_mesh=None) -> dict:
-    """Runs ``args.steps`` optimizer steps; returns this rank's peak memory (GiB) and timing."""
-    model = build_sharded(dims, num_layers, args.seq_len, device, mesh, expert_mesh)
+    """Runs ``args.warmup_steps`` unmeasured then ``args.steps`` measured optimizer steps; returns this rank's
+    peak memory over the measured steps (GiB) and their mean time."""
+    model = build_sharded(dims, num_layers, args.seq_len, device, mesh, expert_mesh, cpu_offload=args.cpu_offload)
     loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
     model.set_num_output_chunks(loss_fn.num_output_chunks)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    fused = device.type == "cuda" and not args.cpu_offload  # offloaded states step on the CPU
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
     model.train()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator().manual_seed(dist.get_rank())
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
+
+    def step():
         tokens = torch.randint(0, dims["vocab_size"], (args.batch_size, args.seq_len + 1), generator=gen).to(device)
         logits = model(tokens[:, :-1])
         loss = loss_fn(logits, tokens[:, 1:]) + collect_aux_loss(model)
@@ -98,6 +109,16 @@ def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, exper
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_routers(model)
+
+    for _ in range(args.warmup_steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak_alloc = torch.cuda.max_memory_allocated(device) / GIB
@@ -111,7 +132,7 @@ def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, exper
         peak_reserved_gib=peak_reserved,
         seconds_per_step=(time.perf_counter() - t0) / args.steps,
     )
-    del model, optimizer, logits, loss
+    del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -122,12 +143,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="depths to measure (>= 2 values)")
     parser.add_argument("--batch-size", type=int, default=4, help="micro-batch per GPU")
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="unmeasured steps before them (>= 1)")
+    parser.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPUOffloadPolicy (fsdp_cpu_offload)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny dims (smoke test of the script)")
     parser.add_argument("--expert-parallel-degree", type=int, default=1, help="split experts over this many ranks")
     parser.add_argument("--out", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args()
+    if args.warmup_steps < 1:
+        parser.error("--warmup-steps: at least 1 (the first step creates the optimizer states and picks kernels)")
+    if args.cpu_offload and args.expert_parallel_degree > 1:
+        parser.error("--cpu-offload: not with --expert-parallel-degree > 1 (the recipe refuses it too)")
+    if args.cpu_offload and args.device == "cpu":
+        parser.error("--cpu-offload: needs --device cuda (there is nothing to offload from on the CPU)")
 
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
@@ -151,7 +180,8 @@ def main() -> None:
             gpus=world,
             batch_size=args.batch_size,
             seq_len=args.seq_len,
-            params=mine["params"] * world,  # local shards: about the total over the ranks
+            params=mine["params"],  # DTensor.numel() is the global size: the model's parameter count
+            cpu_offload=args.cpu_offload,
             peak_allocated_gib_per_rank=[round(r["peak_allocated_gib"], 2) for r in everyone],
             peak_reserved_gib_per_rank=[round(r["peak_reserved_gib"], 2) for r in everyone],
             seconds_per_step=round(max(r["seconds_per_step"] for r in everyone), 3),

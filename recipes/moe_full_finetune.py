@@ -58,10 +58,12 @@ from torchtune_moe import config as moe_config
 from torchtune_moe.data import RawColumn, RowErrors, build_dataset, check_dataset, collate_with_routing, load_raw_rows
 from torchtune_moe.modules import Router, RoutingRecord, collect_aux_loss, moe_layers, replay_routing, update_routers
 from torchtune_moe.training import (
+    DCP_DIRNAME,
     FULL_FINETUNE_CONFIG_SPEC,
     MODEL_KEY,
     RECIPE_STATE_FILENAME,
     ExpertLoadTracker,
+    GatheredStateDict,
     LogWindow,
     TrainingStopped,
     all_finite,
@@ -76,7 +78,6 @@ from torchtune_moe.training import (
     clip_and_total_grad_norm,
     config_changes,
     find_latest_checkpoint,
-    first_nonfinite,
     format_rate,
     init_meshes,
     instantiate,
@@ -85,13 +86,17 @@ from torchtune_moe.training import (
     latest_intact_checkpoint,
     list_checkpoints,
     load_buffers,
+    load_training_state,
+    local_nonfinite_key,
     materialize_meta_buffers,
+    materialize_model,
     peak_memory_stats,
     prompt_and_expected,
     remove_stale_temporaries,
     restore_rng_state,
     rng_state,
     samples_table,
+    save_training_state,
     scale_expert_grads,
     shard_experts,
     truncate_expert_load,
@@ -148,9 +153,10 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
 
     #: The config keys this recipe knows (documented in docs/recipe.md); a recipe built on this one extends it.
     config_spec = FULL_FINETUNE_CONFIG_SPEC
-    #: On resume the model weights are read from the step directory. False: from the configured
-    #: ``checkpointer.checkpoint_dir`` as on a first run (the LoRA recipe: the frozen base is not in the step
-    #: directory, only the adapters are).
+    #: On resume the model and optimizer state are read from the step directory's ``distcp/`` shards. False: the
+    #: model is loaded from the configured ``checkpointer.checkpoint_dir`` as on a first run, the optimizer state
+    #: from ``recipe_state.pt``'s ``"optimizer"`` (the LoRA recipe: the frozen base is not in the step directory,
+    #: only the adapters are, which it loads itself).
     resume_model_from_step_dir = True
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -183,6 +189,14 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         self._enable_activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
         self._compile = cfg.get("compile", False)
         self._freeze_router = cfg.get("freeze_router", False)
+        self._fsdp_cpu_offload = cfg.get("fsdp_cpu_offload", False)
+        if self._fsdp_cpu_offload and not self._distributed:
+            raise ValueError(
+                "fsdp_cpu_offload: true needs FSDP2, which the recipe uses when launched by torchrun: run it with "
+                "`tune run --nproc_per_node N moe_full_finetune ...` (N = 1 works)"
+            )
+        # FSDP2 shards over all ranks; with CPU offload also a single rank (a mesh of one).
+        self._sharded = self._distributed and (self.world_size > 1 or self._fsdp_cpu_offload)
         self._replay_column = cfg.get("replay_routing_column", None)
         self._expert_parallel_degree = cfg.get("expert_parallel_degree", 1)
         self._metric_loggers: list = []
@@ -242,10 +256,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
         if recipe_state is not None:
             self._check_resume_layout(recipe_state)
-        checkpointer_kwargs = {}
-        if recipe_state is not None and self.resume_model_from_step_dir:
-            checkpointer_kwargs = {"checkpoint_dir": str(self._resume_dir)}
-        self._checkpointer = instantiate("checkpointer", cfg.checkpointer, **checkpointer_kwargs)
+        # On resume too the checkpointer keeps the configured checkpoint_dir: the weights come from the
+        # checkpoint's distcp/ shards, and a Hub export copies that directory's config and tokenizer files.
+        self._checkpointer = instantiate("checkpointer", cfg.checkpointer)
 
         # 2. The output directory, loggers and the config, once every check has passed.
         if self._is_rank_zero:
@@ -259,11 +272,6 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
 
         # 3. Weights, sharding, optimizer, schedule, resumed state.
         model_state_dict = self._load_model_state_dict()
-        if model_state_dict is None and not self._from_scratch:
-            raise ValueError(
-                "checkpointer: checkpoint_dir is set but the checkpointer returned no weights "
-                "(Checkpointer.load_checkpoint must return {'model': state_dict})"
-            )
         self._model = self._setup_model(
             self._model,
             model_state_dict=model_state_dict,
@@ -273,7 +281,10 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         del model_state_dict
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-        self._optimizer = self._setup_optimizer(cfg.optimizer, recipe_state["optimizer"] if recipe_state else None)
+        # recipe_state.pt holds the optimizer state only when resume_model_from_step_dir is False.
+        self._optimizer = self._setup_optimizer(cfg.optimizer, recipe_state.get("optimizer") if recipe_state else None)
+        if recipe_state is not None and self.resume_model_from_step_dir:
+            self._load_sharded_state()
         if optimizer_changes:
             self._apply_optimizer_changes(optimizer_changes)
 
@@ -339,6 +350,12 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             problems = checkpoint_problems(latest)
             if problems:
                 raise ValueError(self._damaged_checkpoint_message(latest, step, "; ".join(problems)))
+            if self.resume_model_from_step_dir and not (latest / DCP_DIRNAME).is_dir():
+                raise ValueError(
+                    f"resume_from_checkpoint: {latest} has no {DCP_DIRNAME}/ (the sharded model and optimizer "
+                    f"state), so it was written by an older torchtune-moe; start a new run from its weights with "
+                    f"checkpointer.checkpoint_dir={latest} in another output_dir"
+                )
             return str(latest), step
 
         latest, step = self._on_rank_zero(find)
@@ -449,30 +466,52 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         return model
 
     def _load_model_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
-        """The checkpoint's full model state dict, or None when training from scratch.
+        """The checkpoint's full model state dict, only for a checkpointer that cannot read slices; else None.
 
-        Under FSDP2 only rank 0 reads the checkpoint; the other ranks get placeholders of the same keys, shapes
-        and dtypes (``torch.empty``: no resident host memory until written). Loading then distributes each
-        tensor from rank 0 (``distribute_tensor`` scatters from ``src_data_rank=0``; buffers are broadcast),
-        so a node holds one host copy of the model instead of one per rank (~57 GiB each for Qwen3-30B-A3B).
+        None when training from scratch, when resuming (the weights come from the checkpoint's ``distcp/``
+        shards, :meth:`_load_sharded_state`), and for checkpointers with ``load_sharded(model)``
+        (``MoECheckpointer``, ``HFMoECheckpointer``): :meth:`_setup_model` then has every rank read only the
+        slices it owns, after sharding. For another checkpointer only rank 0 reads the checkpoint; the other ranks
+        get placeholders of the same keys, shapes and dtypes (``torch.empty``: no resident host memory), and
+        loading distributes each tensor from rank 0.
         """
-        if self.world_size == 1:
-            return self._read_checkpoint()
+        resuming_from_shards = self._resume_from_checkpoint and self.resume_model_from_step_dir
+        if self._from_scratch or resuming_from_shards or hasattr(self._checkpointer, "load_sharded"):
+            return None
         state_dict = self._read_checkpoint() if self._is_rank_zero else None
+        if self.world_size == 1:
+            return self._no_weights_check(state_dict)
         layout = [None if state_dict is None else {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()}]
         dist.broadcast_object_list(layout, src=0)
         if layout[0] is None or self._is_rank_zero:
-            return state_dict
+            return self._no_weights_check(state_dict)
         return {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in layout[0].items()}
 
+    @staticmethod
+    def _no_weights_check(state_dict: Optional[dict]) -> Optional[dict]:
+        if state_dict is None:
+            raise ValueError(
+                "checkpointer: checkpoint_dir is set but the checkpointer returned no weights "
+                "(Checkpointer.load_checkpoint must return {'model': state_dict})"
+            )
+        return state_dict
+
     def _read_checkpoint(self) -> Optional[dict[str, torch.Tensor]]:
+        return self._checkpointer.load_checkpoint().get(MODEL_KEY)
+
+    def _load_sharded_state(self) -> None:
+        """Resume: every rank reads its shards of the model (router state included) and of the optimizer state
+        from ``{resume_dir}/distcp`` (DCP reshards when the world size or the mesh changed)."""
+        t0 = time.perf_counter()
         try:
-            return self._checkpointer.load_checkpoint().get(MODEL_KEY)
-        except Exception as e:
-            if not self._resume_from_checkpoint:
-                raise
-            step = int(self._resume_dir.name.split("_")[1])
-            raise ValueError(self._damaged_checkpoint_message(self._resume_dir, step, str(e))) from e
+            load_training_state(self._model, self._optimizer, self._resume_dir / DCP_DIRNAME)
+        except Exception as e:  # its files passed checkpoint_problems: the model or optimizer differ
+            detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"resume_from_checkpoint: {self._resume_dir / DCP_DIRNAME} does not fit this model and optimizer "
+                f"({detail}); resume with the model and optimizer options of the run that saved it"
+            ) from e
+        utils.log_rank_zero(log, f"Loaded the sharded training state in {time.perf_counter() - t0:.1f}s")
 
     def _setup_model(
         self,
@@ -481,9 +520,12 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         reshard_after_forward: bool,
         custom_sharded_layers: Optional[list[str]],
     ) -> torch.nn.Module:
-        """Applies freezing, compile, activation checkpointing and FSDP2 to the built model, and loads the
-        weights: the full state dict goes into the (sharded) parameters of the meta-device model, as torchtune
-        does."""
+        """Applies freezing, compile, activation checkpointing and FSDP2 (with ``fsdp_cpu_offload``, FSDP2's
+        ``CPUOffloadPolicy``) to the built model, and loads the weights into the meta-device model after sharding:
+        with ``model_state_dict`` (a checkpointer without ``load_sharded``) the full state dict goes into the
+        shards, as torchtune does; else the model is allocated (parameters on the CPU under offload) and, unless
+        resuming (:meth:`_load_sharded_state` follows), every rank reads its slices (``checkpointer.load_sharded``).
+        """
         t0 = time.perf_counter()
         if model_state_dict is not None:
             check_state_dict(model, model_state_dict)
@@ -501,14 +543,14 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             training.compile_model(model, verbose=self._is_rank_zero)
         if self._enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
-        if self.world_size > 1:
+        if self._sharded:
             dp_mesh, expert_mesh = init_meshes(self._device.type, self.world_size, self._expert_parallel_degree)
             if expert_mesh is not None:  # expert parallelism: the experts first, as FSDP2 units of their own
                 shard_experts(model, expert_mesh, reshard_after_forward)
             training.shard_model(
                 model=model,
                 shard_conditions=[partial(training.get_shard_conditions, names_to_match=custom_sharded_layers)],
-                cpu_offload=False,
+                cpu_offload=self._fsdp_cpu_offload,
                 reshard_after_forward=reshard_after_forward,
                 dp_mesh=dp_mesh,
             )
@@ -520,19 +562,30 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                         m.rope_init()
             params_sd = load_buffers(model, model_state_dict, self._device)
             # strict=False: check_state_dict has already refused any mismatch but absent router buffers.
-            training.load_from_full_model_state_dict(model, params_sd, self._device, strict=False)
+            training.load_from_full_model_state_dict(
+                model, params_sd, self._device, strict=False, cpu_offload=self._fsdp_cpu_offload
+            )
             materialize_meta_buffers(model, self._device)
             if self.world_size > 1:  # the other ranks hold placeholders (_load_model_state_dict): rank 0's buffers
                 for buf in model.buffers():
                     dist.broadcast(buf, src=0)
+        elif not self._from_scratch:
+            param_device = torch.device("cpu") if self._fsdp_cpu_offload else self._device
+            with training.set_default_dtype(self._dtype):
+                materialize_model(model, param_device, self._device)
+            if not (self._resume_from_checkpoint and self.resume_model_from_step_dir):
+                read = self._checkpointer.load_sharded(model)
+                total = sum(v.numel() for v in model.state_dict().values())
+                log.info(f"rank {self.rank}: read {read:,} of the model's {total:,} values from the checkpoint")
         training.validate_no_params_on_meta_device(model)
 
         utils.log_rank_zero(
             log,
             f"Model: {sum(p.numel() for p in model.parameters()):,} parameters, "  # DTensor.numel() is the global size
             f"{len(self._moe_layers)} MoE layers, dtype {self._dtype}, "
-            f"{'FSDP2 over ' + str(self.world_size) + ' ranks' if self.world_size > 1 else str(self._device)}"
-            f"{', experts split over ' + str(self._expert_parallel_degree) + ' ranks (expert parallelism)' if self._expert_parallel_degree > 1 else ''}; "
+            f"{'FSDP2 over ' + str(self.world_size) + ' ranks' if self._sharded else str(self._device)}"
+            f"{', experts split over ' + str(self._expert_parallel_degree) + ' ranks (expert parallelism)' if self._expert_parallel_degree > 1 else ''}"
+            f"{', parameters, gradients and optimizer states offloaded to the CPU' if self._fsdp_cpu_offload else ''}; "
             f"set up in {time.perf_counter() - t0:.1f}s",
         )
         if self._is_rank_zero and self._device.type == "cuda":
@@ -829,15 +882,27 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
     # ----------------------------------------------------------------------------------------------- saving
 
     def save_checkpoint(self, epoch_done: bool) -> None:
-        """Saves ``{output_dir}/step_{global_step}`` atomically: the model files (by the checkpointer) and
-        ``recipe_state.pt``. All ranks take part (gathering the sharded state); rank 0 writes. A state dict with a
-        non-finite value is never written, a full disk leaves the earlier checkpoints as they were, and older
-        checkpoints are deleted (``keep_last_n_checkpoints``) only after the new one is in place."""
+        """Saves ``{output_dir}/step_{global_step}`` atomically; all ranks take part and none gathers the model:
+
+        - ``distcp/``: the model (router state included) and optimizer state, each rank writing its own shards
+          (``torch.distributed.checkpoint``); what resuming reads, under any world size;
+        - at epoch ends, the model files of the checkpointer (``model.safetensors``, or the Hub format),
+          streamed by rank 0 one tensor at a time from the shards (:class:`GatheredStateDict`);
+        - ``recipe_state.pt`` (rank 0): progress, the dataloader position, every rank's RNG states, the config.
+
+        A model with a non-finite value is never saved, a full disk leaves the earlier checkpoints as they were,
+        and older checkpoints are deleted (``keep_last_n_checkpoints``) only after the new one is in place."""
         t0 = time.perf_counter()
-        model_sd = self._full_model_state_dict()
-        optim_sd = training.get_full_optimizer_state_dict(
-            self._model, self._optimizer, self._is_rank_zero, device=self._device
-        )
+        bad = [local_nonfinite_key(self._model)]
+        if self._distributed:
+            every = [None] * self.world_size
+            dist.all_gather_object(every, bad[0])
+            bad = [next((k for k in every if k is not None), None)]
+        if bad[0] is not None:
+            raise TrainingStopped(
+                f"step {self.global_step}: the weight {bad[0]} is not finite; no checkpoint written, none deleted; "
+                f"{last_good_checkpoint_note(self._output_dir)}"
+            )
         rng = rng_state()
         if self._distributed:
             gathered = [None] * self.world_size if self._is_rank_zero else None
@@ -845,35 +910,42 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             rng = gathered
         else:
             rng = [rng]
-        error = [None]
-        if self._is_rank_zero:
-            final_dir = self._output_dir / checkpoint_dir_name(self.global_step)
-            try:
-                self._write_checkpoint(final_dir, model_sd, optim_sd, rng, epoch_done)
-                tqdm.write(f"Saved checkpoint {final_dir} ({time.perf_counter() - t0:.1f}s)")
-            except Exception as e:
-                if not is_out_of_space(e):
-                    raise
-                error[0] = (
+        final_dir = self._output_dir / checkpoint_dir_name(self.global_step)
+        failure: Optional[BaseException] = None
+        try:
+            self._write_checkpoint(final_dir, rng, epoch_done)
+        except Exception as e:
+            failure = e
+        # Every rank learns how the save went (a rank that failed may be the only one that knows).
+        outcome = [(is_out_of_space(failure), f"{type(failure).__name__}: {failure}")] if failure else [None]
+        if self._distributed:
+            every = [None] * self.world_size
+            dist.all_gather_object(every, outcome[0])
+            outcome = [next((o for o in every if o is not None), None)]
+        if outcome[0] is not None:
+            out_of_space, what = outcome[0]
+            if out_of_space:
+                raise TrainingStopped(
                     f"step {self.global_step}: out of disk space while saving {final_dir}; nothing was replaced "
                     f"(the partial files were deleted); {last_good_checkpoint_note(self._output_dir)}. Free space "
                     f"(or lower keep_last_n_checkpoints) and resume"
                 )
-        if self._distributed:
-            dist.broadcast_object_list(error, src=0)
-        if error[0] is not None:
-            raise TrainingStopped(error[0])
-
-    def _write_checkpoint(self, final_dir: Path, model_sd: dict, optim_sd: dict, rng: list, epoch_done: bool) -> None:
-        """Rank 0: refuses a non-finite state dict, writes the checkpoint atomically, then rotates old ones."""
-        bad = first_nonfinite(model_sd)
-        if bad is not None:
+            if failure is not None:
+                raise failure
             raise TrainingStopped(
-                f"step {self.global_step}: the weight {bad} is not finite; no checkpoint written, none deleted; "
-                f"{last_good_checkpoint_note(self._output_dir)}"
+                f"step {self.global_step}: another rank failed while saving {final_dir} ({what}); nothing was "
+                f"replaced; {last_good_checkpoint_note(self._output_dir)}"
             )
-        state = {
-            "optimizer": optim_sd,
+        if self._is_rank_zero:
+            self._last_checkpoint = final_dir
+            if self._keep_last_n_checkpoints:
+                for _, old in list_checkpoints(self._output_dir)[: -self._keep_last_n_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+            tqdm.write(f"Saved checkpoint {final_dir} ({time.perf_counter() - t0:.1f}s)")
+
+    def _recipe_state(self, rng: list, epoch_done: bool) -> dict[str, Any]:
+        """What ``recipe_state.pt`` holds: progress, the dataloader position, every rank's RNG states, the config."""
+        return {
             "global_step": self.global_step,
             "epochs_run": self.epochs_run,
             "steps_run_in_epoch": self.steps_run_in_epoch,
@@ -887,19 +959,44 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             "rng": rng,
             "config": self._config_container,  # compared on resume: changed keys are reported
         }
-        with atomic_directory(final_dir) as tmp:
-            self._checkpointer.save_checkpoint(model_sd, tmp)
-            torch.save(state, tmp / RECIPE_STATE_FILENAME)
-        self._last_checkpoint = final_dir
-        if self._keep_last_n_checkpoints:
-            for _, old in list_checkpoints(self._output_dir)[: -self._keep_last_n_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
 
-    def _full_model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full model state dict on CPU (on rank 0; empty on other ranks when sharded)."""
-        if self.world_size > 1:
-            return training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
-        return {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
+    def _write_checkpoint(self, final_dir: Path, rng: list, epoch_done: bool) -> None:
+        """All ranks: the sharded state, the export (epoch ends) and ``recipe_state.pt`` into a temporary directory
+        that rank 0 renames into place once all of it is written (:func:`atomic_directory`)."""
+        state = self._recipe_state(rng, epoch_done)
+        with contextlib.ExitStack() as stack:
+            tmp = [None]
+            if self._is_rank_zero:
+                try:
+                    tmp = [str(stack.enter_context(atomic_directory(final_dir)))]
+                except Exception:
+                    if self._distributed:  # the other ranks wait for the directory's name
+                        dist.broadcast_object_list([None], src=0)
+                    raise
+            if self._distributed:
+                dist.broadcast_object_list(tmp, src=0)
+            if tmp[0] is None:
+                raise RuntimeError(f"rank 0 could not create the temporary directory for {final_dir}")
+            tmp = Path(tmp[0])
+            # A collective: a rank that fails makes it raise on every rank.
+            save_training_state(self._model, self._optimizer, tmp / DCP_DIRNAME)
+            if epoch_done:
+                model_sd = self._full_model_state_dict()
+                if self._is_rank_zero:
+                    try:
+                        self._checkpointer.save_checkpoint(model_sd, tmp)
+                    finally:
+                        model_sd.close()
+                else:
+                    model_sd.serve()
+            if self._is_rank_zero:
+                torch.save(state, tmp / RECIPE_STATE_FILENAME)
+
+    def _full_model_state_dict(self) -> GatheredStateDict:
+        """The model's state dict as full CPU tensors gathered one key at a time when rank 0 reads it (the other
+        ranks serve the gathers): what the checkpointer exports. Rank 0 must ``close()`` it, the others
+        ``serve()``."""
+        return GatheredStateDict(self._model)
 
     # ----------------------------------------------------------------------------------------------- the end
 

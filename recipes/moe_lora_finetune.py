@@ -19,7 +19,10 @@ differences:
   the adapters of the latest ``{output_dir}/step_N/adapter``; the base is always read from the configured
   ``checkpoint_dir``, never from a step directory;
 - intermediate checkpoints ``{output_dir}/step_N`` hold the adapter (``adapter/``) and ``recipe_state.pt``
-  (optimizer state of the adapters, progress, RNG) only: small, and resuming continues the identical run;
+  (optimizer state of the adapters, progress, RNG) only: small, and resuming continues the identical run. They are
+  gathered to rank 0 and written by it (the full recipe's ``distcp/`` sharded state is not used: the adapters and
+  their optimizer state are small); the save keeps the full recipe's checks (non-finite weights refused, atomic
+  directory, a full disk or a failing rank reported with the last good checkpoint);
 - the final checkpoint (end of the last epoch) also holds the base weights with the adapters merged in, written
   by the checkpointer (Hub format with ``HFMoECheckpointer``): the merge happens once, there.
 
@@ -44,7 +47,12 @@ from torchtune_moe.modules.peft import adapter_state_dict, lora_modules, merged_
 from torchtune_moe.training import (
     LORA_FINETUNE_CONFIG_SPEC,
     MODEL_KEY,
+    RECIPE_STATE_FILENAME,
+    TrainingStopped,
+    atomic_directory,
+    first_nonfinite,
     instantiate,
+    last_good_checkpoint_note,
     load_native_adapter,
     load_peft_adapter,
     save_native_adapter,
@@ -131,7 +139,9 @@ class MoELoRAFinetuneRecipe(MoEFullFinetuneRecipe):
     """
 
     config_spec = LORA_FINETUNE_CONFIG_SPEC
-    resume_model_from_step_dir = False  # the base always comes from checkpointer.checkpoint_dir (or the seed)
+    # The base always comes from checkpointer.checkpoint_dir (or the seed), the adapters from step_N/adapter and
+    # their optimizer state from recipe_state.pt: no distcp/ shards (see _write_checkpoint).
+    resume_model_from_step_dir = False
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)  # validates the config and builds the model
@@ -141,8 +151,11 @@ class MoELoRAFinetuneRecipe(MoEFullFinetuneRecipe):
                 "moe_full_finetune for a full fine-tune)"
             )
         self._quantized = any(getattr(m, "_quantize_base", False) for _, m in lora_modules(self._model))
-        if self._quantized and self.world_size > 1:
-            raise ValueError("model.quantize_base: QLoRA (NF4 base weights) runs on one device; use LoRA with FSDP2")
+        if self._quantized and self._sharded:
+            raise ValueError(
+                "model.quantize_base: QLoRA (NF4 base weights) runs on one device without FSDP2 (one process, "
+                "fsdp_cpu_offload: false); use LoRA with FSDP2"
+            )
         self._lora_dropout = float(cfg.model.get("lora_dropout", 0.0))
         # A meta-device copy (no memory) names and shapes the adapters in checkpoints: the trained model's module
         # names and shapes change with activation checkpointing, FSDP2 and NF4.
@@ -154,7 +167,17 @@ class MoELoRAFinetuneRecipe(MoEFullFinetuneRecipe):
         self._checkpointer = _AdapterCheckpointer(
             self._checkpointer, self._meta_model, getattr(self, "_resume_dir", None), self.seed, self._lora_dropout
         )
+        # _AdapterCheckpointer has no load_sharded: the full recipe's full-state-dict path (rank 0 reads).
         return super()._load_model_state_dict()
+
+    def _read_checkpoint(self) -> Optional[dict[str, torch.Tensor]]:
+        try:
+            return super()._read_checkpoint()
+        except Exception as e:  # the resumed adapter passed checkpoint_problems but does not load
+            if not self._resume_from_checkpoint:
+                raise
+            step = int(self._resume_dir.name.split("_")[1])
+            raise ValueError(self._damaged_checkpoint_message(self._resume_dir, step, str(e))) from e
 
     def _setup_model(self, model, model_state_dict, reshard_after_forward, custom_sharded_layers):
         model = super()._setup_model(model, model_state_dict, reshard_after_forward, custom_sharded_layers)
@@ -165,7 +188,7 @@ class MoELoRAFinetuneRecipe(MoEFullFinetuneRecipe):
             except Exception as e:
                 step = int(self._resume_dir.name.split("_")[1])
                 raise ValueError(self._damaged_checkpoint_message(self._resume_dir, step, str(e))) from e
-            if self.world_size == 1:
+            if not self._sharded:
                 model.load_state_dict(adapter, strict=False)
             else:
                 training.load_from_full_model_state_dict(model, adapter, self._device, strict=False)
@@ -186,11 +209,33 @@ class MoELoRAFinetuneRecipe(MoEFullFinetuneRecipe):
         self._save_merged = epoch_done and self.epochs_run == self.total_epochs
         super().save_checkpoint(epoch_done)
 
+    def _write_checkpoint(self, final_dir: Path, rng: list, epoch_done: bool) -> None:
+        """All ranks gather the adapters, their optimizer state and at the end the merged weights; rank 0 writes
+        them with ``recipe_state.pt`` into a temporary directory renamed into place (:func:`atomic_directory`).
+        Replaces the full recipe's sharded ``distcp/`` save; its ``save_checkpoint`` keeps the checks around it."""
+        payload = self._full_model_state_dict()
+        optim_sd = training.get_full_optimizer_state_dict(
+            self._model, self._optimizer, self._is_rank_zero, device=self._device
+        )
+        if not self._is_rank_zero:
+            return
+        bad = first_nonfinite(payload) or first_nonfinite(optim_sd, "optimizer.")
+        if bad is not None:
+            raise TrainingStopped(
+                f"step {self.global_step}: {bad} is not finite; no checkpoint written, none deleted; "
+                f"{last_good_checkpoint_note(self._output_dir)}"
+            )
+        state = {"optimizer": optim_sd, **self._recipe_state(rng, epoch_done)}
+        with atomic_directory(final_dir) as tmp:
+            self._checkpointer.save_checkpoint(payload, tmp)
+            torch.save(state, tmp / RECIPE_STATE_FILENAME)
+
     def _full_model_state_dict(self) -> dict[str, Any]:
         """What :class:`_AdapterCheckpointer` writes: the adapters, and at the end the merged base weights
-        (gathered on rank 0 when sharded; all ranks take part)."""
+        (gathered on rank 0 when sharded; all ranks take part). Full CPU tensors, not the full recipe's streamed
+        :class:`GatheredStateDict`: the merge needs each base weight with its adapters."""
         merged = None
-        if self.world_size > 1:
+        if self._sharded:
             if self._save_merged:
                 full = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
                 adapter = {k: v for k, v in full.items() if "lora" in k}

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from _recipe_helpers import FAST, losses, make_recipe, read_metrics, run_recipe
-from safetensors.torch import load_file
 
 from torchtune_moe.config import load_config
 from torchtune_moe.training import (
+    DCP_DIRNAME,
     RECIPE_STATE_FILENAME,
     MoECheckpointer,
     TrainingStopped,
@@ -26,7 +26,24 @@ SHORT = ["batch_size=8", "dataset.num_samples=200"]
 
 
 def _all_finite(step_dir: Path) -> bool:
-    return all(torch.isfinite(t).all() for t in load_file(step_dir / "model.safetensors").values())
+    """Every tensor of the checkpoint's sharded training state (model and optimizer) is finite."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(step_dir / DCP_DIRNAME, step_dir.parent / "state.pt")
+    state = torch.load(step_dir.parent / "state.pt", weights_only=False)
+    tensors = [v for v in _leaves(state) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return len(tensors) > 0 and all(torch.isfinite(t).all() for t in tensors)
+
+
+def _leaves(x):
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _leaves(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _leaves(v)
+    else:
+        yield x
 
 
 # ----------------------------------------------------------------------------------------------- non-finite loss

@@ -1,7 +1,8 @@
 """Training utilities for the MoE recipes: checkpointing (interface, native checkpointer, Hugging Face checkpoints
 and ``from_hf_pretrained``, atomic saves, integrity checks), expert-load metrics, the recipes' config schema and
 validation, state-dict plumbing, RNG save/restore, console output, and the safety checks that keep a run from
-losing work."""
+losing work. Sharded checkpoints (``torch.distributed.checkpoint``), slice-wise loading and the layer-by-layer
+export: ``_sharded_checkpoint``."""
 
 from torchtune_moe.training._checkpointing import (
     MODEL_KEY,
@@ -42,6 +43,16 @@ from torchtune_moe.training._recipe_config import (
     validate_recipe_config,
 )
 from torchtune_moe.training._rng import restore_rng_state, rng_state
+from torchtune_moe.training._sharded_checkpoint import (
+    DCP_DIRNAME,
+    GatheredStateDict,
+    dcp_problems,
+    load_training_state,
+    local_nonfinite_key,
+    read_slices_into,
+    save_training_state,
+    tensor_meta,
+)
 from torchtune_moe.training._safety import (
     CONFIG_FILENAME,
     TrainingStopped,
@@ -54,7 +65,7 @@ from torchtune_moe.training._safety import (
     last_good_checkpoint_note,
     previous_run_files,
 )
-from torchtune_moe.training._state_dict import check_state_dict, load_buffers, materialize_meta_buffers
+from torchtune_moe.training._state_dict import check_state_dict, load_buffers, materialize_meta_buffers, materialize_model
 
 __all__ = [
     "Checkpointer",
@@ -93,8 +104,17 @@ __all__ = [
     "check_state_dict",
     "load_buffers",
     "materialize_meta_buffers",
+    "materialize_model",
     "rng_state",
     "restore_rng_state",
+    "DCP_DIRNAME",
+    "GatheredStateDict",
+    "dcp_problems",
+    "load_training_state",
+    "local_nonfinite_key",
+    "read_slices_into",
+    "save_training_state",
+    "tensor_meta",
     "LogWindow",
     "format_rate",
     "prompt_and_expected",

@@ -26,7 +26,11 @@ from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from torchtune_moe.training._hf_files import read_headers, write_safetensors
+from torchtune_moe.training._sharded_checkpoint import DCP_DIRNAME, dcp_problems, read_slices_into, tensor_meta
+from torchtune_moe.training._state_dict import check_state_dict
 
 __all__ = [
     "Checkpointer",
@@ -113,11 +117,7 @@ class MoECheckpointer:
             model_config = OmegaConf.to_container(model_config, resolve=True)
         self.model_config = model_config
 
-    def load_checkpoint(self) -> dict[str, Any]:
-        """``{"model": state_dict}`` read from ``checkpoint_dir/model.safetensors``; ``{"model": None}`` when
-        ``checkpoint_dir`` is None."""
-        if self.checkpoint_dir is None:
-            return {MODEL_KEY: None}
+    def _model_path(self) -> Path:
         path = self.checkpoint_dir / self.MODEL_FILENAME
         if not path.is_file():
             raise FileNotFoundError(
@@ -125,16 +125,39 @@ class MoECheckpointer:
                 f"reads the files it writes; for a Hugging Face checkpoint use "
                 f"torchtune_moe.training.HFMoECheckpointer)"
             )
+        return path
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """``{"model": state_dict}`` read from ``checkpoint_dir/model.safetensors``; ``{"model": None}`` when
+        ``checkpoint_dir`` is None."""
+        if self.checkpoint_dir is None:
+            return {MODEL_KEY: None}
+        path = self._model_path()
         try:
             return {MODEL_KEY: load_file(str(path))}
         except Exception as e:  # safetensors raises SafetensorError for a truncated or garbage file
             raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from e
 
+    def load_sharded(self, model: torch.nn.Module) -> int:
+        """Loads ``checkpoint_dir/model.safetensors`` into ``model`` (materialised, FSDP2-sharded or not), each
+        rank reading only the slices its shards hold; keys and shapes are checked from the header first
+        (router buffers may be absent). Returns the number of values this rank read."""
+        path = self._model_path()
+        try:
+            headers = read_headers({str(path): []})
+        except ValueError as e:
+            raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from e
+        check_state_dict(model, {k: torch.empty(shape, device="meta") for k, (shape, _) in headers.items()})
+        return read_slices_into(model, {k: [(str(path), k, ())] for k in headers})
+
     def save_checkpoint(self, model_state_dict: dict[str, torch.Tensor], save_dir: Path) -> None:
-        """Writes ``model.safetensors`` (and ``model_config.json``) into ``save_dir``."""
+        """Writes ``model.safetensors`` (and ``model_config.json``) into ``save_dir``, one tensor at a time (a
+        :class:`~torchtune_moe.training.GatheredStateDict` is gathered key by key as it is written)."""
         save_dir = Path(save_dir)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model_state_dict.items()}
-        save_file(tensors, str(save_dir / self.MODEL_FILENAME), metadata={"format": "pt"})
+        entries = [
+            (k, (lambda k=k: model_state_dict[k]), shape, dtype) for k, (shape, dtype) in tensor_meta(model_state_dict).items()
+        ]
+        write_safetensors(save_dir / self.MODEL_FILENAME, entries)
         if self.model_config is not None:
             with open(save_dir / self.CONFIG_FILENAME, "w") as f:
                 json.dump(self.model_config, f, indent=2, sort_keys=True)
@@ -192,7 +215,8 @@ def checkpoint_problems(checkpoint_dir: str | Path) -> list[str]:
     """What is wrong with the files of a checkpoint directory, one line per bad file; empty when intact.
 
     Checks, without loading any tensor: every ``*.safetensors`` file's header against its size (subdirectories
-    included: the LoRA recipe's ``adapter/``), and that
+    included: the LoRA recipe's ``adapter/``), the sharded training state (``distcp/``: its metadata, and every data
+    file it names long enough for its byte ranges), and that
     ``recipe_state.pt`` (when present) is a complete torch zip archive (its directory is at the end of the file,
     so a truncated file fails).
     """
@@ -202,6 +226,8 @@ def checkpoint_problems(checkpoint_dir: str | Path) -> list[str]:
         problem = _safetensors_problem(path)
         if problem:
             problems.append(problem)
+    if (checkpoint_dir / DCP_DIRNAME).is_dir():
+        problems += dcp_problems(checkpoint_dir / DCP_DIRNAME)
     state = checkpoint_dir / RECIPE_STATE_FILENAME
     if state.exists():
         try:

@@ -37,8 +37,10 @@ from torchtune_moe.training._hf_files import (
     read_headers,
     read_hf_config,
     stream_tensors,
+    tensor_files,
     write_sharded,
 )
+from torchtune_moe.training._sharded_checkpoint import read_slices_into, tensor_meta
 
 log = get_logger("INFO")
 
@@ -209,25 +211,62 @@ class HFMoECheckpointer:
         )
         return {"model": state}
 
+    def load_sharded(self, model: nn.Module) -> int:
+        """Loads the checkpoint into ``model`` (materialised, FSDP2-sharded or not): every rank reads only the
+        slices of the Hub tensors that its shards hold (``safe_open(...).get_slice``), converting the key map per
+        tensor, so no rank holds the full state. Tensors are checked against the model by name and shape from the
+        file headers first. Router state of the extra-state file is read whole (it is small).
+
+        Returns:
+            int: the number of values this rank read from the files.
+
+        Raises:
+            ValueError: missing, unexpected or mis-shaped tensors, listed (before any data is read).
+        """
+        files = checkpoint_files(self.checkpoint_dir)
+        headers = read_headers(files)
+        wanted = tune_layout({k: tuple(v.shape) for k, v in model.state_dict().items()}, self._key_map)
+        check_hf_tensors(wanted, {k: v[0] for k, v in headers.items()}, where=str(self.checkpoint_dir))
+        self._layout = self._checkpoint_layout(headers)
+        bad = sorted({headers[hf][1] for hf in wanted.hf_keys} - set(TORCH_DTYPES))
+        if bad:
+            raise ValueError(f"{self.checkpoint_dir} holds tensors of dtype {bad}, which torch cannot hold")
+        where = tensor_files(files)
+        sources = {key: [(where[hf], hf, index) for hf, index in pieces] for key, pieces in wanted.pieces.items()}
+        read = read_slices_into(model, sources)
+        extra = _read_extra_state(self.checkpoint_dir, wanted, strict=True)
+        state = model.state_dict()
+        with torch.no_grad():
+            for key, value in extra.items():  # buffers: FSDP2 does not shard them
+                state[key].copy_(value)
+                read += value.numel()
+        return read
+
     def save_checkpoint(self, model_state_dict: dict[str, torch.Tensor], save_dir: Union[str, Path]) -> None:
         """Writes the Hub files into ``save_dir`` (existing and empty; the recipe renames it into place).
+
+        ``model_state_dict`` may be a :class:`~torchtune_moe.training.GatheredStateDict` (the recipe's, under
+        FSDP2): tensors are then gathered one at a time, in the order they are written, so host memory holds
+        one full tensor (the largest: one layer's stacked experts) besides the expert slice being written.
 
         Raises:
             ValueError: the state dict does not match the checkpoint (missing, unexpected or mis-shaped keys).
         """
         if self._layout is None:
             self._layout = self._checkpoint_layout(read_headers(checkpoint_files(self.checkpoint_dir)))
-        check_tune_state_dict(model_state_dict, self._layout, f"the checkpoint {self.checkpoint_dir}")
+        meta = tensor_meta(model_state_dict)
+        shells = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in meta.items()}
+        check_tune_state_dict(shells, self._layout, f"the checkpoint {self.checkpoint_dir}")
         save_dir = Path(save_dir)
-        weights = {k: v for k, v in model_state_dict.items() if k in self._layout.pieces}
-        layout = tune_layout({k: tuple(v.shape) for k, v in weights.items()}, self._key_map)
+        weights = [k for k in meta if k in self._layout.pieces]
+        layout = tune_layout({k: meta[k][0] for k in weights}, self._key_map)
         entries = [
-            (hf_key, (lambda t=weights[key], i=index: t[i]), layout.hf_keys[hf_key][2], weights[key].dtype)
+            (hf_key, (lambda k=key, i=index: model_state_dict[k][i]), layout.hf_keys[hf_key][2], meta[key][1])
             for key, pieces in layout.pieces.items()
             for hf_key, index in pieces
         ]
         written = write_sharded(entries, save_dir, self.max_shard_size)
-        extra = {k: v for k, v in model_state_dict.items() if k not in weights}  # router state (checked above)
+        extra = {k: model_state_dict[k] for k in meta if k not in layout.pieces}  # router state (checked above)
         if extra:
             from safetensors.torch import save_file
 

@@ -20,6 +20,7 @@ __all__ = [
     "read_hf_config",
     "checkpoint_files",
     "read_headers",
+    "tensor_files",
     "stream_tensors",
     "write_safetensors",
     "write_sharded",
@@ -110,6 +111,19 @@ def read_headers(files: dict[str, list[str]]) -> dict[str, tuple[tuple, str]]:
                 s = f.get_slice(name)
                 found[name] = (tuple(s.get_shape()), s.get_dtype())
     return found
+
+
+def tensor_files(files: dict[str, list[str]]) -> dict[str, str]:
+    """Tensor name -> the file holding it (from the index; a single file's names from its header)."""
+    from safetensors import safe_open
+
+    where = {}
+    for path, names in files.items():
+        if not names:
+            with safe_open(path, framework="pt") as f:
+                names = list(f.keys())
+        where.update({name: path for name in names})
+    return where
 
 
 def stream_tensors(files: dict[str, list[str]], dest: Callable[[str], Optional[torch.Tensor]]) -> None:

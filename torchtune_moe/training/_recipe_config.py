@@ -54,6 +54,7 @@ FULL_FINETUNE_CONFIG_SPEC: dict[str, Key] = {
     "freeze_router": Key(boolean()),
     "fsdp_reshard_after_forward": Key(boolean()),
     "expert_parallel_degree": Key(integer(1), doc="ranks each MoE layer's routed experts are split over (1 = off)"),
+    "fsdp_cpu_offload": Key(boolean()),
     "custom_sharded_layers": Key(lambda v: None if isinstance(v, list) else "a list of module names", nullable=True),
     "process_group_timeout_s": Key(number(0, strict=True, allow_inf=False), nullable=True),
     "log_every_n_steps": Key(integer(1)),
@@ -105,6 +106,7 @@ def instantiate(key: str, node: DictConfig, *args: Any, **kwargs: Any) -> Any:
 def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINETUNE_CONFIG_SPEC) -> None:
     """Checks a recipe config before any work: known keys, value types and ranges (nested sections included),
     components and their arguments (``validate_config``); then the cross-key rules (``compile`` needs bf16,
+    ``fsdp_cpu_offload`` needs a GPU and an unfused optimizer,
     ``tokenizer.max_seq_len`` within ``model.max_seq_len``), and builds the optimizer and lr scheduler on a
     dummy parameter so that their arguments (``optimizer.lr=abc``) are refused with the key named.
 
@@ -117,6 +119,7 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
     if cfg.get("compile", False) and cfg.get("dtype", "fp32") != "bf16":
         # torch.compile traces torch's grouped GEMM (the experts) with its meta kernel, which takes bf16 only.
         raise ValueError("compile: true needs dtype: bf16 (torch.compile of the grouped-GEMM experts is bf16-only)")
+    _check_cpu_offload(cfg)
     tok_len = cfg.tokenizer.get("max_seq_len", None)
     model_len = cfg.model.get("max_seq_len", None)
     if isinstance(tok_len, int) and isinstance(model_len, int) and tok_len > model_len:
@@ -126,6 +129,31 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
     optimizer = instantiate("optimizer", cfg.optimizer, dummy)
     if cfg.get("lr_scheduler", None) is not None:
         instantiate("lr_scheduler", cfg.lr_scheduler, optimizer, num_training_steps=1, last_epoch=-1)
+
+
+def _check_cpu_offload(cfg: DictConfig) -> None:
+    """``fsdp_cpu_offload`` keeps parameters, gradients and optimizer states on the CPU (FSDP2's
+    ``CPUOffloadPolicy``): it needs an accelerator to offload from and an optimizer that steps on the CPU."""
+    if not cfg.get("fsdp_cpu_offload", False):
+        return
+    device = cfg.get("device", None) or utils.get_device(None).type
+    if device == "cpu":
+        raise ValueError(
+            "fsdp_cpu_offload: true moves parameters, gradients and optimizer states from the GPU to the CPU; with "
+            "device: cpu they are there already (allowed: false, or a GPU device)"
+        )
+    degree = cfg.get("expert_parallel_degree", 1)
+    if isinstance(degree, int) and degree > 1:
+        # shard_experts makes the experts FSDP2 units of their own, without the offload policy.
+        raise ValueError(
+            f"fsdp_cpu_offload: true does not combine with expert_parallel_degree: {degree} (the split experts are "
+            "not offloaded); allowed: fsdp_cpu_offload=false, or expert_parallel_degree=1"
+        )
+    if cfg.optimizer.get("fused", False):
+        raise ValueError(
+            "optimizer.fused: true steps on the GPU, but fsdp_cpu_offload: true keeps the parameters and optimizer "
+            "states on the CPU (allowed with offload: optimizer.fused=false)"
+        )
 
 
 def _seq_len_message(tok_len: int, model_len: int) -> str:

@@ -9,7 +9,7 @@ from torchtune import utils
 from torchtune_moe.modules import Router
 from torchtune_moe.training._metrics import clean_module_name
 
-__all__ = ["check_state_dict", "load_buffers", "materialize_meta_buffers"]
+__all__ = ["check_state_dict", "load_buffers", "materialize_meta_buffers", "materialize_model"]
 
 log = utils.get_logger("INFO")
 
@@ -71,3 +71,26 @@ def materialize_meta_buffers(model: torch.nn.Module, device: torch.device) -> No
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf is not None and buf.is_meta:
                 setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype, device=device))
+
+
+def materialize_model(model: torch.nn.Module, param_device: torch.device, buffer_device: torch.device) -> None:
+    """Allocates a model built (and sharded) on the meta device before its weights are read: parameters
+    uninitialised on ``param_device`` (the CPU under FSDP2 CPU offload, else the device), RoPE caches computed on
+    ``buffer_device`` (under the caller's default dtype), router buffers zero there (their initial value).
+
+    Raises:
+        RuntimeError: a buffer of another kind, which this function would not know how to initialise.
+    """
+    model.to_empty(device=param_device)
+    unknown = []
+    for prefix, module in model.named_modules():
+        if hasattr(module, "rope_init"):
+            with torch.device(buffer_device):
+                module.rope_init()
+        elif isinstance(module, Router):
+            for name, buf in list(module.named_buffers(recurse=False)):
+                setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype, device=buffer_device))
+        else:
+            unknown += [f"{prefix}.{name}" for name, _ in module.named_buffers(recurse=False)]
+    if unknown:
+        raise RuntimeError(f"materialize_model does not know how to initialise the buffers {unknown}")

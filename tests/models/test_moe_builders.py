@@ -290,6 +290,8 @@ class _Router(nn.Module):
         ({"shared_expert_hidden_dim": -1}, "shared_expert_hidden_dim"),
         ({"activation": "tanh"}, "activation"),
         ({"num_expertz": 4}, "num_expertz"),  # a typo is an unknown argument
+        ({"aux_loss_pooled": "abc"}, "aux_loss_pooled"),  # reaches moe_layer through **kwargs: typed there
+        ({"gated": "no"}, "gated"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(kwargs, name):

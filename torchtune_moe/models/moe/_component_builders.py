@@ -157,6 +157,10 @@ def moe_layer(
     }
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    # moe() passes these through **moe_layer_kwargs, where the config check cannot see their annotations.
+    for name, value in (("gated", gated), ("shared_expert_gate", shared_expert_gate), ("aux_loss_pooled", aux_loss_pooled)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
     if not 1 <= experts_per_token <= num_experts:
         raise ValueError(f"experts_per_token must be between 1 and num_experts ({num_experts}), got {experts_per_token}")
     if moe_hidden_dim < 1 or moe_hidden_dim % _ALIGN_ELEMENTS:

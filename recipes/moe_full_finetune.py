@@ -77,6 +77,7 @@ from torchtune_moe.training import (
     clear_previous_run,
     clip_and_total_grad_norm,
     config_changes,
+    end_distributed_process,
     find_latest_checkpoint,
     format_rate,
     init_meshes,
@@ -1093,6 +1094,8 @@ def run(recipe_cls: type, cfg: DictConfig, name: str) -> None:
         recipe.print_summary()
     except (ValueError, TrainingStopped) as e:
         recipe.cleanup(wait_for_ranks=False)  # some ranks may not have got this far
+        if recipe._distributed:
+            end_distributed_process(f"{name}: {e}")
         sys.exit(f"{name}: {e}")
     except (RuntimeError, dist.DistError) as e:
         if not (recipe._distributed and _is_timeout(e)):
@@ -1106,6 +1109,8 @@ def run(recipe_cls: type, cfg: DictConfig, name: str) -> None:
             f"{last_good_checkpoint_note(recipe._output_dir)}. ({type(e).__name__}: {str(e).splitlines()[0]})"
         )
     recipe.cleanup()
+    if recipe._distributed:
+        end_distributed_process(0)  # not the interpreter's teardown: see its docstring
 
 
 @moe_config.parse

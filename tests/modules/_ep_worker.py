@@ -12,6 +12,7 @@ from torch.distributed import init_device_mesh
 from torchtune_moe.models.moe import moe_layer
 from torchtune_moe.modules import RoutingRecord, capture_routing, replay_routing, update_routers
 from torchtune_moe.modules.expert_parallel import AllToAllDispatcher, apply_expert_parallel
+from torchtune_moe.training import end_distributed_process
 
 E, D, H, K, B, S = 8, 16, 24, 2, 2, 6
 
@@ -108,6 +109,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print("EP layer checks passed")
     dist.destroy_process_group()
+    end_distributed_process(0)
 
 
 if __name__ == "__main__":

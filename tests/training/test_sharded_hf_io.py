@@ -26,7 +26,7 @@ import torch, torch.distributed as dist
 from torch.distributed import init_device_mesh
 from torchtune import training
 from torchtune_moe.models._hf_families import hf_config_to_kwargs
-from torchtune_moe.training import GatheredStateDict, HFMoECheckpointer, materialize_model
+from torchtune_moe.training import GatheredStateDict, HFMoECheckpointer, end_distributed_process, materialize_model
 
 hf_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 dist.init_process_group("gloo")
@@ -56,6 +56,7 @@ else:
 (out / f"rank{rank}.json").write_text(json.dumps(dict(read=read, total=total, largest=largest,
                                                        held=sd.largest_values)))
 dist.destroy_process_group()
+end_distributed_process(0)
 """
 
 

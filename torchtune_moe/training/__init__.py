@@ -34,7 +34,13 @@ from torchtune_moe.training._peft_files import (
     save_native_adapter,
     save_peft_adapter,
 )
-from torchtune_moe.training._parallel import clip_and_total_grad_norm, init_meshes, scale_expert_grads, shard_experts
+from torchtune_moe.training._parallel import (
+    clip_and_total_grad_norm,
+    end_distributed_process,
+    init_meshes,
+    scale_expert_grads,
+    shard_experts,
+)
 from torchtune_moe.training._recipe_config import (
     FULL_FINETUNE_CONFIG_SPEC,
     LORA_FINETUNE_CONFIG_SPEC,
@@ -68,6 +74,7 @@ from torchtune_moe.training._safety import (
 from torchtune_moe.training._state_dict import check_state_dict, load_buffers, materialize_meta_buffers, materialize_model
 
 __all__ = [
+    "end_distributed_process",
     "Checkpointer",
     "MoECheckpointer",
     "HFMoECheckpointer",

@@ -1,22 +1,26 @@
-"""Peak GPU memory of full fine-tuning Qwen3-30B-A3B with FSDP2, measured on depth-reduced random copies.
+"""Peak GPU memory and speed of full fine-tuning Qwen3-MoE with FSDP2 (and expert parallelism), on random
+copies at full or reduced depth.
 
-No weights are downloaded (the GPU machines have no network): the model is Qwen3-30B-A3B's exact layer
-(hidden 2048, 32 query / 4 KV heads of 128, 128 experts of 768, top-8, vocabulary 151936) at a reduced depth,
-randomly initialised. For each depth it builds the model on the meta device, shards every decoder layer and
-the root with FSDP2 (torchtune's ``training.shard_model``, as the recipe does), initialises the local shards,
-and runs training steps (bf16, activation checkpointing, chunked cross-entropy, torch AdamW with bf16
-states, as configs/qwen3_moe/30b_a3b_full.yaml): ``--warmup-steps`` unmeasured ones first (kernel selection,
-allocator growth, the optimizer states' creation), then ``--steps`` measured ones, for which it reports the peak
-allocated and reserved memory per GPU and the time per step. ``params`` is the model's parameter count (a
-DTensor's ``numel()`` is its global size, so it is not multiplied by the number of GPUs). ``--cpu-offload``
-shards with FSDP2's ``CPUOffloadPolicy`` (parameters, gradients and AdamW states in host memory; unfused AdamW
-steps on the CPU), as ``fsdp_cpu_offload: true`` in the recipe.
-Peak memory grows linearly with depth, so two depths give the per-layer slope and the full 48-layer figure
-is extrapolated (and compared with the arithmetic of docs/models.md).
+No weights are downloaded (the GPU machines have no network): the model is a published Qwen3-MoE size's exact
+layer (``--size``: 30b_a3b, default, or 235b_a22b; the numbers come from torchtune_moe.models.qwen3_moe) at the
+depths given, randomly initialised, with real (unforced) routing. For each depth it builds the model on the meta
+device, shards every decoder layer and the root with FSDP2 (torchtune's ``training.shard_model``, as the recipe
+does; with ``--expert-parallel-degree`` the experts first, by expert), initialises the local shards, and runs
+training steps (bf16, activation checkpointing, chunked cross-entropy, as configs/qwen3_moe/30b_a3b_full.yaml):
+``--warmup-steps`` unmeasured ones first (kernel selection, compilation, allocator growth, the optimizer states'
+creation), then ``--steps`` measured ones, for which it reports the peak allocated and reserved memory per GPU,
+the time per step, tokens/s/GPU, model TFLOP/s/GPU (:func:`flop_per_token`) and MFU against the 989 TFLOP/s
+dense bf16 peak. ``params`` is the model's parameter count (a DTensor's ``numel()`` is its global size, so it is
+not multiplied by the number of GPUs). ``--optimizer adamw8bit`` uses torchao's AdamW8bit instead of torch AdamW
+with bf16 states; ``--compile`` compiles each layer as ``compile: true``; ``--cpu-offload`` shards with FSDP2's
+``CPUOffloadPolicy`` (parameters, gradients and AdamW states in host memory; unfused AdamW steps on the CPU), as
+``fsdp_cpu_offload: true`` in the recipe.
+Peak memory grows linearly with depth, so two depths give the per-layer slope and the full-depth figure is
+extrapolated (and compared with the arithmetic of docs/models.md).
 
-    torchrun --nproc_per_node 2 benchmarks/qwen3_memory_check.py --layers 2 4
-    torchrun --nproc_per_node 8 benchmarks/qwen3_memory_check.py --layers 4 8 --batch-size 4 --seq-len 2048
-    torchrun --nproc_per_node 2 benchmarks/qwen3_memory_check.py --layers 2 4 --expert-parallel-degree 2
+    torchrun --nproc_per_node 4 benchmarks/qwen3_memory_check.py --layers 48 --expert-parallel-degree 4
+    torchrun --nproc_per_node 2 benchmarks/qwen3_memory_check.py --layers 48 --optimizer adamw8bit
+    torchrun --nproc_per_node 4 benchmarks/qwen3_memory_check.py --size 235b_a22b --layers 2 4 --expert-parallel-degree 4
 
 CPU smoke test of the script itself (tiny dims, gloo): ``torchrun --nproc_per_node 2
 benchmarks/qwen3_memory_check.py --device cpu --tiny --layers 1 2``.
@@ -33,19 +37,22 @@ import torch.distributed as dist
 from torchtune import modules, training
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
-from torchtune_moe.models.qwen3_moe import qwen3_moe
+from torchtune_moe.models._hf_config import published_kwargs
+from torchtune_moe.models.qwen3_moe import QWEN3_MOE_30B_A3B, QWEN3_MOE_235B_A22B, qwen3_moe
+from torchtune_moe.models.qwen3_moe._hf_config import qwen3_moe_hf_config_to_kwargs
 from torchtune_moe.modules import Router, collect_aux_loss, update_routers
 from torchtune_moe.modules.expert_parallel import check_expert_parallel_degree
-from torchtune_moe.training import init_meshes, scale_expert_grads, shard_experts
+from torchtune_moe.training import end_distributed_process, init_meshes, scale_expert_grads, shard_experts
 
-QWEN3_30B_A3B = dict(
-    vocab_size=151936, num_heads=32, num_kv_heads=4, embed_dim=2048, head_dim=128, dense_hidden_dim=6144,
-    moe_hidden_dim=768, num_experts=128, experts_per_token=8, rope_base=1e6, norm_eps=1e-6,
-    norm_topk_prob=True, aux_loss_coeff=0.001 * 8 / 48,
+#: The published sizes (their config.json numbers live once, in torchtune_moe/models/qwen3_moe/_model_builders.py).
+SIZES = {"30b_a3b": QWEN3_MOE_30B_A3B, "235b_a22b": QWEN3_MOE_235B_A22B}
+#: Tiny dims (builder kwargs) for the CPU smoke test of the script.
+TINY = dict(
+    vocab_size=512, num_heads=4, num_kv_heads=2, embed_dim=64, head_dim=16, dense_hidden_dim=128, moe_hidden_dim=32,
+    num_experts=8, experts_per_token=2, rope_base=1e6, norm_eps=1e-6, norm_topk_prob=True, aux_loss_coeff=1e-3,
 )
-TINY = dict(QWEN3_30B_A3B, vocab_size=512, num_heads=4, num_kv_heads=2, embed_dim=64, head_dim=16,
-            dense_hidden_dim=128, moe_hidden_dim=32, num_experts=8, experts_per_token=2)
-FULL_DEPTH = 48
+#: Dense bf16 peak of one H200 (and H100) SXM, for the MFU column.
+PEAK_BF16_TFLOPS = 989.0
 GIB = 1024**3
 
 
@@ -57,12 +64,16 @@ def build_sharded(
     mesh,
     expert_mesh=None,
     cpu_offload: bool = False,
+    compile: bool = False,
 ) -> torch.nn.Module:
     """Meta-device build, FSDP2 sharding of each layer and the root (with ``expert_mesh``: the experts split by
     expert first, as the recipe's ``expert_parallel_degree``), random init of the local shards (on the CPU under
     ``cpu_offload``)."""
     with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
         model = qwen3_moe(num_layers=num_layers, max_seq_len=max_seq_len, **dims)
+    if compile:  # as the recipe with compile: true (per-layer torch.compile, before activation checkpointing)
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        training.compile_model(model, verbose=False)
     training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
     if expert_mesh is not None:
         shard_experts(model, expert_mesh, reshard_after_forward=True)
@@ -88,14 +99,32 @@ def build_sharded(
     return model
 
 
+def flop_per_token(dims: dict, num_layers: int, seq_len: int) -> float:
+    """Model FLOPs per trained token (forward + backward, activation recompute not counted): 6 x the matmul
+    parameters a token passes through (attention projections, the router, its ``experts_per_token`` experts, the
+    output projection; not the embedding lookup) plus causal attention's scores and values, 6 x seq_len x heads x
+    head_dim per layer (forward 2 x 2 x seq_len / 2 x heads x head_dim, backward twice that)."""
+    d, h, kv, hd = dims["embed_dim"], dims["num_heads"], dims["num_kv_heads"], dims["head_dim"]
+    attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+    moe = dims["experts_per_token"] * 3 * d * dims["moe_hidden_dim"] + d * dims["num_experts"]
+    matmul_params = num_layers * (attn + moe) + dims["vocab_size"] * d
+    return 6 * matmul_params + 6 * num_layers * seq_len * h * hd
+
+
 def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, expert_mesh=None) -> dict:
     """Runs ``args.warmup_steps`` unmeasured then ``args.steps`` measured optimizer steps; returns this rank's
     peak memory over the measured steps (GiB) and their mean time."""
-    model = build_sharded(dims, num_layers, args.seq_len, device, mesh, expert_mesh, cpu_offload=args.cpu_offload)
+    model = build_sharded(dims, num_layers, args.seq_len, device, mesh, expert_mesh, cpu_offload=args.cpu_offload,
+                          compile=args.compile)
     loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
     model.set_num_output_chunks(loss_fn.num_output_chunks)
     fused = device.type == "cuda" and not args.cpu_offload  # offloaded states step on the CPU
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+    if args.optimizer == "adamw8bit":
+        from torchao.optim import AdamW8bit
+
+        optimizer = AdamW8bit(model.parameters(), lr=1e-5)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
     model.train()
     gen = torch.Generator().manual_seed(dist.get_rank())
 
@@ -147,7 +176,11 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=1, help="unmeasured steps before them (>= 1)")
     parser.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPUOffloadPolicy (fsdp_cpu_offload)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--size", choices=sorted(SIZES), default="30b_a3b", help="published Qwen3-MoE size")
     parser.add_argument("--tiny", action="store_true", help="tiny dims (smoke test of the script)")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
+                        help="torch AdamW (bf16 states) or torchao.optim.AdamW8bit")
+    parser.add_argument("--compile", action="store_true", help="per-layer torch.compile (the recipe's compile: true)")
     parser.add_argument("--expert-parallel-degree", type=int, default=1, help="split experts over this many ranks")
     parser.add_argument("--out", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args()
@@ -166,7 +199,12 @@ def main() -> None:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    dims = TINY if args.tiny else QWEN3_30B_A3B
+    if args.tiny:
+        dims, full_depth = TINY, 2
+    else:
+        dims = published_kwargs(qwen3_moe_hf_config_to_kwargs, SIZES[args.size], args.seq_len, {})
+        full_depth = dims.pop("num_layers")
+        dims.pop("max_seq_len")
     check_expert_parallel_degree(args.expert_parallel_degree, world, [dims["num_experts"]])
     mesh, expert_mesh = init_meshes(args.device, world, args.expert_parallel_degree)
 
@@ -186,10 +224,15 @@ def main() -> None:
             peak_reserved_gib_per_rank=[round(r["peak_reserved_gib"], 2) for r in everyone],
             seconds_per_step=round(max(r["seconds_per_step"] for r in everyone), 3),
             expert_parallel_degree=args.expert_parallel_degree,
+            optimizer=args.optimizer,
+            compile=args.compile,
             tokens_per_second_per_gpu=round(
                 args.batch_size * args.seq_len / max(r["seconds_per_step"] for r in everyone)
             ),
         )
+        row["gflop_per_token"] = round(flop_per_token(dims, num_layers, args.seq_len) / 1e9, 2)
+        row["model_tflops_per_gpu"] = round(row["tokens_per_second_per_gpu"] * row["gflop_per_token"] / 1e3, 1)
+        row["mfu"] = round(row["model_tflops_per_gpu"] / PEAK_BF16_TFLOPS, 3)
         results.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
@@ -198,12 +241,13 @@ def main() -> None:
         a, b = results[0], results[-1]
         peak = lambda r: max(r["peak_allocated_gib_per_rank"])  # noqa: E731
         per_layer = (peak(b) - peak(a)) / (b["layers"] - a["layers"])
-        predicted = peak(b) + per_layer * (FULL_DEPTH - b["layers"])
+        predicted = peak(b) + per_layer * (full_depth - b["layers"])
         summary = dict(
             per_layer_gib=round(per_layer, 3),
-            predicted_peak_allocated_gib_at_48_layers=round(predicted, 1),
+            full_depth=full_depth,
+            predicted_peak_allocated_gib_at_full_depth=round(predicted, 1),
             gpus=world,
-            note="depth-reduced random Qwen3-30B-A3B; no weights downloaded",
+            note=f"random Qwen3-MoE {'tiny' if args.tiny else args.size}; no weights downloaded",
         )
         print(json.dumps(summary), flush=True)
         results.append(summary)
@@ -211,6 +255,7 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
     dist.destroy_process_group()
+    end_distributed_process(0)
 
 
 if __name__ == "__main__":

@@ -785,6 +785,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                     self._optimizer.step()
                 else:
                     self._skip_nonfinite_step(step["loss"], grad_norm)
+                self._expert_load.end_step(keep=finite)  # a skipped step's routing is not in the expert load
                 self._optimizer.zero_grad(set_to_none=True)
                 update_routers(self._model)  # every rank: all-reduces the routers' accumulated load statistics
                 if self._lr_scheduler is not None:

@@ -78,6 +78,16 @@ def test_skip_mode_skips_a_rare_nonfinite_step(tmp_path, monkeypatch):
     steps = []
     real_step = recipe._optimizer.step
     recipe._optimizer.step = lambda *a, **k: (steps.append(recipe.global_step + 1), real_step(*a, **k))
+    routed = {}  # step -> tokens routed by the first MoE layer in that step's forwards
+    real_update = recipe._expert_load.update
+
+    def count_tokens():
+        first = recipe._expert_load.layers[0]
+        step = recipe.global_step + 1
+        routed[step] = routed.get(step, 0) + first.last_routing.probs_TE.shape[0]
+        real_update()
+
+    recipe._expert_load.update = count_tokens
     try:
         recipe.train()
     finally:
@@ -86,6 +96,11 @@ def test_skip_mode_skips_a_rare_nonfinite_step(tmp_path, monkeypatch):
     assert steps == [1, 3]  # step 2 did not update the model
     assert [s for s, _ in losses(tmp_path)] == [1, 3]  # the skipped step is not logged as a loss
     assert _all_finite(tmp_path / "step_3")
+    # Nor is its routing counted in the expert load: step 3's record holds step 3's tokens only (top-2: 2 each).
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "expert_load.jsonl").read_text().splitlines())}
+    assert sorted(records) == [1, 3] and routed[2] > 0
+    for step in (1, 3):
+        assert sum(records[step]["layers"]["layers.0.mlp"]) == 2 * routed[step], step
 
 
 # ----------------------------------------------------------------------------------------------- output_dir

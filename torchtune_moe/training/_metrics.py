@@ -131,7 +131,8 @@ class ExpertLoadTracker:
     """Accumulates, per MoE layer, the routing statistics of every training forward of a logging window.
 
     Call :meth:`update` after each micro-batch forward (it reads :meth:`MoE.routing_stats` and stays on the
-    device: no host sync) and :meth:`window` once per log step on every rank (one all-reduce).
+    device: no host sync), :meth:`end_step` after each optimizer step (a skipped, non-finite step's routing is
+    dropped, not counted in the window), and :meth:`window` once per log step on every rank (one all-reduce).
 
     Args:
         layers (Sequence[tuple[str, nn.Module]]): ``(name, MoE layer)`` pairs, e.g. ``list(moe_layers(model))``.
@@ -152,6 +153,8 @@ class ExpertLoadTracker:
         # (token counts are shapes, known without a sync).
         self._acc = torch.zeros(sum(self._sizes) + 2 * n, dtype=torch.float64, device=self.device)
         self._tokens = [0.0] * n
+        self._step_acc = torch.zeros_like(self._acc)  # the current optimizer step's micro-batches
+        self._step_tokens = [0.0] * n
 
     @torch.no_grad()
     def update(self) -> None:
@@ -165,13 +168,23 @@ class ExpertLoadTracker:
             parts.append(stats["tokens_per_expert"].to(torch.float64))
             dropped.append(stats["dropped_tokens"].to(torch.float64))
             entropy.append(stats["router_entropy"].to(torch.float64) * T)
-            self._tokens[i] += T
-        self._acc += torch.cat([*parts, torch.stack(dropped), torch.stack(entropy)])
+            self._step_tokens[i] += T
+        self._step_acc += torch.cat([*parts, torch.stack(dropped), torch.stack(entropy)])
+
+    @torch.no_grad()
+    def end_step(self, keep: bool = True) -> None:
+        """Ends an optimizer step: its micro-batches' routing joins the window, or with ``keep=False`` (a skipped
+        non-finite step, whose routing may hold NaN) is dropped."""
+        if keep:
+            self._acc += self._step_acc
+            self._tokens = [a + b for a, b in zip(self._tokens, self._step_tokens)]
+        self._step_acc.zero_()
+        self._step_tokens = [0.0] * len(self.layers)
 
     @torch.no_grad()
     def window(self, process_group: Optional[dist.ProcessGroup] = None) -> ExpertLoadWindow:
-        """The window so far, summed over the ranks of ``process_group`` when distributed (call on every rank);
-        then starts a new window."""
+        """The window so far (the steps ended with :meth:`end_step`), summed over the ranks of ``process_group``
+        when distributed (call on every rank); then starts a new window."""
         n, total_E = len(self.layers), sum(self._sizes)
         tokens = torch.tensor(self._tokens, dtype=torch.float64, device=self.device)
         acc = torch.cat([self._acc, tokens])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _recipe_helpers import FAST, losses, read_metrics
+from _recipe_helpers import FAST, make_recipe, read_metrics
 from torchtune_moe.config import load_config
 
 
@@ -67,6 +67,26 @@ def test_expert_parallel_equals_fsdp_only_and_resumes(tmp_path):
         assert c.keys() == a.keys()
         for k in a:
             assert torch.allclose(a[k], c[k], rtol=0, atol=1e-6), (resumed.name, k, (a[k] - c[k]).abs().max())
+
+    # The epoch-end checkpoints in one process (world size and degree changed together): EP=2's expert-sharded
+    # state and the FSDP2-only run's load to the same plain weights and Adam state (set up only, not trained).
+    loaded = []
+    for src in (ep, off):
+        recipe = make_recipe(src, overrides=[*common, "batch_size=8", "epochs=2", "resume_from_checkpoint=true"])
+        try:
+            assert recipe.global_step == 3
+            loaded.append((recipe._model.state_dict(), recipe._optimizer.state_dict()["state"]))
+        finally:
+            recipe.cleanup()
+    (model_ep, optim_ep), (model_off, optim_off) = loaded
+    assert all(torch.allclose(model_ep[k], b[k], rtol=0, atol=0) for k in b)  # EP=2's own export, exactly
+    assert all(torch.allclose(model_off[k], model_ep[k], rtol=0, atol=1e-6) for k in model_ep)
+    assert optim_ep.keys() == optim_off.keys() and len(optim_ep) == len(list(recipe._model.parameters()))
+    for i, state in optim_ep.items():
+        assert float(state["step"]) == 3
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert state[name].abs().sum() > 0
+            assert torch.allclose(state[name], optim_off[i][name], rtol=1e-4, atol=1e-9), (i, name)
 
 
 @pytest.mark.parametrize(

@@ -403,6 +403,11 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         for key, old, new in changes:
             if key == "seed":
                 what = "kept the checkpoint's: the data order and random streams continue"
+            elif key == "expert_parallel_degree":  # absent: the default, 1
+                old, new = old or 1, new or 1
+                if old == new:
+                    continue
+                what = "applied: the experts' weights and optimizer state are resharded to it"
             else:
                 what = "applied: the new value is used from here on"
             lines.append(f"  {key}: {old!r} -> {new!r} ({what})")

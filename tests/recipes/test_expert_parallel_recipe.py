@@ -1,6 +1,7 @@
 """Expert parallelism through the recipe: 2 processes (gloo) with ``expert_parallel_degree=2`` against the same run
-with expert parallelism off (FSDP2 only), a save and resume with EP=2, and a bad degree refused by name (the
-degree arithmetic for other world sizes: tests/modules/test_expert_parallel_layer.py)."""
+with expert parallelism off (FSDP2 only), a checkpoint resumed under the other degree (2 -> 1, 1 -> 2) and in one
+process, and a bad degree refused by name (the degree arithmetic for other world sizes:
+tests/modules/test_expert_parallel_layer.py)."""
 
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _recipe_helpers import FAST, losses, read_metrics
+from _recipe_helpers import FAST, make_recipe, read_metrics
 from torchtune_moe.config import load_config
 
 
@@ -24,10 +25,12 @@ def _tune_run_2(output_dir, *overrides):
 def test_expert_parallel_equals_fsdp_only_and_resumes(tmp_path):
     """EP=2 gives the EP=1 run's losses, gradient norms (clipped at 1.0: the norm spans the expert mesh and the
     dp mesh), global expert loads and aux-loss-free biases (router statistics all-reduced), and weights; its
-    checkpoint (gathered from expert-sharded DTensors) resumes under EP=2 to the same step 3. The EP run also
-    checkpoints activations (recomputing the forward's all-to-alls in backward)."""
+    sharded checkpoint resumes with expert parallelism off, and the FSDP2-only run's with EP=2 (DCP reshards the
+    experts between the expert mesh and the dp mesh), to the same step 3, and both epoch-end checkpoints load in one
+    process to the same weights and Adam state. The EP run also checkpoints activations (recomputing the forward's
+    all-to-alls in backward)."""
     common = ["max_steps_per_epoch=3", "save_every_n_steps=2", "batch_size=4", "model.expert_bias_update_rate=0.01"]
-    off, ep, resumed = tmp_path / "off", tmp_path / "ep", tmp_path / "resumed"
+    off, ep = tmp_path / "off", tmp_path / "ep"
     _tune_run_2(off, *common)
     # EP with activation checkpointing: the recompute in backward runs the dispatch's collectives again.
     res = _tune_run_2(ep, *common, "expert_parallel_degree=2", "enable_activation_checkpointing=true")
@@ -43,15 +46,49 @@ def test_expert_parallel_equals_fsdp_only_and_resumes(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(b[k].abs().sum() > 0 for k in b if k.endswith("expert_bias"))
 
-    shutil.copytree(ep, resumed)
-    shutil.rmtree(resumed / "step_3")
-    shutil.rmtree(resumed / "logs")
-    _tune_run_2(resumed, *common, "expert_parallel_degree=2", "enable_activation_checkpointing=true",
-                "resume_from_checkpoint=true")
-    assert [s for s, _ in losses(resumed)] == [3]
-    assert losses(resumed)[0][1] == pytest.approx(losses(ep)[2][1], rel=1e-6)
-    c = load_file(resumed / "step_3" / "model.safetensors")
-    assert all(torch.allclose(b[k], c[k], atol=1e-6) for k in b)
+    # Resume from step 2 under another expert-parallel degree (2 processes both ways): EP=2's checkpoint with
+    # FSDP2 only, and the FSDP2-only checkpoint with EP=2. Step 3's loss and gradient norm need the weights and
+    # the router expert_bias after step 2; its weights (after the step-3 update) need the Adam moments and step
+    # counts and the lr schedule position too: a lost optimizer state moves them by 5e-4 (measured), far above 1e-6.
+    ep_to_off, off_to_ep = tmp_path / "ep_to_off", tmp_path / "off_to_ep"
+    for src, dst in ((ep, ep_to_off), (off, off_to_ep)):
+        shutil.copytree(src, dst)
+        shutil.rmtree(dst / "step_3")
+        shutil.rmtree(dst / "logs")
+    res = _tune_run_2(ep_to_off, *common, "resume_from_checkpoint=true")
+    assert "expert_parallel_degree: 2 -> 1" in res.stdout + res.stderr  # said, not silent
+    res = _tune_run_2(off_to_ep, *common, "expert_parallel_degree=2", "enable_activation_checkpointing=true",
+                      "resume_from_checkpoint=true")
+    assert "expert_parallel_degree: 1 -> 2" in res.stdout + res.stderr
+    for resumed in (ep_to_off, off_to_ep):
+        m_resumed = read_metrics(resumed)
+        assert sorted(m_resumed) == [3], resumed.name
+        for key in ("loss", "ce_loss", "aux_loss", "grad_norm", "expert_load/max_over_mean"):
+            assert m_resumed[3][key] == pytest.approx(m_off[3][key], rel=1e-5), (resumed.name, key)
+        c = load_file(resumed / "step_3" / "model.safetensors")
+        assert c.keys() == a.keys()
+        for k in a:
+            assert torch.allclose(a[k], c[k], rtol=0, atol=1e-6), (resumed.name, k, (a[k] - c[k]).abs().max())
+
+    # The epoch-end checkpoints in one process (world size and degree changed together): EP=2's expert-sharded
+    # state and the FSDP2-only run's load to the same plain weights and Adam state (set up only, not trained).
+    loaded = []
+    for src in (ep, off):
+        recipe = make_recipe(src, overrides=[*common, "batch_size=8", "epochs=2", "resume_from_checkpoint=true"])
+        try:
+            assert recipe.global_step == 3
+            loaded.append((recipe._model.state_dict(), recipe._optimizer.state_dict()["state"]))
+        finally:
+            recipe.cleanup()
+    (model_ep, optim_ep), (model_off, optim_off) = loaded
+    assert all(torch.allclose(model_ep[k], b[k], rtol=0, atol=0) for k in b)  # EP=2's own export, exactly
+    assert all(torch.allclose(model_off[k], model_ep[k], rtol=0, atol=1e-6) for k in model_ep)
+    assert optim_ep.keys() == optim_off.keys() and len(optim_ep) == len(list(recipe._model.parameters()))
+    for i, state in optim_ep.items():
+        assert float(state["step"]) == 3
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert state[name].abs().sum() > 0
+            assert torch.allclose(state[name], optim_off[i][name], rtol=1e-4, atol=1e-9), (i, name)
 
 
 @pytest.mark.parametrize(

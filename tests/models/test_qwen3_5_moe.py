@@ -224,3 +224,31 @@ def test_tokenizer_round_trip(tmp_path):
     )
     start = files["special"]["<|im_start|>"]
     assert tokens[0] == start and tokens.count(start) == 2 and tokens[-1] == eos and mask[0] and not mask[-2]
+
+
+@pytest.mark.parametrize(
+    "name, total_b",
+    [("qwen3_5_moe/35b_a3b_full", 34.66), ("qwen3_5_moe/122b_a10b_full", 122.11), ("qwen3_5_moe/397b_a17b_full", 396.35)],
+)
+def test_packaged_config_validates_and_builds_on_meta(name, total_b):
+    """The packaged full and LoRA configs pass the recipes' validation and build on the meta device (no machine
+    here holds them) with the published parameter count; LoRA adapts the routed and shared experts."""
+    from moe_full_finetune import CONFIG_SPEC
+    from moe_lora_finetune import LORA_FINETUNE_CONFIG_SPEC as LORA_SPEC
+    from torchtune import config as tt_config
+
+    from torchtune_moe.config import load_config, validate_config
+    from torchtune_moe.modules.peft import LoRAMoELinear, lora_modules
+
+    for config_name, spec in ((name, CONFIG_SPEC), (name.replace("_full", "_lora"), LORA_SPEC)):
+        cfg = load_config(config_name)
+        validate_config(cfg, spec)
+        assert cfg.checkpointer.model_type == "qwen3_5_moe" and cfg.dataset.packed is False
+        with torch.device("meta"):
+            model = tt_config.instantiate(cfg.model)
+        if spec is CONFIG_SPEC:
+            assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(total_b, abs=0.01)
+        else:
+            adapted = [n for n, _ in lora_modules(model)]
+            assert any(isinstance(m, LoRAMoELinear) for _, m in lora_modules(model))
+            assert any(".mlp.shared_expert." in n for n in adapted) and not any(".attn." in n for n in adapted)

@@ -252,3 +252,22 @@ def test_packaged_config_validates_and_builds_on_meta(name, total_b):
             adapted = [n for n, _ in lora_modules(model)]
             assert any(isinstance(m, LoRAMoELinear) for _, m in lora_modules(model))
             assert any(".mlp.shared_expert." in n for n in adapted) and not any(".attn." in n for n in adapted)
+
+
+def test_peft_adapter_names(tmp_path):
+    """LoRA on the routed and shared experts saves under the published per-expert Hub names and loads back."""
+    from torchtune_moe.models._peft import adapter_state_from_peft, peft_adapter_tensors
+    from torchtune_moe.modules.peft import adapter_state_dict, apply_lora
+    from torchtune_moe.training import from_hf_pretrained
+
+    hf, path = _save_text(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    model = apply_lora(from_hf_pretrained(path), lora_attn_modules=[], apply_lora_to_mlp=True, lora_rank=8)
+    with torch.no_grad():
+        for k, v in adapter_state_dict(model).items():
+            v.normal_()
+    tensors, adapter_config = peft_adapter_tensors(model, config)
+    assert "base_model.model.model.layers.0.mlp.experts.7.down_proj.lora_B.weight" in tensors
+    assert "base_model.model.model.layers.3.mlp.shared_expert.gate_proj.lora_A.weight" in tensors
+    back = adapter_state_from_peft(model, config, tensors, adapter_config)
+    assert all(torch.equal(back[k], v) for k, v in adapter_state_dict(model).items())

@@ -131,6 +131,17 @@ def test_multimodal_checkpoint_loads_the_text_model(tmp_path):
     text_keys = {k for k in sd if not k.startswith(("model.visual.", "mtp."))}
     assert set(back) == text_keys
     assert all(torch.equal(back[k], sd[k]) for k in text_keys)
+    # The checkpointer saves the text model under the published names; transformers' text model loads it.
+    from torchtune_moe.training._hf_checkpointer import HFMoECheckpointer
+
+    save_dir = tmp_path / "out" / "step_1"
+    save_dir.mkdir(parents=True)
+    HFMoECheckpointer(str(tmp_path)).save_checkpoint(ours.state_dict(), save_dir)
+    reloaded, info = transformers.Qwen3_5MoeForCausalLM.from_pretrained(
+        save_dir, dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    compare(reloaded.eval(), ours, seq_len=SEQ)
 
 
 def _count(model) -> tuple[float, float]:

@@ -22,11 +22,14 @@ from torchtune_moe.models.mixtral._convert_weights import HF_FAMILY as _MIXTRAL
 from torchtune_moe.models.olmoe._convert_weights import HF_FAMILY as _OLMOE
 from torchtune_moe.models.qwen2_moe._convert_weights import HF_FAMILY as _QWEN2_MOE
 from torchtune_moe.models.qwen3_moe._convert_weights import HF_FAMILY as _QWEN3_MOE
+from torchtune_moe.models.qwen3_5_moe._convert_weights import HF_FAMILY as _QWEN3_5_MOE
+from torchtune_moe.models.qwen3_5_moe._convert_weights import HF_FAMILY_TEXT as _QWEN3_5_MOE_TEXT
 
 __all__ = ["HF_FAMILIES", "detect_family", "hf_config_to_kwargs", "hf_key_map", "build_from_hf_config"]
 
 #: The supported families by config.json ``model_type``.
 HF_FAMILIES: dict[str, HFFamily] = {f.model_type: f for f in (_MIXTRAL, _QWEN2_MOE, _QWEN3_MOE, _OLMOE, _GLM4_MOE, _DEEPSEEK_V3, _DEEPSEEK_V2)}
+HF_FAMILIES.update({f.model_type: f for f in (_QWEN3_5_MOE, _QWEN3_5_MOE_TEXT)})
 
 
 def _supported_text() -> str:

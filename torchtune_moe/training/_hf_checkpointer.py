@@ -25,6 +25,7 @@ from torchtune_moe.models._convert_weights import (
     hf_layout,
     is_extra_state_key,
     router_state_of_moe_layer,
+    take,
     tune_layout,
 )
 from torchtune_moe.models._hf_families import detect_family, hf_config_to_kwargs
@@ -93,7 +94,7 @@ def _copy_into(files: dict[str, list[str]], layout: HFLayout, dest: dict[str, to
         if name not in layout.hf_keys:
             return None  # ignored (checked before)
         key, index, _ = layout.hf_keys[name]
-        return dest[key][index]
+        return take(dest[key], index)
 
     with torch.no_grad():
         stream_tensors(files, target)
@@ -261,7 +262,7 @@ class HFMoECheckpointer:
         weights = [k for k in meta if k in self._layout.pieces]
         layout = tune_layout({k: meta[k][0] for k in weights}, self._key_map)
         entries = [
-            (hf_key, (lambda k=key, i=index: model_state_dict[k][i]), layout.hf_keys[hf_key][2], meta[key][1])
+            (hf_key, (lambda k=key, i=index: take(model_state_dict[k], i)), layout.hf_keys[hf_key][2], meta[key][1])
             for key, pieces in layout.pieces.items()
             for hf_key, index in pieces
         ]

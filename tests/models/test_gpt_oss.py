@@ -238,3 +238,50 @@ def test_published_sizes_build_on_meta_and_match_hub_configs(builder, hub, publi
 def test_unsupported_options_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
         gpt_oss_hf_config_to_kwargs({**HUB_120B, **change})
+
+
+def _save_mxfp4(tmp_path):
+    """A tiny Hub directory as OpenAI publishes it: MXFP4 experts and a quantization_config; and the transformers
+    model running on what transformers' dequantiser makes of them."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    hf, path = _save(tmp_path, **{**BASE, "intermediate_size": 32, "hidden_size": 64})
+    sd = load_file(str(path / "model.safetensors"))
+    with torch.no_grad():
+        for i, layer in enumerate(hf.model.layers):
+            for name in ("gate_up_proj", "down_proj"):
+                key = f"model.layers.{i}.mlp.experts.{name}"
+                blocks, scales, _ = _quantize_mxfp4(sd.pop(key).transpose(-2, -1))
+                sd[key + "_blocks"], sd[key + "_scales"] = blocks, scales
+                getattr(layer.mlp.experts, name).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (path / "config.json").write_text(json.dumps(config))
+    return hf, path
+
+
+def test_mxfp4_hub_directory_loads_and_saves_unquantised(tmp_path):
+    """from_hf_pretrained, the checkpointer's whole and sliced loads read the MXFP4 pairs dequantised; the saved
+    directory holds the unquantised Hub tensors, a config.json without quantization_config, and loads in
+    transformers."""
+    from torchtune_moe.training import HFMoECheckpointer
+
+    hf, path = _save_mxfp4(tmp_path / "hf")
+    ours = load_and_compare(hf, path)
+    ckpt = HFMoECheckpointer(str(path), max_shard_size=10_000)
+    model = build_from_hf_config(json.loads((path / "config.json").read_text()), device="cpu")
+    model.load_state_dict(ckpt.load_checkpoint(model)["model"])
+    compare(hf, model.eval())
+    sliced = build_from_hf_config(json.loads((path / "config.json").read_text()), device="cpu")
+    ckpt.load_sharded(sliced)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(sliced.state_dict()[k], v), k
+    save_dir = tmp_path / "out"
+    save_dir.mkdir()
+    ckpt.save_checkpoint(model.state_dict(), save_dir)
+    assert "quantization_config" not in json.loads((save_dir / "config.json").read_text())
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(save_dir, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    compare(reloaded.eval(), model)

@@ -317,3 +317,52 @@ def test_full_recipe_fine_tunes_an_mxfp4_hub_directory(tmp_path):
     step = sorted(out.glob("step_*"))[-1]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(step, dtype=torch.float32).eval()
     compare(reloaded, recipe._model.eval())
+
+
+def test_tokenizer_round_trip(tmp_path):
+    from tokenizer_files import write_qwen_tokenizer
+
+    from torchtune.data import Message
+    from torchtune_moe.models.gpt_oss import gpt_oss_tokenizer
+
+    files = write_qwen_tokenizer(tmp_path, extra_special=["<|start|>", "<|message|>", "<|end|>", "<|return|>"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|return|>", "pad_token": "<|endoftext|>"}))
+    tok = gpt_oss_tokenizer(
+        str(files["tokenizer_json"]), tokenizer_config_path=str(tmp_path / "tokenizer_config.json"), max_seq_len=64
+    )
+    eos = files["special"]["<|return|>"]
+    assert tok.bos_id is None and tok.eos_id == eos
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(files["tokenizer_json"]))
+    text = "hello world, the tokens"
+    assert tok.encode(text, add_bos=True, add_eos=False) == hf.encode(text, add_special_tokens=False)
+    assert tok.encode("<|start|>hi", add_bos=False, add_eos=False)[0] == files["special"]["<|start|>"]
+    tokens, mask = tok.tokenize_messages(
+        [Message(role="user", content="hello", masked=True), Message(role="assistant", content="world")]
+    )
+    assert tokens[-1] == eos and mask[0] and not mask[-2]
+
+
+@pytest.mark.parametrize("name, total_b", [("gpt_oss/20b_full", 20.91), ("gpt_oss/120b_full", 116.83),
+                                           ("gpt_oss/120b_lora", 116.83)])
+def test_packaged_config_validates_and_builds_on_meta(name, total_b):
+    """The packaged config passes the recipe's validation and its model builds on the meta device (the 120b needs
+    more GPUs than any machine here) with the published parameter count."""
+    from moe_full_finetune import CONFIG_SPEC
+    from torchtune import config as tt_config
+
+    from torchtune_moe.config import load_config, validate_config
+
+    cfg = load_config(name)
+    if name.endswith("_full"):
+        validate_config(cfg, CONFIG_SPEC)
+    with torch.device("meta"):
+        model = tt_config.instantiate(cfg.model)
+    base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    assert base / 1e9 == pytest.approx(total_b, abs=0.01)
+
+
+def test_expert_lora_is_refused_by_name():
+    from torchtune_moe.models import lora_model
+
+    with torch.device("meta"), pytest.raises(ValueError, match="apply_lora_to_experts"):
+        lora_model(gpt_oss_20b, lora_attn_modules=["q_proj"], apply_lora_to_experts=True, lora_rank=8, lora_alpha=16)

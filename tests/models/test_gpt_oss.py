@@ -366,3 +366,36 @@ def test_expert_lora_is_refused_by_name():
 
     with torch.device("meta"), pytest.raises(ValueError, match="apply_lora_to_experts"):
         lora_model(gpt_oss_20b, lora_attn_modules=["q_proj"], apply_lora_to_experts=True, lora_rank=8, lora_alpha=16)
+
+
+def test_peft_adapter_on_attention_matches_transformers_and_peft(tmp_path, monkeypatch):
+    """Attention and output adapters (the _lora configs' choice) export as a PEFT adapter that PEFT applies to
+    transformers' GPT-OSS with our logits; the merged export reloads in transformers with them too."""
+    peft = pytest.importorskip("peft")
+    import peft.tuners.lora.torchao
+    import peft.utils.quantization_utils
+
+    for module in (peft.tuners.lora.torchao, peft.utils.quantization_utils):  # see tests/peft/test_peft_adapter.py
+        if hasattr(module, "is_torchao_available"):
+            monkeypatch.setattr(module, "is_torchao_available", lambda: False)
+    from torchtune_moe.modules.peft import apply_lora, lora_modules, merged_state_dict
+    from torchtune_moe.training import HFMoECheckpointer, save_peft_adapter
+
+    hf, path = _save(tmp_path / "hf", **BASE)
+    config = json.loads((path / "config.json").read_text())
+    ours = from_hf_pretrained(path)
+    apply_lora(ours, lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_experts=False,
+               apply_lora_to_output=True, lora_rank=8, lora_alpha=16)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for _, m in lora_modules(ours):
+            for name in m.adapter_params():
+                m.get_parameter(name).normal_(0, 0.1)
+    ours.eval()
+    save_peft_adapter(ours, config, tmp_path / "adapter")
+    with_adapter = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    compare(with_adapter, ours)
+    save_dir = tmp_path / "merged"
+    save_dir.mkdir()
+    HFMoECheckpointer(str(path)).save_checkpoint(merged_state_dict(ours), save_dir)
+    compare(transformers.AutoModelForCausalLM.from_pretrained(save_dir, dtype=torch.float32).eval(), ours)

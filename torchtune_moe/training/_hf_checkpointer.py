@@ -8,6 +8,7 @@ split into per-expert tensors, written one at a time. The key names come from ea
 ``_convert_weights.py`` (``torchtune_moe.models``), the file handling from :mod:`._hf_files`.
 """
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -336,8 +337,6 @@ class HFMoECheckpointer:
             )
         copied = copy_hf_side_files(self.checkpoint_dir, save_dir)
         if "quantization_config" in self.config:  # MXFP4 experts were dequantised on load and are saved unquantised
-            import json
-
             config = {k: v for k, v in self.config.items() if k != "quantization_config"}
             (save_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shards = sum(name.endswith(".safetensors") and name.startswith("model-") for name in written)

@@ -134,13 +134,18 @@ def test_every_packaged_lora_config_builds_a_lora_model():
 
     names = [n for n in packaged_configs() if n.endswith("lora")]
     families = {n.split("/")[0] for n in names}
-    assert families == {"tiny", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2",
-                        "qwen3_5_moe"}
+    assert families == {
+        "tiny", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2", "gpt_oss",
+        "qwen3_5_moe",
+    }
     full = {n.removesuffix("_full") for n in packaged_configs() if n.endswith("_full") and not n.startswith(("tiny", "small"))}
     assert full <= {n.removesuffix("_lora") for n in names}  # a LoRA config for every size
     for name in names:
         with torch.device("meta"):
             model = tt_config.instantiate(load_config(name).model)
+        if name.startswith("gpt_oss/"):  # experts with biases take no adapters yet: attention only
+            assert lora_modules(model) and not any(isinstance(m, LoRAMoELinear) for _, m in lora_modules(model)), name
+            continue
         assert any(isinstance(m, LoRAMoELinear) for _, m in lora_modules(model)), name
 
 

@@ -30,13 +30,24 @@ __all__ = [
     "check_tune_state_dict",
     "is_extra_state_key",
     "router_state_of_moe_layer",
+    "TRANSPOSED",
+    "take",
     "hf_to_tune",
     "tune_to_hf",
 ]
 
 _MAX_LISTED = 40  # keys listed per category in a bad-checkpoint message
 
-Index = tuple  # index into our tensor: () whole, (e,) one expert, (e, slice) part of one expert
+Index = tuple  # index into our tensor: () whole, (e,) one expert, (e, slice) part of one expert, or TRANSPOSED
+
+#: The index of a Hub tensor that is our whole tensor with its last two dims swapped (GPT-OSS stores its stacked
+#: experts in x out: ``gate_up_proj`` [E, D, 2H] for our [E, 2H, D]).
+TRANSPOSED = ("transposed",)
+
+
+def take(tensor: torch.Tensor, index: Index) -> torch.Tensor:
+    """The part of our ``tensor`` that one Hub tensor holds (a view): ``tensor[index]``, or its transpose."""
+    return tensor.transpose(-2, -1) if index == TRANSPOSED else tensor[index]
 
 
 @dataclass(frozen=True)
@@ -51,12 +62,15 @@ class HFKeyMap:
         num_layers (Optional[int]): Hub keys of layers at or past this index are ignored on load (DeepSeek-V3 and
             GLM-4.5 publish their multi-token-prediction module as layer ``num_hidden_layers``, which
             transformers ignores too); None: no such layers.
+        transposed (frozenset[str]): our keys (``{}``: layer index) of ``from_hf`` whose Hub tensor is ours with
+            the last two dims swapped (:data:`TRANSPOSED`: GPT-OSS's stacked experts).
     """
 
     from_hf: dict[str, str]
     experts: tuple[str, str, str]
     tied: bool = False
     num_layers: Optional[int] = None
+    transposed: frozenset = frozenset()
     to_hf: dict[str, str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -127,7 +141,12 @@ def expert_pieces(layer: int, name: str, shape: tuple, key_map: HFKeyMap) -> lis
 
 
 def _piece_shape(shape: tuple, index: Index) -> tuple:
-    return tuple(torch.empty(shape, device="meta")[index].shape)
+    return tuple(take(torch.empty(shape, device="meta"), index).shape)
+
+
+def _whole(template: str, key_map: HFKeyMap) -> Index:
+    """The index of a one-to-one Hub tensor: the whole of ours, or its transpose."""
+    return TRANSPOSED if template in key_map.transposed else ()
 
 
 def _layout(shapes: dict[str, tuple], pieces: dict, extra: list[str], ignored: list[str], key_map: HFKeyMap) -> HFLayout:
@@ -148,7 +167,7 @@ def tune_layout(shapes: dict[str, tuple], key_map: HFKeyMap) -> HFLayout:
     for key, shape in shapes.items():
         template, layer = _abstract(key)
         if template in key_map.to_hf:  # router state may have a Hub slot (e_score_correction_bias)
-            pieces[key] = [(key_map.to_hf[template].format(layer), ())]
+            pieces[key] = [(key_map.to_hf[template].format(layer), _whole(template, key_map))]
         elif is_extra_state_key(key):
             extra.append(key)
         elif m := _EXPERT_RE.fullmatch(key):
@@ -182,8 +201,11 @@ def hf_layout(hf_shapes: dict[str, tuple], key_map: HFKeyMap) -> tuple[HFLayout,
         else:
             template, layer = _abstract(hf_key)
             if template in key_map.from_hf:
-                key = key_map.from_hf[template].format(layer)
-                pieces[key], shapes[key] = [(hf_key, ())], tuple(shape)
+                ours = key_map.from_hf[template]
+                key = ours.format(layer)
+                index = _whole(ours, key_map)
+                pieces[key] = [(hf_key, index)]
+                shapes[key] = tuple(shape) if index == () else (*shape[:-2], shape[-1], shape[-2])
             else:
                 bad.append(hf_key)
     for layer, experts in sorted(by_layer.items()):
@@ -274,11 +296,11 @@ def hf_to_tune(state_dict: dict[str, torch.Tensor], key_map: HFKeyMap) -> dict[s
             continue
         out[key] = torch.empty(layout.shapes[key], dtype=state_dict[pieces[0][0]].dtype)
         for hf_key, index in pieces:
-            out[key][index].copy_(state_dict[hf_key])
+            take(out[key], index).copy_(state_dict[hf_key])
     return out
 
 
 def tune_to_hf(state_dict: dict[str, torch.Tensor], key_map: HFKeyMap) -> dict[str, torch.Tensor]:
     """Our state dict -> Hub names (per-expert tensors are views); router extra state is left out."""
     layout = tune_layout({k: tuple(v.shape) for k, v in state_dict.items()}, key_map)
-    return {hf_key: state_dict[key][index] for key, pieces in layout.pieces.items() for hf_key, index in pieces}
+    return {hf_key: take(state_dict[key], index) for key, pieces in layout.pieces.items() for hf_key, index in pieces}

@@ -212,6 +212,8 @@ class HFFamily:
             (OLMoE's ``clip_qkv``); None: ``from_hf`` always.
         mtp_layers (bool): the Hub checkpoints hold multi-token-prediction layers after the last decoder layer
             (``model.layers.{num_hidden_layers}.*``: DeepSeek-V3, GLM-4.5), ignored on load as transformers does.
+        transposed (frozenset[str]): our keys of ``from_hf`` stored transposed on the Hub (see
+            :attr:`HFKeyMap.transposed`).
     """
 
     model_type: str
@@ -222,13 +224,14 @@ class HFFamily:
     experts: tuple[str, str, str]
     from_hf_for: Optional[Callable[[dict], dict[str, str]]] = None
     mtp_layers: bool = False
+    transposed: frozenset = frozenset()
 
     def key_map(self, kwargs: dict) -> HFKeyMap:
         """The Hub names of the model ``builder(**kwargs)`` builds."""
         from_hf = self.from_hf_for(kwargs) if self.from_hf_for is not None else self.from_hf
         return HFKeyMap(
             from_hf, self.experts, tied=kwargs.get("tie_word_embeddings", False),
-            num_layers=kwargs["num_layers"] if self.mtp_layers else None,
+            num_layers=kwargs["num_layers"] if self.mtp_layers else None, transposed=self.transposed,
         )
 
     def hf_to_tune(self, state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:

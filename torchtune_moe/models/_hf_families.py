@@ -18,6 +18,7 @@ from torchtune_moe.models._hf_config import HFFamily, apply_training_options
 from torchtune_moe.models.deepseek_v2._convert_weights import HF_FAMILY as _DEEPSEEK_V2
 from torchtune_moe.models.deepseek_v3._convert_weights import HF_FAMILY as _DEEPSEEK_V3
 from torchtune_moe.models.glm4_moe._convert_weights import HF_FAMILY as _GLM4_MOE
+from torchtune_moe.models.gpt_oss._convert_weights import HF_FAMILY as _GPT_OSS
 from torchtune_moe.models.mixtral._convert_weights import HF_FAMILY as _MIXTRAL
 from torchtune_moe.models.olmoe._convert_weights import HF_FAMILY as _OLMOE
 from torchtune_moe.models.qwen2_moe._convert_weights import HF_FAMILY as _QWEN2_MOE
@@ -28,8 +29,13 @@ from torchtune_moe.models.qwen3_5_moe._convert_weights import HF_FAMILY_TEXT as 
 __all__ = ["HF_FAMILIES", "detect_family", "hf_config_to_kwargs", "hf_key_map", "build_from_hf_config"]
 
 #: The supported families by config.json ``model_type``.
-HF_FAMILIES: dict[str, HFFamily] = {f.model_type: f for f in (_MIXTRAL, _QWEN2_MOE, _QWEN3_MOE, _OLMOE, _GLM4_MOE, _DEEPSEEK_V3, _DEEPSEEK_V2)}
-HF_FAMILIES.update({f.model_type: f for f in (_QWEN3_5_MOE, _QWEN3_5_MOE_TEXT)})
+HF_FAMILIES: dict[str, HFFamily] = {
+    f.model_type: f
+    for f in (
+        _MIXTRAL, _QWEN2_MOE, _QWEN3_MOE, _OLMOE, _GLM4_MOE, _DEEPSEEK_V3, _DEEPSEEK_V2, _GPT_OSS, _QWEN3_5_MOE,
+        _QWEN3_5_MOE_TEXT,
+    )
+}
 
 
 def _supported_text() -> str:

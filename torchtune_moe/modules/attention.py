@@ -12,6 +12,10 @@
   query/key head into a RoPE part and a no-RoPE part with one RoPE key shared by all heads, has a value head
   dim of its own and a softmax scale of its own (YaRN's mscale). It reuses torchtune's attention call (SDPA, or
   flex attention for packed samples' ``BlockMask``), so packing works as for the other families.
+- :class:`SinkAttention` (GPT-OSS): torchtune's ``MultiHeadAttention`` (projections, biases, GQA, RoPE) with
+  its attention call replaced. Attention sinks (a learned logit per head that joins the softmax denominator and
+  attends to nothing) and a sliding window change the softmax itself, which neither SDPA nor torchtune's call
+  can express, so this one call is written out; everything around it stays torchtune's.
 """
 
 import math
@@ -20,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
-from torchtune.modules import RMSNorm
+from torchtune.modules import MultiHeadAttention, RMSNorm
 from torchtune.modules.attention_utils import _MaskType, _sdpa_or_flex_attention
 
 __all__ = [
@@ -28,6 +32,7 @@ __all__ = [
     "YarnRotaryPositionalEmbeddings",
     "yarn_mscale",
     "MultiHeadLatentAttention",
+    "SinkAttention",
 ]
 
 
@@ -267,3 +272,58 @@ class MultiHeadLatentAttention(nn.Module):
             is_causal=mask is None,
         )
         return self.output_proj(out.transpose(1, 2).reshape(b, s, H * self.v_head_dim))
+
+
+class SinkAttention(MultiHeadAttention):
+    """torchtune's ``MultiHeadAttention`` with attention sinks and an optional sliding window (GPT-OSS), as
+    transformers' ``GptOssAttention``: per query head h,
+
+        p = softmax([q k^T / sqrt(head_dim) + mask, sinks[h]])[:-1],   out = p v
+
+    the sink logit takes part of the probability mass and attends to nothing. With ``sliding_window`` w, token i
+    attends to tokens j with ``i - w < j <= i`` (itself and the w - 1 before it).
+
+    The scores are formed explicitly ([b, n_h, s, s], softmax in fp32), as transformers' eager path does:
+    SDPA cannot add the sink to its denominator. Packed samples (a flex-attention ``BlockMask``) are refused.
+
+    Args:
+        sliding_window (Optional[int]): window w; None: full causal attention.
+        **kwargs: ``MultiHeadAttention`` arguments (projections, heads, ``pos_embeddings``, ...).
+    """
+
+    def __init__(self, *, sliding_window: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
+        self.sliding_window = sliding_window
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads))
+        self._attention_call = self._sink_attention
+
+    def _sink_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[_MaskType], dropout_p: float,
+        is_causal: bool,
+    ) -> torch.Tensor:
+        """q [b, n_h, s, h_d], k and v [b, n_h, s_k, h_d] (GQA already expanded) -> [b, n_h, s, h_d].
+
+        ``mask``: None (causal) or a boolean [b, s, s_k] mask (True: may attend)."""
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise NotImplementedError(
+                "SinkAttention does not take a flex-attention BlockMask (packed samples): use packed: false"
+            )
+        b, n_h, s, h_d = q.shape
+        s_k = k.shape[2]
+        scores = torch.matmul(q, k.transpose(-2, -1)).float() * h_d**-0.5
+        i = torch.arange(s, device=q.device).unsqueeze(1) + (s_k - s)
+        j = torch.arange(s_k, device=q.device).unsqueeze(0)
+        allowed = (j <= i) if mask is None else mask[:, None].bool()
+        if self.sliding_window is not None:
+            allowed = allowed & (i - j < self.sliding_window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        sinks = self.sinks.float().view(1, n_h, 1, 1).expand(b, n_h, s, 1)
+        probs = torch.cat([scores, sinks], dim=-1).softmax(dim=-1)[..., :-1]
+        if dropout_p > 0.0:
+            probs = nn.functional.dropout(probs, p=dropout_p)
+        return torch.matmul(probs.to(v.dtype), v)
+
+    def extra_repr(self) -> str:
+        return f"sliding_window={self.sliding_window}"

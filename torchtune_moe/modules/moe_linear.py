@@ -17,6 +17,44 @@ from torchtune_moe.modules.routers import RouterOutput
 _ALIGN_ELEMENTS = 8
 
 
+class ClampedSwiGLU:
+    """GPT-OSS's expert activation, a GLU over the whole up-projection output with gate and up interleaved
+    (columns ``0::2`` the gate, ``1::2`` the up projection, as the Hub's fused ``gate_up_proj`` stores them):
+
+        g = clamp(gate, max=limit);  u = clamp(up, -limit, limit);  out = (u + 1) * g * sigmoid(alpha * g)
+
+    :class:`MoELinear` calls it on ``[A, 2H]`` rows and gets ``[A, H]`` (any other activation ``act`` gives
+    ``act(gate) * up`` with the gate in the first half).
+
+    Args:
+        alpha (float): sigmoid gain (config.json ``swiglu_alpha``, 1.702).
+        limit (float): clamp (config.json ``swiglu_limit``, 7.0).
+    """
+
+    def __init__(self, alpha: float = 1.702, limit: float = 7.0):
+        if not limit > 0:
+            raise ValueError(f"swiglu limit must be > 0, got {limit}")
+        self.alpha = alpha
+        self.limit = limit
+
+    def __call__(self, h_AF: torch.Tensor) -> torch.Tensor:
+        """[A, 2H] interleaved gate/up -> [A, H]"""
+        gate_AH = h_AF[..., 0::2].clamp(max=self.limit)
+        up_AH = h_AF[..., 1::2].clamp(-self.limit, self.limit)
+        return (up_AH + 1) * (gate_AH * torch.sigmoid(gate_AH * self.alpha))
+
+    def __repr__(self) -> str:
+        return f"ClampedSwiGLU(alpha={self.alpha}, limit={self.limit})"
+
+
+def _glu(h_AF: torch.Tensor, act) -> torch.Tensor:
+    """``act(gate) * up`` of ``[A, 2H]`` rows (gate first), or ``act(h_AF)`` for a :class:`ClampedSwiGLU`."""
+    if isinstance(act, ClampedSwiGLU):
+        return act(h_AF)
+    gate_AH, up_AH = h_AF.chunk(2, dim=-1)
+    return act(gate_AH) * up_AH
+
+
 def _get_activation(activation: str | Callable[[torch.Tensor], torch.Tensor]):
     if callable(activation):
         return activation
@@ -35,7 +73,9 @@ def _local(w: torch.Tensor) -> torch.Tensor:
 class MoELinear(nn.Module):
     """The routed experts of one layer: E feed-forward networks held as stacked weights.
 
-    Gated (SwiGLU by default): ``y = down(act(x @ gate^T) * (x @ up^T))``; ungated: ``y = down(act(x @ up^T))``.
+    Gated (SwiGLU by default): ``y = down(act(x @ gate^T) * (x @ up^T))``; ungated: ``y = down(act(x @ up^T))``;
+    with ``bias``, ``y = down(act(x @ gate_up^T + gate_up_bias)) + down_bias`` (GPT-OSS; the routing weight
+    scales the whole of ``y``, down bias included).
 
     Weights (``nn.Linear`` layout, out x in, per expert):
       - ``gate_up_proj``: [E, 2*H, D] when gated (rows [0:H] are the gate, [H:2H] the up projection),
@@ -55,8 +95,11 @@ class MoELinear(nn.Module):
         num_experts (int): E.
         dim (int): model dim D.
         hidden_dim (int): expert hidden dim H.
-        activation (str | Callable): ``"silu"`` (default), ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or a callable.
+        activation (str | Callable): ``"silu"`` (default), ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, a callable,
+            or a :class:`ClampedSwiGLU` (GPT-OSS: gated only; ``gate_up_proj`` rows then interleave gate and up).
         gated (bool): gated (GLU) experts. Default True.
+        bias (bool): per-expert biases ``gate_up_proj_bias`` [E, 2H] (or [E, H]) and ``down_proj_bias`` [E, D]
+            (GPT-OSS). Not supported with expert parallelism or expert LoRA. Default False.
     """
 
     def __init__(
@@ -67,6 +110,7 @@ class MoELinear(nn.Module):
         *,
         activation: str | Callable[[torch.Tensor], torch.Tensor] = "silu",
         gated: bool = True,
+        bias: bool = False,
     ):
         super().__init__()
         if num_experts < 1:
@@ -82,18 +126,27 @@ class MoELinear(nn.Module):
         self.hidden_dim = hidden_dim
         self.gated = gated
         self.act = _get_activation(activation)
+        if isinstance(self.act, ClampedSwiGLU) and not gated:
+            raise ValueError("activation ClampedSwiGLU is a gated activation: it needs gated=True")
         in_rows = 2 * hidden_dim if gated else hidden_dim
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, in_rows, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        if bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, in_rows))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, dim))
+        else:
+            self.gate_up_proj_bias = self.down_proj_bias = None
         # Called as dispatcher(x_TD, routing, self) -> (out_TD, tokens_per_expert_E); not a module (no state).
         self.dispatcher = dispatch_combine
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Same init as one nn.Linear per expert (kaiming uniform with a=sqrt(5)).
-        for w in (self.gate_up_proj, self.down_proj):
+        for w, b in ((self.gate_up_proj, self.gate_up_proj_bias), (self.down_proj, self.down_proj_bias)):
             bound = 1.0 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)
+            if b is not None:
+                nn.init.uniform_(b, -bound, bound)
 
     def forward(self, x_TD: torch.Tensor, routing: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Dispatch, experts, combine (see the class doc).
@@ -122,12 +175,14 @@ class MoELinear(nn.Module):
             torch.Tensor: [A, D]
         """
         h_AH = F.grouped_mm(x_AD, _local(self.gate_up_proj).transpose(-2, -1), offs=offsets_E)
-        if self.gated:
-            gate_AH, up_AH = h_AH.chunk(2, dim=-1)
-            h_AH = self.act(gate_AH) * up_AH
-        else:
-            h_AH = self.act(h_AH)
-        return F.grouped_mm(h_AH, _local(self.down_proj).transpose(-2, -1), offs=offsets_E)
+        if self.gate_up_proj_bias is not None:
+            expert_A = _row_experts(offsets_E, x_AD.shape[0])
+            h_AH = h_AH + self.gate_up_proj_bias[expert_A]
+        h_AH = _glu(h_AH, self.act) if self.gated else self.act(h_AH)
+        y_AD = F.grouped_mm(h_AH, _local(self.down_proj).transpose(-2, -1), offs=offsets_E)
+        if self.down_proj_bias is not None:
+            y_AD = y_AD + self.down_proj_bias[expert_A]
+        return y_AD
 
     def routed(
         self,
@@ -164,14 +219,35 @@ class MoELinear(nn.Module):
         index_J = offsets_T = None
         if combine_TK is None:
             index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
-        return _RoutedExperts.apply(
+        expert_A = None
+        if self.gate_up_proj_bias is not None:
+            if isinstance(self.gate_up_proj, DTensor):
+                raise NotImplementedError("experts with biases (GPT-OSS) do not support expert parallelism yet")
+            expert_A = _row_experts(offsets_E, rows_A.shape[0])
+        out_TD = _RoutedExperts.apply(
             x_TD, weights_A, _local(self.gate_up_proj), _local(self.down_proj), rows_A, offsets_E, combine_TK, index_J,
             offsets_T,
-            may_drop, self.act, self.gated,
+            may_drop, self.act, self.gated, self.gate_up_proj_bias, expert_A,
         )
+        if self.down_proj_bias is not None:
+            # sum over the rows of token t of weight * down_proj_bias[expert]: plain autograd, [A, D] once.
+            valid_A = torch.arange(rows_A.shape[0], device=rows_A.device) < offsets_E[-1]
+            w_A = torch.where(valid_A, weights_A.float(), 0.0)
+            bias_AD = w_A.unsqueeze(-1) * self.down_proj_bias[expert_A].float()
+            bias_TD = torch.zeros(x_TD.shape[0], x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
+            out_TD = out_TD + bias_TD.index_add(0, rows_A, bias_AD).to(out_TD.dtype)
+        return out_TD
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, gated={self.gated}"
+        bias = ", bias=True" if self.gate_up_proj_bias is not None else ""
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, gated={self.gated}{bias}"
+
+
+def _row_experts(offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """[A] int64 expert of each row sorted by expert (rows past ``offsets_E[-1]``, dropped slots: the last
+    expert, masked by the caller). No host-device sync."""
+    rows_A = torch.arange(num_rows, device=offsets_E.device, dtype=offsets_E.dtype)
+    return torch.searchsorted(offsets_E, rows_A, right=True).clamp_(max=offsets_E.shape[0] - 1)
 
 
 def _activate(
@@ -181,11 +257,7 @@ def _activate(
     if gated and act is F.silu:
         return _kernels.swiglu_forward(h_AF, weights_A, num_valid, may_drop)
     h32_AF = h_AF.float()
-    if gated:
-        gate_AH, up_AH = h32_AF.chunk(2, dim=-1)
-        act_AH = act(gate_AH) * up_AH
-    else:
-        act_AH = act(h32_AF)
+    act_AH = _glu(h32_AF, act) if gated else act(h32_AF)
     hs_AH = (act_AH * weights_A.float().unsqueeze(-1)).to(h_AF.dtype)
     if may_drop:
         hs_AH = torch.where(_kernels.valid_rows(h_AF.shape[0], num_valid), hs_AH, 0)
@@ -263,29 +335,34 @@ class _RoutedExperts(torch.autograd.Function):
     gather are gather-sums over each token's rows (no atomics, fp32 accumulation), the gathered input
     ``x_AD`` and the activation output are recomputed in backward rather than stored. Saved: ``x_TD`` (the caller holds it anyway),
     ``h_AF`` [A, 2H], and the index tensors. The grouped GEMMs are torch's; their backward is spelled out
-    exactly as autograd's (``grouped_mm(a.t(), b, offs)`` for weight gradients).
+    exactly as autograd's (``grouped_mm(a.t(), b, offs)`` for weight gradients). With ``gate_up_bias`` [E, 2H]
+    (GPT-OSS), ``expert_A`` gives each row's expert: the bias is added to ``h_AF`` and its gradient is the sum of
+    ``grad_h_AF`` over each expert's rows (dropped rows have zero gradient).
     """
 
     @staticmethod
     def forward(
         ctx, x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, may_drop,
-        act, gated,
+        act, gated, gate_up_bias=None, expert_A=None,
     ):
         num_valid = offsets_E[-1:]
         x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, may_drop)
         h_AF = F.grouped_mm(x_AD, gate_up_proj.transpose(-2, -1), offs=offsets_E)
+        if gate_up_bias is not None:
+            h_AF = h_AF + gate_up_bias[expert_A]
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
         y_AD = F.grouped_mm(hs_AH, down_proj.transpose(-2, -1), offs=offsets_E)
         out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
-            x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF
+            x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, expert_A
         )
         ctx.may_drop, ctx.act, ctx.gated = may_drop, act, gated
+        ctx.bias_shape = None if gate_up_bias is None else (gate_up_bias.shape, gate_up_bias.dtype)
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_out_TD):
-        x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF = (
+        x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, expert_A = (
             ctx.saved_tensors
         )
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
@@ -307,4 +384,11 @@ class _RoutedExperts(torch.autograd.Function):
             x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, ctx.may_drop)
             grad_gate_up = F.grouped_mm(grad_h_AF.t(), x_AD, offs=offsets_E)
         grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
-        return grad_x_TD, grad_w_A, grad_gate_up, grad_down, None, None, None, None, None, None, None, None
+        grad_bias = None
+        if ctx.bias_shape is not None and ctx.needs_input_grad[12]:
+            shape, dtype = ctx.bias_shape
+            grad_bias = torch.zeros(shape, dtype=torch.float32, device=grad_h_AF.device)
+            grad_bias = grad_bias.index_add_(0, expert_A, grad_h_AF.float()).to(dtype)
+        return (
+            grad_x_TD, grad_w_A, grad_gate_up, grad_down, None, None, None, None, None, None, None, None, grad_bias, None
+        )

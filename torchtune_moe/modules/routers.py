@@ -154,21 +154,25 @@ class Router(nn.Module):
     """Base class: a linear gate ``dim -> num_experts`` whose logits are computed in fp32.
 
     Subclasses implement ``forward(x_TD, forced_experts_TK=None) -> RouterOutput`` and, if they learn
-    from load, :meth:`update`.
+    from load, :meth:`update`. ``gate_bias=True`` gives the gate a trained bias added to the logits (GPT-OSS).
     """
 
-    def __init__(self, dim: int, num_experts: int, experts_per_token: int, score_func: str = "softmax"):
+    def __init__(
+        self, dim: int, num_experts: int, experts_per_token: int, score_func: str = "softmax", gate_bias: bool = False
+    ):
         super().__init__()
         _check_common(dim, num_experts, experts_per_token, score_func)
         self.num_experts = num_experts
         self.experts_per_token = experts_per_token
         self.score_func = score_func
-        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.gate = nn.Linear(dim, num_experts, bias=gate_bias)
 
     def scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns fp32 ``(logits_TE, scores_TE, probs_TE)``; scores are softmax or sigmoid of the logits,
         probs are the scores normalised to sum to 1 per token."""
         logits_TE = router_logits(x_TD, self.gate.weight)
+        if self.gate.bias is not None:
+            logits_TE = logits_TE + self.gate.bias.float()
         if self.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
             probs_TE = scores_TE
@@ -213,6 +217,8 @@ class TokenChoiceTopKRouter(Router):
         expert_bias_update_rate (float): 0 disables the aux-loss-free bias.
         expert_bias (bool): keep the bias buffer even at update rate 0 (a checkpoint's fixed bias, e.g.
             DeepSeek-V3's ``e_score_correction_bias``, used for selection and not updated).
+        gate_bias (bool): a trained bias on the gate's logits (GPT-OSS). With softmax scores and
+            ``norm_topk_prob`` the weights are the softmax of the K selected logits, as GPT-OSS computes them.
     """
 
     def __init__(
@@ -228,8 +234,9 @@ class TokenChoiceTopKRouter(Router):
         num_limited_groups: Optional[int] = None,
         expert_bias_update_rate: float = 0.0,
         expert_bias: bool = False,
+        gate_bias: bool = False,
     ):
-        super().__init__(dim, num_experts, experts_per_token, score_func)
+        super().__init__(dim, num_experts, experts_per_token, score_func, gate_bias=gate_bias)
         if route_scale <= 0:
             raise ValueError(f"route_scale must be > 0, got {route_scale}")
         if expert_bias_update_rate < 0:

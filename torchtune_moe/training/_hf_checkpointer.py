@@ -8,6 +8,7 @@ split into per-expert tensors, written one at a time. The key names come from ea
 ``_convert_weights.py`` (``torchtune_moe.models``), the file handling from :mod:`._hf_files`.
 """
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -25,9 +26,11 @@ from torchtune_moe.models._convert_weights import (
     hf_layout,
     is_extra_state_key,
     router_state_of_moe_layer,
+    take,
     tune_layout,
 )
 from torchtune_moe.models._hf_families import detect_family, hf_config_to_kwargs
+from torchtune_moe.models.gpt_oss._convert_weights import dequantize_mxfp4
 from torchtune_moe.modules import Router
 from torchtune_moe.training._hf_files import (
     EXTRA_STATE_FILE,
@@ -40,7 +43,7 @@ from torchtune_moe.training._hf_files import (
     tensor_files,
     write_sharded,
 )
-from torchtune_moe.training._sharded_checkpoint import read_slices_into, tensor_meta
+from torchtune_moe.training._sharded_checkpoint import _local_box, read_slices_into, tensor_meta
 
 log = get_logger("INFO")
 
@@ -87,16 +90,58 @@ def _read_extra_state(checkpoint_dir: Path, layout: HFLayout, strict: bool) -> d
     return extra
 
 
-def _copy_into(files: dict[str, list[str]], layout: HFLayout, dest: dict[str, torch.Tensor]) -> None:
-    """Streams every Hub tensor into ``dest[our_key][index]``, one tensor at a time."""
+# MXFP4 (GPT-OSS's published experts): a pair ``X_blocks`` [..., R, G, 16] / ``X_scales`` [..., R, G] (uint8) in
+# the files stands for the Hub tensor ``X`` [..., G * 32, R] (in x out, as transformers dequantises it). The
+# checkpointer checks and reads the pair as X, dequantised (``dequantize_mxfp4``); saving writes X unquantised.
+
+
+def _dense_headers(headers: dict[str, tuple[tuple, str]]) -> tuple[dict, dict[str, tuple[str, str]]]:
+    """``headers`` with each MXFP4 pair replaced by the tensor it stands for (bf16, Hub shape), and those
+    tensors' pairs (name -> (blocks name, scales name))."""
+    pairs = {
+        n.removesuffix("_blocks"): (n, n.removesuffix("_blocks") + "_scales")
+        for n in headers if n.endswith("_blocks") and n.removesuffix("_blocks") + "_scales" in headers
+    }
+    dense = {k: v for k, v in headers.items() if not any(k in pair for pair in pairs.values())}
+    for name, (blocks, _) in pairs.items():
+        *prefix, rows, groups, _ = headers[blocks][0]
+        dense[name] = ((*prefix, groups * 32, rows), "BF16")
+    return dense, pairs
+
+
+def _read_mxfp4(where: dict[str, str], pair: tuple[str, str], box: tuple = ()) -> torch.Tensor:
+    """The dequantised tensor of an MXFP4 pair, in the Hub's in x out layout [..., C, R]; ``box``: slices of its
+    leading dims and R (every C is read)."""
+    from safetensors import safe_open
+
+    parts = []
+    for name in pair:
+        with safe_open(where[name], framework="pt") as f:
+            if box:  # box over [..., C, R] -> blocks/scales [..., R, G(, 16)]: leading dims, then R
+                parts.append(f.get_slice(name)[(*box[:-2], box[-1])])
+            else:
+                parts.append(f.get_tensor(name))
+    return dequantize_mxfp4(*parts, torch.float32).transpose(-2, -1)
+
+
+def _copy_into(
+    files: dict[str, list[str]], layout: HFLayout, dest: dict[str, torch.Tensor],
+    pairs: Optional[dict[str, tuple[str, str]]] = None,
+) -> None:
+    """Streams every Hub tensor into ``dest[our_key][index]``, one tensor at a time (MXFP4 ``pairs``
+    dequantised)."""
     def target(name: str) -> Optional[torch.Tensor]:
         if name not in layout.hf_keys:
-            return None  # ignored (checked before)
+            return None  # ignored (checked before), or half of an MXFP4 pair (below)
         key, index, _ = layout.hf_keys[name]
-        return dest[key][index]
+        return take(dest[key], index)
 
     with torch.no_grad():
         stream_tensors(files, target)
+        if pairs:
+            where = tensor_files(files)
+            for name, pair in pairs.items():
+                target(name).copy_(_read_mxfp4(where, pair))
 
 
 class HFMoECheckpointer:
@@ -191,7 +236,7 @@ class HFMoECheckpointer:
             ValueError: missing, unexpected or mis-shaped tensors, listed.
         """
         files = checkpoint_files(self.checkpoint_dir)
-        headers = read_headers(files)
+        headers, pairs = _dense_headers(read_headers(files))
         if model is not None:
             shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             wanted = tune_layout(shapes, self._key_map)
@@ -203,7 +248,7 @@ class HFMoECheckpointer:
             if st_dtype not in TORCH_DTYPES:
                 raise ValueError(f"{pieces[0][0]} has dtype {st_dtype}, which torch cannot hold")
             state[key] = torch.empty(layout.shapes[key], dtype=TORCH_DTYPES[st_dtype])
-        _copy_into(files, layout, state)
+        _copy_into(files, layout, state, pairs)
         state.update(_read_extra_state(self.checkpoint_dir, layout, strict=False))
         log.info(
             f"Loaded {len(state)} tensors of {self.family.model_type} from {self.checkpoint_dir} "
@@ -224,7 +269,7 @@ class HFMoECheckpointer:
             ValueError: missing, unexpected or mis-shaped tensors, listed (before any data is read).
         """
         files = checkpoint_files(self.checkpoint_dir)
-        headers = read_headers(files)
+        headers, pairs = _dense_headers(read_headers(files))
         wanted = tune_layout({k: tuple(v.shape) for k, v in model.state_dict().items()}, self._key_map)
         check_hf_tensors(wanted, {k: v[0] for k, v in headers.items()}, where=str(self.checkpoint_dir))
         self._layout = self._checkpoint_layout(headers)
@@ -232,8 +277,21 @@ class HFMoECheckpointer:
         if bad:
             raise ValueError(f"{self.checkpoint_dir} holds tensors of dtype {bad}, which torch cannot hold")
         where = tensor_files(files)
-        sources = {key: [(where[hf], hf, index) for hf, index in pieces] for key, pieces in wanted.pieces.items()}
+        sources = {
+            key: [(where[hf], hf, index) for hf, index in pieces]
+            for key, pieces in wanted.pieces.items() if pieces[0][0] not in pairs
+        }
         read = read_slices_into(model, sources)
+        state = model.state_dict()
+        for key, pieces in wanted.pieces.items():
+            if pieces[0][0] in pairs:  # MXFP4: this rank's box of ours (stacked experts, TRANSPOSED on the Hub)
+                local, offset = _local_box(state[key])
+                if local.numel():
+                    box = tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
+                    src = _read_mxfp4(where, pairs[pieces[0][0]], box[:-2] + (box[-1], box[-2])).transpose(-2, -1)
+                    with torch.no_grad():
+                        local.copy_(src[..., box[-1]])
+                    read += local.numel()
         extra = _read_extra_state(self.checkpoint_dir, wanted, strict=True)
         state = model.state_dict()
         with torch.no_grad():
@@ -253,7 +311,7 @@ class HFMoECheckpointer:
             ValueError: the state dict does not match the checkpoint (missing, unexpected or mis-shaped keys).
         """
         if self._layout is None:
-            self._layout = self._checkpoint_layout(read_headers(checkpoint_files(self.checkpoint_dir)))
+            self._layout = self._checkpoint_layout(_dense_headers(read_headers(checkpoint_files(self.checkpoint_dir)))[0])
         meta = tensor_meta(model_state_dict)
         shells = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in meta.items()}
         check_tune_state_dict(shells, self._layout, f"the checkpoint {self.checkpoint_dir}")
@@ -261,7 +319,7 @@ class HFMoECheckpointer:
         weights = [k for k in meta if k in self._layout.pieces]
         layout = tune_layout({k: meta[k][0] for k in weights}, self._key_map)
         entries = [
-            (hf_key, (lambda k=key, i=index: model_state_dict[k][i]), layout.hf_keys[hf_key][2], meta[key][1])
+            (hf_key, (lambda k=key, i=index: take(model_state_dict[k], i)), layout.hf_keys[hf_key][2], meta[key][1])
             for key, pieces in layout.pieces.items()
             for hf_key, index in pieces
         ]
@@ -278,6 +336,9 @@ class HFMoECheckpointer:
                 "vLLM ignore them and route without them."
             )
         copied = copy_hf_side_files(self.checkpoint_dir, save_dir)
+        if "quantization_config" in self.config:  # MXFP4 experts were dequantised on load and are saved unquantised
+            config = {k: v for k, v in self.config.items() if k != "quantization_config"}
+            (save_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shards = sum(name.endswith(".safetensors") and name.startswith("model-") for name in written)
         log.info(
             f"Saved {self.family.model_type} in Hugging Face format to {save_dir}: {shards} safetensors shards + "
@@ -348,12 +409,13 @@ def from_hf_pretrained(
         model = family.builder(**kwargs)
     layout = tune_layout({k: tuple(v.shape) for k, v in model.state_dict().items()}, family.key_map(kwargs))
     files = checkpoint_files(checkpoint_dir)
-    check_hf_tensors(layout, {k: v[0] for k, v in read_headers(files).items()}, where=str(checkpoint_dir))
+    headers, pairs = _dense_headers(read_headers(files))
+    check_hf_tensors(layout, {k: v[0] for k, v in headers.items()}, where=str(checkpoint_dir))
     extra = _read_extra_state(checkpoint_dir, layout, strict=True)
     model.to_empty(device=device)
     _reset_buffers(model, device)
     dest = model.state_dict(keep_vars=True)
-    _copy_into(files, layout, dest)
+    _copy_into(files, layout, dest, pairs)
     with torch.no_grad():
         for key, value in extra.items():
             dest[key].copy_(value)

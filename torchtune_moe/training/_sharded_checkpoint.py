@@ -29,6 +29,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from torchtune_moe.models._convert_weights import TRANSPOSED
+
 __all__ = [
     "DCP_DIRNAME",
     "GatheredStateDict",
@@ -253,7 +255,17 @@ def _copy_piece(local: torch.Tensor, offset: tuple, full_shape: tuple, index: tu
     """Copies the part of one stored tensor that falls in this rank's box. The stored tensor is
     ``full[index]`` (``index``: ints and slices over the leading dims, e.g. ``(e,)`` for expert e of a stacked
     tensor or ``(e, slice(0, H))`` for its gate half); ``read(slices)`` reads a slice of it from the file.
-    Returns the number of values read (0 when the piece lies on other ranks)."""
+    Returns the number of values read (0 when the piece lies on other ranks). ``index`` ``TRANSPOSED``: the
+    stored tensor is the whole of ours with its last two dims swapped (GPT-OSS's stacked experts)."""
+    if index == TRANSPOSED:
+        dst = local
+        box = [slice(o, o + n) for o, n in zip(offset, local.shape)]
+        if any(n == 0 for n in local.shape):
+            return 0
+        src = read(tuple(box[:-2] + [box[-1], box[-2]])).transpose(-2, -1)
+        with torch.no_grad():
+            dst.copy_(src)
+        return src.numel()
     starts, stops, kept = [], [], []
     for d, size in enumerate(full_shape):
         i = index[d] if d < len(index) else slice(None)

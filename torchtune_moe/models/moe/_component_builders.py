@@ -37,7 +37,7 @@ ROUTERS = {
     "token_choice": (
         TokenChoiceTopKRouter,
         ("norm_topk_prob", "route_scale", "num_expert_groups", "num_limited_groups", "expert_bias_update_rate",
-         "expert_bias"),
+         "expert_bias", "gate_bias"),
     ),
     "expert_choice": (ExpertChoiceTopKRouter, ("capacity_factor",)),
     "causal_expert_choice": (
@@ -99,11 +99,13 @@ def moe_layer(
     num_limited_groups: Optional[int] = None,
     expert_bias_update_rate: Optional[float] = None,
     expert_bias: Optional[bool] = None,
+    gate_bias: Optional[bool] = None,
     capacity_factor: Optional[float] = None,
     max_experts_per_token: Optional[int] = None,
     threshold_ema_decay: Optional[float] = None,
     activation: str = "silu",
     gated: bool = True,
+    expert_linear_bias: bool = False,
     shared_expert_hidden_dim: int = 0,
     shared_expert_gate: bool = False,
     aux_loss_coeff: float = 0.0,
@@ -121,8 +123,8 @@ def moe_layer(
         router (str | nn.Module): ``"token_choice"``, ``"expert_choice"`` (not causal: see docs),
             ``"causal_expert_choice"`` (Expert Threshold routing), or your own router module.
         score_func (Optional[str]): ``"softmax"`` (default) or ``"sigmoid"``.
-        norm_topk_prob, route_scale, num_expert_groups, num_limited_groups, expert_bias_update_rate, expert_bias:
-            token-choice options (:class:`~torchtune_moe.modules.TokenChoiceTopKRouter`); None = its default.
+        norm_topk_prob, route_scale, num_expert_groups, num_limited_groups, expert_bias_update_rate, expert_bias,
+        gate_bias: token-choice options (:class:`~torchtune_moe.modules.TokenChoiceTopKRouter`); None = its default.
         capacity_factor: expert-choice and causal-expert-choice option.
         max_experts_per_token, threshold_ema_decay: causal-expert-choice options
             (:class:`~torchtune_moe.modules.CausalExpertChoiceRouter`).
@@ -130,6 +132,8 @@ def moe_layer(
             config switches routers by one override.
         activation (str): expert activation (``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"``).
         gated (bool): GLU experts (SwiGLU with silu).
+        expert_linear_bias (bool): biases on each routed expert's projections (GPT-OSS; see
+            :class:`~torchtune_moe.modules.MoELinear`).
         shared_expert_hidden_dim (int): hidden dim of the shared expert FFN, 0 for none (N shared experts of
             hidden h are one FFN of hidden N*h).
         shared_expert_gate (bool): scale the shared expert by ``sigmoid(Linear(dim, 1)(x))`` (Qwen2-MoE).
@@ -151,6 +155,7 @@ def moe_layer(
         "num_limited_groups": num_limited_groups,
         "expert_bias_update_rate": expert_bias_update_rate,
         "expert_bias": expert_bias,
+        "gate_bias": gate_bias,
         "capacity_factor": capacity_factor,
         "max_experts_per_token": max_experts_per_token,
         "threshold_ema_decay": threshold_ema_decay,
@@ -158,7 +163,8 @@ def moe_layer(
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     # moe() passes these through **moe_layer_kwargs, where the config check cannot see their annotations.
-    for name, value in (("gated", gated), ("shared_expert_gate", shared_expert_gate), ("aux_loss_pooled", aux_loss_pooled)):
+    for name, value in (("gated", gated), ("shared_expert_gate", shared_expert_gate), ("aux_loss_pooled", aux_loss_pooled),
+                        ("expert_linear_bias", expert_linear_bias)):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
     if not 1 <= experts_per_token <= num_experts:
@@ -184,7 +190,7 @@ def moe_layer(
         router_module = ROUTERS[router][0](dim, num_experts, experts_per_token, **_router_options(router, options))
     else:
         raise ValueError(f"router must be one of {sorted(ROUTERS)} or an nn.Module, got {router!r}")
-    experts = MoELinear(num_experts, dim, moe_hidden_dim, activation=activation, gated=gated)
+    experts = MoELinear(num_experts, dim, moe_hidden_dim, activation=activation, gated=gated, bias=expert_linear_bias)
     shared = _ffn(dim, shared_expert_hidden_dim, activation) if shared_expert_hidden_dim else None
     gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
     return MoE(

@@ -99,6 +99,11 @@ class LoRAMoELinear(MoELinear, AdapterModule):
     @classmethod
     def from_moe_linear(cls, base: MoELinear, *, rank: int, alpha: float, quantize_base: bool = False):
         """A LoRA version of ``base`` sharing its (frozen) weights, built on their device."""
+        if base.gate_up_proj_bias is not None:
+            raise ValueError(
+                "apply_lora_to_experts: experts with biases (GPT-OSS) take no expert adapters yet; set "
+                "apply_lora_to_experts: false (adapters on attention, the experts frozen)"
+            )
         with torch.device(base.gate_up_proj.device):
             lora = cls(
                 base.num_experts, base.dim, base.hidden_dim, rank=rank, alpha=alpha, activation=base.act,

@@ -101,10 +101,12 @@ FAMILIES = {
          "model.layers.1.mlp.experts.3.down_proj"],
         ("mlp",),
     ),
-    # Moonlight's shape (model_type deepseek_v3): no query latent, rotate-half RoPE, no group limit.
+    # Moonlight's shape (model_type deepseek_v3): no query latent, no group limit; plus rotate-half RoPE and
+    # attention biases (adapted projections with a bias).
     "deepseek_v3_moonlight": (
         "DeepseekV3Config", "DeepseekV3ForCausalLM",
-        dict(_DEEPSEEK_LIKE, **_MLA_SHAPE, q_lora_rank=None, n_group=1, topk_group=1, rope_interleave=False),
+        dict(_DEEPSEEK_LIKE, **_MLA_SHAPE, q_lora_rank=None, n_group=1, topk_group=1, rope_interleave=False,
+             attention_bias=True),
         MLA_DIRECT_Q, ["model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.kv_a_proj_with_mqa"], ("mlp",),
     ),
     # DeepSeek-V2-Lite's shape: no query latent, softmax routing.

@@ -10,12 +10,15 @@ from torchtune.modules import FeedForward, TransformerDecoder
 from torchtune.modules.peft import LoRALinear, get_adapter_params
 
 from torchtune_moe.modules._utils import clean_module_name
+from torchtune_moe.modules.attention import MultiHeadLatentAttention
 from torchtune_moe.modules.attention_utils import NormedProjection
 from torchtune_moe.modules.moe_layer import MoE
 from torchtune_moe.modules.peft.lora_experts import LoRAMoELinear, dequantize, to_nf4_checked
 
 __all__ = [
     "LORA_ATTN_MODULES",
+    "LORA_MLA_MODULES",
+    "attention_lora_modules",
     "apply_lora",
     "quantize_base_weights",
     "lora_modules",
@@ -28,6 +31,18 @@ __all__ = [
 
 # torchtune's names of the attention projections (MultiHeadAttention attributes).
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
+# MultiHeadLatentAttention's projections (Hub: q_proj or q_a_proj / q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj).
+LORA_MLA_MODULES = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "output_proj")
+
+
+def attention_lora_modules(attn: nn.Module) -> tuple[str, ...]:
+    """The projections of attention module ``attn`` that ``lora_attn_modules`` may name: torchtune's four for
+    ``MultiHeadAttention``; for :class:`MultiHeadLatentAttention` ``q_proj`` (no query latent) or ``q_a_proj`` and
+    ``q_b_proj`` (with one), then ``kv_a_proj``, ``kv_b_proj``, ``output_proj``."""
+    if isinstance(attn, MultiHeadLatentAttention):
+        q = ("q_proj",) if attn.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+        return q + ("kv_a_proj", "kv_b_proj", "output_proj")
+    return LORA_ATTN_MODULES
 
 
 def _lora_linear(
@@ -92,8 +107,10 @@ def apply_lora(
 ) -> TransformerDecoder:
     """Replaces the chosen linears of ``model`` (in place) by LoRA modules sharing their base weights.
 
-    - attention: the projections named in ``lora_attn_modules`` (of ``q_proj``, ``k_proj``, ``v_proj``,
-      ``output_proj``) become torchtune ``LoRALinear``;
+    - attention: the projections named in ``lora_attn_modules`` become torchtune ``LoRALinear``: of ``q_proj``,
+      ``k_proj``, ``v_proj``, ``output_proj`` (``MultiHeadAttention``), or of the multi-head latent attention's
+      ``q_proj`` (no query latent) or ``q_a_proj`` / ``q_b_proj``, ``kv_a_proj``, ``kv_b_proj``, ``output_proj``
+      (:func:`attention_lora_modules` lists a layer's);
     - ``apply_lora_to_mlp``: every dense FFN (``w1``/``w2``/``w3`` of the dense layers and of the shared
       experts, treated like dense MLPs) becomes ``LoRALinear``;
     - ``apply_lora_to_experts``: each MoE layer's routed experts become :class:`LoRAMoELinear` (a pair per
@@ -107,13 +124,20 @@ def apply_lora(
     device, else by :func:`quantize_base_weights` after loading.
 
     Raises:
-        ValueError: an unknown attention module, a tied output with ``apply_lora_to_output``, a rank that
-            is not a positive multiple of 8 with experts, a router without a linear gate, nothing to adapt.
+        ValueError: a projection the model's attention does not have (naming the allowed ones), a tied output
+            with ``apply_lora_to_output``, a rank that is not a positive multiple of 8 with experts, a router without a linear gate, nothing to adapt.
     """
+    if isinstance(lora_attn_modules, str):
+        raise ValueError(f"lora_attn_modules must be a list of projection names, got the string {lora_attn_modules!r}")
     lora_attn_modules = list(lora_attn_modules)
-    bad = [m for m in lora_attn_modules if m not in LORA_ATTN_MODULES]
-    if bad:
-        raise ValueError(f"lora_attn_modules: unknown {bad}; choose from {list(LORA_ATTN_MODULES)}")
+    for i, layer in enumerate(model.layers):  # every layer checked before any is changed
+        allowed = attention_lora_modules(layer.attn)
+        bad = [m for m in lora_attn_modules if m not in allowed]
+        if bad:
+            raise ValueError(
+                f"lora_attn_modules: {bad} not in the attention of layer {i} ({type(layer.attn).__name__}); "
+                f"choose from {list(allowed)}"
+            )
     if lora_rank < 1:
         raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
     if not 0.0 <= lora_dropout < 1.0:

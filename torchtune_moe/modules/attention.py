@@ -27,6 +27,8 @@ from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
 from torchtune.modules import MultiHeadAttention, RMSNorm
 from torchtune.modules.attention_utils import _MaskType, _sdpa_or_flex_attention
 
+from torchtune_moe.modules.attention_utils import TrainingOnlySelfAttention
+
 __all__ = [
     "PartialRotaryPositionalEmbeddings",
     "YarnRotaryPositionalEmbeddings",
@@ -135,7 +137,7 @@ def _deinterleave(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
 
 
-class MultiHeadLatentAttention(nn.Module):
+class MultiHeadLatentAttention(TrainingOnlySelfAttention):
     """Multi-head latent attention (DeepSeek-V2, DeepSeek-V3, Moonlight), as transformers' ``DeepseekV3Attention``.
 
     Per token x [D]::
@@ -218,17 +220,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(kv_lora_rank, H * (qk_nope_head_dim + v_head_dim), bias=False)
         self.output_proj = nn.Linear(H * v_head_dim, embed_dim, bias=attn_bias)
         self.pos_embeddings = pos_embeddings
-        self.is_causal = True
-        self.kv_cache = None  # training only: no KV cache (generation is transformers' or vLLM's job)
-        self.cache_enabled = False
         self._attention_call = _sdpa_or_flex_attention()
-
-    def setup_cache(self, *args, **kwargs) -> None:
-        raise NotImplementedError("MultiHeadLatentAttention has no KV cache: this package fine-tunes; generate with "
-                                  "transformers or vLLM from the saved Hugging Face checkpoint")
-
-    def reset_cache(self) -> None:
-        pass
 
     def forward(
         self,
@@ -244,8 +236,7 @@ class MultiHeadLatentAttention(nn.Module):
             mask: None (causal), a boolean [b, s, s] mask or a flex-attention ``BlockMask`` (packed samples).
             input_pos: [b, s] positions of packed samples, None for 0..s-1.
         """
-        if y is not None and y is not x:
-            raise ValueError("MultiHeadLatentAttention is self-attention only: y must be None or x")
+        self.check_self_attention(x, y)
         b, s, _ = x.shape
         H = self.num_heads
         q_BSHQ = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_norm(self.q_a_proj(x)))

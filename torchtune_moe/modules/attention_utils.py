@@ -50,3 +50,28 @@ class NormedProjection(nn.Module):
         if self.clip is not None:
             y = y.clamp(-self.clip, self.clip)
         return y
+
+
+class TrainingOnlySelfAttention(nn.Module):
+    """Base of this package's own attention modules (MLA, gated attention, Gated DeltaNet): what torchtune's
+    ``TransformerDecoder`` asks of a layer's attention beyond ``forward``, for modules that fine-tune only. They
+    keep no KV cache (generation is the job of transformers or vLLM, from the saved Hugging Face checkpoint) and
+    attend to their own input only."""
+
+    is_causal = True
+    kv_cache = None
+    cache_enabled = False
+
+    def setup_cache(self, *args, **kwargs) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no KV cache: this package fine-tunes; generate with transformers or vLLM "
+            "from the saved Hugging Face checkpoint"
+        )
+
+    def reset_cache(self) -> None:
+        pass
+
+    def check_self_attention(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+        """Refuses cross-attention: ``y`` must be None or ``x``."""
+        if y is not None and y is not x:
+            raise ValueError(f"{type(self).__name__} is self-attention only: y must be None or x")

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torchtune.modules.attention_utils import _MaskType, _sdpa_or_flex_attention
 
+from torchtune_moe.modules.attention_utils import TrainingOnlySelfAttention
+
 __all__ = ["OffsetRMSNorm", "GatedMultiHeadAttention"]
 
 
@@ -43,7 +45,7 @@ class OffsetRMSNorm(nn.Module):
         return f"{tuple(self.scale.shape)}, eps={self.eps}, offset=1"
 
 
-class GatedMultiHeadAttention(nn.Module):
+class GatedMultiHeadAttention(TrainingOnlySelfAttention):
     """Grouped-query attention with a sigmoid output gate (transformers' ``Qwen3_5MoeAttention``).
 
     Per token x::
@@ -97,17 +99,7 @@ class GatedMultiHeadAttention(nn.Module):
         self.k_norm = k_norm
         self.pos_embeddings = pos_embeddings
         self.attn_dropout = attn_dropout
-        self.is_causal = True
-        self.kv_cache = None  # training only: no KV cache (generation is transformers' or vLLM's job)
-        self.cache_enabled = False
         self._attention_call = _sdpa_or_flex_attention()
-
-    def setup_cache(self, *args, **kwargs) -> None:
-        raise NotImplementedError("GatedMultiHeadAttention has no KV cache: this package fine-tunes; generate with "
-                                  "transformers or vLLM from the saved Hugging Face checkpoint")
-
-    def reset_cache(self) -> None:
-        pass
 
     def forward(
         self,
@@ -123,8 +115,7 @@ class GatedMultiHeadAttention(nn.Module):
             mask: None (causal), a boolean [b, s, s] mask or a flex-attention ``BlockMask`` (packed samples).
             input_pos: [b, s] positions of packed samples, None for 0..s-1.
         """
-        if y is not None and y is not x:
-            raise ValueError("GatedMultiHeadAttention is self-attention only: y must be None or x")
+        self.check_self_attention(x, y)
         b, s, _ = x.shape
         H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q, gate = self.q_proj(x).view(b, s, H, 2 * hd).split(hd, dim=-1)

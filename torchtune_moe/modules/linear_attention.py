@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchtune_moe.modules.attention_utils import TrainingOnlySelfAttention
 from torchtune_moe.modules.moe_linear import _get_activation
 
 __all__ = ["GatedDeltaNet", "GatedRMSNorm", "chunk_gated_delta_rule", "recurrent_gated_delta_rule"]
@@ -159,7 +160,7 @@ class GatedRMSNorm(nn.Module):
         return (self.scale * normed.to(dtype) * F.silu(gate.float())).to(dtype)
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(TrainingOnlySelfAttention):
     """Gated DeltaNet token mixer ``[B, S, D] -> [B, S, D]`` (Qwen3.5-MoE's linear-attention layers).
 
     Per token x::
@@ -227,15 +228,6 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.empty(num_value_heads).uniform_(0.01, 16).log())
         self.norm = GatedRMSNorm(value_head_dim, eps=norm_eps)
         self.out_proj = nn.Linear(value_dim, embed_dim, bias=False)
-        self.kv_cache = None  # training only: torchtune's decoder asks its layers for caches
-        self.cache_enabled = False
-
-    def setup_cache(self, *args, **kwargs) -> None:
-        raise NotImplementedError("GatedDeltaNet has no cache: this package fine-tunes; generate with transformers "
-                                  "or vLLM from the saved Hugging Face checkpoint")
-
-    def reset_cache(self) -> None:
-        pass
 
     def forward(
         self,
@@ -251,8 +243,7 @@ class GatedDeltaNet(nn.Module):
         Raises:
             ValueError: a mask (packed samples), which the recurrence cannot honour.
         """
-        if y is not None and y is not x:
-            raise ValueError("GatedDeltaNet is self-attention only: y must be None or x")
+        self.check_self_attention(x, y)
         if mask is not None:
             raise ValueError(
                 "GatedDeltaNet (linear attention) cannot take an attention mask: packed samples would leak the "

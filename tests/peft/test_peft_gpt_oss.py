@@ -86,7 +86,8 @@ def test_peft_adapter_matches_transformers_and_peft(hub, tmp_path, attention):
 
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
-    assert adapter_config["target_modules"] == (["k_proj", "lm_head", "o_proj", "q_proj", "v_proj"] if attention else [])
+    attention_targets = ["k_proj", "lm_head", "o_proj", "q_proj", "v_proj"]
+    assert adapter_config["target_modules"] == (attention_targets if attention else [])
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     E, D, I, r = 4, 32, 16, 8

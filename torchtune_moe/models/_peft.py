@@ -190,7 +190,7 @@ def peft_adapter_tensors(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    if stacked:  # PEFT matches a target parameter as a suffix of "module.parameter": the module's last name, the parameter
+    if stacked:  # PEFT matches a target parameter as a suffix of "module.parameter": the module's last name and it
         adapter_config["target_parameters"] = sorted({".".join(p.split(".")[-2:]) for p in stacked})
     return tensors, adapter_config
 

@@ -303,8 +303,8 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out_TD):
         (
-            x_TD, weights_A, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, xa_AR, ha_AR,
-            expert_A,
+            x_TD, weights_A, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, xa_AR,
+            ha_AR, expert_A,
         ) = ctx.saved_tensors
         mod, may_drop = ctx.mod, ctx.may_drop
         P, r, s = mod.parts, mod.rank, mod.scale

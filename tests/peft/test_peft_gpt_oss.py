@@ -6,7 +6,8 @@ adapters are written as PEFT's LoRA on parameters (``target_parameters``), one p
 - the adapter ``save_peft_adapter`` writes, loaded by ``peft.PeftModel.from_pretrained``, gives our logits
   (<= 1e-4, fp32), with attention adapters and with expert adapters alone;
 - ``load_peft_adapter`` reads it back exactly;
-- the merged weights saved through HFMoECheckpointer reload in transformers with the same logits.
+- the merged weights saved through HFMoECheckpointer reload in transformers with the same logits;
+- moe_lora_finetune trains the expert adapters (biases frozen) and writes both.
 """
 
 import json
@@ -140,3 +141,53 @@ def test_a_mismatched_adapter_is_refused_by_name(hub, tmp_path):
     save_file(tensors, str(f))
     with pytest.raises(ValueError, match=r"missing \['base_model\.model\.model\.layers\.0\.mlp\.experts\.lora_B"):
         load_peft_adapter(ours, config, tmp_path / "adapter")
+
+
+def test_lora_recipe_trains_expert_adapters_and_writes_what_transformers_loads(tmp_path):
+    """moe_lora_finetune on the tiny GPT-OSS Hub directory with attention and expert adapters (the gpt_oss _lora
+    configs' choice): the loss falls, the expert adapters train while the expert biases stay frozen, the PEFT
+    adapter loads onto transformers with our logits and the merged step reloads in transformers with them too."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    from _recipe_helpers import FAST, losses
+    from moe_lora_finetune import MoELoRAFinetuneRecipe
+
+    from torchtune_moe.config import load_config
+    from torchtune_moe.models.gpt_oss import gpt_oss_hf_config_to_kwargs
+
+    # The tiny config's CharTokenizer needs a vocabulary of 101.
+    _, path = save_tiny_hf(transformers.GptOssConfig, transformers.GptOssForCausalLM, path, vocab_size=101,
+                            **TINY_GPT_OSS)
+    config = json.loads((path / "config.json").read_text())
+    kwargs = gpt_oss_hf_config_to_kwargs(config, max_seq_len=64)
+    tiny_args = ["vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "max_seq_len", "num_experts",
+                 "experts_per_token", "moe_hidden_dim", "router", "aux_loss_coeff", "z_loss_coeff"]
+    overrides = [f"~model.{k}" for k in tiny_args] + [f"model.{k}={json.dumps(v)}" for k, v in kwargs.items()] + [
+        "model.base=torchtune_moe.models.gpt_oss.gpt_oss", "model.lora_rank=8", "model.lora_alpha=16",
+        "checkpointer._component_=torchtune_moe.training.HFMoECheckpointer", f"checkpointer.checkpoint_dir={path}",
+        "~checkpointer.model_config", "checkpointer.max_shard_size=20000", "max_steps_per_epoch=4", "batch_size=8",
+        "optimizer.lr=3e-3",
+    ]
+    out = tmp_path / "out"
+    cfg = load_config("tiny/lora", [f"output_dir={out}", *FAST, *overrides])
+    recipe = MoELoRAFinetuneRecipe(cfg)
+    recipe.setup(cfg)
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    ce = [v for _, v in losses(out)]
+    assert ce[-1] < ce[0], ce
+    model = recipe._model.eval()
+    experts = model.layers[0].mlp.experts
+    assert isinstance(experts, LoRAMoELinear) and experts.lora_gate_up_b.abs().sum() > 0
+    loaded = from_hf_pretrained(path, dtype=torch.float32).layers[0].mlp.experts
+    assert torch.equal(experts.gate_up_proj_bias, loaded.gate_up_proj_bias)  # frozen
+    assert torch.equal(experts.down_proj_bias, loaded.down_proj_bias)
+
+    final = sorted(out.glob("step_*"))[-1]
+    with_adapter = peft.PeftModel.from_pretrained(_hf(path), final / "adapter").eval()
+    compare(with_adapter, model)
+    compare(_hf(final), model)

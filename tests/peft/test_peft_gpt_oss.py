@@ -158,8 +158,8 @@ def test_lora_recipe_trains_expert_adapters_and_writes_what_transformers_loads(t
     from torchtune_moe.models.gpt_oss import gpt_oss_hf_config_to_kwargs
 
     # The tiny config's CharTokenizer needs a vocabulary of 101.
-    _, path = save_tiny_hf(transformers.GptOssConfig, transformers.GptOssForCausalLM, path, vocab_size=101,
-                            **TINY_GPT_OSS)
+    _, path = save_tiny_hf(transformers.GptOssConfig, transformers.GptOssForCausalLM, tmp_path / "hub",
+                           vocab_size=101, **TINY_GPT_OSS)
     config = json.loads((path / "config.json").read_text())
     kwargs = gpt_oss_hf_config_to_kwargs(config, max_seq_len=64)
     tiny_args = ["vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "max_seq_len", "num_experts",

@@ -191,3 +191,26 @@ def test_lora_recipe_trains_expert_adapters_and_writes_what_transformers_loads(t
     with_adapter = peft.PeftModel.from_pretrained(_hf(path), final / "adapter").eval()
     compare(with_adapter, model)
     compare(_hf(final), model)
+
+
+def test_router_adapters_are_beyond_peft(hub, tmp_path):
+    """What docs/lora.md says of GPT-OSS router adapters: written under target_modules [router], which PEFT 0.21
+    refuses (transformers' GptOssTopKRouter is not an nn.Linear); the merged checkpoint carries them."""
+    path, config = hub
+    ours = from_hf_pretrained(path, dtype=torch.float32)
+    apply_lora(ours, lora_attn_modules=[], apply_lora_to_experts=False, apply_lora_to_router=True, lora_rank=8,
+               lora_alpha=16)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for _, m in lora_modules(ours):
+            for name in m.adapter_params():
+                m.get_parameter(name).normal_(0, 0.1)
+    ours.eval()
+    save_peft_adapter(ours, config, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"] == ["router"]
+    with pytest.raises(ValueError, match="GptOssTopKRouter"):
+        peft.PeftModel.from_pretrained(_hf(path), tmp_path / "adapter")
+    save_dir = tmp_path / "merged"
+    save_dir.mkdir()
+    HFMoECheckpointer(str(path)).save_checkpoint(merged_state_dict(ours), save_dir)
+    compare(_hf(save_dir), ours)

@@ -107,3 +107,42 @@ def test_adapter_starts_at_zero_and_only_adapters_train():
     dispatch_combine(x, routing, lora)[0].sum().backward()
     assert lora.gate_up_proj_bias.grad is None and lora.down_proj_bias.grad is None and lora.gate_up_proj.grad is None
     assert lora.lora_gate_up_a.grad is not None and lora.lora_down_b.grad.abs().sum() > 0
+
+
+def test_qlora_with_biases_equals_lora_on_the_dequantized_base():
+    """NF4 base weights (QLoRA) with the biases kept dense: the same output and adapter gradients as LoRA on the
+    dequantized weights."""
+    from torchao.dtypes.nf4tensor import NF4Tensor
+
+    from torchtune_moe.modules.peft import dequantize
+
+    Eq, Dq, Hq = 4, 64, 64  # NF4 needs tensors of a multiple of 16384 elements
+    torch.manual_seed(0)
+    base = MoELinear(Eq, Dq, Hq, activation=ClampedSwiGLU(limit=0.5), bias=True)
+    with torch.no_grad():
+        base.gate_up_proj_bias.normal_(0, 0.5)
+        base.down_proj_bias.normal_(0, 0.5)
+    q = LoRAMoELinear.from_moe_linear(base, rank=R, alpha=16.0, quantize_base=True)
+    q.quantize_base_weights()
+    assert isinstance(q.gate_up_proj, NF4Tensor) and not isinstance(q.gate_up_proj_bias, NF4Tensor)
+    dense = LoRAMoELinear(Eq, Dq, Hq, rank=R, alpha=16.0, activation=q.act, bias=True)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            getattr(dense, name).copy_(dequantize(getattr(q, name), q.base_shapes[name]))
+        for name in ("gate_up_proj_bias", "down_proj_bias", *q.adapter_params()):
+            getattr(dense, name).copy_(getattr(q, name))
+        for m in (q, dense):
+            m.lora_gate_up_b.fill_(0.05)
+            m.lora_down_b.fill_(0.05)
+    set_trainable_params(q, get_adapter_params(q))
+    set_trainable_params(dense, get_adapter_params(dense))
+    torch.manual_seed(1)
+    x = torch.randn(16, Dq)
+    routing = TokenChoiceTopKRouter(Dq, Eq, 2)(x)
+    routing.weights_A = routing.weights_A.detach()
+    out_q, out_d = dispatch_combine(x, routing, q)[0], dispatch_combine(x, routing, dense)[0]
+    torch.testing.assert_close(out_q, out_d, atol=1e-5, rtol=1e-5)
+    out_q.sum().backward()
+    out_d.sum().backward()
+    for name in q.adapter_params():
+        torch.testing.assert_close(getattr(q, name).grad, getattr(dense, name).grad, atol=1e-5, rtol=1e-5)

@@ -267,10 +267,13 @@ def test_packaged_config_validates_and_builds_on_meta(name, total_b):
 V2_YARN = {**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}
 
 
-def test_deepseek_v2_matches_transformers_and_round_trips(tmp_path):
+@pytest.mark.parametrize("n_group, topk_group", [(1, 1), (2, 1)])
+def test_deepseek_v2_matches_transformers_and_round_trips(tmp_path, n_group, topk_group):
+    """topk_method greedy (transformers' default for V2) takes the top-k of all experts: n_group / topk_group
+    other than 1 must not limit the routing."""
     hf, path = save_tiny_hf(
         transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, tmp_path / "hf",
-        **{**BASE, "n_group": 1, "topk_group": 1, "q_lora_rank": None, "routed_scaling_factor": 1.5,
+        **{**BASE, "n_group": n_group, "topk_group": topk_group, "q_lora_rank": None, "routed_scaling_factor": 1.5,
            "rope_scaling": V2_YARN},
     )
     ours = load_and_compare(hf, path)

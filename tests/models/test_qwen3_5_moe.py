@@ -243,7 +243,7 @@ def test_tokenizer_round_trip(tmp_path):
 )
 def test_packaged_config_validates_and_builds_on_meta(name, total_b):
     """The packaged full and LoRA configs pass the recipes' validation and build on the meta device (no machine
-    here holds them) with the published parameter count; LoRA adapts the routed and shared experts."""
+    here holds them) with the published parameter count; LoRA adapts the routed and shared experts and both attention kinds."""
     from moe_full_finetune import CONFIG_SPEC
     from moe_lora_finetune import LORA_FINETUNE_CONFIG_SPEC as LORA_SPEC
     from torchtune import config as tt_config
@@ -262,7 +262,8 @@ def test_packaged_config_validates_and_builds_on_meta(name, total_b):
         else:
             adapted = [n for n, _ in lora_modules(model)]
             assert any(isinstance(m, LoRAMoELinear) for _, m in lora_modules(model))
-            assert any(".mlp.shared_expert." in n for n in adapted) and not any(".attn." in n for n in adapted)
+            assert any(".mlp.shared_expert." in n for n in adapted)
+            assert any(n.endswith(".attn.q_proj") for n in adapted) and any(n.endswith(".attn.in_proj_qkv") for n in adapted)
 
 
 def test_peft_adapter_names(tmp_path):
@@ -282,3 +283,55 @@ def test_peft_adapter_names(tmp_path):
     assert "base_model.model.model.layers.3.mlp.shared_expert.gate_proj.lora_A.weight" in tensors
     back = adapter_state_from_peft(model, config, tensors, adapter_config)
     assert all(torch.equal(back[k], v) for k, v in adapter_state_dict(model).items())
+
+
+ATTN_LORA = ["q_proj", "k_proj", "v_proj", "output_proj", "in_proj_qkv", "in_proj_z", "out_proj"]
+
+
+def test_lora_on_both_attention_kinds_merges_and_names_hub_modules(tmp_path):
+    """A hybrid model adapts, in each layer, the named projections its attention has: q/k/v/output in the
+    gated full-attention layers, the Gated DeltaNet projections in the linear-attention ones; the merged weights
+    give the adapted model's logits in the plain model, and the adapter uses the Hub's module names."""
+    from torchtune.modules.peft import LoRALinear
+
+    from torchtune_moe.models._peft import adapter_state_from_peft, peft_adapter_tensors
+    from torchtune_moe.modules.peft import adapter_state_dict, apply_lora, merged_state_dict
+    from torchtune_moe.training import from_hf_pretrained
+
+    hf, path = _save_text(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    model = apply_lora(from_hf_pretrained(path), lora_attn_modules=ATTN_LORA, apply_lora_to_experts=True,
+                       lora_rank=8)
+    kinds = {type(layer.attn) for layer in model.layers}
+    assert kinds == {GatedMultiHeadAttention, GatedDeltaNet}
+    for layer in model.layers:
+        names = ATTN_LORA[:4] if isinstance(layer.attn, GatedMultiHeadAttention) else ATTN_LORA[4:]
+        assert all(isinstance(getattr(layer.attn, n), LoRALinear) for n in names)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for v in adapter_state_dict(model).values():
+            v.normal_(0.0, 0.05)
+    tokens = torch.randint(0, config["vocab_size"], (2, SEQ))
+    with torch.no_grad():
+        adapted = model.eval()(tokens)
+        plain = from_hf_pretrained(path)
+        plain.load_state_dict(merged_state_dict(model), strict=True)
+        torch.testing.assert_close(plain.eval()(tokens), adapted, atol=1e-4, rtol=0)
+
+    tensors, adapter_config = peft_adapter_tensors(model, config)
+    full = next(i for i, layer in enumerate(model.layers) if isinstance(layer.attn, GatedMultiHeadAttention))
+    linear = next(i for i, layer in enumerate(model.layers) if isinstance(layer.attn, GatedDeltaNet))
+    assert f"base_model.model.model.layers.{full}.self_attn.o_proj.lora_A.weight" in tensors
+    assert f"base_model.model.model.layers.{linear}.linear_attn.in_proj_qkv.lora_B.weight" in tensors
+    back = adapter_state_from_peft(model, config, tensors, adapter_config)
+    assert all(torch.equal(back[k], v) for k, v in adapter_state_dict(model).items())
+
+
+def test_lora_name_in_no_layer_is_refused_with_each_kind(tmp_path):
+    from torchtune_moe.modules.peft import apply_lora
+    from torchtune_moe.training import from_hf_pretrained
+
+    _, path = _save_text(tmp_path)
+    with pytest.raises(ValueError, match=r"lora_attn_modules: \['kv_a_proj'\] not in the attention of any layer; "
+                                         r"choose from .*GatedDeltaNet.*'in_proj_qkv'.*GatedMultiHeadAttention"):
+        apply_lora(from_hf_pretrained(path), lora_attn_modules=["q_proj", "kv_a_proj"], lora_rank=8)

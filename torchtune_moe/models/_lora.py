@@ -53,7 +53,8 @@ def lora_model(
         base (str | Callable): a model builder or its dotted path (any ``torchtune_moe`` size builder, or
             ``torchtune_moe.models.moe``).
         lora_attn_modules (Iterable[str]): attention projections to adapt, of ``q_proj``, ``k_proj``, ``v_proj``,
-            ``output_proj``.
+            ``output_proj``; with multi-head latent attention (DeepSeek-V2/V3, Moonlight) of ``q_proj`` (no query
+            latent) or ``q_a_proj`` and ``q_b_proj``, ``kv_a_proj``, ``kv_b_proj``, ``output_proj``.
         apply_lora_to_mlp (bool): adapt the dense FFNs (dense layers and shared experts).
         apply_lora_to_experts (bool): adapt the routed experts (a pair per expert and projection).
         apply_lora_to_output (bool): adapt the output projection.

@@ -92,6 +92,11 @@ def _deepseek_hf_config_to_kwargs(config: dict, max_seq_len: Optional[int], fami
     if first_k >= kwargs["num_layers"]:
         r.refuse("first_k_dense_replace", f"must be below num_hidden_layers ({kwargs['num_layers']}): no MoE layer")
     n_group = r.get_int("n_group", defaults["n_group"])
+    topk_group = r.get_int("topk_group", defaults["topk_group"])
+    if family == "deepseek_v2":
+        # topk_method greedy (the only one accepted above) picks the top-k of all experts: transformers reads
+        # n_group / topk_group only for group_limited_greedy, so they do not limit the routing here either.
+        n_group = topk_group = 1
     if kwargs["num_experts"] % n_group:
         r.refuse("n_group", f"must divide n_routed_experts ({kwargs['num_experts']})")
     if r.get_int("pretraining_tp", 1) != 1:
@@ -128,7 +133,7 @@ def _deepseek_hf_config_to_kwargs(config: dict, max_seq_len: Optional[int], fami
         norm_topk_prob=norm_topk_prob,
         route_scale=r.get_float("routed_scaling_factor", defaults["routed_scaling_factor"]),
         num_expert_groups=n_group,
-        num_limited_groups=r.get_int("topk_group", defaults["topk_group"]),
+        num_limited_groups=topk_group,
         attn_bias=r.get_bool("attention_bias", False),
     )
     r.finish()

@@ -3,7 +3,9 @@ every dense projection."""
 
 from torchtune_moe.modules.peft._apply import (
     LORA_ATTN_MODULES,
+    LORA_MLA_MODULES,
     LoRAGate,
+    attention_lora_modules,
     adapter_state_dict,
     base_weight,
     apply_lora,
@@ -16,7 +18,9 @@ from torchtune_moe.modules.peft.lora_experts import LoRAMoELinear, dequantize
 
 __all__ = [
     "LORA_ATTN_MODULES",
+    "LORA_MLA_MODULES",
     "LoRAGate",
+    "attention_lora_modules",
     "LoRAMoELinear",
     "base_weight",
     "apply_lora",

@@ -10,12 +10,16 @@ from torchtune.modules import FeedForward, TransformerDecoder
 from torchtune.modules.peft import LoRALinear, get_adapter_params
 
 from torchtune_moe.modules._utils import clean_module_name
+from torchtune_moe.modules.attention import MultiHeadLatentAttention
 from torchtune_moe.modules.attention_utils import NormedProjection
+from torchtune_moe.modules.linear_attention import GatedDeltaNet
 from torchtune_moe.modules.moe_layer import MoE
 from torchtune_moe.modules.peft.lora_experts import LoRAMoELinear, dequantize, to_nf4_checked
 
 __all__ = [
     "LORA_ATTN_MODULES",
+    "LORA_MLA_MODULES",
+    "attention_lora_modules",
     "apply_lora",
     "quantize_base_weights",
     "lora_modules",
@@ -28,6 +32,24 @@ __all__ = [
 
 # torchtune's names of the attention projections (MultiHeadAttention attributes).
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
+#: The projections of a Gated DeltaNet layer (Qwen3.5-MoE's linear attention) that LoRA may adapt.
+GATED_DELTANET_LORA_MODULES = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+# MultiHeadLatentAttention's projections (Hub: q_proj or q_a_proj / q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj).
+LORA_MLA_MODULES = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "output_proj")
+
+
+def attention_lora_modules(attn: nn.Module) -> tuple[str, ...]:
+    """The projections of attention module ``attn`` that ``lora_attn_modules`` may name: torchtune's four for
+    ``MultiHeadAttention`` (and the other softmax attentions built like it); for :class:`MultiHeadLatentAttention`
+    ``q_proj`` (no query latent) or ``q_a_proj`` and ``q_b_proj`` (with one), then ``kv_a_proj``, ``kv_b_proj``,
+    ``output_proj``; for the linear attention :class:`GatedDeltaNet` its input projections (``in_proj_qkv``,
+    ``in_proj_z``, ``in_proj_b``, ``in_proj_a``) and ``out_proj``."""
+    if isinstance(attn, MultiHeadLatentAttention):
+        q = ("q_proj",) if attn.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+        return q + ("kv_a_proj", "kv_b_proj", "output_proj")
+    if isinstance(attn, GatedDeltaNet):
+        return GATED_DELTANET_LORA_MODULES
+    return LORA_ATTN_MODULES
 
 
 def _lora_linear(
@@ -92,8 +114,10 @@ def apply_lora(
 ) -> TransformerDecoder:
     """Replaces the chosen linears of ``model`` (in place) by LoRA modules sharing their base weights.
 
-    - attention: the projections named in ``lora_attn_modules`` (of ``q_proj``, ``k_proj``, ``v_proj``,
-      ``output_proj``) become torchtune ``LoRALinear``;
+    - attention: the projections named in ``lora_attn_modules`` become torchtune ``LoRALinear``: of ``q_proj``,
+      ``k_proj``, ``v_proj``, ``output_proj`` (``MultiHeadAttention``), or of the multi-head latent attention's
+      ``q_proj`` (no query latent) or ``q_a_proj`` / ``q_b_proj``, ``kv_a_proj``, ``kv_b_proj``, ``output_proj``
+      (:func:`attention_lora_modules` lists a layer's);
     - ``apply_lora_to_mlp``: every dense FFN (``w1``/``w2``/``w3`` of the dense layers and of the shared
       experts, treated like dense MLPs) becomes ``LoRALinear``;
     - ``apply_lora_to_experts``: each MoE layer's routed experts become :class:`LoRAMoELinear` (a pair per
@@ -107,13 +131,25 @@ def apply_lora(
     device, else by :func:`quantize_base_weights` after loading.
 
     Raises:
-        ValueError: an unknown attention module, a tied output with ``apply_lora_to_output``, a rank that
-            is not a positive multiple of 8 with experts, a router without a linear gate, nothing to adapt.
+        ValueError: a projection the model's attention does not have (naming the allowed ones), a tied output
+            with ``apply_lora_to_output``, a rank that is not a positive multiple of 8 with experts, a router without a linear gate, nothing to adapt.
     """
+    if isinstance(lora_attn_modules, str):
+        raise ValueError(f"lora_attn_modules must be a list of projection names, got the string {lora_attn_modules!r}")
     lora_attn_modules = list(lora_attn_modules)
-    bad = [m for m in lora_attn_modules if m not in LORA_ATTN_MODULES]
+    # Checked before any layer is changed. A hybrid model (softmax and linear attention layers) adapts in each
+    # layer the named projections it has, as PEFT's target_modules do; a name that no layer has is refused.
+    kinds = {}  # attention class name -> (first layer of that kind, its projections)
+    for i, layer in enumerate(model.layers):
+        kinds.setdefault(type(layer.attn).__name__, (i, attention_lora_modules(layer.attn)))
+    bad = [m for m in lora_attn_modules if not any(m in allowed for _, allowed in kinds.values())]
     if bad:
-        raise ValueError(f"lora_attn_modules: unknown {bad}; choose from {list(LORA_ATTN_MODULES)}")
+        if len(kinds) == 1:
+            (name, (i, allowed)), = kinds.items()
+            raise ValueError(f"lora_attn_modules: {bad} not in the attention of layer {i} ({name}); "
+                             f"choose from {list(allowed)}")
+        choices = "; ".join(f"{name} (layers like {i}): {list(allowed)}" for name, (i, allowed) in kinds.items())
+        raise ValueError(f"lora_attn_modules: {bad} not in the attention of any layer; choose from {choices}")
     if lora_rank < 1:
         raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
     if not 0.0 <= lora_dropout < 1.0:
@@ -129,6 +165,8 @@ def apply_lora(
     for layer in model.layers:
         attn = layer.attn
         for name in lora_attn_modules:
+            if name not in attention_lora_modules(attn):  # a hybrid model's other kind of attention
+                continue
             proj = getattr(attn, name)
             if isinstance(proj, NormedProjection):  # q/k norm or clipping around the linear
                 proj.proj = _lora_linear(proj.proj, **kw)

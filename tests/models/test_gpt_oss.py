@@ -361,11 +361,25 @@ def test_packaged_config_validates_and_builds_on_meta(name, total_b):
     assert base / 1e9 == pytest.approx(total_b, abs=0.01)
 
 
-def test_expert_lora_is_refused_by_name():
-    from torchtune_moe.models import lora_model
+@pytest.mark.parametrize("name, adapter_m", [("gpt_oss/20b_lora", 184.91), ("gpt_oss/120b_lora", 1073.63)])
+def test_lora_configs_adapt_the_experts(name, adapter_m):
+    """The packaged LoRA configs put a pair per expert on the fused gate_up_proj and on down_proj of every layer
+    (experts with biases: tests/peft/test_lora_biased_experts.py, tests/peft/test_peft_gpt_oss.py), with the
+    adapter count the configs' memory notes quote."""
+    from torchtune import config as tt_config
 
-    with torch.device("meta"), pytest.raises(ValueError, match="apply_lora_to_experts"):
-        lora_model(gpt_oss_20b, lora_attn_modules=["q_proj"], apply_lora_to_experts=True, lora_rank=8, lora_alpha=16)
+    from torchtune_moe.config import load_config
+    from torchtune_moe.modules.peft import LoRAMoELinear
+
+    cfg = load_config(name)
+    assert cfg.model.apply_lora_to_experts is True
+    with torch.device("meta"):
+        model = tt_config.instantiate(cfg.model)
+    for _, layer in moe_layers(model):
+        experts = layer.experts
+        assert isinstance(experts, LoRAMoELinear) and experts.parts == 1 and experts.down_proj_bias is not None
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert adapters / 1e6 == pytest.approx(adapter_m, abs=0.01)
 
 
 def test_peft_adapter_on_attention_matches_transformers_and_peft(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from torch.distributed import init_device_mesh
 from torchtune_moe.models.moe import moe_layer
 from torchtune_moe.modules import RoutingRecord, capture_routing, replay_routing, update_routers
 from torchtune_moe.modules.expert_parallel import AllToAllDispatcher, apply_expert_parallel
+from torchtune_moe.modules.moe_linear import ClampedSwiGLU
 from torchtune_moe.training import end_distributed_process
 
 E, D, H, K, B, S = 8, 16, 24, 2, 2, 6
@@ -20,6 +21,9 @@ ROUTERS = {
     "token_choice": dict(router="token_choice", num_expert_groups=4, num_limited_groups=2, expert_bias_update_rate=0.1),
     "expert_choice": dict(router="expert_choice", capacity_factor=1.0),
     "causal_expert_choice": dict(router="causal_expert_choice", capacity_factor=1.0),
+    # GPT-OSS's experts: biases (sharded by expert like the weights), the clamped SwiGLU, a router gate bias
+    "token_choice_biased_experts": dict(router="token_choice", gate_bias=True, expert_linear_bias=True,
+                                        activation=ClampedSwiGLU(alpha=1.702, limit=0.5)),
 }
 
 
@@ -33,10 +37,20 @@ def run(kind: str, mesh) -> None:
     torch.manual_seed(0)  # the same layer on both ranks
     ref = moe_layer(dim=D, moe_hidden_dim=H, num_experts=E, experts_per_token=K, aux_loss_coeff=0.01,
                     z_loss_coeff=0.001, **ROUTERS[kind])
+    biased = ref.experts.gate_up_proj_bias is not None
+    if biased:  # non-zero biases, large enough that the clamp cuts
+        with torch.no_grad():
+            ref.experts.gate_up_proj.mul_(3.0)
+            ref.experts.gate_up_proj_bias.normal_(0.0, 0.5)
+            ref.experts.down_proj_bias.normal_(0.0, 0.5)
     ep = copy.deepcopy(ref)
     apply_expert_parallel(ep, mesh)
     assert isinstance(ep.experts.dispatcher, AllToAllDispatcher)
     assert ep.experts.gate_up_proj.to_local().shape[0] == E // 2
+    pnames = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if biased else ())
+    for pname in pnames[2:]:  # each rank holds its experts' biases
+        local = getattr(ep.experts, pname).to_local()
+        assert torch.equal(local, getattr(ref.experts, pname).detach().chunk(2)[rank]), pname
     torch.manual_seed(1 + rank)  # different tokens on each rank
     dropped = 0
     for step in range(2):  # step 2 of causal expert choice routes by thresholds (dropped slots)
@@ -52,7 +66,7 @@ def run(kind: str, mesh) -> None:
         ((out_ep * g).sum() + ep.aux_loss).backward()
         check(f"{kind} x grad", x_ep.grad, x_ref.grad)
         check(f"{kind} router grad", ep.router.gate.weight.grad, ref.router.gate.weight.grad)
-        for pname in ("gate_up_proj", "down_proj"):
+        for pname in pnames:
             # An expert's gradient on its EP rank holds every rank's tokens: the sum of the local gradients.
             want = getattr(ref.experts, pname).grad.clone()
             dist.all_reduce(want)
@@ -65,6 +79,12 @@ def run(kind: str, mesh) -> None:
         for (n, a), (_, b) in zip(ref.router.named_buffers(), ep.router.named_buffers()):
             check(f"{kind} router buffer {n}", b, a)
     assert (dropped > 0) == (kind == "causal_expert_choice"), (kind, dropped)
+    if biased:  # the biases matter: without them the output differs
+        with torch.no_grad():
+            x = torch.randn(B, S, D)
+            unbiased = copy.deepcopy(ref)
+            unbiased.experts.down_proj_bias.zero_()
+            assert (unbiased(x) - ref(x)).abs().max() > 1e-2
     ep.eval()  # eval forwards (generation) run the collectives too
     with torch.no_grad():
         x = torch.randn(1, 3 + rank, D)  # a different number of tokens on each rank

@@ -6,6 +6,10 @@ checkpoints use (``model.layers.L.mlp.experts.E.gate_proj`` and each family's ow
 ``block_sparse_moe.experts.E.w1``): ``base_model.model.<module>.lora_A.weight`` [r, in] and ``.lora_B.weight``
 [out, r]. This is the layout PEFT writes for the Hub models (and converts itself to transformers 5's fused
 experts when it loads an adapter) and the one vLLM's fused-MoE LoRA loader reads.
+
+Experts stacked on the Hub too (GPT-OSS: ``mlp.experts.gate_up_proj`` [E, D, 2I], ``down_proj`` [E, I, D]) have no
+per-expert modules: their adapters are LoRA on the parameter, as PEFT's ``target_parameters`` writes it (see
+:func:`_stacked_to_peft`).
 """
 
 import math
@@ -58,11 +62,17 @@ def _hub_pieces(model: nn.Module, config: dict) -> dict[str, list[tuple[str, tup
     hub = detect_family(config).tune_to_hf(probe, config)
     pieces: dict[str, list] = {}
     for hf_key, view in hub.items():
-        if view.ndim != 2 or view.numel() == 0:
+        if view.ndim not in (2, 3) or view.numel() == 0:
             continue
-        pos = int(view[0, 0])
+        pos = int(view.flatten()[0])
         i = bisect_right(starts, pos) - 1
         key, shape = keys[i], shapes[keys[i]]
+        if view.ndim == 3:
+            # Experts stacked on the Hub too: our whole tensor, as stored or transposed (lead None: the stack).
+            E, O, I = shape if len(shape) == 3 else (0, 0, 0)
+            if pos == starts[i] and tuple(view.shape) in ((E, O, I), (E, I, O)):
+                pieces.setdefault(key, []).append((hf_key, None, 0, O))
+            continue
         if view.stride(-1) != 0 or view.shape[-1] != shape[-1]:
             raise RuntimeError(f"{hf_key}: the {config.get('model_type')} converter reshapes {key}; cannot map adapters")
         coords = []
@@ -85,6 +95,9 @@ def _adapter_slots(model: nn.Module, config: dict):
             a_key, b_key = (f"{name}.{k}" for k in _factor_keys(module, w))
             r, out_rows = module.rank, b.shape[-2]
             for hf_key, lead, row0, rows in pieces[f"{name}.{w}"]:
+                if lead is None:  # stacked on the Hub: the whole factors (see _stacked_to_peft)
+                    yield hf_key, a_key, None, b_key, None, r, module.alpha
+                    continue
                 part = row0 * parts // out_rows
                 yield (
                     hf_key.removesuffix(".weight"),
@@ -92,6 +105,33 @@ def _adapter_slots(model: nn.Module, config: dict):
                     b_key, lead + (slice(row0, row0 + rows),),
                     r, module.alpha,
                 )
+
+
+def _stacked_to_peft(a_ERI: torch.Tensor, b_EOR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our per-expert factors of a stacked parameter (A [E, r, in], B [E, out, r], one pair per expert) -> PEFT's
+    ``ParamWrapper`` ``lora_A.weight`` [E*r, in] (expert-major rows) and ``lora_B.weight`` [out, r*E] (rank-major
+    columns), whose delta PEFT forms as ``einsum("o r e, e r i -> e i o")`` (the Hub's [E, in, out]; or its
+    transpose for a parameter stored [E, out, in]): the same ``scale * B_e @ A_e`` per expert."""
+    E, r, fan_in = a_ERI.shape
+    return a_ERI.reshape(E * r, fan_in), b_EOR.permute(1, 2, 0).reshape(b_EOR.shape[1], r * E)
+
+
+def _stacked_from_peft(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`_stacked_to_peft`."""
+    return a.reshape(num_experts, -1, a.shape[-1]), b.reshape(b.shape[0], -1, num_experts).permute(2, 0, 1)
+
+
+def _stacked_peft_names(params: list[str]) -> dict[str, str]:
+    """Hub parameter -> the PEFT key prefix of its adapter. PEFT wraps each targeted parameter of one module in a
+    ``ParamWrapper`` around the previous one, in the module's parameter order: the first is innermost, under
+    ``n - 1`` ``base_layer.`` (our slots follow the Hub's order: ``gate_up_proj`` then ``down_proj``)."""
+    out, by_module = {}, {}
+    for param in params:
+        by_module.setdefault(param.rpartition(".")[0], []).append(param)
+    for module, names in by_module.items():
+        for i, param in enumerate(names):
+            out[param] = f"{_PREFIX}{module}." + "base_layer." * (len(names) - 1 - i)
+    return out
 
 
 def peft_adapter_tensors(
@@ -117,12 +157,18 @@ def peft_adapter_tensors(
         ValueError: no adapter, adapters of different ranks or alphas, or an unsupported family.
     """
     sd = adapter_state_dict(model) if adapter_state is None else adapter_state
-    tensors, targets, ranks = {}, set(), set()
+    tensors, targets, ranks, stacked = {}, set(), set(), {}
     for module_name, a_key, a_idx, b_key, b_idx, r, alpha in _adapter_slots(model, config):
+        ranks.add((r, float(alpha)))
+        if a_idx is None:  # a stacked Hub parameter (module_name is its name)
+            stacked[module_name] = _stacked_to_peft(sd[a_key], sd[b_key])
+            continue
         tensors[f"{_PREFIX}{module_name}.lora_A.weight"] = sd[a_key][a_idx].cpu().contiguous()
         tensors[f"{_PREFIX}{module_name}.lora_B.weight"] = sd[b_key][b_idx].cpu().contiguous()
         targets.add(module_name.rsplit(".", 1)[-1])
-        ranks.add((r, float(alpha)))
+    for param, prefix in _stacked_peft_names(list(stacked)).items():
+        for which, t in zip(("lora_A", "lora_B"), stacked[param]):
+            tensors[f"{prefix}{which}.weight"] = t.cpu().contiguous()
     if not tensors:
         raise ValueError("the model has no LoRA adapter to save")
     if len(ranks) != 1:
@@ -144,6 +190,8 @@ def peft_adapter_tensors(
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    if stacked:  # PEFT matches a target parameter as a suffix of "module.parameter": the module's last name and it
+        adapter_config["target_parameters"] = sorted({".".join(p.split(".")[-2:]) for p in stacked})
     return tensors, adapter_config
 
 
@@ -159,12 +207,26 @@ def adapter_state_from_peft(
     """
     out = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in adapter_state_dict(model).items()}
     used, missing = set(), []
-    for module_name, a_key, a_idx, b_key, b_idx, r, alpha in _adapter_slots(model, config):
+    slots = list(_adapter_slots(model, config))
+    prefixes = _stacked_peft_names([s[0] for s in slots if s[2] is None])
+    for module_name, a_key, a_idx, b_key, b_idx, r, alpha in slots:
         if adapter_config.get("r") != r or float(adapter_config.get("lora_alpha", -1)) != float(alpha):
             raise ValueError(
                 f"{where}: r={adapter_config.get('r')}, lora_alpha={adapter_config.get('lora_alpha')}, but the "
                 f"model's adapters have lora_rank={r}, lora_alpha={alpha}"
             )
+        if a_idx is None:  # a stacked Hub parameter
+            names = [f"{prefixes[module_name]}{which}.weight" for which in ("lora_A", "lora_B")]
+            missing += [n for n in names if n not in tensors]
+            if all(n in tensors for n in names):
+                for n, want in zip(names, _stacked_to_peft(out[a_key], out[b_key])):
+                    if tensors[n].shape != want.shape:
+                        raise ValueError(f"{where}: {n} has shape {tuple(tensors[n].shape)}; the model needs "
+                                         f"{tuple(want.shape)}")
+                a, b = _stacked_from_peft(tensors[names[0]], tensors[names[1]], out[a_key].shape[0])
+                out[a_key], out[b_key] = a.to(out[a_key].dtype).contiguous(), b.to(out[b_key].dtype).contiguous()
+                used.update(names)
+            continue
         for which, key, idx in (("lora_A", a_key, a_idx), ("lora_B", b_key, b_idx)):
             name = f"{_PREFIX}{module_name}.{which}.weight"
             if name not in tensors:

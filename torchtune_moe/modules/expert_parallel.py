@@ -198,8 +198,9 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Shards the routed experts of every MoE layer of ``model`` by expert over ``ep_mesh`` (1-D, P ranks) and
     installs :class:`AllToAllDispatcher`.
 
-    Each ``gate_up_proj`` / ``down_proj`` becomes a DTensor ``Shard(0)`` on ``ep_mesh`` whose local tensor is
-    this rank's E / P experts, cut from the module's full weights (every rank must hold the same full weights:
+    Each ``gate_up_proj`` / ``down_proj`` (and, for experts with biases, ``gate_up_proj_bias`` /
+    ``down_proj_bias``: the biases travel with their experts) becomes a DTensor ``Shard(0)`` on ``ep_mesh`` whose
+    local tensor is this rank's E / P experts, cut from the module's full weights (every rank must hold the same full weights:
     the recipe builds them with one seed; on the meta device nothing is read). State-dict keys do not change;
     ``full_tensor()`` (and so ``torch.distributed.checkpoint`` and full-state-dict gathering) sees all E experts.
     Apply it before FSDP2 (``fully_shard`` of the experts then shards over the other mesh dimension).
@@ -211,8 +212,10 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
             raise ValueError(
                 f"expert_parallel_degree: {P} does not divide the {experts.num_experts} experts of {name}"
             )
-        for pname in ("gate_up_proj", "down_proj"):
+        for pname in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
             w = getattr(experts, pname)
+            if w is None:  # experts without biases
+                continue
             local = w.detach().chunk(P, dim=0)[p].clone()
             dt = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
             setattr(experts, pname, nn.Parameter(dt, requires_grad=w.requires_grad))

@@ -99,7 +99,7 @@ class MoELinear(nn.Module):
             or a :class:`ClampedSwiGLU` (GPT-OSS: gated only; ``gate_up_proj`` rows then interleave gate and up).
         gated (bool): gated (GLU) experts. Default True.
         bias (bool): per-expert biases ``gate_up_proj_bias`` [E, 2H] (or [E, H]) and ``down_proj_bias`` [E, D]
-            (GPT-OSS). Not supported with expert parallelism or expert LoRA. Default False.
+            (GPT-OSS; sharded by expert like the weights under expert parallelism). Default False.
     """
 
     def __init__(
@@ -177,11 +177,11 @@ class MoELinear(nn.Module):
         h_AH = F.grouped_mm(x_AD, _local(self.gate_up_proj).transpose(-2, -1), offs=offsets_E)
         if self.gate_up_proj_bias is not None:
             expert_A = _row_experts(offsets_E, x_AD.shape[0])
-            h_AH = h_AH + self.gate_up_proj_bias[expert_A]
+            h_AH = h_AH + _local(self.gate_up_proj_bias)[expert_A]
         h_AH = _glu(h_AH, self.act) if self.gated else self.act(h_AH)
         y_AD = F.grouped_mm(h_AH, _local(self.down_proj).transpose(-2, -1), offs=offsets_E)
         if self.down_proj_bias is not None:
-            y_AD = y_AD + self.down_proj_bias[expert_A]
+            y_AD = y_AD + _local(self.down_proj_bias)[expert_A]
         return y_AD
 
     def routed(
@@ -219,24 +219,38 @@ class MoELinear(nn.Module):
         index_J = offsets_T = None
         if combine_TK is None:
             index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
-        expert_A = None
+        expert_A = gate_up_bias = None
         if self.gate_up_proj_bias is not None:
-            if isinstance(self.gate_up_proj, DTensor):
-                raise NotImplementedError("experts with biases (GPT-OSS) do not support expert parallelism yet")
+            # offsets_E counts this rank's experts (all E without expert parallelism): expert_A indexes the local
+            # shard of the biases, cut by expert like the weights.
             expert_A = _row_experts(offsets_E, rows_A.shape[0])
+            gate_up_bias = _local(self.gate_up_proj_bias)
         out_TD = _RoutedExperts.apply(
             x_TD, weights_A, _local(self.gate_up_proj), _local(self.down_proj), rows_A, offsets_E, combine_TK, index_J,
             offsets_T,
-            may_drop, self.act, self.gated, self.gate_up_proj_bias, expert_A,
+            may_drop, self.act, self.gated, gate_up_bias, expert_A,
         )
-        if self.down_proj_bias is not None:
-            # sum over the rows of token t of weight * down_proj_bias[expert]: plain autograd, [A, D] once.
-            valid_A = torch.arange(rows_A.shape[0], device=rows_A.device) < offsets_E[-1]
-            w_A = torch.where(valid_A, weights_A.float(), 0.0)
-            bias_AD = w_A.unsqueeze(-1) * self.down_proj_bias[expert_A].float()
-            bias_TD = torch.zeros(x_TD.shape[0], x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
-            out_TD = out_TD + bias_TD.index_add(0, rows_A, bias_AD).to(out_TD.dtype)
-        return out_TD
+        return self._add_down_bias(out_TD, rows_A, weights_A, offsets_E, expert_A)
+
+    def _add_down_bias(
+        self,
+        out_TD: torch.Tensor,
+        rows_A: torch.Tensor,
+        weights_A: torch.Tensor,
+        offsets_E: torch.Tensor,
+        expert_A: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """``out_TD`` plus, per token t, the sum over its rows a of ``weights[a] * down_proj_bias[expert_a]``
+        (as transformers' GPT-OSS: the routing weight scales the bias too); ``out_TD`` unchanged without biases.
+        Plain autograd, one [A, D] product. Under expert parallelism the "tokens" are the received rows and
+        ``down_proj_bias`` this rank's experts' shard, so each (token, expert) pair still gets its weighted bias."""
+        if self.down_proj_bias is None:
+            return out_TD
+        valid_A = torch.arange(rows_A.shape[0], device=rows_A.device) < offsets_E[-1]
+        w_A = torch.where(valid_A, weights_A.float(), 0.0)
+        bias_AD = w_A.unsqueeze(-1) * _local(self.down_proj_bias)[expert_A].float()
+        bias_TD = torch.zeros(out_TD.shape, dtype=torch.float32, device=out_TD.device)
+        return out_TD + bias_TD.index_add(0, rows_A, bias_AD).to(out_TD.dtype)
 
     def extra_repr(self) -> str:
         bias = ", bias=True" if self.gate_up_proj_bias is not None else ""
@@ -248,6 +262,13 @@ def _row_experts(offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
     expert, masked by the caller). No host-device sync."""
     rows_A = torch.arange(num_rows, device=offsets_E.device, dtype=offsets_E.dtype)
     return torch.searchsorted(offsets_E, rows_A, right=True).clamp_(max=offsets_E.shape[0] - 1)
+
+
+def _bias_grad(grad_h_AF: torch.Tensor, expert_A: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Gradient of a per-expert bias ``[E, F]`` added to rows ``h_AF`` [A, F]: each expert's rows summed (fp32;
+    dropped rows carry zero gradient)."""
+    grad_EF = torch.zeros(shape, dtype=torch.float32, device=grad_h_AF.device)
+    return grad_EF.index_add_(0, expert_A, grad_h_AF.float()).to(dtype)
 
 
 def _activate(
@@ -386,9 +407,7 @@ class _RoutedExperts(torch.autograd.Function):
         grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
         grad_bias = None
         if ctx.bias_shape is not None and ctx.needs_input_grad[12]:
-            shape, dtype = ctx.bias_shape
-            grad_bias = torch.zeros(shape, dtype=torch.float32, device=grad_h_AF.device)
-            grad_bias = grad_bias.index_add_(0, expert_A, grad_h_AF.float()).to(dtype)
+            grad_bias = _bias_grad(grad_h_AF, expert_A, *ctx.bias_shape)
         return (
             grad_x_TD, grad_w_A, grad_gate_up, grad_down, None, None, None, None, None, None, None, None, grad_bias, None
         )

@@ -10,7 +10,18 @@ from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 from torchtune.modules.peft import AdapterModule
 
 from torchtune_moe.modules import _kernels
-from torchtune_moe.modules.moe_linear import MoELinear, _activate, _activate_backward, _combine, token_segments
+from torchtune_moe.modules.moe_linear import (
+    ClampedSwiGLU,
+    MoELinear,
+    _activate,
+    _activate_backward,
+    _bias_grad,
+    _combine,
+    _glu,
+    _local,
+    _row_experts,
+    token_segments,
+)
 
 __all__ = ["LoRAMoELinear", "dequantize", "to_nf4_checked"]
 
@@ -49,8 +60,15 @@ class LoRAMoELinear(MoELinear, AdapterModule):
     ``experts.e.{gate,up,down}_proj``):
 
     - ``lora_gate_up_a`` [E, P*r, D]: rows ``[p*r:(p+1)*r]`` are the A of part p (P = 2 parts, gate then up,
-      when gated; 1 otherwise); ``lora_gate_up_b`` [E, P*H, r]: rows ``[p*H:(p+1)*H]`` are the B of part p.
+      when gated; 1 otherwise); ``lora_gate_up_b`` [E, 2H (gated) or H, r]: rows ``[p*H:(p+1)*H]`` are the B of
+      part p.
     - ``lora_down_a`` [E, r, H], ``lora_down_b`` [E, D, r].
+
+    GPT-OSS (a :class:`~torchtune_moe.modules.moe_linear.ClampedSwiGLU` activation) keeps one pair (P = 1) on its
+    whole fused ``gate_up_proj``, gate and up rows interleaved: the Hub stores that projection as one parameter
+    and PEFT adapts it with one pair (``target_parameters``). Its biases (``bias=True``) stay frozen base weights:
+    the gate/up bias is added inside the fused node, the down bias per routed row, scaled by the routing weight,
+    as :class:`MoELinear` does.
 
     The adapter runs inside the same fused autograd node as the experts (:class:`_RoutedExpertsLoRA`): each
     low-rank product is a grouped GEMM over the rows sorted by expert (no Python loop over experts, no host
@@ -61,7 +79,7 @@ class LoRAMoELinear(MoELinear, AdapterModule):
     after loading a checkpoint). Expert adapters take no dropout.
 
     Args:
-        num_experts, dim, hidden_dim, activation, gated: as :class:`MoELinear`.
+        num_experts, dim, hidden_dim, activation, gated, bias: as :class:`MoELinear`.
         rank (int): r, a positive multiple of 8 (grouped GEMM alignment).
         alpha (float): scaling numerator (``scale = alpha / rank``).
         quantize_base (bool): NF4 base weights.
@@ -77,39 +95,39 @@ class LoRAMoELinear(MoELinear, AdapterModule):
         alpha: float,
         activation="silu",
         gated: bool = True,
+        bias: bool = False,
         quantize_base: bool = False,
     ):
         if rank < 1 or rank % _RANK_MULTIPLE:
             raise ValueError(
                 f"lora_rank must be a positive multiple of {_RANK_MULTIPLE} for the experts' grouped GEMMs, got {rank}"
             )
-        super().__init__(num_experts, dim, hidden_dim, activation=activation, gated=gated)
+        super().__init__(num_experts, dim, hidden_dim, activation=activation, gated=gated, bias=bias)
         self.rank = rank
         self.alpha = alpha
         self.scale = alpha / rank
-        self.parts = 2 if gated else 1
+        # One pair per Hub projection: gate and up apart, except GPT-OSS's interleaved fused gate_up_proj.
+        self.parts = 2 if gated and not isinstance(self.act, ClampedSwiGLU) else 1
         self._quantize_base = quantize_base
         E, P = num_experts, self.parts
         self.lora_gate_up_a = nn.Parameter(torch.empty(E, P * rank, dim))
-        self.lora_gate_up_b = nn.Parameter(torch.empty(E, P * hidden_dim, rank))
+        self.lora_gate_up_b = nn.Parameter(torch.empty(E, self.gate_up_proj.shape[1], rank))
         self.lora_down_a = nn.Parameter(torch.empty(E, rank, hidden_dim))
         self.lora_down_b = nn.Parameter(torch.empty(E, dim, rank))
         self.initialize_parameters()
 
     @classmethod
     def from_moe_linear(cls, base: MoELinear, *, rank: int, alpha: float, quantize_base: bool = False):
-        """A LoRA version of ``base`` sharing its (frozen) weights, built on their device."""
-        if base.gate_up_proj_bias is not None:
-            raise ValueError(
-                "apply_lora_to_experts: experts with biases (GPT-OSS) take no expert adapters yet; set "
-                "apply_lora_to_experts: false (adapters on attention, the experts frozen)"
-            )
+        """A LoRA version of ``base`` sharing its (frozen) weights and biases, built on their device."""
+        bias = base.gate_up_proj_bias is not None
         with torch.device(base.gate_up_proj.device):
             lora = cls(
                 base.num_experts, base.dim, base.hidden_dim, rank=rank, alpha=alpha, activation=base.act,
-                gated=base.gated, quantize_base=quantize_base,
+                gated=base.gated, bias=bias, quantize_base=quantize_base,
             )
         lora.gate_up_proj, lora.down_proj = base.gate_up_proj, base.down_proj
+        if bias:
+            lora.gate_up_proj_bias, lora.down_proj_bias = base.gate_up_proj_bias, base.down_proj_bias
         lora.to(dtype=base.gate_up_proj.dtype)
         return lora
 
@@ -128,7 +146,7 @@ class LoRAMoELinear(MoELinear, AdapterModule):
     def base_shapes(self) -> dict[str, torch.Size]:
         """Dense shapes of the base weights (an NF4 weight is stored flattened to 2-D)."""
         E, D, H = self.num_experts, self.dim, self.hidden_dim
-        return {"gate_up_proj": torch.Size((E, self.parts * H, D)), "down_proj": torch.Size((E, D, H))}
+        return {"gate_up_proj": torch.Size((E, (2 if self.gated else 1) * H, D)), "down_proj": torch.Size((E, D, H))}
 
     @torch.no_grad()
     def quantize_base_weights(self) -> None:
@@ -162,7 +180,8 @@ class LoRAMoELinear(MoELinear, AdapterModule):
 
     def grouped(self, x_AD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """Unfused reference path (plain autograd). Same contract as :meth:`MoELinear.grouped`."""
-        E, P, r, H = self.num_experts, self.parts, self.rank, self.hidden_dim
+        P, r = self.parts, self.rank
+        H = self.lora_gate_up_b.shape[1] // P  # rows of each part
         w_gu = dequantize(self.gate_up_proj, self.base_shapes["gate_up_proj"])
         w_d = dequantize(self.down_proj, self.base_shapes["down_proj"])
         h_AF = F.grouped_mm(x_AD, w_gu.transpose(-2, -1), offs=offsets_E)
@@ -179,14 +198,16 @@ class LoRAMoELinear(MoELinear, AdapterModule):
             dim=-1,
         )
         h_AF = h_AF + self.scale * delta_AF
-        if self.gated:
-            gate_AH, up_AH = h_AF.chunk(2, dim=-1)
-            h_AH = self.act(gate_AH) * up_AH
-        else:
-            h_AH = self.act(h_AF)
+        if self.gate_up_proj_bias is not None:
+            expert_A = _row_experts(offsets_E, x_AD.shape[0])
+            h_AF = h_AF + self.gate_up_proj_bias[expert_A]
+        h_AH = _glu(h_AF, self.act) if self.gated else self.act(h_AF)
         y_AD = F.grouped_mm(h_AH, w_d.transpose(-2, -1), offs=offsets_E)
         ha_AR = F.grouped_mm(h_AH, self.lora_down_a.transpose(-2, -1), offs=offsets_E)
-        return y_AD + self.scale * F.grouped_mm(ha_AR, self.lora_down_b.transpose(-2, -1), offs=offsets_E)
+        y_AD = y_AD + self.scale * F.grouped_mm(ha_AR, self.lora_down_b.transpose(-2, -1), offs=offsets_E)
+        if self.down_proj_bias is not None:
+            y_AD = y_AD + self.down_proj_bias[expert_A]
+        return y_AD
 
     def routed(
         self,
@@ -201,11 +222,16 @@ class LoRAMoELinear(MoELinear, AdapterModule):
         index_J = offsets_T = None
         if combine_TK is None:  # any number of rows per token: combined per token segment, as MoELinear does
             index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
-        return _RoutedExpertsLoRA.apply(
+        expert_A = gate_up_bias = None
+        if self.gate_up_proj_bias is not None:
+            expert_A = _row_experts(offsets_E, rows_A.shape[0])
+            gate_up_bias = _local(self.gate_up_proj_bias)
+        out_TD = _RoutedExpertsLoRA.apply(
             x_TD, weights_A, self.gate_up_proj, self.down_proj,
             self.lora_gate_up_a, self.lora_gate_up_b, self.lora_down_a, self.lora_down_b,
-            rows_A, offsets_E, combine_TK, index_J, offsets_T, may_drop, self,
+            rows_A, offsets_E, combine_TK, index_J, offsets_T, may_drop, self, gate_up_bias, expert_A,
         )
+        return self._add_down_bias(out_TD, rows_A, weights_A, offsets_E, expert_A)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, quantize_base={self._quantize_base}"
@@ -239,13 +265,15 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
     activation output recomputed in backward); the adapters add, per projection, ``xa = x @ A^T`` ([A, P*r],
     kept for backward) and ``scale * xa @ B^T`` added into the projection's output before the activation
     (gate/up) or the combine (down). Frozen NF4 base weights are dequantized when used (forward, and again in
-    backward) and never kept dense. Base-weight gradients are computed only when they require grad.
+    backward) and never kept dense. Base-weight gradients are computed only when they require grad. The gate/up
+    bias (GPT-OSS, ``gate_up_bias`` [E, 2H] with ``expert_A`` each row's expert) is added to ``h_AF`` as in
+    ``_RoutedExperts``; the down bias is added by the caller after the combine.
     """
 
     @staticmethod
     def forward(
         ctx, x_TD, weights_A, gate_up, down, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T,
-        may_drop, mod,
+        may_drop, mod, gate_up_bias=None, expert_A=None,
     ):
         P, r, s = mod.parts, mod.rank, mod.scale
         shapes = mod.base_shapes
@@ -254,6 +282,8 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         h_AF = F.grouped_mm(x_AD, dequantize(gate_up, shapes["gate_up_proj"]).transpose(-2, -1), offs=offsets_E)
         xa_AR = F.grouped_mm(x_AD, a_gu.transpose(-2, -1), offs=offsets_E)
         h_AF.add_(F.grouped_mm(xa_AR, _block_diag(b_gu, P).transpose(-2, -1), offs=offsets_E), alpha=s)
+        if gate_up_bias is not None:
+            h_AF.add_(gate_up_bias[expert_A])
         del x_AD
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, mod.act, mod.gated)
         y_AD = F.grouped_mm(hs_AH, dequantize(down, shapes["down_proj"]).transpose(-2, -1), offs=offsets_E)
@@ -262,8 +292,9 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
             x_TD, weights_A, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, xa_AR,
-            ha_AR,
+            ha_AR, expert_A,
         )
+        ctx.bias_like = None if gate_up_bias is None else (gate_up_bias.shape, gate_up_bias.dtype)
         # Base weights by reference (NF4 subclasses included): parameters, alive as long as the module.
         ctx.gate_up, ctx.down = gate_up, down
         ctx.may_drop, ctx.mod = may_drop, mod
@@ -271,9 +302,10 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out_TD):
-        x_TD, weights_A, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, xa_AR, ha_AR = (
-            ctx.saved_tensors
-        )
+        (
+            x_TD, weights_A, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, xa_AR,
+            ha_AR, expert_A,
+        ) = ctx.saved_tensors
         mod, may_drop = ctx.mod, ctx.may_drop
         P, r, s = mod.parts, mod.rank, mod.scale
         shapes = mod.base_shapes
@@ -320,7 +352,10 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
             grad_gate_up = None
         if grad_down is not None and isinstance(ctx.down, NF4Tensor):
             grad_down = None
+        grad_bias = None
+        if ctx.bias_like is not None and need[15]:
+            grad_bias = _bias_grad(grad_h_AF, expert_A, *ctx.bias_like)
         return (
             grad_x_TD, grad_w_A, grad_gate_up, grad_down, grad_a_gu, grad_b_gu, grad_a_d, grad_b_d,
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, grad_bias, None,
         )

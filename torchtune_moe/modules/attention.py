@@ -274,8 +274,12 @@ class SinkAttention(MultiHeadAttention):
     the sink logit takes part of the probability mass and attends to nothing. With ``sliding_window`` w, token i
     attends to tokens j with ``i - w < j <= i`` (itself and the w - 1 before it).
 
-    The scores are formed explicitly ([b, n_h, s, s], softmax in fp32), as transformers' eager path does:
-    SDPA cannot add the sink to its denominator. Packed samples (a flex-attention ``BlockMask``) are refused.
+    It runs on torch's fused ``scaled_dot_product_attention`` (no [s, s] scores kept for backward) by writing the
+    sink as one more key: queries get an extra channel of ones, keys an extra channel of zeros, and the sink key
+    of head h is zero but for ``sinks[h] / scale`` in that channel, with a zero value; so its logit is
+    ``sinks[h]`` for every query and it adds nothing to the output. The channels are padded to a multiple of 8
+    (fused kernels' alignment). The window and causality are a boolean [s, s_k + 1] mask. Packed samples (a
+    flex-attention ``BlockMask``) are refused.
 
     Args:
         sliding_window (Optional[int]): window w; None: full causal attention.
@@ -303,18 +307,26 @@ class SinkAttention(MultiHeadAttention):
             )
         b, n_h, s, h_d = q.shape
         s_k = k.shape[2]
-        scores = torch.matmul(q, k.transpose(-2, -1)).float() * h_d**-0.5
+        scale = h_d**-0.5
         i = torch.arange(s, device=q.device).unsqueeze(1) + (s_k - s)
         j = torch.arange(s_k, device=q.device).unsqueeze(0)
         allowed = (j <= i) if mask is None else mask[:, None].bool()
         if self.sliding_window is not None:
             allowed = allowed & (i - j < self.sliding_window)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        sinks = self.sinks.float().view(1, n_h, 1, 1).expand(b, n_h, s, 1)
-        probs = torch.cat([scores, sinks], dim=-1).softmax(dim=-1)[..., :-1]
-        if dropout_p > 0.0:
-            probs = nn.functional.dropout(probs, p=dropout_p)
-        return torch.matmul(probs.to(v.dtype), v)
+        allowed = torch.cat([allowed, torch.ones_like(allowed[..., :1]).expand(*allowed.shape[:-1], 1)], dim=-1)
+        pad = 8 - h_d % 8  # >= 1: room for the sink channel, the rest zeros
+        ones = q.new_zeros(b, n_h, s, pad)
+        ones[..., 0] = 1.0
+        q_ = torch.cat([q, ones], dim=-1)
+        k_ = torch.cat([k, k.new_zeros(b, n_h, s_k, pad)], dim=-1)
+        sink_key = torch.cat(
+            [k.new_zeros(n_h, h_d), (self.sinks / scale).to(k.dtype).unsqueeze(-1), k.new_zeros(n_h, pad - 1)], dim=-1
+        )
+        k_ = torch.cat([k_, sink_key.view(1, n_h, 1, h_d + pad).expand(b, n_h, 1, h_d + pad)], dim=2)
+        v_ = torch.cat([v, v.new_zeros(b, n_h, 1, v.shape[-1])], dim=2)
+        return nn.functional.scaled_dot_product_attention(
+            q_, k_, v_, attn_mask=allowed, dropout_p=dropout_p, scale=scale
+        )
 
     def extra_repr(self) -> str:
         return f"sliding_window={self.sliding_window}"

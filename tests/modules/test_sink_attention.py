@@ -56,3 +56,35 @@ def test_sdpa_sink_equals_the_plain_formula(head_dim, window, with_mask):
     g_want = torch.autograd.grad(want, [q, k, v, sinks], grad)
     for a, w in zip(g_got, g_want):
         torch.testing.assert_close(a, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("as_block_mask", [False, True])
+def test_packed_samples_equal_separate_sequences(as_block_mask):
+    """Two samples packed into one row (block-causal mask, positions restarting at each sample) give each sample's
+    own output, with the sliding window; the mask may come as a boolean tensor (CPU) or as the flex-attention
+    BlockMask torchtune builds for packed samples on CUDA."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torchtune.modules import RotaryPositionalEmbeddings
+
+    torch.manual_seed(0)
+    H, hd, D = 4, 8, 32
+    attn = SinkAttention(
+        sliding_window=3, embed_dim=D, num_heads=H, num_kv_heads=2, head_dim=hd, q_proj=nn.Linear(D, D),
+        k_proj=nn.Linear(D, 2 * hd), v_proj=nn.Linear(D, 2 * hd), output_proj=nn.Linear(D, D),
+        pos_embeddings=RotaryPositionalEmbeddings(hd, max_seq_len=32), max_seq_len=32,
+    )
+    with torch.no_grad():
+        attn.sinks.normal_(0.0, 1.0)
+    lens = [5, 7]
+    parts = [torch.randn(1, n, D) for n in lens]
+    x = torch.cat(parts, dim=1)
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)]).unsqueeze(0)
+    input_pos = torch.cat([torch.arange(n) for n in lens]).unsqueeze(0)
+    if as_block_mask:
+        mask = create_block_mask(lambda b, h, q, kv: (doc[b, q] == doc[b, kv]) & (q >= kv), 1, None, 12, 12,
+                                 device="cpu")
+    else:
+        mask = (doc[:, :, None] == doc[:, None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    packed = attn(x, x, mask=mask, input_pos=input_pos)
+    alone = torch.cat([attn(p, p) for p in parts], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import create_mask
 from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
 from torchtune.modules import MultiHeadAttention, RMSNorm
 from torchtune.modules.attention_utils import _MaskType, _sdpa_or_flex_attention
@@ -278,8 +279,8 @@ class SinkAttention(MultiHeadAttention):
     sink as one more key: queries get an extra channel of ones, keys an extra channel of zeros, and the sink key
     of head h is zero but for ``sinks[h] / scale`` in that channel, with a zero value; so its logit is
     ``sinks[h]`` for every query and it adds nothing to the output. The channels are padded to a multiple of 8
-    (fused kernels' alignment). The window and causality are a boolean [s, s_k + 1] mask. Packed samples (a
-    flex-attention ``BlockMask``) are refused.
+    (fused kernels' alignment). The window and causality are a boolean [s, s_k + 1] mask; packed samples' mask
+    (boolean, or the flex-attention ``BlockMask`` torchtune builds on CUDA, evaluated to a boolean one) joins it.
 
     Args:
         sliding_window (Optional[int]): window w; None: full causal attention.
@@ -300,13 +301,13 @@ class SinkAttention(MultiHeadAttention):
     ) -> torch.Tensor:
         """q [b, n_h, s, h_d], k and v [b, n_h, s_k, h_d] (GQA already expanded) -> [b, n_h, s, h_d].
 
-        ``mask``: None (causal) or a boolean [b, s, s_k] mask (True: may attend)."""
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            raise NotImplementedError(
-                "SinkAttention does not take a flex-attention BlockMask (packed samples): use packed: false"
-            )
+        ``mask``: None (causal), a boolean [b, s, s_k] mask (True: may attend) or a flex-attention ``BlockMask``."""
         b, n_h, s, h_d = q.shape
         s_k = k.shape[2]
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            # Packed samples on CUDA come as a flex-attention BlockMask: evaluated here into the boolean
+            # [b, s, s_k] mask the SDPA call takes (s * s_k bytes per sample: 4 MiB at 2048 tokens).
+            mask = create_mask(mask.mask_mod, b, None, s, s_k, device=q.device)[:, 0]
         scale = h_d**-0.5
         i = torch.arange(s, device=q.device).unsqueeze(1) + (s_k - s)
         j = torch.arange(s_k, device=q.device).unsqueeze(0)

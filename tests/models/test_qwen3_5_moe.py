@@ -205,15 +205,49 @@ def test_multimodal_config_checks():
         qwen3_5_moe_hf_config_to_kwargs({**base, "tie_word_embeddings": True})
 
 
-def test_packing_is_refused():
+def test_a_mask_without_positions_is_refused():
     model = build_from_hf_config({**QWEN3_5_MOE_35B_A3B, "model_type": "qwen3_5_moe_text", "num_hidden_layers": 1, "hidden_size": 64,
                                   "vocab_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
                                   "linear_num_key_heads": 1, "linear_num_value_heads": 1,
                                   "linear_key_head_dim": 8, "linear_value_head_dim": 8,
                                   "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16}, device="cpu")
     mask = torch.ones(1, 4, 4, dtype=torch.bool).tril()
-    with pytest.raises(ValueError, match="packed"):
+    with pytest.raises(ValueError, match="packed samples need their positions"):
         model(torch.zeros(1, 4, dtype=torch.long), mask=mask)
+
+
+def test_packed_samples_equal_separate_samples(tmp_path):
+    """Samples packed into rows (torchtune's block-causal mask and restarting positions) give each sample's own
+    logits: the linear-attention layers restart their state and convolution per sample, the full-attention
+    layers mask across samples. Samples longer than a chunk, a row holding three."""
+    from torchtune.modules.attention_utils import packed_block_causal_mask
+
+    from torchtune_moe.training import from_hf_pretrained
+
+    _, path = _save_text(tmp_path)
+    model = from_hf_pretrained(path).eval()
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    rows = [[11, 9, 4], [20, 4]]  # sample lengths per packed row
+    samples = [[torch.randint(0, vocab, (1, n)) for n in row] for row in rows]
+    S = max(sum(row) for row in rows)
+    tokens = torch.zeros(len(rows), S, dtype=torch.long)
+    input_pos = torch.zeros(len(rows), S, dtype=torch.long)
+    seq_lens = []
+    for b, row in enumerate(rows):
+        tokens[b, : sum(row)] = torch.cat([t[0] for t in samples[b]])
+        input_pos[b, : sum(row)] = torch.cat([torch.arange(n) for n in row])
+        pad = S - sum(row)
+        seq_lens.append(torch.tensor(row + ([pad] if pad else [])))
+        if pad:  # the row's padding, a sample of its own as torchtune packs it
+            input_pos[b, sum(row):] = torch.arange(pad)
+    mask = packed_block_causal_mask(seq_lens)
+    with torch.no_grad():
+        packed = model(tokens, mask=mask, input_pos=input_pos)
+        for b, row in enumerate(rows):
+            offset = 0
+            for n, sample in zip(row, samples[b]):
+                torch.testing.assert_close(packed[b, offset : offset + n], model(sample)[0], atol=1e-4, rtol=0)
+                offset += n
 
 
 def test_tokenizer_round_trip(tmp_path):

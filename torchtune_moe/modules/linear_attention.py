@@ -17,7 +17,7 @@ on CPU, the torch path below. The torch path is written here because no maintain
 gated delta rule: transformers has one, but as a private function of its model files (the parity reference,
 not a dependency of the package).
 
-Packed samples (a document mask) are refused: the state would flow from one document into the next.
+Packed samples: each sample of a packed row is mixed on its own, from a zero state (``GatedDeltaNet._per_sample``).
 """
 
 from typing import Optional
@@ -237,18 +237,42 @@ class GatedDeltaNet(TrainingOnlySelfAttention):
         mask: Optional[torch.Tensor] = None,
         input_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``x`` [B, S, D] -> [B, S, D], causal (``y`` must be None or ``x``; ``input_pos`` is unused: no
-        positions in linear attention).
+        """``x`` [B, S, D] -> [B, S, D], causal (``y`` must be None or ``x``).
+
+        Packed samples (a ``mask`` with ``input_pos``, positions restarting at 0 at each sample): each sample runs
+        from a zero state and a fresh convolution, as alone (:meth:`_per_sample`).
 
         Raises:
-            ValueError: a mask (packed samples), which the recurrence cannot honour.
+            ValueError: a mask without ``input_pos`` (the samples' starts are read from the positions).
         """
         self.check_self_attention(x, y)
         if mask is not None:
-            raise ValueError(
-                "GatedDeltaNet (linear attention) cannot take an attention mask: packed samples would leak the "
-                "recurrent state across documents. Use an unpacked dataset (dataset.packed=False)."
-            )
+            if input_pos is None:
+                raise ValueError(
+                    "GatedDeltaNet (linear attention) got an attention mask without input_pos: packed samples need "
+                    "their positions (torchtune's packed datasets give them) to restart the recurrence per sample"
+                )
+            return self._per_sample(x, input_pos)
+        return self._mix(x)
+
+    def _per_sample(self, x_BSD: torch.Tensor, input_pos_BS: torch.Tensor) -> torch.Tensor:
+        """Packed rows: the samples (each starting where ``input_pos`` is 0, and at each row start) are gathered
+        into a zero-padded [N, L, D] batch (N samples, L the longest), mixed, and scattered back. Padding after a
+        sample's tokens does not reach them (causal convolution and recurrence). One host sync, for N and L."""
+        B, S, D = x_BSD.shape
+        starts_BS = input_pos_BS == 0
+        starts_BS[:, 0] = True
+        sample_T = starts_BS.flatten().cumsum(0) - 1  # [B*S] sample index of each token
+        first_T = torch.arange(B * S, device=x_BSD.device)
+        first_N = first_T[starts_BS.flatten()]  # flat index of each sample's first token
+        pos_T = first_T - first_N[sample_T]
+        N, L = first_N.numel(), int(pos_T.max()) + 1  # the host sync
+        x_NLD = x_BSD.new_zeros(N, L, D)
+        x_NLD[sample_T, pos_T] = x_BSD.reshape(B * S, D)
+        return self._mix(x_NLD)[sample_T, pos_T].reshape(B, S, D)
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The token mixer over whole sequences from a zero state: [B, S, D] -> [B, S, D]."""
         B, S, _ = x.shape
         qkv_BSC = self.in_proj_qkv(x)
         qkv_BSC = self._act(self.conv1d(qkv_BSC.transpose(1, 2))[..., :S]).transpose(1, 2)

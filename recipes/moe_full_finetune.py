@@ -62,6 +62,7 @@ from torchtune_moe.training import (
     FULL_FINETUNE_CONFIG_SPEC,
     MODEL_KEY,
     RECIPE_STATE_FILENAME,
+    UNSET,
     ExpertLoadTracker,
     GatheredStateDict,
     LogWindow,
@@ -408,13 +409,16 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 if old == new:
                     continue
                 what = "applied: the experts' weights and optimizer state are resharded to it"
+            elif key.startswith("optimizer.") and new is UNSET:
+                what = "removed from the config: the checkpoint's value is kept"
             else:
                 what = "applied: the new value is used from here on"
             lines.append(f"  {key}: {old!r} -> {new!r} ({what})")
-        utils.log_rank_zero(
-            log, "resume_from_checkpoint: the config differs from the checkpoint's run:\n" + "\n".join(lines)
-        )
-        return [(k, o, n) for k, o, n in changes if k.startswith("optimizer.")]
+        if lines:
+            utils.log_rank_zero(
+                log, "resume_from_checkpoint: the config differs from the checkpoint's run:\n" + "\n".join(lines)
+            )
+        return [(k, o, n) for k, o, n in changes if k.startswith("optimizer.") and n is not UNSET]
 
     def _apply_optimizer_changes(self, changes: list[tuple[str, Any, Any]]) -> None:
         """Writes changed optimizer hyperparameters into the restored param groups (``initial_lr`` too, so that

@@ -133,6 +133,21 @@ def test_changed_lr_on_resume_is_applied(tmp_path):
     assert lr[2] == pytest.approx(3e-3 * 2 / 20) and lr[3] == pytest.approx(6e-3 * 3 / 20)
 
 
+def test_optimizer_key_removed_on_resume_keeps_the_checkpoints_value(tmp_path, caplog):
+    """~optimizer.weight_decay on resume (the key gone from the config): the restored optimizer keeps the
+    checkpoint's value and the notice says so, instead of writing None into its param groups (the next step
+    crashed on it)."""
+    overrides = [*FAST, *SHORT, "max_steps_per_epoch=3", "save_every_n_steps=2"]
+    run_recipe(tmp_path, overrides=overrides, fast=())
+    (tmp_path / "step_3").rename(tmp_path / "old_step_3")
+    with caplog.at_level("INFO"):
+        recipe = run_recipe(tmp_path, overrides=[*overrides, "~optimizer.weight_decay", "resume_from_checkpoint=true"],
+                            fast=())
+    assert recipe.global_step == 3
+    assert {g["weight_decay"] for g in recipe._optimizer.param_groups} == {0.01}
+    assert "optimizer.weight_decay: 0.01 -> (unset) (removed from the config: the checkpoint's value is kept)" in caplog.text
+
+
 def test_refused_resume_leaves_the_config_and_logs_alone(tmp_path):
     overrides = [*FAST, *SHORT, "max_steps_per_epoch=2"]
     run_recipe(tmp_path, overrides=overrides, fast=())

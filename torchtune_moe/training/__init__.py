@@ -61,6 +61,7 @@ from torchtune_moe.training._sharded_checkpoint import (
 )
 from torchtune_moe.training._safety import (
     CONFIG_FILENAME,
+    UNSET,
     TrainingStopped,
     all_finite,
     check_output_dir,
@@ -132,6 +133,7 @@ __all__ = [
     "first_nonfinite",
     "check_output_dir",
     "clear_previous_run",
+    "UNSET",
     "config_changes",
     "is_out_of_space",
     "last_good_checkpoint_note",

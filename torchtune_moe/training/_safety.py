@@ -24,6 +24,7 @@ __all__ = [
     "previous_run_files",
     "check_output_dir",
     "clear_previous_run",
+    "UNSET",
     "config_changes",
     "is_out_of_space",
     "last_good_checkpoint_note",
@@ -88,17 +89,33 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+class _Unset:
+    """A config key absent on one side of :func:`config_changes` (falsy; shown as ``(unset)``)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+#: The value :func:`config_changes` gives a key that one of the two configs does not have.
+UNSET = _Unset()
+
+
 def config_changes(saved: dict, current: dict, ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
     """``(key, value in the checkpoint's run, value now)`` for every leaf key that differs between two resolved
-    configs (dotted keys; absent is ``None``), keys under ``ignore`` prefixes left out."""
+    configs (dotted keys; a key one side lacks has :data:`UNSET` there, unlike an explicit ``null``), keys under
+    ``ignore`` prefixes left out."""
     a, b = _flatten(saved), _flatten(current)
     ignore = tuple(ignore)
     changes = []
     for key in sorted(set(a) | set(b)):
         if any(key == p or key.startswith(p + ".") for p in ignore):
             continue
-        if a.get(key) != b.get(key):
-            changes.append((key, a.get(key), b.get(key)))
+        old, new = a.get(key, UNSET), b.get(key, UNSET)
+        if old is UNSET or new is UNSET or old != new:
+            changes.append((key, old, new))
     return changes
 
 

@@ -127,3 +127,18 @@ def describe(model) -> dict:
         "aux_loss_coeff": {layer.aux_loss_coeff for _, layer in moe_layers(model)},
         "padding_idx": model.tok_embeddings.padding_idx,
     }
+
+
+def param_counts(model, count_input_embedding: bool = True) -> tuple[int, int]:
+    """(total, active per token) parameters of a built model (meta works): active counts K of the E routed
+    experts of each MoE layer; ``count_input_embedding=False`` leaves the input embedding out of the active
+    count, as some publishers do."""
+    from torchtune_moe.modules import moe_layers
+
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    E, K = [(layer.router.num_experts, layer.router.experts_per_token) for _, layer in moe_layers(model)][0]
+    active = total - routed + routed * K // E
+    if not count_input_embedding:
+        active -= model.tok_embeddings.weight.numel()
+    return total, active

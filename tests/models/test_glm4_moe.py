@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hf_testing import checkpointer_round_trip, compare, describe, load_and_compare, save_tiny_hf
+from hf_testing import checkpointer_round_trip, compare, describe, load_and_compare, param_counts, save_tiny_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -147,14 +147,6 @@ HUB_GLM4_5_AIR = {
 }
 
 
-def _count(model) -> tuple[int, int]:
-    """(total, active per token) parameters; active counts K of the E routed experts."""
-    total = sum(p.numel() for p in model.parameters())
-    routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
-    E, K = [(layer.router.num_experts, layer.router.experts_per_token) for _, layer in moe_layers(model)][0]
-    return total, total - routed + routed * K // E
-
-
 @pytest.mark.parametrize(
     "builder, hub, published, total_b, active_b",
     [
@@ -171,7 +163,7 @@ def test_published_sizes_build_on_meta_and_match_hub_configs(builder, hub, publi
     with torch.device("meta"):
         model = builder()
     assert describe(model) == describe(build_from_hf_config(hub))
-    total, active = _count(model)
+    total, active = param_counts(model)
     assert total / 1e9 == pytest.approx(total_b, abs=0.05) and active / 1e9 == pytest.approx(active_b, abs=0.05)
     first = model.layers[0]
     assert first.attn.pos_embeddings.rotary_dim == 64 and not hasattr(first.mlp, "router")

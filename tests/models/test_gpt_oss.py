@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hf_testing import checkpointer_round_trip, compare, describe, load_and_compare, save_tiny_hf
+from hf_testing import checkpointer_round_trip, compare, describe, load_and_compare, param_counts, save_tiny_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -175,16 +175,6 @@ def test_mxfp4_checkpoint_loads_as_transformers_dequantises_it(tmp_path):
     assert set(gpt_oss_tune_to_hf(model.state_dict(), config)) == set(sd)
 
 
-def _count(model) -> tuple[int, int]:
-    """(total, active per token) parameters; active counts K of the E experts and leaves the input embedding
-    out, as OpenAI's published 3.6B and 5.1B do."""
-    embed = model.tok_embeddings.weight.numel()
-    total = sum(p.numel() for p in model.parameters())
-    routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
-    E, K = [(layer.router.num_experts, layer.router.experts_per_token) for _, layer in moe_layers(model)][0]
-    return total, total - embed - routed + routed * K // E
-
-
 # config.json of openai/gpt-oss-120b as published on the Hub (layer_types: 18 x [sliding, full]).
 HUB_120B = {
     "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,
@@ -216,7 +206,7 @@ def test_published_sizes_build_on_meta_and_match_hub_configs(builder, hub, publi
     with torch.device("meta"):
         model = builder()
     assert describe(model) == describe(build_from_hf_config(hub))
-    total, active = _count(model)
+    total, active = param_counts(model, count_input_embedding=False)
     assert total / 1e9 == pytest.approx(total_b, abs=0.01) and active / 1e9 == pytest.approx(active_b, abs=0.01)
     assert [layer.attn.sliding_window for layer in model.layers[:2]] == [128, None]
     rope = model.layers[0].attn.pos_embeddings

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hf_testing import checkpointer_round_trip, compare, load_and_compare, save_tiny_hf
+from hf_testing import checkpointer_round_trip, compare, load_and_compare, param_counts, save_tiny_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,14 +144,6 @@ def test_multimodal_checkpoint_loads_the_text_model(tmp_path):
     compare(reloaded.eval(), ours, seq_len=SEQ)
 
 
-def _count(model) -> tuple[float, float]:
-    """(total, active per token) parameters in billions; active counts K of the E routed experts."""
-    total = sum(p.numel() for p in model.parameters())
-    routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
-    E, K = [(m.router.num_experts, m.router.experts_per_token) for _, m in moe_layers(model)][0]
-    return total / 1e9, (total - routed + routed * K // E) / 1e9
-
-
 @pytest.mark.parametrize(
     "builder, published, total_b, active_b",
     [
@@ -165,8 +157,8 @@ def _count(model) -> tuple[float, float]:
 def test_published_sizes_build_on_meta(builder, published, total_b, active_b):
     with torch.device("meta"):
         model = builder()
-    total, active = _count(model)
-    assert total == pytest.approx(total_b, abs=0.01) and active == pytest.approx(active_b, abs=0.01)
+    total, active = param_counts(model)
+    assert total / 1e9 == pytest.approx(total_b, abs=0.01) and active / 1e9 == pytest.approx(active_b, abs=0.01)
     kinds = [isinstance(layer.attn, GatedMultiHeadAttention) for layer in model.layers]
     assert kinds == [(i + 1) % 4 == 0 for i in range(published["num_hidden_layers"])]
     full = model.layers[3].attn

@@ -91,3 +91,18 @@ def test_norms():
     with torch.no_grad():
         offset.scale.fill_(0.5)
     torch.testing.assert_close(offset(x), 1.5 * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_packed_layout_is_computed_once_per_positions_tensor():
+    """Every linear-attention layer of a forward gets the same input_pos: the layout (and its host sync) is
+    reused for it, and recomputed for another tensor or after an in-place change."""
+    from torchtune_moe.modules.linear_attention import packed_layout
+
+    input_pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
+    sample_T, pos_T, N, L = first = packed_layout(input_pos)
+    assert sample_T.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3] and pos_T.tolist() == [0, 1, 2, 0, 1, 0, 1, 0, 1, 2]
+    assert (N, L) == (4, 3)
+    assert packed_layout(input_pos) is first
+    assert packed_layout(input_pos.clone()) is not first
+    input_pos[0, 3] = 3  # one sample in row 0 now
+    assert packed_layout(input_pos)[2:] == (3, 5)

@@ -20,6 +20,7 @@ not a dependency of the package).
 Packed samples: each sample of a packed row is mixed on its own, from a zero state (``GatedDeltaNet._per_sample``).
 """
 
+import weakref
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from torchtune_moe.modules.attention_utils import TrainingOnlySelfAttention
 from torchtune_moe.modules.moe_linear import _get_activation
 
-__all__ = ["GatedDeltaNet", "GatedRMSNorm", "chunk_gated_delta_rule", "recurrent_gated_delta_rule"]
+__all__ = ["GatedDeltaNet", "GatedRMSNorm", "chunk_gated_delta_rule", "packed_layout", "recurrent_gated_delta_rule"]
 
 try:  # the maintained Triton kernels (GPU only); optional
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk_gated_delta_rule
@@ -160,6 +161,31 @@ class GatedRMSNorm(nn.Module):
         return (self.scale * normed.to(dtype) * F.silu(gate.float())).to(dtype)
 
 
+# The last layout computed, for the input_pos tensor it came from: every linear-attention layer of a forward (and its
+# activation-checkpoint recompute) gets the same input_pos object, so the host sync happens once per forward.
+_LAST_LAYOUT: list = [None]
+
+
+def packed_layout(input_pos_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Where each token of packed rows goes in a [N, L] batch of its samples (a sample starts where ``input_pos``
+    is 0, and at each row start): ``(sample_T, pos_T, N, L)``, ``sample_T`` and ``pos_T`` [B*S]. One host sync
+    (for N and L), made once per ``input_pos`` tensor: the result is reused while the same, unmodified tensor
+    comes back."""
+    last = _LAST_LAYOUT[0]
+    if last is not None and last[0]() is input_pos_BS and last[1] == input_pos_BS._version:
+        return last[2]
+    B, S = input_pos_BS.shape
+    starts_BS = input_pos_BS == 0
+    starts_BS[:, 0] = True
+    sample_T = starts_BS.flatten().cumsum(0) - 1  # [B*S] sample index of each token
+    first_T = torch.arange(B * S, device=input_pos_BS.device)
+    first_N = first_T[starts_BS.flatten()]  # flat index of each sample's first token
+    pos_T = first_T - first_N[sample_T]
+    layout = (sample_T, pos_T, first_N.numel(), int(pos_T.max()) + 1)  # the host sync
+    _LAST_LAYOUT[0] = (weakref.ref(input_pos_BS), input_pos_BS._version, layout)
+    return layout
+
+
 class GatedDeltaNet(TrainingOnlySelfAttention):
     """Gated DeltaNet token mixer ``[B, S, D] -> [B, S, D]`` (Qwen3.5-MoE's linear-attention layers).
 
@@ -256,17 +282,11 @@ class GatedDeltaNet(TrainingOnlySelfAttention):
         return self._mix(x)
 
     def _per_sample(self, x_BSD: torch.Tensor, input_pos_BS: torch.Tensor) -> torch.Tensor:
-        """Packed rows: the samples (each starting where ``input_pos`` is 0, and at each row start) are gathered
-        into a zero-padded [N, L, D] batch (N samples, L the longest), mixed, and scattered back. Padding after a
-        sample's tokens does not reach them (causal convolution and recurrence). One host sync, for N and L."""
+        """Packed rows: the samples are gathered into a zero-padded [N, L, D] batch (:func:`packed_layout`), mixed,
+        and scattered back. Padding after a sample's tokens does not reach them (causal convolution and
+        recurrence)."""
         B, S, D = x_BSD.shape
-        starts_BS = input_pos_BS == 0
-        starts_BS[:, 0] = True
-        sample_T = starts_BS.flatten().cumsum(0) - 1  # [B*S] sample index of each token
-        first_T = torch.arange(B * S, device=x_BSD.device)
-        first_N = first_T[starts_BS.flatten()]  # flat index of each sample's first token
-        pos_T = first_T - first_N[sample_T]
-        N, L = first_N.numel(), int(pos_T.max()) + 1  # the host sync
+        sample_T, pos_T, N, L = packed_layout(input_pos_BS)
         x_NLD = x_BSD.new_zeros(N, L, D)
         x_NLD[sample_T, pos_T] = x_BSD.reshape(B * S, D)
         return self._mix(x_NLD)[sample_T, pos_T].reshape(B, S, D)

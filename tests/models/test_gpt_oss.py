@@ -109,6 +109,18 @@ def test_gradients_match_transformers(tmp_path):
         torch.testing.assert_close(g, theirs.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("router", ["expert_choice", "causal_expert_choice"])
+def test_another_router_keeps_the_router_bias(tmp_path, router):
+    """Switching the router (model.router=...) keeps the checkpoint's router bias: gate_bias is an option of every
+    router, not of token choice only."""
+    from torchtune_moe.training import from_hf_pretrained
+
+    hf, path = _save(tmp_path / "hf", **BASE)
+    ours = from_hf_pretrained(path, router=router)
+    for i, (_, layer) in enumerate(moe_layers(ours)):
+        assert torch.equal(layer.router.gate.bias, hf.model.layers[i].mlp.router.bias)
+
+
 def test_in_memory_conversion_round_trip(tmp_path):
     hf, path = _save(tmp_path, **BASE)
     config = json.loads((path / "config.json").read_text())

@@ -331,9 +331,10 @@ class _CapacityRouter(Router):
     (at least 1, at most T) for T tokens."""
 
     def __init__(
-        self, dim: int, num_experts: int, experts_per_token: int, capacity_factor: float, score_func: str
+        self, dim: int, num_experts: int, experts_per_token: int, capacity_factor: float, score_func: str,
+        gate_bias: bool = False,
     ):
-        super().__init__(dim, num_experts, experts_per_token, score_func)
+        super().__init__(dim, num_experts, experts_per_token, score_func, gate_bias=gate_bias)
         if not capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
         self.capacity_factor = capacity_factor
@@ -372,8 +373,9 @@ class ExpertChoiceTopKRouter(_CapacityRouter):
         *,
         capacity_factor: float = 1.0,
         score_func: str = "softmax",
+        gate_bias: bool = False,
     ):
-        super().__init__(dim, num_experts, experts_per_token, capacity_factor, score_func)
+        super().__init__(dim, num_experts, experts_per_token, capacity_factor, score_func, gate_bias)
 
     def forward(self, x_TD: torch.Tensor, forced_experts_TK: Optional[torch.Tensor] = None) -> RouterOutput:
         """
@@ -457,8 +459,9 @@ class CausalExpertChoiceRouter(_CapacityRouter):
         max_experts_per_token: Optional[int] = None,
         threshold_ema_decay: float = 0.99,
         score_func: str = "softmax",
+        gate_bias: bool = False,
     ):
-        super().__init__(dim, num_experts, experts_per_token, capacity_factor, score_func)
+        super().__init__(dim, num_experts, experts_per_token, capacity_factor, score_func, gate_bias)
         if max_experts_per_token is None:
             max_experts_per_token = min(num_experts, 2 * experts_per_token)
         if not experts_per_token <= max_experts_per_token <= num_experts:

@@ -128,7 +128,7 @@ def gpt_oss(
             attn_dropout=attn_dropout,
         )
 
-    options = dict(gate_bias=True, **moe_kwargs) if moe_kwargs.get("router", "token_choice") == "token_choice" else moe_kwargs
+    options = dict(gate_bias=True, **moe_kwargs)
     model = moe(
         vocab_size=vocab_size,
         num_layers=num_layers,

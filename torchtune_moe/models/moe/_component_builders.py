@@ -32,12 +32,13 @@ log = get_logger("INFO")
 
 __all__ = ["moe_layer", "moe", "ROUTERS"]
 
-# Router name -> (class, options that only this router takes).
+# Router name -> (class, options that only this router takes). Every router also takes score_func and gate_bias.
+_COMMON_ROUTER_OPTIONS = ("score_func", "gate_bias")
 ROUTERS = {
     "token_choice": (
         TokenChoiceTopKRouter,
         ("norm_topk_prob", "route_scale", "num_expert_groups", "num_limited_groups", "expert_bias_update_rate",
-         "expert_bias", "gate_bias"),
+         "expert_bias"),
     ),
     "expert_choice": (ExpertChoiceTopKRouter, ("capacity_factor",)),
     "causal_expert_choice": (
@@ -53,11 +54,11 @@ def _router_options(router: str, options: dict) -> dict:
     even when the config sets another router's options (``norm_topk_prob``, ``capacity_factor``, ...)."""
     allowed = ROUTERS[router][1]
     given = {k: v for k, v in options.items() if v is not None}
-    dropped = sorted(k for k in given if k != "score_func" and k not in allowed)
+    dropped = sorted(k for k in given if k not in _COMMON_ROUTER_OPTIONS and k not in allowed)
     if dropped:
         log.info(
             f"router={router!r} does not use {dropped} (options of another router): ignored. It takes "
-            f"{list(allowed)} and score_func."
+            f"{list(allowed)}, score_func and gate_bias."
         )
     return {k: v for k, v in given.items() if k not in dropped}
 
@@ -122,9 +123,10 @@ def moe_layer(
         experts_per_token (int): K (for expert choice and threshold routers: the average K).
         router (str | nn.Module): ``"token_choice"``, ``"expert_choice"`` (not causal: see docs),
             ``"causal_expert_choice"`` (Expert Threshold routing), or your own router module.
-        score_func (Optional[str]): ``"softmax"`` (default) or ``"sigmoid"``.
-        norm_topk_prob, route_scale, num_expert_groups, num_limited_groups, expert_bias_update_rate, expert_bias,
-        gate_bias: token-choice options (:class:`~torchtune_moe.modules.TokenChoiceTopKRouter`); None = its default.
+        score_func (Optional[str]): ``"softmax"`` (default) or ``"sigmoid"`` (every router).
+        gate_bias (Optional[bool]): a trained bias on the router gate's logits (every router; GPT-OSS).
+        norm_topk_prob, route_scale, num_expert_groups, num_limited_groups, expert_bias_update_rate, expert_bias:
+            token-choice options (:class:`~torchtune_moe.modules.TokenChoiceTopKRouter`); None = its default.
         capacity_factor: expert-choice and causal-expert-choice option.
         max_experts_per_token, threshold_ema_decay: causal-expert-choice options
             (:class:`~torchtune_moe.modules.CausalExpertChoiceRouter`).
@@ -205,7 +207,7 @@ def moe_layer(
     )
 
 
-_ROUTER_ARGS = ("score_func",) + tuple(sorted({o for _, opts in ROUTERS.values() for o in opts}))
+_ROUTER_ARGS = _COMMON_ROUTER_OPTIONS + tuple(sorted({o for _, opts in ROUTERS.values() for o in opts}))
 _MOE_LAYER_ARGS = [p for p in inspect.signature(moe_layer).parameters if p not in ("dim", "moe_hidden_dim")]
 
 

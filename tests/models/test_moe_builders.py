@@ -398,3 +398,11 @@ def test_switching_the_router_is_one_override_of_a_packaged_config(config_name, 
         model = tt_config.instantiate(cfg.model)
     cls = {"expert_choice": ExpertChoiceTopKRouter, "causal_expert_choice": CausalExpertChoiceRouter}[cfg.model.router]
     assert all(isinstance(layer.router, cls) for _, layer in moe_layers(model))
+
+
+@pytest.mark.parametrize("name", ["gated", "shared_expert_gate", "aux_loss_pooled", "expert_linear_bias", "gate_bias"])
+def test_boolean_options_refuse_other_values(name):
+    """moe() passes these through to moe_layer as **kwargs, out of the config check's reach: a string from a
+    command line (model.gate_bias=abc) must be refused by name, not read as true."""
+    with pytest.raises(ValueError, match=rf"{name} must be true or false, got 'abc'"):
+        moe_layer(dim=32, moe_hidden_dim=16, num_experts=4, experts_per_token=2, **{name: "abc"})

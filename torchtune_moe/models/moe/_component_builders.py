@@ -166,7 +166,9 @@ def moe_layer(
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     # moe() passes these through **moe_layer_kwargs, where the config check cannot see their annotations.
     for name, value in (("gated", gated), ("shared_expert_gate", shared_expert_gate), ("aux_loss_pooled", aux_loss_pooled),
-                        ("expert_linear_bias", expert_linear_bias)):
+                        ("expert_linear_bias", expert_linear_bias), ("gate_bias", gate_bias)):
+        if name == "gate_bias" and value is None:  # None: the router's default
+            continue
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
     if not 1 <= experts_per_token <= num_experts:

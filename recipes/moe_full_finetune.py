@@ -515,6 +515,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         t0 = time.perf_counter()
         try:
             load_training_state(self._model, self._optimizer, self._resume_dir / DCP_DIRNAME)
+        except ValueError:  # load_training_state's own message, complete
+            raise
         except Exception as e:  # its files passed checkpoint_problems: the model or optimizer differ
             detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise ValueError(

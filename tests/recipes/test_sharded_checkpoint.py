@@ -126,6 +126,17 @@ def test_resume_with_another_router_state_is_refused_by_name(tmp_path):
                                          "model.expert_bias_update_rate=0.01", "resume_from_checkpoint=true"])
 
 
+def test_resume_that_would_drop_trained_weights_is_refused_by_name(tmp_path):
+    """The reverse: the checkpoint holds tensors the resumed model lacks (model.gate_bias switched off). DCP
+    would skip them silently (the router biases lost); the resume is refused, naming them."""
+    run_recipe(tmp_path, overrides=["max_steps_per_epoch=1", "batch_size=8", "model.gate_bias=true"])
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint: .*distcp holds 4 model tensors this model does "
+                                         r"not have \(layers\.0\.mlp\.router\.gate\.bias, .*\): the model config "
+                                         r"changed since the save"):
+        make_recipe(tmp_path, overrides=["max_steps_per_epoch=1", "batch_size=8", "epochs=2",
+                                         "resume_from_checkpoint=true"])
+
+
 def test_full_disk_while_writing_shards_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     """ENOSPC inside torch.distributed.checkpoint's writer at step 2: the run stops saying so, step_1 stays."""
     import errno

@@ -90,16 +90,29 @@ def load_training_state(model: torch.nn.Module, optimizer: Optional[torch.optim.
     meta tensors); the optimizer's state is created first (torch's ``get_state_dict`` does it).
 
     Raises:
+        ValueError: the checkpoint holds model tensors this model lacks (its config lost a part since the save,
+            e.g. ``model.gate_bias``): DCP would skip them silently, dropping trained weights.
         RuntimeError: DCP's error when a tensor is missing from the checkpoint or shaped otherwise (e.g. router
             options changed since the save).
     """
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
     if optimizer is None:
         model_sd = get_state_dict(model, [])[0]
         state = {"model": model_sd}
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        _add_saved_group_keys(optim_sd, path)
+        _add_saved_group_keys(optim_sd, metadata)
         state = {"model": model_sd, "optimizer": optim_sd}
+    extra = sorted(
+        k[len("model."):] for k in metadata.state_dict_metadata if k.startswith("model.") and k[len("model."):] not in model_sd
+    )
+    if extra:
+        shown = ", ".join(extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
+        raise ValueError(
+            f"resume_from_checkpoint: {path} holds {len(extra)} model tensors this model does not have ({shown}): "
+            f"the model config changed since the save and resuming would drop them. Resume with the checkpoint's "
+            f"model config (see the config differences above), or start a new run"
+        )
     _dcp(dcp.load, state, path)
     if optimizer is None:
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
@@ -107,11 +120,10 @@ def load_training_state(model: torch.nn.Module, optimizer: Optional[torch.optim.
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
-def _add_saved_group_keys(optim_sd: dict, path: Path) -> None:
+def _add_saved_group_keys(optim_sd: dict, metadata) -> None:
     """DCP loads only the keys the target holds: param-group entries a fresh optimizer lacks (``initial_lr``,
     which an lr scheduler adds) get a placeholder, so that the saved value is read into it."""
     prefix = "optimizer.param_groups."
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith(prefix):
             index, name = key[len(prefix) :].split(".", 1)

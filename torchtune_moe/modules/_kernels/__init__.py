@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
+    "lowrank_add_", "expert_outer", "lowrank_supported",
 ]
 
 
@@ -83,6 +84,33 @@ if _HAS_TRITON:
     @_segment_sum_op.register_fake
     def _(src_AD, index_J, offsets_T):
         return src_AD.new_empty((offsets_T.shape[0], src_AD.shape[1]))
+
+    @torch.library.custom_op("torchtune_moe::lowrank_add_", mutates_args=("y_AN",))
+    def _lowrank_add_op(
+        y_AN: Tensor, z_AP: Tensor, w_ENR: Tensor, offsets_E: Tensor, scale: float, parts: int
+    ) -> None:
+        _triton.lowrank_add_(y_AN, z_AP, w_ENR, offsets_E, scale, parts)
+
+    @_lowrank_add_op.register_fake
+    def _(y_AN, z_AP, w_ENR, offsets_E, scale, parts):
+        return None
+
+    @torch.library.custom_op("torchtune_moe::expert_outer", mutates_args=())
+    def _expert_outer_op(
+        big_XN: Tensor, small_AP: Tensor, offsets_E: Tensor, index_A: Optional[Tensor], scale: float, parts: int,
+        transposed: bool,
+    ) -> Tensor:
+        E, N, R = offsets_E.shape[0], big_XN.shape[1], small_AP.shape[1] // parts
+        if transposed:  # [E, R, N] written through an [E, N, R] view
+            out = big_XN.new_empty((E, R, N))
+            _triton.expert_outer(big_XN, small_AP, offsets_E, index_A, scale, parts, out.transpose(-2, -1))
+            return out
+        return _triton.expert_outer(big_XN, small_AP, offsets_E, index_A, scale, parts, big_XN.new_empty((E, N, R)))
+
+    @_expert_outer_op.register_fake
+    def _(big_XN, small_AP, offsets_E, index_A, scale, parts, transposed):
+        E, N, R = offsets_E.shape[0], big_XN.shape[1], small_AP.shape[1] // parts
+        return big_XN.new_empty((E, R, N) if transposed else (E, N, R))
 
 
 def gather_rows(
@@ -232,3 +260,84 @@ def segment_sum(src_AD: torch.Tensor, index_J: torch.Tensor, offsets_T: torch.Te
     token_J = torch.searchsorted(offsets_T.long(), torch.arange(J, device=src_AD.device), right=True)
     out_TD = torch.zeros(T + 1, src_AD.shape[1], dtype=torch.float32, device=src_AD.device)
     return out_TD.index_add_(0, token_J, src_AD[index_J].float())[:T].to(src_AD.dtype)
+
+
+# LoRA on the routed experts. Rows are sorted by expert: expert e owns rows [offsets_E[e-1], offsets_E[e]) (0 for
+# e = 0); rows at or past offsets_E[-1] (dropped slots) belong to none. A "part" splits the N columns into
+# ``parts`` equal blocks, block p paired with columns [p*R, (p+1)*R) of the [A, parts*R] low-rank operand: the
+# gate and up projections' separate LoRA pairs without a block-diagonal B. Why hand-written: torch's grouped GEMM
+# writes each low-rank product to a new tensor (then added in a second pass) and reads its big operand once per
+# product; these kernels add in place and gather their rows by index (benchmarks/NOTES.md, issue 12).
+
+
+def lowrank_supported(n: int, parts: int, rank: int) -> bool:
+    """Whether the Triton kernels take N = ``n`` columns in ``parts`` parts of rank ``rank`` (tensor-core tiles:
+    each part a multiple of 16 columns, rank <= 64); otherwise callers use the torch code."""
+    return n % parts == 0 and (n // parts) % 16 == 0 and rank <= 64
+
+
+def lowrank_add_(
+    y_AN: torch.Tensor, z_AP: torch.Tensor, w_ENR: torch.Tensor, offsets_E: torch.Tensor, scale: float,
+    parts: int = 1,
+) -> torch.Tensor:
+    """``y[a, n] += scale * z[a, p*R:(p+1)*R] @ w[e(a), n, :]`` in place, ``p = n // (N / parts)``, ``e(a)`` the
+    expert of row ``a``; rows past ``offsets_E[-1]`` are left as they are (Triton) or get unspecified values
+    (torch code: grouped GEMM rows outside every group). Accumulates in fp32 (Triton) and rounds once.
+
+    Args:
+        y_AN (torch.Tensor): [A, N], rows contiguous; updated in place and returned.
+        z_AP (torch.Tensor): [A, parts*R] low-rank rows, rows contiguous.
+        w_ENR (torch.Tensor): [E, N, R] per-expert up-projection (any strides: a transposed view is read as is).
+        offsets_E (torch.Tensor): [E] int32 cumulative rows per expert.
+        scale (float): multiplier of the product.
+        parts (int): column parts (see above).
+    """
+    E, N, R = w_ENR.shape
+    if use_triton(y_AN) and lowrank_supported(N, parts, R):
+        _lowrank_add_op(y_AN, z_AP, w_ENR, offsets_E, scale, parts)
+        return y_AN
+    n = N // parts
+    for p in range(parts):
+        prod = torch.nn.functional.grouped_mm(
+            z_AP[:, p * R : (p + 1) * R].contiguous(), w_ENR[:, p * n : (p + 1) * n].transpose(-2, -1),
+            offs=offsets_E,
+        )
+        y_AN[:, p * n : (p + 1) * n].add_(prod, alpha=scale)
+    return y_AN
+
+
+def expert_outer(
+    big_XN: torch.Tensor, small_AP: torch.Tensor, offsets_E: torch.Tensor, *, scale: float = 1.0, parts: int = 1,
+    index_A: Optional[torch.Tensor] = None, transposed: bool = False,
+) -> torch.Tensor:
+    """Per-expert sum of outer products: ``out[e, n, k] = scale * sum over rows a of e of big[i(a), n] *
+    small[a, p*R + k]`` with ``i(a) = index_A[a]`` (rows gathered on the fly) or ``a``, ``p = n // (N/parts)``:
+    the weight gradients of the low-rank factors. An expert without rows gets zeros.
+
+    Args:
+        big_XN (torch.Tensor): [X, N] (X = A, or the rows ``index_A`` points into).
+        small_AP (torch.Tensor): [A, parts*R].
+        offsets_E (torch.Tensor): [E] int32 cumulative rows per expert.
+        scale (float): multiplier.
+        parts (int): column parts (see above).
+        index_A (torch.Tensor): optional [A] int64 row of ``big`` for each row.
+        transposed (bool): return ``[E, R, N]`` (contiguous) instead of ``[E, N, R]``.
+
+    Returns:
+        torch.Tensor: [E, N, R] (or [E, R, N]) in ``big``'s dtype.
+    """
+    N, R = big_XN.shape[1], small_AP.shape[1] // parts
+    if use_triton(big_XN) and lowrank_supported(N, parts, R):
+        return _expert_outer_op(big_XN, small_AP, offsets_E, index_A, scale, parts, transposed)
+    big_AN = big_XN if index_A is None else big_XN.index_select(0, index_A)
+    n = N // parts
+    outs = []
+    for p in range(parts):
+        small = small_AP[:, p * R : (p + 1) * R]
+        big = big_AN[:, p * n : (p + 1) * n]
+        if transposed:
+            outs.append(torch.nn.functional.grouped_mm(small.t(), big, offs=offsets_E))
+        else:
+            outs.append(torch.nn.functional.grouped_mm(big.t(), small, offs=offsets_E))
+    out = outs[0] if parts == 1 else torch.cat(outs, dim=-1 if transposed else 1)
+    return out.mul_(scale) if scale != 1.0 else out

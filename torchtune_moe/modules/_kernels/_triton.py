@@ -5,9 +5,13 @@ computing in fp32. With ``MAY_DROP``, rows at or past ``num_valid`` (dropped slo
 written, except the routing-weight gradient, which they get as zero.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests without a GPU)
 
 
 @triton.jit
@@ -203,3 +207,150 @@ def gather_rows(src_TD, index_A, num_valid, may_drop):
         MAY_DROP=may_drop, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=4,
     )
     return out_AD
+
+
+# --- LoRA on the routed experts: the low-rank products, rows sorted by expert (``offsets_E`` cumulative ends) ---
+
+
+@triton.jit
+def _expert_of(offsets_ptr, row, E, BLOCK_E: tl.constexpr):
+    """Expert of sorted row ``row``: the number of experts whose rows end at or before it."""
+    es = tl.arange(0, BLOCK_E)
+    ends = tl.load(offsets_ptr + es, mask=es < E, other=2**31 - 1)
+    return tl.sum((ends <= row).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _lowrank_add_kernel(
+    y_ptr, z_ptr, w_ptr, offsets_ptr, E, N, scale,
+    stride_y, stride_z, stride_we, stride_wn, stride_wr,
+    R: tl.constexpr, PART_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # y[a, n] += scale * sum_k z[a, p*R + k] * w[e(a), n, k], p = n // PART_N (BLOCK_N divides PART_N)
+    row0 = tl.program_id(1) * BLOCK_M
+    end = tl.load(offsets_ptr + E - 1)  # rows past the last expert's end (dropped slots) are left alone
+    if row0 < end:
+        n0 = tl.program_id(0) * BLOCK_N
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_R)
+        rows_ok = rows < end
+        cols_ok = cols < N
+        rows64 = rows.to(tl.int64)
+        z = tl.load(
+            z_ptr + rows64[:, None] * stride_z + (n0 // PART_N) * R + ks[None, :],
+            mask=rows_ok[:, None] & (ks < R)[None, :], other=0.0,
+        )
+        e_first = _expert_of(offsets_ptr, row0, E, BLOCK_E)
+        e_last = _expert_of(offsets_ptr, tl.minimum(row0 + BLOCK_M, end) - 1, E, BLOCK_E)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        e = e_first
+        while e <= e_last:  # the experts whose rows this tile holds (mostly one or two)
+            lo = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
+            hi = tl.load(offsets_ptr + e)
+            z_e = tl.where(((rows >= lo) & (rows < hi))[:, None], z, 0.0)
+            w = tl.load(
+                w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wr,
+                mask=(ks < R)[:, None] & cols_ok[None, :], other=0.0,
+            )
+            acc += tl.dot(z_e.to(w.dtype), w)
+            e += 1
+        y_tile = y_ptr + rows64[:, None] * stride_y + cols[None, :]
+        mask = rows_ok[:, None] & cols_ok[None, :]
+        y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_tile, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _expert_outer_tile(
+    acc, start, hi, big_ptr, small_ptr, index_ptr, cols, cols_ok, ks, small_col0, stride_big, stride_small,
+    R: tl.constexpr, HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    rows = start + tl.arange(0, BLOCK_M)
+    rows_ok = rows < hi
+    if HAS_INDEX:
+        src = tl.load(index_ptr + rows, mask=rows_ok, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    big = tl.load(big_ptr + src[:, None] * stride_big + cols[None, :], mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+    small = tl.load(
+        small_ptr + rows.to(tl.int64)[:, None] * stride_small + small_col0 + ks[None, :],
+        mask=rows_ok[:, None] & (ks < R)[None, :], other=0.0,
+    )
+    return acc + tl.dot(tl.trans(big), small.to(big.dtype))
+
+
+@triton.jit
+def _expert_outer_kernel(
+    big_ptr, small_ptr, index_ptr, offsets_ptr, out_ptr, N, scale,
+    stride_big, stride_small, stride_oe, stride_on, stride_or,
+    R: tl.constexpr, PART_N: tl.constexpr, HAS_INDEX: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # out[e, n, k] = scale * sum_{a in e} big[index[a] or a, n] * small[a, p*R + k], p = n // PART_N
+    n0 = tl.program_id(0) * BLOCK_N
+    e = tl.program_id(1)
+    lo = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
+    hi = tl.load(offsets_ptr + e)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_R)
+    cols_ok = cols < N
+    small_col0 = (n0 // PART_N) * R
+    acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    if INTERPRET:  # the interpreter's range() refuses loaded bounds; the compiled for loop is pipelined
+        start = lo
+        while start < hi:
+            acc = _expert_outer_tile(
+                acc, start, hi, big_ptr, small_ptr, index_ptr, cols, cols_ok, ks, small_col0, stride_big,
+                stride_small, R, HAS_INDEX, BLOCK_M,
+            )
+            start += BLOCK_M
+    else:
+        for start in range(lo, hi, BLOCK_M):
+            acc = _expert_outer_tile(
+                acc, start, hi, big_ptr, small_ptr, index_ptr, cols, cols_ok, ks, small_col0, stride_big,
+                stride_small, R, HAS_INDEX, BLOCK_M,
+            )
+    out = out_ptr + e.to(tl.int64) * stride_oe + cols[:, None] * stride_on + ks[None, :] * stride_or
+    tl.store(out, (scale * acc).to(out_ptr.dtype.element_ty), mask=cols_ok[:, None] & (ks < R)[None, :])
+
+
+def _part_block(part_n: int, cap: int) -> int:
+    """Largest power of two <= ``cap`` dividing ``part_n`` (a column block must not straddle two parts)."""
+    b = cap
+    while part_n % b:
+        b //= 2
+    return b
+
+
+def lowrank_add_(y_AN, z_AP, w_ENR, offsets_E, scale, parts):
+    assert y_AN.stride(-1) == 1 and z_AP.stride(-1) == 1
+    E, N, R = w_ENR.shape
+    part_n = N // parts
+    BLOCK_M, BLOCK_N = 64, _part_block(part_n, 128)
+    BLOCK_R = max(16, triton.next_power_of_2(R))
+    # column blocks vary fastest: the programs reading one tile of z run together (z comes from L2 after the first)
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(y_AN.shape[0], BLOCK_M))
+    _lowrank_add_kernel[grid](
+        y_AN, z_AP, w_ENR, offsets_E, E, N, scale,
+        y_AN.stride(0), z_AP.stride(0), *w_ENR.stride(),
+        R=R, PART_N=part_n, BLOCK_E=triton.next_power_of_2(E),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=4,
+    )
+
+
+def expert_outer(big_XN, small_AP, offsets_E, index_A, scale, parts, out_ENR):
+    big_XN, small_AP = _rows_contiguous(big_XN), _rows_contiguous(small_AP)
+    E, N, R = out_ENR.shape
+    part_n = N // parts
+    BLOCK_M, BLOCK_N = 64, _part_block(part_n, 128)
+    BLOCK_R = max(16, triton.next_power_of_2(R))
+    grid = (triton.cdiv(N, BLOCK_N), E)
+    _expert_outer_kernel[grid](
+        big_XN, small_AP, index_A if index_A is not None else offsets_E, offsets_E, out_ENR, N, scale,
+        big_XN.stride(0), small_AP.stride(0), *out_ENR.stride(),
+        R=R, PART_N=part_n, HAS_INDEX=index_A is not None, INTERPRET=_INTERPRET,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=4,
+    )
+    return out_ENR

@@ -278,7 +278,7 @@ def lowrank_supported(n: int, parts: int, rank: int) -> bool:
 
 def lowrank_add_(
     y_AN: torch.Tensor, z_AP: torch.Tensor, w_ENR: torch.Tensor, offsets_E: torch.Tensor, scale: float,
-    parts: int = 1,
+    parts: int = 1, triton: bool = True,
 ) -> torch.Tensor:
     """``y[a, n] += scale * z[a, p*R:(p+1)*R] @ w[e(a), n, :]`` in place, ``p = n // (N / parts)``, ``e(a)`` the
     expert of row ``a``; rows past ``offsets_E[-1]`` are left as they are (Triton) or get unspecified values
@@ -291,9 +291,10 @@ def lowrank_add_(
         offsets_E (torch.Tensor): [E] int32 cumulative rows per expert.
         scale (float): multiplier of the product.
         parts (int): column parts (see above).
+        triton (bool): False runs the torch code on CUDA too (benchmarks and tests compare the two).
     """
     E, N, R = w_ENR.shape
-    if use_triton(y_AN) and lowrank_supported(N, parts, R):
+    if triton and use_triton(y_AN) and lowrank_supported(N, parts, R):
         _lowrank_add_op(y_AN, z_AP, w_ENR, offsets_E, scale, parts)
         return y_AN
     n = N // parts
@@ -308,7 +309,7 @@ def lowrank_add_(
 
 def expert_outer(
     big_XN: torch.Tensor, small_AP: torch.Tensor, offsets_E: torch.Tensor, *, scale: float = 1.0, parts: int = 1,
-    index_A: Optional[torch.Tensor] = None, transposed: bool = False,
+    index_A: Optional[torch.Tensor] = None, transposed: bool = False, triton: bool = True,
 ) -> torch.Tensor:
     """Per-expert sum of outer products: ``out[e, n, k] = scale * sum over rows a of e of big[i(a), n] *
     small[a, p*R + k]`` with ``i(a) = index_A[a]`` (rows gathered on the fly) or ``a``, ``p = n // (N/parts)``:
@@ -322,12 +323,13 @@ def expert_outer(
         parts (int): column parts (see above).
         index_A (torch.Tensor): optional [A] int64 row of ``big`` for each row.
         transposed (bool): return ``[E, R, N]`` (contiguous) instead of ``[E, N, R]``.
+        triton (bool): False runs the torch code on CUDA too.
 
     Returns:
         torch.Tensor: [E, N, R] (or [E, R, N]) in ``big``'s dtype.
     """
     N, R = big_XN.shape[1], small_AP.shape[1] // parts
-    if use_triton(big_XN) and lowrank_supported(N, parts, R):
+    if triton and use_triton(big_XN) and lowrank_supported(N, parts, R):
         return _expert_outer_op(big_XN, small_AP, offsets_E, index_A, scale, parts, transposed)
     big_AN = big_XN if index_A is None else big_XN.index_select(0, index_A)
     n = N // parts

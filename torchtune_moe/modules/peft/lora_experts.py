@@ -78,12 +78,18 @@ class LoRAMoELinear(MoELinear, AdapterModule):
     :meth:`quantize_base_weights` once they hold their values (the builder does on a real device; the recipe
     after loading a checkpoint). Expert adapters take no dropout.
 
+    On CUDA the adapter's in-place additions and its weight gradients run as Triton kernels
+    (:func:`~torchtune_moe.modules._kernels.lowrank_add_`, :func:`~torchtune_moe.modules._kernels.expert_outer`);
+    set ``lora_kernels = False`` on a module to use the torch code there too (benchmarks and tests compare them).
+
     Args:
         num_experts, dim, hidden_dim, activation, gated, bias: as :class:`MoELinear`.
         rank (int): r, a positive multiple of 8 (grouped GEMM alignment).
         alpha (float): scaling numerator (``scale = alpha / rank``).
         quantize_base (bool): NF4 base weights.
     """
+
+    lora_kernels: bool = True
 
     def __init__(
         self,
@@ -250,21 +256,15 @@ def _block_diag(b_EOR: torch.Tensor, parts: int) -> torch.Tensor:
     return bd
 
 
-def _diag_blocks(bd: torch.Tensor, parts: int, r: int) -> torch.Tensor:
-    """Inverse of :func:`_block_diag`: ``[E, P*rows, P*r]`` -> ``[E, P*rows, r]`` (the diagonal blocks)."""
-    if parts == 1:
-        return bd
-    rows = bd.shape[1] // parts
-    return torch.cat([bd[:, p * rows : (p + 1) * rows, p * r : (p + 1) * r] for p in range(parts)], dim=1)
-
-
 class _RoutedExpertsLoRA(torch.autograd.Function):
     """:class:`~torchtune_moe.modules.moe_linear._RoutedExperts` plus the per-expert adapters, one node.
 
-    The base path is the same (the fused activation x routing weight, gather-sum combine, ``x_AD`` and the
-    activation output recomputed in backward); the adapters add, per projection, ``xa = x @ A^T`` ([A, P*r],
-    kept for backward) and ``scale * xa @ B^T`` added into the projection's output before the activation
-    (gate/up) or the combine (down). Frozen NF4 base weights are dequantized when used (forward, and again in
+    The base path is the same (the fused activation x routing weight, gather-sum combine, the activation output
+    recomputed in backward); the adapters add, per projection, ``xa = x @ A^T`` ([A, P*r], kept for backward)
+    and ``scale * xa @ B^T`` added in place into the projection's output before the activation (gate/up) or the
+    combine (down) (:func:`_kernels.lowrank_add_`, as are the backward's ``grad_xa @ A`` terms). The adapter
+    weight gradients are per-expert outer-product sums (:func:`_kernels.expert_outer`); the one of ``A_gu``
+    reads the input rows by index, so backward gathers no copy of ``x`` unless the base trains. Frozen NF4 base weights are dequantized when used (forward, and again in
     backward) and never kept dense. Base-weight gradients are computed only when they require grad. The gate/up
     bias (GPT-OSS, ``gate_up_bias`` [E, 2H] with ``expert_A`` each row's expert) is added to ``h_AF`` as in
     ``_RoutedExperts``; the down bias is added by the caller after the combine.
@@ -276,19 +276,20 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         may_drop, mod, gate_up_bias=None, expert_A=None,
     ):
         P, r, s = mod.parts, mod.rank, mod.scale
+        kern = mod.lora_kernels
         shapes = mod.base_shapes
         num_valid = offsets_E[-1:]
         x_AD = _kernels.gather_rows(x_TD, rows_A)
         h_AF = F.grouped_mm(x_AD, dequantize(gate_up, shapes["gate_up_proj"]).transpose(-2, -1), offs=offsets_E)
         xa_AR = F.grouped_mm(x_AD, a_gu.transpose(-2, -1), offs=offsets_E)
-        h_AF.add_(F.grouped_mm(xa_AR, _block_diag(b_gu, P).transpose(-2, -1), offs=offsets_E), alpha=s)
+        _kernels.lowrank_add_(h_AF, xa_AR, b_gu, offsets_E, s, P, triton=kern)
         if gate_up_bias is not None:
             h_AF.add_(gate_up_bias[expert_A])
         del x_AD
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, mod.act, mod.gated)
         y_AD = F.grouped_mm(hs_AH, dequantize(down, shapes["down_proj"]).transpose(-2, -1), offs=offsets_E)
         ha_AR = F.grouped_mm(hs_AH, a_d.transpose(-2, -1), offs=offsets_E)
-        y_AD.add_(F.grouped_mm(ha_AR, b_d.transpose(-2, -1), offs=offsets_E), alpha=s)
+        _kernels.lowrank_add_(y_AD, ha_AR, b_d, offsets_E, s, triton=kern)
         out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
             x_TD, weights_A, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, xa_AR,
@@ -308,6 +309,7 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         ) = ctx.saved_tensors
         mod, may_drop = ctx.mod, ctx.may_drop
         P, r, s = mod.parts, mod.rank, mod.scale
+        kern = mod.lora_kernels
         shapes = mod.base_shapes
         need = ctx.needs_input_grad
         need_x, need_w, need_gate_up, need_down = need[:4]
@@ -320,15 +322,17 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         # weight gradient, and the activation backward and the combine mask them.
         grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A)
         grad_ha_AR = F.grouped_mm(grad_y_AD, b_d, offs=offsets_E).mul_(s)
-        grad_b_d = F.grouped_mm(grad_y_AD.t(), ha_AR, offs=offsets_E).mul_(s) if need_b_d else None
+        grad_b_d = _kernels.expert_outer(grad_y_AD, ha_AR, offsets_E, scale=s, triton=kern) if need_b_d else None
         grad_hs_AH = F.grouped_mm(grad_y_AD, w_down, offs=offsets_E)
-        grad_hs_AH += F.grouped_mm(grad_ha_AR, a_d, offs=offsets_E)
+        _kernels.lowrank_add_(grad_hs_AH, grad_ha_AR, a_d.transpose(-2, -1), offsets_E, 1.0, triton=kern)
         del w_down
         grad_h_AF, grad_w_A, hs_AH = _activate_backward(
             h_AF, weights_A, grad_hs_AH, num_valid, may_drop, mod.act, mod.gated
         )
         del grad_hs_AH
-        grad_a_d = F.grouped_mm(grad_ha_AR.t(), hs_AH, offs=offsets_E) if need_a_d else None
+        grad_a_d = None
+        if need_a_d:
+            grad_a_d = _kernels.expert_outer(hs_AH, grad_ha_AR, offsets_E, transposed=True, triton=kern)
         grad_down = F.grouped_mm(grad_y_AD.t(), hs_AH, offs=offsets_E) if need_down else None
         del grad_y_AD, hs_AH, grad_ha_AR
 
@@ -336,16 +340,21 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         grad_xa_AR = F.grouped_mm(grad_h_AF, _block_diag(b_gu, P), offs=offsets_E).mul_(s)
         grad_b_gu = None
         if need_b_gu:
-            grad_b_gu = _diag_blocks(F.grouped_mm(grad_h_AF.t(), xa_AR, offs=offsets_E), P, r).mul_(s)
-        x_AD = _kernels.gather_rows(x_TD, rows_A) if (need_a_gu or need_gate_up) else None
-        grad_a_gu = F.grouped_mm(grad_xa_AR.t(), x_AD, offs=offsets_E) if need_a_gu else None
-        grad_gate_up = F.grouped_mm(grad_h_AF.t(), x_AD, offs=offsets_E) if need_gate_up else None
-        del x_AD
+            grad_b_gu = _kernels.expert_outer(grad_h_AF, xa_AR, offsets_E, scale=s, parts=P, triton=kern)
+        # grad A_gu reads the input rows by index (no gathered copy of x)
+        grad_a_gu = None
+        if need_a_gu:
+            grad_a_gu = _kernels.expert_outer(
+                x_TD, grad_xa_AR, offsets_E, index_A=rows_A, transposed=True, triton=kern
+            )
+        grad_gate_up = None
+        if need_gate_up:
+            grad_gate_up = F.grouped_mm(grad_h_AF.t(), _kernels.gather_rows(x_TD, rows_A), offs=offsets_E)
         grad_x_TD = None
         if need_x:
             w_gu = dequantize(ctx.gate_up, shapes["gate_up_proj"])
             grad_x_AD = F.grouped_mm(grad_h_AF, w_gu, offs=offsets_E)
-            grad_x_AD += F.grouped_mm(grad_xa_AR, a_gu, offs=offsets_E)
+            _kernels.lowrank_add_(grad_x_AD, grad_xa_AR, a_gu.transpose(-2, -1), offsets_E, 1.0, triton=kern)
             grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
         if grad_gate_up is not None and isinstance(ctx.gate_up, NF4Tensor):

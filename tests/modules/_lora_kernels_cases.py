@@ -1,0 +1,127 @@
+"""Checks of the expert-LoRA Triton kernels against their torch code, shared by the GPU tests and the CPU run
+under Triton's interpreter (``TRITON_INTERPRET=1 python tests/modules/_lora_kernels_cases.py``, which
+test_lora_kernels.py runs in a subprocess: the interpreter must be chosen before Triton is imported).
+
+Segments of rows per expert straddle the kernels' 64-row tiles, include empty experts (first, middle and last)
+and, with ``drop``, leave dropped slots past the last expert's end.
+"""
+
+import os
+import sys
+
+import torch
+
+from torchtune_moe.modules import _kernels
+
+# rows per expert: empty first / middle / last experts, segments across 64-row tiles, one longer than a tile
+COUNTS = [0, 70, 0, 3, 64, 40, 1, 130, 0]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
+    got, want = got.float().cpu(), want.float().cpu()
+    assert torch.isfinite(got).all(), what
+    err = ((got - want).norm() / want.norm().clamp(min=1e-12)).item()
+    assert err < tol, f"{what}: relative error {err:.2e}"
+
+
+def _offsets(device):
+    return torch.tensor(COUNTS, device=device).cumsum(0).to(torch.int32)
+
+
+def check_kernels(device: str, dtype: torch.dtype, tol: float) -> None:
+    """``lowrank_add_`` and ``expert_outer``: Triton (``triton=True``) against the torch code."""
+    torch.manual_seed(0)
+    offsets_E = _offsets(device)
+    E, valid = len(COUNTS), int(offsets_E[-1])
+    A, R, T = valid + 20, 16, 97  # 20 dropped rows past the end
+    rnd = lambda *s: torch.randn(*s, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
+    for N, parts in [(96, 2), (64, 1)]:
+        y, z, w = rnd(A, N), rnd(A, parts * R), rnd(E, N, R)
+        want = _kernels.lowrank_add_(y.clone(), z, w, offsets_E, 0.5, parts, triton=False)
+        got = _kernels.lowrank_add_(y.clone(), z, w, offsets_E, 0.5, parts)
+        _close(got[:valid], want[:valid], tol, f"lowrank_add_ N={N} parts={parts}")
+        assert torch.equal(got[valid:], y[valid:]), "lowrank_add_ wrote a dropped row"
+        # the backward's use: w a transposed view of A [E, R, N]
+        wt = rnd(E, parts * R, N)
+        want = _kernels.lowrank_add_(y.clone(), z, wt.transpose(-2, -1), offsets_E, 1.0, triton=False)
+        got = _kernels.lowrank_add_(y.clone(), z, wt.transpose(-2, -1), offsets_E, 1.0)
+        _close(got[:valid], want[:valid], tol, f"lowrank_add_ transposed N={N}")
+    for N, parts, transposed, gather in [(96, 2, False, False), (64, 1, True, True), (48, 1, False, True)]:
+        big = rnd(T if gather else A, N)
+        small = rnd(A, parts * R)
+        index = torch.randint(0, T, (A,), device=device) if gather else None
+        kw = dict(scale=0.5, parts=parts, index_A=index, transposed=transposed)
+        want = _kernels.expert_outer(big, small, offsets_E, triton=False, **kw)
+        got = _kernels.expert_outer(big, small, offsets_E, **kw)
+        assert got.shape == want.shape and got.is_contiguous()
+        _close(got, want, tol, f"expert_outer N={N} parts={parts} transposed={transposed} gather={gather}")
+        empty = [e for e, c in enumerate(COUNTS) if c == 0]
+        assert got[empty].abs().max() == 0, "an expert without rows must get a zero gradient"
+
+
+def _routed_inputs(T: int, K: int, drop: bool, device: str):
+    """Token-choice style inputs of ``routed``: rows sorted by expert (sizes COUNTS-like, with empty experts),
+    the token of each row, ``combine_TK`` (sorted position of each slot) and dropped slots sorted last."""
+    E = len(COUNTS)
+    g = torch.Generator().manual_seed(1)
+    allowed = torch.tensor([e for e, c in enumerate(COUNTS) if c > 0])
+    expert_S = allowed[torch.randint(0, len(allowed), (T * K,), generator=g)]
+    keep_S = torch.rand(T * K, generator=g) > 0.2 if drop else torch.ones(T * K, dtype=torch.bool)
+    order_A = torch.argsort(torch.where(keep_S, expert_S, E), stable=True)
+    counts = torch.bincount(expert_S[keep_S], minlength=E)
+    combine_S = torch.empty(T * K, dtype=torch.long)
+    combine_S[order_A] = torch.arange(T * K)
+    weights_A = torch.rand(T * K, generator=g)
+    return [t.to(device) for t in (order_A // K, weights_A, counts.cumsum(0).to(torch.int32), combine_S.view(T, K))]
+
+
+def check_layer(
+    device: str, dtype: torch.dtype, tol: float, *, drop: bool, segments: bool = False, quantize: bool = False,
+    gpt_oss: bool = False,
+) -> None:
+    """``LoRAMoELinear.routed`` forward and every gradient with the Triton kernels against the torch code."""
+    from torchtune_moe.modules.moe_linear import ClampedSwiGLU
+    from torchtune_moe.modules.peft import LoRAMoELinear
+
+    torch.manual_seed(0)
+    E, D, H, T, K = len(COUNTS), 128, 64 if not quantize else 128, 40, 6
+    kw = dict(activation=ClampedSwiGLU(), bias=True) if gpt_oss else {}
+    with torch.device(device):
+        lora = LoRAMoELinear(E, D, H, rank=16, alpha=32.0, quantize_base=quantize, **kw).to(dtype)
+        with torch.no_grad():
+            for p in lora.parameters():
+                p.normal_(0, 0.1)
+        lora.quantize_base_weights()
+    lora.requires_grad_(False)
+    for name in lora.adapter_params():
+        lora.get_parameter(name).requires_grad_(True)
+    rows_A, weights_A, offsets_E, combine_TK = _routed_inputs(T, K, drop, device)
+    weights_A = weights_A.to(dtype)
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    grad = torch.randn(T, D, device=device, dtype=dtype)
+    results = []
+    for kernels in (True, False):
+        lora.lora_kernels = kernels
+        xx, ww = x.clone().requires_grad_(True), weights_A.clone().requires_grad_(True)
+        out = lora.routed(xx, rows_A, ww, offsets_E, None if segments else combine_TK, may_drop=drop)
+        out.backward(grad)
+        results.append([out, xx.grad, ww.grad] + [lora.get_parameter(n).grad for n in lora.adapter_params()])
+        for name in lora.adapter_params():
+            lora.get_parameter(name).grad = None
+    names = ["out", "grad_x", "grad_weights"] + lora.adapter_params()
+    valid = int(offsets_E[-1])
+    for name, got, want in zip(names, *results):
+        if name == "grad_weights":  # dropped rows' routing-weight gradients are not read
+            got, want = got[:valid], want[:valid]
+        _close(got, want, tol, name)
+
+
+if __name__ == "__main__":  # CPU, under TRITON_INTERPRET=1: every kernel (the base path's too) on CPU tensors
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    _kernels.use_triton = lambda t: True  # noqa: E731 - the interpreter runs the kernels on CPU tensors
+    check_kernels("cpu", torch.float32, 1e-5)
+    for drop in (False, True):
+        check_layer("cpu", torch.float32, 1e-5, drop=drop)
+    check_layer("cpu", torch.float32, 1e-5, drop=False, gpt_oss=True)
+    check_layer("cpu", torch.float32, 1e-5, drop=True, quantize=True)
+    print("ok", file=sys.stderr)

@@ -6,7 +6,9 @@
 layer: the routed experts of one MoE layer at the Qwen3-30B-A3B shape (E 128, K 8, D 2048, H 768), forward +
        backward of ``dispatch_combine`` on ``--tokens`` tokens (routing fixed, input gradient needed as in a
        model), median of CUDA-event timings: frozen base (no weight gradients), LoRA (per-expert adapters,
-       rank ``--rank``), QLoRA (the same with NF4 base weights), and the base trained in full for reference.
+       rank ``--rank``, through the Triton adapter kernels), LoRA with the adapters' torch code (grouped GEMMs
+       and separate adds: ``lora_kernels = False``, the path before the kernels), QLoRA (NF4 base weights), and
+       the base trained in full for reference.
 model: Qwen3-30B-A3B at full depth (48 layers, random init, real shapes) with adapters on q/k/v/o and the
        routed experts, one GPU, bf16, activation checkpointing, AdamW on the adapters, ``--batch`` x
        ``--seq-len`` random tokens per step: LoRA (bf16 base) and QLoRA (NF4 base). Reports tokens/s and the peak
@@ -69,6 +71,7 @@ def bench_layer(args, dev, dtype) -> dict:
         if name == "frozen":
             return base
         lora = LoRAMoELinear.from_moe_linear(base, rank=args.rank, alpha=2.0 * args.rank, quantize_base=name == "qlora")
+        lora.lora_kernels = name != "lora_torch"
         lora.quantize_base_weights()
         with torch.no_grad():
             lora.lora_gate_up_b.normal_(0, 0.01)
@@ -78,7 +81,7 @@ def bench_layer(args, dev, dtype) -> dict:
         return lora
 
     out = {"shape": dict(E=E, K=K, D=D, H=H, tokens=T, rank=args.rank), "ms": {}}
-    for name in ("frozen", "lora", "qlora", "full"):
+    for name in ("frozen", "lora", "lora_torch", "qlora", "full"):
         experts = variant(name)
         params = [p for p in experts.parameters() if p.requires_grad]
 
@@ -90,7 +93,7 @@ def bench_layer(args, dev, dtype) -> dict:
                 p.grad = None
 
         out["ms"][name] = 1000 * _time(step, iters=5 if args.dry_run else 20)
-        if args.profile and name in ("frozen", "lora"):
+        if args.profile and name in ("frozen", "lora", "lora_torch"):
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -98,10 +101,10 @@ def bench_layer(args, dev, dtype) -> dict:
                 for _ in range(3):
                     step()
             sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-            print(f"--- profile: {name} (3 steps)\n" + prof.key_averages().table(sort_by=sort, row_limit=14), flush=True)
+            print(f"--- profile: {name} (3 steps)\n" + prof.key_averages().table(sort_by=sort, row_limit=20), flush=True)
         del experts, params
         gc.collect()
-    for name in ("lora", "qlora", "full"):
+    for name in ("lora", "lora_torch", "qlora", "full"):
         out[f"{name}_over_frozen"] = out["ms"][name] / out["ms"]["frozen"]
     return out
 

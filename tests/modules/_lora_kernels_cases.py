@@ -59,6 +59,28 @@ def check_kernels(device: str, dtype: torch.dtype, tol: float) -> None:
         assert got[empty].abs().max() == 0, "an expert without rows must get a zero gradient"
 
 
+def check_rows_project(device: str, dtype: torch.dtype, tol: float) -> None:
+    """``rows_project``: Triton against the torch code, with and without the gather and its copy."""
+    torch.manual_seed(0)
+    offsets_E = _offsets(device)
+    E, valid = len(COUNTS), int(offsets_E[-1])
+    A, R, T = valid + 20, 16, 97
+    rnd = lambda *s: torch.randn(*s, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
+    for N, parts, gather, transposed in [(96, 2, False, False), (160, 1, True, True), (64, 1, True, False)]:
+        y = rnd(T if gather else A, N)
+        w = rnd(E, R, N).transpose(-2, -1) if transposed else rnd(E, N, R)
+        index = torch.randint(0, T, (A,), device=device) if gather else None
+        kw = dict(scale=0.5, parts=parts, index_A=index, copy=gather)
+        want = _kernels.rows_project(y, w, offsets_E, triton=False, **kw)
+        got = _kernels.rows_project(y, w, offsets_E, **kw)
+        assert got[0].shape == want[0].shape == (A, parts * R)
+        _close(got[0][:valid], want[0][:valid], tol, f"rows_project N={N} parts={parts} gather={gather}")
+        if gather:
+            assert torch.equal(got[1][:valid], want[1][:valid]), "rows_project copy"
+        else:
+            assert got[1] is None and want[1] is None
+
+
 def _routed_inputs(T: int, K: int, drop: bool, device: str):
     """Token-choice style inputs of ``routed``: rows sorted by expert (sizes COUNTS-like, with empty experts),
     the token of each row, ``combine_TK`` (sorted position of each slot) and dropped slots sorted last."""
@@ -120,6 +142,7 @@ if __name__ == "__main__":  # CPU, under TRITON_INTERPRET=1: every kernel (the b
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     _kernels.use_triton = lambda t: True  # noqa: E731 - the interpreter runs the kernels on CPU tensors
     check_kernels("cpu", torch.float32, 1e-5)
+    check_rows_project("cpu", torch.float32, 1e-5)
     for drop in (False, True):
         check_layer("cpu", torch.float32, 1e-5, drop=drop)
     check_layer("cpu", torch.float32, 1e-5, drop=False, gpt_oss=True)

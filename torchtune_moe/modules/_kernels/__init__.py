@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
-    "lowrank_add_", "expert_outer", "lowrank_supported",
+    "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported",
 ]
 
 
@@ -106,6 +106,18 @@ if _HAS_TRITON:
             _triton.expert_outer(big_XN, small_AP, offsets_E, index_A, scale, parts, out.transpose(-2, -1))
             return out
         return _triton.expert_outer(big_XN, small_AP, offsets_E, index_A, scale, parts, big_XN.new_empty((E, N, R)))
+
+    @torch.library.custom_op("torchtune_moe::rows_project", mutates_args=())
+    def _rows_project_op(
+        y_XN: Tensor, w_ENR: Tensor, offsets_E: Tensor, index_A: Optional[Tensor], scale: float, parts: int,
+        copy: bool,
+    ) -> tuple[Tensor, Tensor]:
+        return _triton.rows_project(y_XN, w_ENR, offsets_E, index_A, scale, parts, copy)
+
+    @_rows_project_op.register_fake
+    def _(y_XN, w_ENR, offsets_E, index_A, scale, parts, copy):
+        A = index_A.shape[0] if index_A is not None else y_XN.shape[0]
+        return y_XN.new_empty((A, parts * w_ENR.shape[2])), y_XN.new_empty((A if copy else 0, y_XN.shape[1]))
 
     @_expert_outer_op.register_fake
     def _(big_XN, small_AP, offsets_E, index_A, scale, parts, transposed):
@@ -343,3 +355,41 @@ def expert_outer(
             outs.append(torch.nn.functional.grouped_mm(big.t(), small, offs=offsets_E))
     out = outs[0] if parts == 1 else torch.cat(outs, dim=-1 if transposed else 1)
     return out.mul_(scale) if scale != 1.0 else out
+
+
+def rows_project(
+    y_XN: torch.Tensor, w_ENR: torch.Tensor, offsets_E: torch.Tensor, *, scale: float = 1.0, parts: int = 1,
+    index_A: Optional[torch.Tensor] = None, copy: bool = False, triton: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The down-projection of each row by its expert's low-rank factor: ``z[a, p*R + k] = scale * sum over n of
+    part p of y[i(a), n] * w[e(a), n, k]``, ``i(a) = index_A[a]`` (rows gathered on the fly) or ``a``; with
+    ``copy`` also the gathered rows ``y[i(a)]`` (the dispatch gather and the projection in one pass over them).
+    Rows past ``offsets_E[-1]`` (dropped slots) get unspecified values in both outputs.
+
+    Args:
+        y_XN (torch.Tensor): [X, N] (X = A, or the rows ``index_A`` points into).
+        w_ENR (torch.Tensor): [E, N, R] per-expert factor (any strides: a transposed view is read as is).
+        offsets_E (torch.Tensor): [E] int32 cumulative rows per expert.
+        scale (float): multiplier of ``z``.
+        parts (int): column parts (see above): ``z`` has ``parts*R`` columns.
+        index_A (torch.Tensor): optional [A] int64 row of ``y`` for each row.
+        copy (bool): also return the gathered rows.
+        triton (bool): False runs the torch code on CUDA too.
+
+    Returns:
+        tuple: ``z_AP`` [A, parts*R] and the gathered rows [A, N] (``None`` without ``copy``).
+    """
+    E, N, R = w_ENR.shape
+    if triton and use_triton(y_XN) and lowrank_supported(N, parts, R):
+        z_AP, copy_AN = _rows_project_op(y_XN, w_ENR, offsets_E, index_A, scale, parts, copy)
+        return z_AP, copy_AN if copy else None
+    y_AN = y_XN if index_A is None else gather_rows(y_XN, index_A)
+    n = N // parts
+    zs = [
+        torch.nn.functional.grouped_mm(y_AN[:, p * n : (p + 1) * n], w_ENR[:, p * n : (p + 1) * n], offs=offsets_E)
+        for p in range(parts)
+    ]
+    z_AP = zs[0] if parts == 1 else torch.cat(zs, dim=-1)
+    if scale != 1.0:
+        z_AP = z_AP.mul_(scale)
+    return z_AP, y_AN if copy else None

@@ -354,3 +354,68 @@ def expert_outer(big_XN, small_AP, offsets_E, index_A, scale, parts, out_ENR):
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=4,
     )
     return out_ENR
+
+
+@triton.jit
+def _rows_project_kernel(
+    y_ptr, index_ptr, w_ptr, offsets_ptr, z_ptr, copy_ptr, E, scale,
+    stride_y, stride_z, stride_copy, stride_we, stride_wn, stride_wr,
+    N: tl.constexpr, R: tl.constexpr, PARTS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_COPY: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # z[a, p*R + k] = scale * sum_{n in part p} y[index[a] or a, n] * w[e(a), n, k]; copy[a] = y[index[a]]
+    row0 = tl.program_id(0) * BLOCK_M
+    end = tl.load(offsets_ptr + E - 1)  # rows past the last expert's end (dropped slots) are neither read nor written
+    if row0 < end:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        rows_ok = rows < end
+        rows64 = rows.to(tl.int64)
+        if HAS_INDEX:
+            src = tl.load(index_ptr + rows, mask=rows_ok, other=0).to(tl.int64)
+        else:
+            src = rows64
+        ks = tl.arange(0, BLOCK_R)
+        e_first = _expert_of(offsets_ptr, row0, E, BLOCK_E)
+        e_last = _expert_of(offsets_ptr, tl.minimum(row0 + BLOCK_M, end) - 1, E, BLOCK_E)
+        PART_N: tl.constexpr = N // PARTS
+        for p in tl.static_range(PARTS):
+            acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for n0 in range(p * PART_N, (p + 1) * PART_N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                cols_ok = cols < (p + 1) * PART_N
+                mask = rows_ok[:, None] & cols_ok[None, :]
+                y = tl.load(y_ptr + src[:, None] * stride_y + cols[None, :], mask=mask, other=0.0)
+                if HAS_COPY:
+                    tl.store(copy_ptr + rows64[:, None] * stride_copy + cols[None, :], y, mask=mask)
+                e = e_first
+                while e <= e_last:  # the experts whose rows this tile holds (mostly one or two)
+                    lo = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
+                    hi = tl.load(offsets_ptr + e)
+                    y_e = tl.where(((rows >= lo) & (rows < hi))[:, None], y, 0.0)
+                    w = tl.load(
+                        w_ptr + e.to(tl.int64) * stride_we + cols[:, None] * stride_wn + ks[None, :] * stride_wr,
+                        mask=cols_ok[:, None] & (ks < R)[None, :], other=0.0,
+                    )
+                    acc += tl.dot(y_e.to(w.dtype), w)
+                    e += 1
+            tl.store(
+                z_ptr + rows64[:, None] * stride_z + p * R + ks[None, :],
+                (scale * acc).to(z_ptr.dtype.element_ty), mask=rows_ok[:, None] & (ks < R)[None, :],
+            )
+
+
+def rows_project(y_XN, w_ENR, offsets_E, index_A, scale, parts, copy):
+    y_XN = _rows_contiguous(y_XN)
+    E, N, R = w_ENR.shape
+    A = index_A.shape[0] if index_A is not None else y_XN.shape[0]
+    z_AP = torch.empty((A, parts * R), dtype=y_XN.dtype, device=y_XN.device)
+    copy_AN = torch.empty((A if copy else 0, N), dtype=y_XN.dtype, device=y_XN.device)
+    BLOCK_M, BLOCK_N = 64, 128
+    _rows_project_kernel[(triton.cdiv(A, BLOCK_M),)](
+        y_XN, index_A if index_A is not None else offsets_E, w_ENR, offsets_E, z_AP, copy_AN, E, scale,
+        y_XN.stride(0), z_AP.stride(0), copy_AN.stride(0), *w_ENR.stride(),
+        N=N, R=R, PARTS=parts, HAS_INDEX=index_A is not None, HAS_COPY=copy,
+        BLOCK_E=triton.next_power_of_2(E), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_R=max(16, triton.next_power_of_2(R)), num_warps=4,
+    )
+    return z_AP, copy_AN

@@ -243,26 +243,15 @@ class LoRAMoELinear(MoELinear, AdapterModule):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, quantize_base={self._quantize_base}"
 
 
-def _block_diag(b_EOR: torch.Tensor, parts: int) -> torch.Tensor:
-    """``[E, P*rows, r]`` -> ``[E, P*rows, P*r]`` with part p's B in diagonal block p (zeros elsewhere): the P
-    parts' up-projections then run as one grouped GEMM of the ``[A, P*r]`` down-projected rows."""
-    if parts == 1:
-        return b_EOR
-    E, out_rows, r = b_EOR.shape
-    rows = out_rows // parts
-    bd = b_EOR.new_zeros(E, out_rows, parts * r)
-    for p in range(parts):  # at most 2 parts (gate, up): not a loop over experts
-        bd[:, p * rows : (p + 1) * rows, p * r : (p + 1) * r] = b_EOR[:, p * rows : (p + 1) * rows]
-    return bd
-
-
 class _RoutedExpertsLoRA(torch.autograd.Function):
     """:class:`~torchtune_moe.modules.moe_linear._RoutedExperts` plus the per-expert adapters, one node.
 
     The base path is the same (the fused activation x routing weight, gather-sum combine, the activation output
     recomputed in backward); the adapters add, per projection, ``xa = x @ A^T`` ([A, P*r], kept for backward)
     and ``scale * xa @ B^T`` added in place into the projection's output before the activation (gate/up) or the
-    combine (down) (:func:`_kernels.lowrank_add_`, as are the backward's ``grad_xa @ A`` terms). The adapter
+    combine (down) (:func:`_kernels.lowrank_add_`, as are the backward's ``grad_xa @ A`` terms). The products
+    by the first factor (``x @ A_gu^T``, ``grad_y @ B_d``, ...) are :func:`_kernels.rows_project`, fused with
+    the gather of ``x`` (forward) and of the output gradient (backward) where they read it. The adapter
     weight gradients are per-expert outer-product sums (:func:`_kernels.expert_outer`); the one of ``A_gu``
     reads the input rows by index, so backward gathers no copy of ``x`` unless the base trains. Frozen NF4 base weights are dequantized when used (forward, and again in
     backward) and never kept dense. Base-weight gradients are computed only when they require grad. The gate/up
@@ -275,20 +264,22 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         ctx, x_TD, weights_A, gate_up, down, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T,
         may_drop, mod, gate_up_bias=None, expert_A=None,
     ):
-        P, r, s = mod.parts, mod.rank, mod.scale
+        P, s = mod.parts, mod.scale
         kern = mod.lora_kernels
         shapes = mod.base_shapes
         num_valid = offsets_E[-1:]
-        x_AD = _kernels.gather_rows(x_TD, rows_A)
+        # the dispatch gather and x @ A_gu^T in one pass over the rows
+        xa_AR, x_AD = _kernels.rows_project(
+            x_TD, a_gu.transpose(-2, -1), offsets_E, index_A=rows_A, copy=True, triton=kern
+        )
         h_AF = F.grouped_mm(x_AD, dequantize(gate_up, shapes["gate_up_proj"]).transpose(-2, -1), offs=offsets_E)
-        xa_AR = F.grouped_mm(x_AD, a_gu.transpose(-2, -1), offs=offsets_E)
         _kernels.lowrank_add_(h_AF, xa_AR, b_gu, offsets_E, s, P, triton=kern)
         if gate_up_bias is not None:
             h_AF.add_(gate_up_bias[expert_A])
         del x_AD
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, mod.act, mod.gated)
         y_AD = F.grouped_mm(hs_AH, dequantize(down, shapes["down_proj"]).transpose(-2, -1), offs=offsets_E)
-        ha_AR = F.grouped_mm(hs_AH, a_d.transpose(-2, -1), offs=offsets_E)
+        ha_AR, _ = _kernels.rows_project(hs_AH, a_d.transpose(-2, -1), offsets_E, triton=kern)
         _kernels.lowrank_add_(y_AD, ha_AR, b_d, offsets_E, s, triton=kern)
         out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
@@ -308,7 +299,7 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
             ha_AR, expert_A,
         ) = ctx.saved_tensors
         mod, may_drop = ctx.mod, ctx.may_drop
-        P, r, s = mod.parts, mod.rank, mod.scale
+        P, s = mod.parts, mod.scale
         kern = mod.lora_kernels
         shapes = mod.base_shapes
         need = ctx.needs_input_grad
@@ -320,8 +311,9 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         # down: y = hs @ Wd^T + s * (hs @ Ad^T) @ Bd^T
         # Rows past offsets_E[-1] (dropped slots) belong to no group: the grouped GEMMs leave them out of every
         # weight gradient, and the activation backward and the combine mask them.
-        grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A)
-        grad_ha_AR = F.grouped_mm(grad_y_AD, b_d, offs=offsets_E).mul_(s)
+        grad_ha_AR, grad_y_AD = _kernels.rows_project(
+            grad_out_TD, b_d, offsets_E, scale=s, index_A=rows_A, copy=True, triton=kern
+        )
         grad_b_d = _kernels.expert_outer(grad_y_AD, ha_AR, offsets_E, scale=s, triton=kern) if need_b_d else None
         grad_hs_AH = F.grouped_mm(grad_y_AD, w_down, offs=offsets_E)
         _kernels.lowrank_add_(grad_hs_AH, grad_ha_AR, a_d.transpose(-2, -1), offsets_E, 1.0, triton=kern)
@@ -337,7 +329,7 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         del grad_y_AD, hs_AH, grad_ha_AR
 
         # gate_up: h = x @ Wgu^T + s * [(x @ Agu_p^T) @ Bgu_p^T]_p
-        grad_xa_AR = F.grouped_mm(grad_h_AF, _block_diag(b_gu, P), offs=offsets_E).mul_(s)
+        grad_xa_AR, _ = _kernels.rows_project(grad_h_AF, b_gu, offsets_E, scale=s, parts=P, triton=kern)
         grad_b_gu = None
         if need_b_gu:
             grad_b_gu = _kernels.expert_outer(grad_h_AF, xa_AR, offsets_E, scale=s, parts=P, triton=kern)

@@ -360,7 +360,7 @@ def expert_outer(big_XN, small_AP, offsets_E, index_A, scale, parts, out_ENR):
 def _rows_project_kernel(
     y_ptr, index_ptr, w_ptr, offsets_ptr, z_ptr, copy_ptr, E, scale,
     stride_y, stride_z, stride_copy, stride_we, stride_wn, stride_wr,
-    N: tl.constexpr, R: tl.constexpr, PARTS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_COPY: tl.constexpr,
+    R: tl.constexpr, PART_N: tl.constexpr, PARTS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_COPY: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # z[a, p*R + k] = scale * sum_{n in part p} y[index[a] or a, n] * w[e(a), n, k]; copy[a] = y[index[a]]
@@ -377,7 +377,6 @@ def _rows_project_kernel(
         ks = tl.arange(0, BLOCK_R)
         e_first = _expert_of(offsets_ptr, row0, E, BLOCK_E)
         e_last = _expert_of(offsets_ptr, tl.minimum(row0 + BLOCK_M, end) - 1, E, BLOCK_E)
-        PART_N: tl.constexpr = N // PARTS
         for p in tl.static_range(PARTS):
             acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
             for n0 in range(p * PART_N, (p + 1) * PART_N, BLOCK_N):
@@ -414,7 +413,7 @@ def rows_project(y_XN, w_ENR, offsets_E, index_A, scale, parts, copy):
     _rows_project_kernel[(triton.cdiv(A, BLOCK_M),)](
         y_XN, index_A if index_A is not None else offsets_E, w_ENR, offsets_E, z_AP, copy_AN, E, scale,
         y_XN.stride(0), z_AP.stride(0), copy_AN.stride(0), *w_ENR.stride(),
-        N=N, R=R, PARTS=parts, HAS_INDEX=index_A is not None, HAS_COPY=copy,
+        R=R, PART_N=N // parts, PARTS=parts, HAS_INDEX=index_A is not None, HAS_COPY=copy,
         BLOCK_E=triton.next_power_of_2(E), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_R=max(16, triton.next_power_of_2(R)), num_warps=4,
     )

@@ -81,6 +81,24 @@ def check_rows_project(device: str, dtype: torch.dtype, tol: float) -> None:
             assert got[1] is None and want[1] is None
 
 
+def check_custom_ops(device: str) -> None:
+    """``torch.library.opcheck`` of the three custom ops (schema, mutation, fake tensors, torch.compile's
+    AOT tracing): every row inside an expert, so that no output row is left unspecified."""
+    offsets_E = torch.tensor([0, 70, 70, 73, 150], dtype=torch.int32, device=device)
+    A, R, N, E, T = 150, 16, 64, 5, 40
+    rnd = lambda *s: torch.randn(*s, device=device)  # noqa: E731
+    y, z, w, x_TN = rnd(A, N), rnd(A, 2 * R), rnd(E, N, R), rnd(T, N)
+    index = torch.randint(0, T, (A,), device=device)
+    for op, args in [
+        (_kernels._lowrank_add_op, (y.clone(), z, w, offsets_E, 0.5, 2)),
+        (_kernels._expert_outer_op, (x_TN, z, offsets_E, index, 0.5, 1, True)),
+        (_kernels._expert_outer_op, (y, z, offsets_E, None, 0.5, 2, False)),
+        (_kernels._rows_project_op, (x_TN, w, offsets_E, index, 0.5, 1, True)),
+        (_kernels._rows_project_op, (y, w, offsets_E, None, 1.0, 2, False)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 def _routed_inputs(T: int, K: int, drop: bool, device: str):
     """Token-choice style inputs of ``routed``: rows sorted by expert (sizes COUNTS-like, with empty experts),
     the token of each row, ``combine_TK`` (sorted position of each slot) and dropped slots sorted last."""
@@ -143,6 +161,7 @@ if __name__ == "__main__":  # CPU, under TRITON_INTERPRET=1: every kernel (the b
     _kernels.use_triton = lambda t: True  # noqa: E731 - the interpreter runs the kernels on CPU tensors
     check_kernels("cpu", torch.float32, 1e-5)
     check_rows_project("cpu", torch.float32, 1e-5)
+    check_custom_ops("cpu")
     for drop in (False, True):
         check_layer("cpu", torch.float32, 1e-5, drop=drop)
     check_layer("cpu", torch.float32, 1e-5, drop=False, gpt_oss=True)

@@ -31,6 +31,7 @@ def test_kernels_match_torch_code_in_triton_interpreter():
 def test_kernels_match_torch_code_gpu():
     cases.check_kernels("cuda", torch.bfloat16, 2e-2)
     cases.check_rows_project("cuda", torch.bfloat16, 2e-2)
+    cases.check_custom_ops("cuda")
 
 
 @pytest.mark.gpu

@@ -71,16 +71,18 @@ class LoRAMoELinear(MoELinear, AdapterModule):
     as :class:`MoELinear` does.
 
     The adapter runs inside the same fused autograd node as the experts (:class:`_RoutedExpertsLoRA`): each
-    low-rank product is a grouped GEMM over the rows sorted by expert (no Python loop over experts, no host
-    sync), and besides the base path it keeps only the ``[A, P*r]`` and ``[A, r]`` down-projected activations.
+    low-rank product runs over the rows sorted by expert (no Python loop over experts, no host sync), and
+    besides the base path it keeps only the ``[A, P*r]`` and ``[A, r]`` down-projected activations. On CUDA
+    the products are Triton kernels that read each big activation as few times as they can
+    (:func:`~torchtune_moe.modules._kernels.rows_project`, fused with the row gathers;
+    :func:`~torchtune_moe.modules._kernels.lowrank_add_`, in place; and
+    :func:`~torchtune_moe.modules._kernels.expert_outer` for the weight gradients); elsewhere grouped GEMMs.
+    Set ``lora_kernels = False`` on a module to run the grouped GEMMs on CUDA too (benchmarks and tests
+    compare the two).
 
     ``quantize_base`` stores the frozen base weights in NF4 (torchao, as torchtune's QLoRA): call
     :meth:`quantize_base_weights` once they hold their values (the builder does on a real device; the recipe
     after loading a checkpoint). Expert adapters take no dropout.
-
-    On CUDA the adapter's in-place additions and its weight gradients run as Triton kernels
-    (:func:`~torchtune_moe.modules._kernels.lowrank_add_`, :func:`~torchtune_moe.modules._kernels.expert_outer`);
-    set ``lora_kernels = False`` on a module to use the torch code there too (benchmarks and tests compare them).
 
     Args:
         num_experts, dim, hidden_dim, activation, gated, bias: as :class:`MoELinear`.

@@ -347,7 +347,7 @@ def expert_outer(
     n = N // parts
     outs = []
     for p in range(parts):
-        small = small_AP[:, p * R : (p + 1) * R]
+        small = small_AP[:, p * R : (p + 1) * R] if parts == 1 else small_AP[:, p * R : (p + 1) * R].contiguous()
         big = big_AN[:, p * n : (p + 1) * n]
         if transposed:
             outs.append(torch.nn.functional.grouped_mm(small.t(), big, offs=offsets_E))

@@ -64,6 +64,7 @@ def bench_layer(args, dev, dtype) -> dict:
     grad = torch.randn(T, D, device=dev, dtype=dtype)
 
     def variant(name):
+        torch.manual_seed(1)  # the same weights in every variant (lora and lora_torch are compared below)
         base = MoELinear(E, D, H).to(dev, dtype)
         if name == "full":
             return base
@@ -81,6 +82,7 @@ def bench_layer(args, dev, dtype) -> dict:
         return lora
 
     out = {"shape": dict(E=E, K=K, D=D, H=H, tokens=T, rank=args.rank), "ms": {}}
+    results = {}
     for name in ("frozen", "lora", "lora_torch", "qlora", "full"):
         experts = variant(name)
         params = [p for p in experts.parameters() if p.requires_grad]
@@ -93,6 +95,13 @@ def bench_layer(args, dev, dtype) -> dict:
                 p.grad = None
 
         out["ms"][name] = 1000 * _time(step, iters=5 if args.dry_run else 20)
+        if name in ("lora", "lora_torch"):  # one more step, kept: the kernels against the torch code
+            xx = x.detach().requires_grad_(True)
+            y, _ = dispatch_combine(xx, routing, experts)
+            y.backward(grad)
+            results[name] = [y.detach(), xx.grad] + [p.grad for p in params]
+            for p in params:
+                p.grad = None
         if args.profile and name in ("frozen", "lora", "lora_torch"):
             from torch.profiler import ProfilerActivity, profile
 
@@ -104,6 +113,11 @@ def bench_layer(args, dev, dtype) -> dict:
             print(f"--- profile: {name} (3 steps)\n" + prof.key_averages().table(sort_by=sort, row_limit=20), flush=True)
         del experts, params
         gc.collect()
+    # relative error of the kernels' output and gradients (x, then the adapter factors) against the torch code
+    out["lora_kernels_rel_err"] = [
+        float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+        for a, b in zip(results["lora"], results["lora_torch"])
+    ]
     for name in ("lora", "lora_torch", "qlora", "full"):
         out[f"{name}_over_frozen"] = out["ms"][name] / out["ms"]["frozen"]
     return out

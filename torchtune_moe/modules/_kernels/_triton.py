@@ -213,11 +213,22 @@ def gather_rows(src_TD, index_A, num_valid, may_drop):
 
 
 @triton.jit
-def _expert_of(offsets_ptr, row, E, BLOCK_E: tl.constexpr):
-    """Expert of sorted row ``row``: the number of experts whose rows end at or before it."""
+def _expert_tile(offsets_ptr, tile, E, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tile ``tile`` of the row tiles laid expert by expert (each expert's rows cut into BLOCK_M-row tiles, the
+    last one partial): ``(e, row0, hi)``, rows ``[row0, min(row0 + BLOCK_M, hi))`` of expert ``e``; ``e == E``
+    past the last tile. As a grouped GEMM schedules its tiles: one expert per tile, so one weight tile."""
     es = tl.arange(0, BLOCK_E)
-    ends = tl.load(offsets_ptr + es, mask=es < E, other=2**31 - 1)
-    return tl.sum((ends <= row).to(tl.int32), axis=0)
+    in_e = es < E
+    ends = tl.load(offsets_ptr + es, mask=in_e, other=0)
+    starts = tl.load(offsets_ptr + es - 1, mask=in_e & (es > 0), other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tile_ends = tl.cumsum(tiles, 0)
+    e = tl.sum((in_e & (tile_ends <= tile)).to(tl.int32), axis=0)
+    mine = es == e
+    first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
+    row0 = tl.sum(tl.where(mine, starts, 0), axis=0) + (tile - first_tile) * BLOCK_M
+    hi = tl.sum(tl.where(mine, ends, 0), axis=0)
+    return e, row0, hi
 
 
 @triton.jit
@@ -228,38 +239,28 @@ def _lowrank_add_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # y[a, n] += scale * sum_k z[a, p*R + k] * w[e(a), n, k], p = n // PART_N (BLOCK_N divides PART_N)
-    row0 = tl.program_id(1) * BLOCK_M
-    end = tl.load(offsets_ptr + E - 1)  # rows past the last expert's end (dropped slots) are left alone
-    if row0 < end:
+    e, row0, hi = _expert_tile(offsets_ptr, tl.program_id(1), E, BLOCK_E, BLOCK_M)
+    if e < E:  # rows past the last expert's end (dropped slots) are in no tile: left alone
         n0 = tl.program_id(0) * BLOCK_N
         rows = row0 + tl.arange(0, BLOCK_M)
         cols = n0 + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_R)
-        rows_ok = rows < end
+        rows_ok = rows < hi
         cols_ok = cols < N
         rows64 = rows.to(tl.int64)
         z = tl.load(
             z_ptr + rows64[:, None] * stride_z + (n0 // PART_N) * R + ks[None, :],
             mask=rows_ok[:, None] & (ks < R)[None, :], other=0.0,
         )
-        e_first = _expert_of(offsets_ptr, row0, E, BLOCK_E)
-        e_last = _expert_of(offsets_ptr, tl.minimum(row0 + BLOCK_M, end) - 1, E, BLOCK_E)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        e = e_first
-        while e <= e_last:  # the experts whose rows this tile holds (mostly one or two)
-            lo = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
-            hi = tl.load(offsets_ptr + e)
-            z_e = tl.where(((rows >= lo) & (rows < hi))[:, None], z, 0.0)
-            w = tl.load(
-                w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wr,
-                mask=(ks < R)[:, None] & cols_ok[None, :], other=0.0,
-            )
-            acc += tl.dot(z_e.to(w.dtype), w)
-            e += 1
+        w = tl.load(
+            w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wr,
+            mask=(ks < R)[:, None] & cols_ok[None, :], other=0.0,
+        )
         y_tile = y_ptr + rows64[:, None] * stride_y + cols[None, :]
         mask = rows_ok[:, None] & cols_ok[None, :]
         y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_tile, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=mask)
+        y += scale * tl.dot(z.to(w.dtype), w)
+        tl.store(y_tile, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -330,13 +331,14 @@ def lowrank_add_(y_AN, z_AP, w_ENR, offsets_E, scale, parts):
     part_n = N // parts
     BLOCK_M, BLOCK_N = 64, _part_block(part_n, 128)
     BLOCK_R = max(16, triton.next_power_of_2(R))
-    # column blocks vary fastest: the programs reading one tile of z run together (z comes from L2 after the first)
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(y_AN.shape[0], BLOCK_M))
+    # tiles: at most cdiv(A, BLOCK_M) + E (each expert's last tile may be partial); column blocks vary fastest,
+    # so the programs reading one tile of z run together (z comes from L2 after the first)
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(y_AN.shape[0], BLOCK_M) + E)
     _lowrank_add_kernel[grid](
         y_AN, z_AP, w_ENR, offsets_E, E, N, scale,
         y_AN.stride(0), z_AP.stride(0), *w_ENR.stride(),
         R=R, PART_N=part_n, BLOCK_E=triton.next_power_of_2(E),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=4,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=8,
     )
 
 
@@ -351,7 +353,7 @@ def expert_outer(big_XN, small_AP, offsets_E, index_A, scale, parts, out_ENR):
         big_XN, small_AP, index_A if index_A is not None else offsets_E, offsets_E, out_ENR, N, scale,
         big_XN.stride(0), small_AP.stride(0), *out_ENR.stride(),
         R=R, PART_N=part_n, HAS_INDEX=index_A is not None, INTERPRET=_INTERPRET,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=4,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=8,
     )
     return out_ENR
 
@@ -364,19 +366,17 @@ def _rows_project_kernel(
     BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # z[a, p*R + k] = scale * sum_{n in part p} y[index[a] or a, n] * w[e(a), n, k]; copy[a] = y[index[a]]
-    row0 = tl.program_id(0) * BLOCK_M
-    end = tl.load(offsets_ptr + E - 1)  # rows past the last expert's end (dropped slots) are neither read nor written
-    if row0 < end:
+    e, row0, hi = _expert_tile(offsets_ptr, tl.program_id(0), E, BLOCK_E, BLOCK_M)
+    if e < E:  # rows past the last expert's end (dropped slots) are in no tile: neither read nor written
         rows = row0 + tl.arange(0, BLOCK_M)
-        rows_ok = rows < end
+        rows_ok = rows < hi
         rows64 = rows.to(tl.int64)
         if HAS_INDEX:
             src = tl.load(index_ptr + rows, mask=rows_ok, other=0).to(tl.int64)
         else:
             src = rows64
         ks = tl.arange(0, BLOCK_R)
-        e_first = _expert_of(offsets_ptr, row0, E, BLOCK_E)
-        e_last = _expert_of(offsets_ptr, tl.minimum(row0 + BLOCK_M, end) - 1, E, BLOCK_E)
+        w_e = w_ptr + e.to(tl.int64) * stride_we
         for p in tl.static_range(PARTS):
             acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
             for n0 in range(p * PART_N, (p + 1) * PART_N, BLOCK_N):
@@ -386,17 +386,11 @@ def _rows_project_kernel(
                 y = tl.load(y_ptr + src[:, None] * stride_y + cols[None, :], mask=mask, other=0.0)
                 if HAS_COPY:
                     tl.store(copy_ptr + rows64[:, None] * stride_copy + cols[None, :], y, mask=mask)
-                e = e_first
-                while e <= e_last:  # the experts whose rows this tile holds (mostly one or two)
-                    lo = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
-                    hi = tl.load(offsets_ptr + e)
-                    y_e = tl.where(((rows >= lo) & (rows < hi))[:, None], y, 0.0)
-                    w = tl.load(
-                        w_ptr + e.to(tl.int64) * stride_we + cols[:, None] * stride_wn + ks[None, :] * stride_wr,
-                        mask=cols_ok[:, None] & (ks < R)[None, :], other=0.0,
-                    )
-                    acc += tl.dot(y_e.to(w.dtype), w)
-                    e += 1
+                w = tl.load(
+                    w_e + cols[:, None] * stride_wn + ks[None, :] * stride_wr,
+                    mask=cols_ok[:, None] & (ks < R)[None, :], other=0.0,
+                )
+                acc += tl.dot(y.to(w.dtype), w)
             tl.store(
                 z_ptr + rows64[:, None] * stride_z + p * R + ks[None, :],
                 (scale * acc).to(z_ptr.dtype.element_ty), mask=rows_ok[:, None] & (ks < R)[None, :],
@@ -410,11 +404,11 @@ def rows_project(y_XN, w_ENR, offsets_E, index_A, scale, parts, copy):
     z_AP = torch.empty((A, parts * R), dtype=y_XN.dtype, device=y_XN.device)
     copy_AN = torch.empty((A if copy else 0, N), dtype=y_XN.dtype, device=y_XN.device)
     BLOCK_M, BLOCK_N = 64, 128
-    _rows_project_kernel[(triton.cdiv(A, BLOCK_M),)](
+    _rows_project_kernel[(triton.cdiv(A, BLOCK_M) + E,)](
         y_XN, index_A if index_A is not None else offsets_E, w_ENR, offsets_E, z_AP, copy_AN, E, scale,
         y_XN.stride(0), z_AP.stride(0), copy_AN.stride(0), *w_ENR.stride(),
         R=R, PART_N=N // parts, PARTS=parts, HAS_INDEX=index_A is not None, HAS_COPY=copy,
         BLOCK_E=triton.next_power_of_2(E), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_R=max(16, triton.next_power_of_2(R)), num_warps=4,
+        BLOCK_R=max(16, triton.next_power_of_2(R)), num_warps=8,
     )
     return z_AP, copy_AN

@@ -194,7 +194,8 @@ def test_benchmark_dry_run(tmp_path):
     import json
 
     out = json.loads((tmp_path / "lora.json").read_text())
-    assert set(out["layer"]["ms"]) == {"frozen", "lora", "qlora", "full"}
+    assert set(out["layer"]["ms"]) == {"frozen", "lora", "lora_torch", "qlora", "full"}
+    assert len(out["layer"]["lora_kernels_rel_err"]) == 6  # output, grad x, four adapter factors
     assert [m["variant"] for m in out["model"]] == ["lora", "qlora"]
 
 

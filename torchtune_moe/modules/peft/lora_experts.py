@@ -316,7 +316,9 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         grad_ha_AR, grad_y_AD = _kernels.rows_project(
             grad_out_TD, b_d, offsets_E, scale=s, index_A=rows_A, copy=True, triton=kern
         )
-        grad_b_d = _kernels.expert_outer(grad_y_AD, ha_AR, offsets_E, scale=s, triton=kern) if need_b_d else None
+        grad_b_d = None
+        if need_b_d:  # reads grad_out's rows by index ([T, D], mostly in L2) rather than their gathered copy
+            grad_b_d = _kernels.expert_outer(grad_out_TD, ha_AR, offsets_E, scale=s, index_A=rows_A, triton=kern)
         grad_hs_AH = F.grouped_mm(grad_y_AD, w_down, offs=offsets_E)
         _kernels.lowrank_add_(grad_hs_AH, grad_ha_AR, a_d.transpose(-2, -1), offsets_E, 1.0, triton=kern)
         del w_down

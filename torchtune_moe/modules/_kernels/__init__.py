@@ -1,4 +1,6 @@
-"""Memory-bound pieces of the routed-expert block, fused: SwiGLU with the routing weight, gather-sums.
+"""Memory-bound pieces of the routed-expert block, fused: SwiGLU with the routing weight, gather-sums, and the
+per-expert LoRA products (low-rank projections fused with the row gathers, in-place low-rank adds, factor
+gradients).
 
 Each function has one definition of what it computes (the pure-torch code below, used on CPU and when
 Triton is missing) and, on CUDA, a Triton kernel that computes the same thing in one pass over memory.

@@ -250,7 +250,7 @@ def bench_model(args, dev, dtype, quantize: bool) -> dict:
     _free(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    config = _model_config(args, layers=config_layers(args))
+    config = _model_config(args, layers=_model_layers(args))
     t0 = time.perf_counter()
     model = build_ours_lora(config, dev, dtype, args.rank, quantize)
     build_s = time.perf_counter() - t0
@@ -269,7 +269,7 @@ def bench_model(args, dev, dtype, quantize: bool) -> dict:
     return out
 
 
-def config_layers(args) -> int:
+def _model_layers(args) -> int:
     """Depth of the ``model`` part: Qwen3-30B-A3B's 48 layers (2 on a dry run)."""
     return 2 if args.dry_run else SHAPES["qwen3"]["num_hidden_layers"]
 

@@ -219,13 +219,17 @@ def test_recipe_refuses_expert_fp8_by_name(config, overrides, message):
         validate_recipe_config(load_config(config, ["device=cpu", *overrides]), spec)
 
 
-def test_recipe_refuses_expert_fp8_with_unaligned_dims(monkeypatch):
-    """On an sm90 GPU (faked here) the dims are checked next, naming the key."""
+def test_recipe_checks_dtype_and_dims_on_an_sm90_gpu(monkeypatch):
+    """On an sm90 GPU (faked here) dtype and dims are checked next, naming the key."""
     from torchtune_moe.config import load_config
     from torchtune_moe.training import _recipe_config
 
     monkeypatch.setattr(_recipe_config.utils, "get_device", lambda device=None: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    cfg = load_config("tiny/full", ["model.expert_fp8=true", "model.moe_hidden_dim=136"])
+    cfg = load_config("tiny/full", ["model.expert_fp8=true", "dtype=fp32"])
+    with pytest.raises(ValueError, match=r"model\.expert_fp8: true needs dtype: bf16 .*got dtype: fp32"):
+        _recipe_config._check_expert_fp8(cfg)
+    cfg = load_config("tiny/full", ["model.expert_fp8=true", "dtype=bf16", "model.moe_hidden_dim=136"])
     with pytest.raises(ValueError, match=r"model\.expert_fp8: true needs model\.moe_hidden_dim a multiple of 16 .*got 136"):
         _recipe_config._check_expert_fp8(cfg)
+    _recipe_config._check_expert_fp8(load_config("tiny/full", ["model.expert_fp8=true", "dtype=bf16"]))  # allowed

@@ -159,7 +159,8 @@ def _check_cpu_offload(cfg: DictConfig) -> None:
 
 def _check_expert_fp8(cfg: DictConfig) -> None:
     """``model.expert_fp8: true`` (the routed experts' grouped GEMMs in rowwise fp8, ``torch._scaled_grouped_mm``)
-    needs a CUDA GPU of compute capability 9.0+, model dims that are multiples of 16, and the full recipe."""
+    needs a CUDA GPU of compute capability 9.0+, ``dtype: bf16``, model dims that are multiples of 16, and the full
+    recipe."""
     if cfg.model.get("expert_fp8", False) is not True:
         return
     if str(cfg.model.get("_component_", "")).rsplit(".", 1)[-1] == "lora_model":
@@ -178,6 +179,11 @@ def _check_expert_fp8(cfg: DictConfig) -> None:
         raise ValueError(
             f"model.expert_fp8: true needs a CUDA GPU of compute capability 9.0+ (H100, H200: "
             f"torch._scaled_grouped_mm), got {got}; allowed here: model.expert_fp8=false"
+        )
+    if cfg.get("dtype", "fp32") != "bf16":
+        raise ValueError(
+            f"model.expert_fp8: true needs dtype: bf16 (the fp8 grouped GEMMs take and give bf16), got dtype: "
+            f"{cfg.get('dtype', 'fp32')}"
         )
     for key in ("embed_dim", "moe_hidden_dim"):
         value = cfg.model.get(key, None)

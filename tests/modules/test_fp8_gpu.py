@@ -60,6 +60,26 @@ def test_torchao_kernels_equal_our_torch_code():
     assert q_k.stride() == (384 * 256, 1, 384)  # column-major, as _scaled_grouped_mm wants its right operand
 
 
+@pytest.mark.parametrize("K", [96, 2048, 4112])
+def test_rowwise_fp8_kernel_equals_torchao_code(K):
+    """Our one-pass Triton quantizer of activation rows against torchao's torch code: same scales, same bytes."""
+    from torchtune_moe.modules import _kernels
+
+    torch.manual_seed(0)
+    x = (torch.randn(301, K, device="cuda") * torch.logspace(-3, 3, 301, device="cuda").unsqueeze(-1)).bfloat16()
+    x[3] = 0  # a zero row (the padding)
+    x[5] = 1.75  # amax 1.75: the scale 448 / 1.75 = 256 exactly, a power of 2
+    x[6, :7] = torch.tensor([84.0, -84.0, 124.0, 1e-30, -3e4, 0.5, 3.0], device="cuda")  # ties, tiny, huge
+    q, s = _kernels.rowwise_fp8(x)
+    q_t, s_t = gg.rowwise_fp8_torch(x, -1)
+    assert q.dtype == FP8 and q.is_contiguous() and s.shape == (301, 1)
+    assert torch.equal(s, s_t)
+    assert torch.equal(q.view(torch.uint8), q_t.view(torch.uint8))
+    q32, s32 = _kernels.rowwise_fp8(x.float())  # fp32 rows too
+    q32_t, s32_t = gg.rowwise_fp8_torch(x.float(), -1)
+    assert torch.equal(s32, s32_t) and torch.equal(q32.view(torch.uint8), q32_t.view(torch.uint8))
+
+
 @pytest.mark.parametrize("op", ["forward", "input_grad", "weight_grad"])
 def test_fp8_gemms_against_emulation_and_bf16(op):
     torch.manual_seed(0)

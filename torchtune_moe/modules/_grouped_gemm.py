@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torchao.float8.config import ScalingGranularity
 from torchao.float8.float8_utils import amax_to_scale, tensor_to_scale, to_fp8_saturated
 
+from torchtune_moe.modules import _kernels
+
 __all__ = ["GroupedGemm", "BF16", "Fp8GroupedGemm", "FP8_ALIGN", "pad_offsets"]
 
 #: Rows per expert must be a multiple of this for the fp8 grouped GEMMs (as torchtitan pads token groups).
@@ -69,7 +71,15 @@ BF16 = GroupedGemm()
 def rowwise_fp8(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 ``t`` with one power-of-2 scale per slice along ``dim`` (the amax is taken over ``dim``), as torchao's
     ``_Float8GroupedMM``: returns ``(t * scale saturated to e4m3, scale)``, the scale keeping ``dim`` as size 1.
-    The fp8 tensor keeps ``t``'s strides (a column-major input stays column-major)."""
+    The fp8 tensor keeps ``t``'s strides (a column-major input stays column-major). Rows of a 2-D CUDA tensor
+    (``dim=-1``, the activations) go through one Triton kernel (:func:`_kernels.rowwise_fp8`), the same values."""
+    if dim == -1 and t.dim() == 2 and _kernels.use_triton(t):
+        return _kernels.rowwise_fp8(t)
+    return rowwise_fp8_torch(t, dim)
+
+
+def rowwise_fp8_torch(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rowwise_fp8` in torch code: torchao's functions."""
     scale = tensor_to_scale(
         t, _FP8, scaling_granularity=ScalingGranularity.AXISWISE, axiswise_dim=dim, round_scales_to_power_of_2=True
     )
@@ -102,7 +112,7 @@ def per_group_colwise_fp8(t_AN: torch.Tensor, offsets_E: torch.Tensor) -> tuple[
 def transpose_rhs_fp8(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch code for torchao's ``triton_fp8_rowwise_3d_transpose_rhs`` applied to ``w_ENK.transpose(-2, -1)``:
     fp8 [E, N, K] with one power-of-2 scale per (expert, column k), the amax over N. Returns (fp8, scales [E, K])."""
-    w8_ENK, scale_E1K = rowwise_fp8(w_ENK, dim=-2)
+    w8_ENK, scale_E1K = rowwise_fp8_torch(w_ENK, dim=-2)
     return w8_ENK, scale_E1K.squeeze(1)
 
 

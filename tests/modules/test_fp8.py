@@ -53,9 +53,14 @@ def test_quantizers_match_a_hand_reference():
         if t > s:
             got = q[s:t].float() / scales.view(4, -1)[e]
             torch.testing.assert_close(got, hand_quantize(x[s:t], 0), rtol=0, atol=0)
-    # The input gradient's weight: per (expert, column k), the amax over n.
+    # The weights: w^T [E, K, N] per (expert, n), the amax over k (forward); w [E, N, K] per (expert, k), the
+    # amax over n (input gradient).
     w = torch.randn(4, 16, 32)
-    q, scale_EK = gg.transpose_rhs_fp8(w)
+    q, scale_EN = gg.transpose_rhs_fp8(w)
+    assert q.shape == (4, 32, 16) and scale_EN.shape == (4, 16)
+    torch.testing.assert_close(q.float() / scale_EN.unsqueeze(1), hand_quantize(w.transpose(-2, -1), -2), rtol=0, atol=0)
+    q, scale_EK = gg.transpose_rhs_fp8(w.transpose(-2, -1))
+    assert q.shape == (4, 16, 32) and scale_EK.shape == (4, 32)
     torch.testing.assert_close(q.float() / scale_EK.unsqueeze(1), hand_quantize(w, -2), rtol=0, atol=0)
 
 

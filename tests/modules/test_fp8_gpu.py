@@ -54,10 +54,11 @@ def test_torchao_kernels_equal_our_torch_code():
     assert torch.equal(s_k.view(5, -1)[nonempty.cuda()], s_t.view(5, -1)[nonempty.cuda()])
     assert torch.equal(q_k.float(), q_t.float())
     w = torch.randn(4, 384, 256, device="cuda").bfloat16()  # [E, N, K]
-    q_k, s_k = triton_fp8_rowwise_3d_transpose_rhs(w.transpose(-2, -1), output_dtype=FP8, round_scales_to_power_of_2=True)
-    q_t, s_t = gg.transpose_rhs_fp8(w)
-    assert torch.equal(s_k, s_t) and torch.equal(q_k.float(), q_t.float())
-    assert q_k.stride() == (384 * 256, 1, 384)  # column-major, as _scaled_grouped_mm wants its right operand
+    for hp in (w, w.transpose(-2, -1)):  # the forward's w^T, the input gradient's w
+        q_k, s_k = triton_fp8_rowwise_3d_transpose_rhs(hp, output_dtype=FP8, round_scales_to_power_of_2=True)
+        q_t, s_t = gg.transpose_rhs_fp8(hp)
+        assert torch.equal(s_k, s_t) and torch.equal(q_k.float(), q_t.float())
+        assert q_k.stride(-2) == 1  # column-major, as _scaled_grouped_mm wants its right operand
 
 
 @pytest.mark.parametrize("K", [96, 2048, 4112])

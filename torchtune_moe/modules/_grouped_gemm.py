@@ -17,8 +17,11 @@ in the same order with the same arguments):
 - e4m3, power-of-2 scales; left operand row-major with one scale per row, right operand column-major with one
   scale per column; ``torch._scaled_grouped_mm(..., use_fast_accum=True)``, output bf16;
 - weight gradients: both operands scaled per column within each expert's rows
-  (``triton_fp8_per_group_colwise_scales``); the input gradient's weight transposed and scaled by
-  ``triton_fp8_rowwise_3d_transpose_rhs``.
+  (``triton_fp8_per_group_colwise_scales``); the weights transposed and scaled by
+  ``triton_fp8_rowwise_3d_transpose_rhs`` (torchao uses it for the input gradient; we also use it for the
+  forward's ``w^T``, where torchao's eager torch code computes the same values in more passes);
+- activation rows: one pass of our Triton kernel (:func:`~torchtune_moe.modules._kernels.rowwise_fp8`), the
+  values of torchao's ``tensor_to_scale`` + ``to_fp8_saturated``.
 
 It needs every expert's row count to be a multiple of 16 (:func:`pad_offsets`; ``MoELinear.routed`` pads).
 ``Fp8GroupedGemm(emulate=True)`` quantizes exactly as the GPU path (the same scales and fp8 values: torch code
@@ -109,11 +112,13 @@ def per_group_colwise_fp8(t_AN: torch.Tensor, offsets_E: torch.Tensor) -> tuple[
     return to_fp8_saturated(t_AN.to(torch.float32) * scales_EN[expert_A], _FP8), scales_EN.flatten()
 
 
-def transpose_rhs_fp8(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch code for torchao's ``triton_fp8_rowwise_3d_transpose_rhs`` applied to ``w_ENK.transpose(-2, -1)``:
-    fp8 [E, N, K] with one power-of-2 scale per (expert, column k), the amax over N. Returns (fp8, scales [E, K])."""
-    w8_ENK, scale_E1K = rowwise_fp8_torch(w_ENK, dim=-2)
-    return w8_ENK, scale_E1K.squeeze(1)
+def transpose_rhs_fp8(hp_EKN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch code for torchao's ``triton_fp8_rowwise_3d_transpose_rhs(hp_EKN)`` (same scales and fp8 values): the
+    transpose ``hp^T`` [E, N, K] in fp8 with one power-of-2 scale per (expert, k), the amax over N. Returns (fp8,
+    scales [E, K]). Both GEMMs with a weight as right operand take it this way: ``hp = w_ENK`` gives the
+    forward's ``w^T`` [E, K, N] scaled per output column n; ``hp = w_ENK^T`` the input gradient's ``w``."""
+    q_ENK, scale_E1K = rowwise_fp8_torch(hp_EKN.transpose(-2, -1), dim=-2)
+    return q_ENK, scale_E1K.squeeze(1)
 
 
 def pad_offsets(offsets_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,13 +155,18 @@ class Fp8GroupedGemm:
     def forward(self, a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """``a_AK @ w_ENK[e]^T`` per expert, in fp8: a per row, w per output row n."""
         a8_AK, a_scale_A1 = rowwise_fp8(a_AK, dim=-1)
-        w8_EKN, w_scale_E1N = rowwise_fp8(w_ENK.transpose(-2, -1), dim=-2)  # column-major, as w is row-major
         if self.emulate:
+            w8_EKN, w_scale_EN = transpose_rhs_fp8(w_ENK)
             a_AK32 = a8_AK.float() / a_scale_A1
-            w_EKN32 = w8_EKN.float() / w_scale_E1N
+            w_EKN32 = w8_EKN.float() / w_scale_EN.unsqueeze(1)
             return F.grouped_mm(a_AK32, w_EKN32, offs=offsets_E).to(a_AK.dtype)
+        from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_3d_transpose_rhs
+
+        # torchao's _Float8GroupedMM quantizes the forward's weight with tensor_to_scale (several passes in eager);
+        # its transposing kernel computes the same scales and values in two (w^T column-major, one scale per n).
+        w8_EKN, w_scale_EN = triton_fp8_rowwise_3d_transpose_rhs(w_ENK, output_dtype=_FP8, round_scales_to_power_of_2=True)
         out = torch._scaled_grouped_mm(
-            a8_AK, w8_EKN, a_scale_A1.squeeze(-1).reciprocal(), w_scale_E1N.squeeze(1).reciprocal(), offsets_E,
+            a8_AK, w8_EKN, a_scale_A1.squeeze(-1).reciprocal(), w_scale_EN.reciprocal(), offsets_E,
             out_dtype=torch.bfloat16, use_fast_accum=True,
         )
         return out.to(a_AK.dtype)
@@ -165,7 +175,7 @@ class Fp8GroupedGemm:
         """``g_AN @ w_ENK[e]`` per expert, in fp8: g per row, w per column k (within each expert)."""
         g8_AN, g_scale_A1 = rowwise_fp8(g_AN, dim=-1)
         if self.emulate:
-            w8_ENK, w_scale_EK = transpose_rhs_fp8(w_ENK)
+            w8_ENK, w_scale_EK = transpose_rhs_fp8(w_ENK.transpose(-2, -1))
             g_AN32 = g8_AN.float() / g_scale_A1
             w_ENK32 = w8_ENK.float() / w_scale_EK.unsqueeze(1)
             return F.grouped_mm(g_AN32, w_ENK32, offs=offsets_E).to(g_AN.dtype)

@@ -238,3 +238,21 @@ def test_recipe_checks_dtype_and_dims_on_an_sm90_gpu(monkeypatch):
     with pytest.raises(ValueError, match=r"model\.expert_fp8: true needs model\.moe_hidden_dim a multiple of 16 .*got 136"):
         _recipe_config._check_expert_fp8(cfg)
     _recipe_config._check_expert_fp8(load_config("tiny/full", ["model.expert_fp8=true", "dtype=bf16"]))  # allowed
+
+
+@pytest.mark.parametrize("op", ["forward", "input_grad", "weight_grad"])
+def test_gpu_path_operands_pass_scaled_grouped_mm_checks(op):
+    """The real path (torchao's quantizers, torch._scaled_grouped_mm) traced with fake tensors: operand layouts
+    (row-major left, column-major right, 16-byte strides) and scale shapes pass torch's checks, output bf16."""
+    pytest.importorskip("triton")  # torchao's quantizer kernels import it
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    P, N, K = 256, 48, 32
+    with FakeTensorMode():
+        offsets_E = torch.tensor([64, 64, 192, 256], dtype=torch.int32)
+        a, g = torch.randn(P, K, dtype=torch.bfloat16), torch.randn(P, N, dtype=torch.bfloat16)
+        w = torch.randn(4, N, K, dtype=torch.bfloat16)
+        args = {"forward": (a, w), "input_grad": (g, w), "weight_grad": (g, a)}[op]
+        out = getattr(gg.Fp8GroupedGemm(), op)(*args, offsets_E)
+        want = getattr(gg.BF16, op)(*args, offsets_E)
+    assert out.shape == want.shape and out.dtype == torch.bfloat16

@@ -12,7 +12,8 @@ computed):
 is torchao's rowwise float8 recipe (``torchao.prototype.moe_training.scaled_grouped_mm._Float8GroupedMM``, which
 is a whole autograd function of one GEMM: we need its three GEMMs separately inside our fused node, so this
 module calls its pieces — ``tensor_to_scale``, ``to_fp8_saturated`` and its two Triton quantization kernels —
-in the same order with the same arguments):
+with the same arguments, computing the same scales and fp8 values; where its eager torch code makes several
+passes over memory, a one-pass kernel stands in, as listed):
 
 - e4m3, power-of-2 scales; left operand row-major with one scale per row, right operand column-major with one
   scale per column; ``torch._scaled_grouped_mm(..., use_fast_accum=True)``, output bf16;

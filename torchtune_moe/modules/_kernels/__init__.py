@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
+    "rowwise_fp8",
 ]
 
 
@@ -83,6 +84,15 @@ if _HAS_TRITON:
     @_segment_sum_op.register_fake
     def _(src_AD, index_J, offsets_T):
         return src_AD.new_empty((offsets_T.shape[0], src_AD.shape[1]))
+
+    @torch.library.custom_op("torchtune_moe::rowwise_fp8", mutates_args=())
+    def _rowwise_fp8_op(src_AK: Tensor) -> tuple[Tensor, Tensor]:
+        return _triton.rowwise_fp8(src_AK)
+
+    @_rowwise_fp8_op.register_fake
+    def _(src_AK):
+        A, K = src_AK.shape
+        return src_AK.new_empty((A, K), dtype=torch.float8_e4m3fn), src_AK.new_empty((A, 1), dtype=torch.float32)
 
 
 def gather_rows(
@@ -232,3 +242,18 @@ def segment_sum(src_AD: torch.Tensor, index_J: torch.Tensor, offsets_T: torch.Te
     token_J = torch.searchsorted(offsets_T.long(), torch.arange(J, device=src_AD.device), right=True)
     out_TD = torch.zeros(T + 1, src_AD.shape[1], dtype=torch.float32, device=src_AD.device)
     return out_TD.index_add_(0, token_J, src_AD[index_J].float())[:T].to(src_AD.dtype)
+
+
+def rowwise_fp8(src_AK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 rows with one power-of-2 scale per row, in one pass (CUDA with Triton only: check
+    :func:`use_triton`). The definition is torchao's ``tensor_to_scale`` + ``to_fp8_saturated``
+    (:func:`torchtune_moe.modules._grouped_gemm.rowwise_fp8_torch`), which makes about five passes over memory in
+    eager mode; torchao has no one-pass kernel for the left operand of its rowwise grouped GEMM.
+
+    Args:
+        src_AK (torch.Tensor): [A, K] rows (bf16 or fp32).
+
+    Returns:
+        tuple: ``q_AK`` [A, K] float8_e4m3fn row-major (``src * scale`` saturated) and ``scale_A1`` [A, 1] fp32.
+    """
+    return _rowwise_fp8_op(src_AK)

@@ -23,6 +23,7 @@ Variants:
                errors are fp8's against the fp32 reference. Needs compute capability 9.0+ (skipped otherwise,
                and in --dry-run, with the reason printed).
   ours_fp8_compile  the same, under torch.compile.
+  profile_fp8  as profile, for ours_fp8 (CUDA time per kernel, eager).
   gmm_only     only the six grouped GEMMs of forward + backward on pre-sorted rows (no routing, no
                activation): what grouped_mm itself reaches.
 
@@ -218,13 +219,14 @@ def gmm_only_fn(layer, x_TD, routing):
 
 VARIANTS = [
     "dense", "ours", "v0", "hf_grouped", "hf_eager", "gmm_only", "kernels", "parts", "profile", "ours_compile",
-    "ours_again", "ours_fp8", "ours_fp8_compile", "ours_compile_max",
+    "ours_again", "ours_fp8", "ours_fp8_compile", "profile_fp8", "ours_compile_max",
 ]
 
 
 ROUTER_TAGS = {"token_choice": "", "expert_choice": "/ec", "causal_expert_choice": "/cec"}
 ROUTER_VARIANTS = (
-    "ours", "ours_again", "ours_compile", "ours_fp8", "ours_fp8_compile", "ours_compile_max", "parts", "profile"
+    "ours", "ours_again", "ours_compile", "ours_fp8", "ours_fp8_compile", "ours_compile_max", "parts", "profile",
+    "profile_fp8"
 )
 
 
@@ -455,7 +457,7 @@ def run_router(name, T, variants, rows, router):
 
     attempt("parts", v_parts)
 
-    def v_profile():
+    def v_profile(label="profile"):
         """Where the time of ours (eager) goes: CUDA time per kernel over 5 forward + backward passes."""
         from torch.profiler import ProfilerActivity, profile
 
@@ -469,9 +471,9 @@ def run_router(name, T, variants, rows, router):
                 fn()
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-        rows["profile" + tag] = table
+        rows[label + tag] = table
         if OUT_DIR:
-            with open(os.path.join(OUT_DIR, f"profile_{name}{tag.replace('/', '_')}.txt"), "w") as f:
+            with open(os.path.join(OUT_DIR, f"{label}_{name}{tag.replace('/', '_')}.txt"), "w") as f:
                 f.write(table)
         print("\n".join(table.splitlines()[:20]), flush=True)
 
@@ -533,6 +535,7 @@ def run_router(name, T, variants, rows, router):
 
     attempt("ours_fp8", with_fp8(v_fp8))
     attempt("ours_fp8_compile", with_fp8(lambda: v_compile("ours_fp8_compile")))
+    attempt("profile_fp8", with_fp8(lambda: fp8_ok("profile_fp8") and v_profile("profile_fp8")))
 
     # the same variant again: the spread between the two is the noise
     def v_again():

@@ -1,6 +1,7 @@
 """LoRA / QLoRA on the GPU: the routed-expert layer's cost with adapters, and Qwen3-30B-A3B training on one GPU.
 
-    python benchmarks/lora.py [--parts layer model] [--tokens 8192] [--rank 16] [--out DIR]
+    python benchmarks/lora.py [--parts layer model hf] [--tokens 8192] [--rank 16] [--out DIR]
+    python benchmarks/lora.py --parts hf --layers 12 48 --out DIR   # against transformers + PEFT
     python benchmarks/lora.py --dry-run          # tiny shapes on CPU: checks the code only
 
 layer: the routed experts of one MoE layer at the Qwen3-30B-A3B shape (E 128, K 8, D 2048, H 768), forward +
@@ -13,6 +14,17 @@ model: Qwen3-30B-A3B at full depth (48 layers, random init, real shapes) with ad
        routed experts, one GPU, bf16, activation checkpointing, AdamW on the adapters, ``--batch`` x
        ``--seq-len`` random tokens per step: LoRA (bf16 base) and QLoRA (NF4 base). Reports tokens/s and the peak
        memory of training (and of building the model, which holds the bf16 base before quantizing).
+hf:    LoRA training against transformers + PEFT on the same model at ``--layers`` depths (default 12; both sides
+       at each): transformers' ``Qwen3MoeForCausalLM`` from the same config.json (random init, grouped_mm experts,
+       sdpa attention, aux loss on) with PEFT LoRA on q/k/v/o and the per-expert gate/up/down projections, which
+       PEFT 0.21 puts on transformers 5's fused expert parameters (gate_up_proj at rank 2r, down_proj at rank r:
+       the form it loads our adapters in); ours built by the qwen3_moe builder with the same rank, alpha and
+       targets. Both: bf16 base and adapters, activation checkpointing on every decoder layer, AdamW on the
+       adapters, ``--batch`` x ``--seq-len`` random tokens, median of ``--hf-steps`` steps after 3 warm-up steps.
+       Reports tokens/s, peak memory, trainable parameters (PEFT's fused gate_up adapter has one B of rank 2r
+       where ours has a rank-r pair for gate and for up: 2I x r x E more parameters per layer, zero-initialised
+       as the rest of B). An out-of-memory side is reported as such and the other still measured. Writes
+       ``OUT/lora.json`` and ``OUT/lora_vs_peft.md``.
 """
 
 import argparse
@@ -26,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _models import SHAPES, build_hf, build_ours, hf_config  # noqa: E402
 
 from torchtune_moe.modules import MoELinear, TokenChoiceTopKRouter, collect_aux_loss, dispatch_combine  # noqa: E402
 from torchtune_moe.modules.peft import LoRAMoELinear  # noqa: E402
@@ -123,80 +137,238 @@ def bench_layer(args, dev, dtype) -> dict:
     return out
 
 
-def bench_model(args, dev, dtype, quantize: bool) -> dict:
+ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]  # ours; transformers names the last o_proj
+# The same adapters in transformers' per-expert names (the layout our PEFT adapters are written in): PEFT 0.21 turns
+# gate_proj/up_proj/down_proj into LoRA on transformers 5's fused expert parameters (``target_parameters``
+# mlp.experts.gate_up_proj at rank 2r and alpha 2 alpha, mlp.experts.down_proj at rank r), as it does when it loads
+# an adapter of ours (tests/peft/test_peft_adapter.py checks the logits match).
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model_config(args, layers: int) -> dict:
+    """Qwen3-30B-A3B's config.json at ``layers`` layers (tiny widths on a dry run, each adapted weight a multiple of
+    NF4's 16384-element blocks for QLoRA)."""
+    config = hf_config("qwen3", layers=layers, seq_len=args.seq_len if not args.dry_run else 64, tiny=args.dry_run)
+    if args.dry_run:
+        config.update(hidden_size=128, head_dim=32, num_key_value_heads=4, moe_intermediate_size=128)
+    return config
+
+
+def build_ours_lora(config: dict, dev, dtype, rank: int, quantize: bool = False):
+    """Our model of ``config`` with rank-``rank`` adapters (alpha 2 rank) on q/k/v/o and the routed experts, only
+    the adapters trainable, activation checkpointing on every decoder layer."""
     from torchtune import training
     from torchtune.modules import TransformerSelfAttentionLayer
     from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-    from torchtune_moe.models import lora_model, moe
+    from torchtune_moe.modules.peft import apply_lora
 
-    torch.manual_seed(0)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    lora_kwargs = dict(
-        lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_experts=True,
-        lora_rank=args.rank, lora_alpha=2.0 * args.rank, quantize_base=quantize,
-    )
-    t0 = time.perf_counter()
     with training.set_default_dtype(dtype), dev:
-        if args.dry_run:
-            model = lora_model(
-                moe, vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=128, max_seq_len=256,
-                num_experts=8, experts_per_token=2, moe_hidden_dim=128, **lora_kwargs,
-            )
-        else:
-            model = lora_model("torchtune_moe.models.qwen3_moe.qwen3_moe_30b_a3b", max_seq_len=args.seq_len, **lora_kwargs)
-    build_s = time.perf_counter() - t0
+        model = apply_lora(
+            build_ours(config, dev, dtype), lora_attn_modules=ATTN, apply_lora_to_experts=True, lora_rank=rank,
+            lora_alpha=2.0 * rank, quantize_base=quantize,
+        )
     set_trainable_params(model, get_adapter_params(model))
     training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+    return model
+
+
+def _peft_without_torchao():
+    """PEFT 0.21 refuses torchao < 0.16 as soon as it looks for torchao-quantized layers, and torchtune 0.6.1 needs
+    torchao < 0.16: this model has no torchao layers, so PEFT is told torchao is absent (as the PEFT tests do)."""
+    import peft.tuners.lora.torchao
+    import peft.utils.quantization_utils
+
+    for module in (peft.tuners.lora.torchao, peft.utils.quantization_utils):
+        if hasattr(module, "is_torchao_available"):
+            module.is_torchao_available = lambda: False
+
+
+def build_hf_lora(config: dict, dev, dtype, rank: int):
+    """transformers' model of ``config`` (:func:`build_hf`: grouped_mm experts, sdpa) with PEFT LoRA of rank
+    ``rank`` (alpha 2 rank) on :data:`HF_TARGETS`, adapters in ``dtype`` as ours (``autocast_adapter_dtype=False``;
+    PEFT's default would keep them in fp32), activation checkpointing (non-reentrant) on every decoder layer."""
+    import peft
+
+    _peft_without_torchao()
+    model = build_hf(config, dev, dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=HF_TARGETS)
+    return peft.get_peft_model(model, lora, autocast_adapter_dtype=False).train()
+
+
+def _trainable(model) -> dict:
+    """Trainable parameter counts (all, and those of the routed experts' adapters) and the number of decoder layers
+    under activation checkpointing (torch's checkpoint wrapper, or transformers' ``gradient_checkpointing`` flag)."""
+    named = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    return {"trainable_params": sum(n for _, n in named),
+            "trainable_expert_params": sum(n for name, n in named if ".experts." in name),
+            "checkpointed_layers": sum(_checkpointed(m) for m in model.modules())}
+
+
+def _checkpointed(module) -> bool:
+    if type(module).__name__ == "CheckpointWrapper":  # ours: torchtune's set_activation_checkpointing
+        return True
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return False
+    return isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing
+
+
+def _train(model, loss_fn, vocab: int, args, dev, steps: int, warmup: int) -> dict:
+    """AdamW on the trainable parameters; median step time over ``steps`` after ``warmup``, tokens/s, peak memory
+    of training (weights, adapters, optimizer state, activations), the losses."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
-    build_peak = torch.cuda.max_memory_allocated() / GiB if torch.cuda.is_available() else None
-    if torch.cuda.is_available():
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
+    if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     B, S = (args.batch, args.seq_len) if not args.dry_run else (2, 64)
-    vocab = model.tok_embeddings.num_embeddings
+    torch.manual_seed(1)
     tokens = torch.randint(0, vocab, (B, S + 1), device=dev)
     losses = []
 
     def step():
-        logits = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) + collect_aux_loss(model)
+        loss = loss_fn(tokens)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
 
     model.train()
-    step_s = _time(step, iters=2 if args.dry_run else args.steps, warmup=1 if args.dry_run else 2)
+    step_s = _time(step, iters=2 if args.dry_run else steps, warmup=1 if args.dry_run else warmup)
+    out = {
+        "tokens_per_step": B * S,
+        "step_s": step_s,
+        "tokens_per_s": B * S / step_s,
+        "train_peak_gib": torch.cuda.max_memory_allocated() / GiB if dev.type == "cuda" else None,
+        "losses": losses,
+    }
+    del opt, params
+    return out
+
+
+def _ours_loss(model):
+    def loss_fn(tokens):
+        logits = model(tokens[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) + collect_aux_loss(model)
+
+    return loss_fn
+
+
+def _free(dev):
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_model(args, dev, dtype, quantize: bool) -> dict:
+    torch.manual_seed(0)
+    _free(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    config = _model_config(args, layers=_model_layers(args))
+    t0 = time.perf_counter()
+    model = build_ours_lora(config, dev, dtype, args.rank, quantize)
+    build_s = time.perf_counter() - t0
+    build_peak = torch.cuda.max_memory_allocated() / GiB if dev.type == "cuda" else None
     out = {
         "variant": "qlora" if quantize else "lora",
         "layers": len(model.layers),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "trainable_params": sum(p.numel() for p in params),
-        "tokens_per_step": B * S,
-        "step_s": step_s,
-        "tokens_per_s": B * S / step_s,
+        **_trainable(model),
         "build_s": build_s,
         "build_peak_gib": build_peak,
-        "train_peak_gib": torch.cuda.max_memory_allocated() / GiB if torch.cuda.is_available() else None,
-        "losses": losses,
+        **_train(model, _ours_loss(model), config["vocab_size"], args, dev, steps=args.steps, warmup=2),
     }
-    del model, opt, params
-    gc.collect()
+    del model
+    _free(dev)
     return out
+
+
+def _model_layers(args) -> int:
+    """Depth of the ``model`` part: Qwen3-30B-A3B's 48 layers (2 on a dry run)."""
+    return 2 if args.dry_run else SHAPES["qwen3"]["num_hidden_layers"]
+
+
+def bench_hf(args, dev, dtype, layers: int) -> dict:
+    """Ours (LoRA, :func:`build_ours_lora`) against transformers + PEFT (:func:`build_hf_lora`) on the same
+    depth-reduced Qwen3-30B-A3B, the same adapters, tokens, optimizer and activation checkpointing."""
+    import peft
+    import transformers
+
+    config = _model_config(args, layers)
+    out = {"layers": layers, "activation_checkpointing": True, "rank": args.rank, "alpha": 2 * args.rank,
+           "transformers": transformers.__version__, "peft": peft.__version__, "dtype": str(dtype).removeprefix("torch.")}
+    for side in ("ours", "hf_peft"):
+        torch.manual_seed(0)
+        _free(dev)
+        try:
+            if side == "ours":
+                model = build_ours_lora(config, dev, dtype, args.rank)
+                loss_fn = _ours_loss(model)
+                r = {"experts": "ours (grouped GEMM, per-expert LoRA pairs)"}
+            else:
+                model = build_hf_lora(config, dev, dtype, args.rank)
+
+                def loss_fn(tokens):  # transformers' loss: next-token cross-entropy (fp32) + the aux loss
+                    return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1], use_cache=False).loss
+
+                pc = model.peft_config["default"]
+                r = {
+                    "experts": f"transformers {model.config._experts_implementation} + PEFT ParamWrapper",
+                    "attention": model.config._attn_implementation,
+                    "peft_target_modules": sorted(pc.target_modules or []),
+                    "peft_target_parameters": sorted(pc.target_parameters or []),
+                    "peft_rank_pattern": dict(pc.rank_pattern or {}),
+                    "peft_alpha_pattern": dict(pc.alpha_pattern or {}),
+                }
+            r.update(total_params=sum(p.numel() for p in model.parameters()), **_trainable(model))
+            r.update(_train(model, loss_fn, config["vocab_size"], args, dev, steps=args.hf_steps, warmup=3))
+        except torch.cuda.OutOfMemoryError as e:  # report it and keep the other side's figures
+            r = {"error": f"out of memory at {layers} layers: {str(e)[:300]}"}
+        model = loss_fn = None
+        _free(dev)
+        out[side] = r
+        print(side, json.dumps(r, indent=1), flush=True)
+    if "error" not in out["ours"] and "error" not in out["hf_peft"]:
+        out["ours_over_hf_tokens_per_s"] = out["ours"]["tokens_per_s"] / out["hf_peft"]["tokens_per_s"]
+    return out
+
+
+def _hf_table(r: dict) -> str:
+    lines = [
+        f"Qwen3-30B-A3B shape at {r['layers']} layers, LoRA rank {r['rank']} alpha {r['alpha']} on q/k/v/o and the "
+        f"routed experts, {r['dtype']}, activation checkpointing on both, AdamW on the adapters "
+        f"(transformers {r['transformers']}, PEFT {r['peft']})",
+        "| | tokens/s | step s | peak GiB | trainable params (experts) |",
+        "|---|---|---|---|---|",
+    ]
+    for side, name in (("ours", "torchtune-moe"), ("hf_peft", "transformers + PEFT")):
+        x = r[side]
+        if "error" in x:
+            lines.append(f"| {name} | {x['error'][:80]} | | | |")
+            continue
+        peak = f"{x['train_peak_gib']:.1f}" if x["train_peak_gib"] is not None else "-"
+        lines.append(f"| {name} | {x['tokens_per_s']:.0f} | {x['step_s']:.3f} | {peak} | "
+                     f"{x['trainable_params'] / 1e6:.1f}M ({x['trainable_expert_params'] / 1e6:.1f}M) |")
+    if "ours_over_hf_tokens_per_s" in r:
+        lines.append(f"\nours / transformers+PEFT tokens/s: {r['ours_over_hf_tokens_per_s']:.2f}x")
+    return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=["layer", "model"], choices=["layer", "model"])
+    p.add_argument("--parts", nargs="+", default=["layer", "model"], choices=["layer", "model", "hf"])
     p.add_argument("--variants", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora"])
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4, help="timed steps of the model part (after 2 warm-up steps)")
+    p.add_argument("--layers", type=int, nargs="+", default=[12],
+                   help="depths of the hf part (both sides at each; 48 is Qwen3-30B-A3B's full depth)")
+    p.add_argument("--hf-steps", type=int, default=10, help="timed steps of the hf part (after 3 warm-up steps)")
     p.add_argument("--profile", action="store_true", help="print the top kernels of the frozen and LoRA layer steps")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT"))
@@ -215,10 +387,18 @@ def main():
             r = bench_model(args, dev, dtype, quantize=v == "qlora")
             results["model"].append(r)
             print(json.dumps(r, indent=1), flush=True)
+    if "hf" in args.parts:
+        results["hf"] = []
+        for layers in args.layers if not args.dry_run else [2]:
+            results["hf"].append(bench_hf(args, dev, dtype, layers))
+            print(_hf_table(results["hf"][-1]), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "lora.json"), "w") as f:
             json.dump(results, f, indent=1)
+        if "hf" in results:
+            with open(os.path.join(args.out, "lora_vs_peft.md"), "w") as f:
+                f.write("\n\n".join(_hf_table(r) for r in results["hf"]) + "\n")
 
 
 if __name__ == "__main__":

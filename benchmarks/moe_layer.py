@@ -19,6 +19,11 @@ Variants:
   ours         torchtune_moe's MoE layer (router with aux loss, dispatch_combine), eager.
   ours_compile the same, under torch.compile.
   ours_compile_max  the same, torch.compile mode="max-autotune-no-cudagraphs" (experiment; not the default).
+  ours_fp8     ours with expert_fp8=True (the six expert GEMMs in rowwise fp8, torchao's recipe), eager; its
+               errors are fp8's against the fp32 reference. Needs compute capability 9.0+ (skipped otherwise,
+               and in --dry-run, with the reason printed).
+  ours_fp8_compile  the same, under torch.compile.
+  profile_fp8  as profile, for ours_fp8 (CUDA time per kernel, eager).
   gmm_only     only the six grouped GEMMs of forward + backward on pre-sorted rows (no routing, no
                activation): what grouped_mm itself reaches.
 
@@ -214,12 +219,15 @@ def gmm_only_fn(layer, x_TD, routing):
 
 VARIANTS = [
     "dense", "ours", "v0", "hf_grouped", "hf_eager", "gmm_only", "kernels", "parts", "profile", "ours_compile",
-    "ours_again", "ours_compile_max",
+    "ours_again", "ours_fp8", "ours_fp8_compile", "profile_fp8", "ours_compile_max",
 ]
 
 
 ROUTER_TAGS = {"token_choice": "", "expert_choice": "/ec", "causal_expert_choice": "/cec"}
-ROUTER_VARIANTS = ("ours", "ours_again", "ours_compile", "ours_compile_max", "parts", "profile")
+ROUTER_VARIANTS = (
+    "ours", "ours_again", "ours_compile", "ours_fp8", "ours_fp8_compile", "ours_compile_max", "parts", "profile",
+    "profile_fp8"
+)
 
 
 def run_shape(name, T, variants, results, routers=("token_choice",)):
@@ -449,7 +457,7 @@ def run_router(name, T, variants, rows, router):
 
     attempt("parts", v_parts)
 
-    def v_profile():
+    def v_profile(label="profile"):
         """Where the time of ours (eager) goes: CUDA time per kernel over 5 forward + backward passes."""
         from torch.profiler import ProfilerActivity, profile
 
@@ -463,9 +471,9 @@ def run_router(name, T, variants, rows, router):
                 fn()
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-        rows["profile" + tag] = table
+        rows[label + tag] = table
         if OUT_DIR:
-            with open(os.path.join(OUT_DIR, f"profile_{name}{tag.replace('/', '_')}.txt"), "w") as f:
+            with open(os.path.join(OUT_DIR, f"{label}_{name}{tag.replace('/', '_')}.txt"), "w") as f:
                 f.write(table)
         print("\n".join(table.splitlines()[:20]), flush=True)
 
@@ -475,6 +483,8 @@ def run_router(name, T, variants, rows, router):
     # dispatch_combine), as the recipe does with compile on: the layer is then one graph (else it breaks there).
     @torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
     def v_compile(variant="ours_compile", mode=None):
+        if variant.startswith("ours_fp8") and not fp8_ok(variant):
+            return
         torch._dynamo.reset()
         from torch._dynamo.utils import counters
 
@@ -495,6 +505,37 @@ def run_router(name, T, variants, rows, router):
         record(variant, ms, peak, {"out": rel(out, ref)}, note=f"compile {ctime:.0f}s, {graphs} graphs")
 
     attempt("ours_compile", v_compile)
+
+    def fp8_ok(variant):
+        why = None
+        if DEV.type != "cuda":
+            why = "needs a CUDA GPU"
+        elif torch.cuda.get_device_capability() < (9, 0):
+            why = f"needs compute capability 9.0+, this GPU has {torch.cuda.get_device_capability()}"
+        if why:
+            print(f"  {name:8s} {variant + tag:13s} skipped: expert_fp8 {why}", flush=True)
+        return why is None
+
+    def with_fp8(f):  # runs f with the experts' GEMMs in fp8, then back to bf16
+        def run():
+            layer.experts.expert_fp8 = True
+            try:
+                f()
+            finally:
+                layer.experts.expert_fp8 = False
+
+        return run
+
+    def v_fp8():
+        if not fp8_ok("ours_fp8"):
+            return
+        errs = check_dispatch(moe_layer_module.dispatch_combine, layer, x_TD, routing)
+        ms, peak = bench(layer_fn(layer), params + [x])
+        record("ours_fp8", ms, peak, errs)
+
+    attempt("ours_fp8", with_fp8(v_fp8))
+    attempt("ours_fp8_compile", with_fp8(lambda: v_compile("ours_fp8_compile")))
+    attempt("profile_fp8", with_fp8(lambda: fp8_ok("profile_fp8") and v_profile("profile_fp8")))
 
     # the same variant again: the spread between the two is the noise
     def v_again():
@@ -537,7 +578,7 @@ def main():
     results = {}
     for name in args.shapes:
         run_shape(name, args.tokens, set(args.variants), results, args.routers)
-    ours = ["ours", "ours_again", "ours_compile", "ours_compile_max"]
+    ours = ["ours", "ours_again", "ours_compile", "ours_fp8", "ours_fp8_compile", "ours_compile_max"]
     order = ["dense"] + [v + ROUTER_TAGS[r] for r in args.routers for v in ["dense_again"] + ours]
     order += ["v0", "hf_grouped", "hf_eager", "gmm_only"]
     lines = [

@@ -1,12 +1,15 @@
 """Training step of 4-layer full-width MoE models: ours vs transformers' same-shape models.
 
     python benchmarks/train_step.py [--shapes qwen3 olmoe] [--variants ours ours_compile hf] [--out DIR]
+    python benchmarks/train_step.py --profile --shapes qwen3 --out DIR   # also where each step's GPU time goes
 
 Needs a CUDA GPU. Each model: bf16 weights, batch 4 x 2048 random tokens, next-token cross-entropy on the
 full logits plus the load-balancing aux loss, ``torch.optim.AdamW(fused=True)`` (the same optimizer for
 every variant), ``zero_grad(set_to_none=True)``. Reports tokens/s (median step time over the timed steps,
 CUDA events) and peak memory (``torch.cuda.max_memory_allocated`` over the timed steps: weights, gradients,
-optimizer state and activations).
+optimizer state and activations). ``--profile``: after the timed steps, ``--profile-steps`` more steps under
+``torch.profiler``; the top 25 GPU kernels by total time (ms per step, share, calls) of each shape and variant go
+to ``OUT/profile_<shape>_<variant>.txt``.
 
 Variants:
   ours          torchtune_moe model built from the same config.json values, eager, the same loss as hf
@@ -33,68 +36,28 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _models import SHAPES, build_hf, build_ours, hf_config, kernel_table  # noqa: E402
+
 from torchtune_moe.modules import collect_aux_loss, update_routers  # noqa: E402
 
 SEQ, BATCH = 2048, 4
 DEV = "cuda"
 
-# config.json values of the published models, with num_hidden_layers cut to 4.
-CONFIGS = {
-    "qwen3": dict(
-        model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
-        intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=4, num_attention_heads=32,
-        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
-        decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-        max_position_embeddings=SEQ, tie_word_embeddings=False, attention_bias=False, hidden_act="silu",
-        router_aux_loss_coef=0.001, sliding_window=None, use_sliding_window=False,
-    ),
-    "olmoe": dict(
-        model_type="olmoe", architectures=["OlmoeForCausalLM"], vocab_size=50304, hidden_size=2048,
-        intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
-        num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, rms_norm_eps=1e-5, rope_theta=10_000.0,
-        max_position_embeddings=SEQ, tie_word_embeddings=False, attention_bias=False, hidden_act="silu",
-        router_aux_loss_coef=0.01, clip_qkv=None, pad_token_id=1,
-    ),
-}
+LAYERS = 4
 
 
-def build_ours(config: dict):
-    from torchtune_moe.models import build_from_hf_config
-
-    return build_from_hf_config(config, device=DEV, dtype=torch.bfloat16, max_seq_len=SEQ).train()
-
-
-def build_hf(name: str, config: dict):
-    if name == "qwen3":
-        from transformers import Qwen3MoeConfig as C, Qwen3MoeForCausalLM as M
-    else:
-        from transformers import OlmoeConfig as C, OlmoeForCausalLM as M
-    kw = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
-    cfg = C(**kw, output_router_logits=True)
-    cfg._experts_implementation = "grouped_mm"
-    cfg._attn_implementation = "sdpa"
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(DEV):
-            model = M(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.to(torch.bfloat16).train()
-
-
-def run(name: str, variant: str, steps: int, warmup: int) -> dict:
-    config = CONFIGS[name]
+def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0, out: str = None) -> dict:
+    config = hf_config(name, layers=LAYERS, seq_len=SEQ, tiny=DEV == "cpu")
     V = config["vocab_size"]
     torch.manual_seed(0)
     if variant == "hf":
-        model = build_hf(name, config)
+        model = build_hf(config, DEV)
 
         def loss_fn(tokens):
             return model(input_ids=tokens, labels=tokens).loss
 
     else:
-        model = build_ours(config)
+        model = build_ours(config, DEV)
         if variant == "ours":
 
             def loss_fn(tokens):
@@ -129,12 +92,31 @@ def run(name: str, variant: str, steps: int, warmup: int) -> dict:
             update_routers(model)
         return loss
 
+    def profile():  # after the timed steps: the timing and peak memory are unaffected
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            for i in range(profile_steps):
+                step(i)
+            if DEV == "cuda":
+                torch.cuda.synchronize()
+        table = f"{name} {variant}: {LAYERS} layers, batch {BATCH} x {SEQ}\n" + kernel_table(prof, profile_steps)
+        print(table, flush=True)
+        if out:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, f"profile_{name}_{variant}.txt"), "w") as f:
+                f.write(table + "\n")
+
     t0 = time.time()
     for i in range(warmup):
         loss = step(i)
     if DEV == "cpu":  # --dry-run: the code runs; no timing
-        return dict(step_ms=1.0, step_ms_all=[], tokens_per_s=1.0, peak_gib=0.0, params=n_params,
-                    loss=loss.item(), warmup_s=time.time() - t0)
+        res = dict(step_ms=1.0, step_ms_all=[], tokens_per_s=1.0, peak_gib=0.0, params=n_params,
+                   loss=loss.item(), warmup_s=time.time() - t0)
+        if profile_steps:
+            profile()
+        return res
     torch.cuda.synchronize()
     warm_s = time.time() - t0
     torch.cuda.reset_peak_memory_stats()
@@ -152,6 +134,8 @@ def run(name: str, variant: str, steps: int, warmup: int) -> dict:
         step_ms=med, step_ms_all=ms, tokens_per_s=BATCH * SEQ / (med * 1e-3),
         peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=n_params, loss=loss.item(), warmup_s=warm_s,
     )
+    if profile_steps:
+        profile()
     del model, opt, batches
     gc.collect()
     if DEV == "cuda":
@@ -162,23 +146,21 @@ def run(name: str, variant: str, steps: int, warmup: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--variants", nargs="+", default=["hf", "ours", "ours_chunked", "ours_compile"],
                    choices=["hf", "ours", "ours_chunked", "ours_compile"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=os.environ.get("OUT"))
+    p.add_argument("--profile", action="store_true",
+                   help="also profile --profile-steps steps after the timed ones: the top 25 GPU kernels by total "
+                        "time of each shape and variant, into OUT/profile_<shape>_<variant>.txt (and printed)")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script runs")
     args = p.parse_args()
     global DEV, SEQ, BATCH
     if args.dry_run:
         DEV, SEQ, BATCH = "cpu", 32, 2
-        for c in CONFIGS.values():
-            c.update(vocab_size=256, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
-                     max_position_embeddings=SEQ)
-            c["num_key_value_heads"] = 4 if c["model_type"] == "olmoe" else 2
-            if "moe_intermediate_size" in c:
-                c["moe_intermediate_size"] = 32
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/train_step.py needs a CUDA GPU")
     import transformers
@@ -189,7 +171,7 @@ def main():
     for name in args.shapes:
         for variant in args.variants:
             try:
-                r = run(name, variant, args.steps, args.warmup)
+                r = run(name, variant, args.steps, args.warmup, args.profile_steps if args.profile else 0, args.out)
             except Exception as e:  # keep going: report the others
                 traceback.print_exc()
                 r = dict(error=repr(e)[:500])

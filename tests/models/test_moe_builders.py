@@ -400,7 +400,9 @@ def test_switching_the_router_is_one_override_of_a_packaged_config(config_name, 
     assert all(isinstance(layer.router, cls) for _, layer in moe_layers(model))
 
 
-@pytest.mark.parametrize("name", ["gated", "shared_expert_gate", "aux_loss_pooled", "expert_linear_bias", "gate_bias"])
+@pytest.mark.parametrize(
+    "name", ["gated", "shared_expert_gate", "aux_loss_pooled", "expert_linear_bias", "gate_bias", "expert_fp8"]
+)
 def test_boolean_options_refuse_other_values(name):
     """moe() passes these through to moe_layer as **kwargs, out of the config check's reach: a string from a
     command line (model.gate_bias=abc) must be refused by name, not read as true."""

@@ -12,6 +12,7 @@ from torch.distributed import init_device_mesh
 from torchtune_moe.models.moe import moe_layer
 from torchtune_moe.modules import RoutingRecord, capture_routing, replay_routing, update_routers
 from torchtune_moe.modules.expert_parallel import AllToAllDispatcher, apply_expert_parallel
+from torchtune_moe.modules._grouped_gemm import BF16
 from torchtune_moe.modules.moe_linear import ClampedSwiGLU
 from torchtune_moe.training import end_distributed_process
 
@@ -24,7 +25,13 @@ ROUTERS = {
     # GPT-OSS's experts: biases (sharded by expert like the weights), the clamped SwiGLU, a router gate bias
     "token_choice_biased_experts": dict(router="token_choice", gate_bias=True, expert_linear_bias=True,
                                         activation=ClampedSwiGLU(alpha=1.702, limit=0.5)),
+    # expert_fp8's padding of each expert's rows to 16 (run with the plain GEMMs: exact) on the EP side only
+    "token_choice_fp8_padding": dict(router="token_choice"),
 }
+
+
+def _plain_gemm(x_TD):
+    return BF16
 
 
 def check(name, got, want, atol=1e-5):
@@ -44,6 +51,8 @@ def run(kind: str, mesh) -> None:
             ref.experts.gate_up_proj_bias.normal_(0.0, 0.5)
             ref.experts.down_proj_bias.normal_(0.0, 0.5)
     ep = copy.deepcopy(ref)
+    if kind.endswith("_fp8_padding"):
+        ep.experts.expert_fp8, ep.experts._fp8_gemm = True, _plain_gemm
     apply_expert_parallel(ep, mesh)
     assert isinstance(ep.experts.dispatcher, AllToAllDispatcher)
     assert ep.experts.gate_up_proj.to_local().shape[0] == E // 2
@@ -90,7 +99,7 @@ def run(kind: str, mesh) -> None:
         x = torch.randn(1, 3 + rank, D)  # a different number of tokens on each rank
         ref.eval()
         check(f"{kind} eval out", ep(x), ref(x))
-    if kind == "token_choice":  # routing capture and replay
+    if kind in ("token_choice", "token_choice_fp8_padding"):  # routing capture and replay
         ep.train(), ref.train()
         x = torch.randn(B, S, D)
         with capture_routing(ep) as record:

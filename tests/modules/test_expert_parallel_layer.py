@@ -15,7 +15,7 @@ def test_expert_parallel_layer_equals_local_layer_on_two_processes():
     update_routers, eval forwards with unequal token counts, routing capture and replay, and an EP rank whose
     experts get no row: all equal the local layer's (token choice with group-limited routing and the aux-loss-free
     bias; expert choice; causal expert choice with dropped slots; GPT-OSS's biased experts with the clamped SwiGLU,
-    whose biases are sharded by expert and get the same gradients)."""
+    whose biases are sharded by expert and get the same gradients; expert_fp8's padding of expert rows)."""
     worker = Path(__file__).with_name("_ep_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)

@@ -183,13 +183,15 @@ def test_tiny_qlora_trains_resumes_and_merges(tmp_path):
 
 
 def test_benchmark_dry_run(tmp_path):
-    """benchmarks/lora.py --dry-run (tiny shapes on CPU) runs: the GPU script's code stays working."""
+    """benchmarks/lora.py --dry-run (tiny shapes on CPU) runs every part, the comparison with transformers + PEFT
+    included: the GPU script's code stays working."""
     import subprocess
     import sys
 
+    pytest.importorskip("peft")
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "lora.py"
-    res = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path)], capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run([sys.executable, str(script), "--dry-run", "--parts", "layer", "model", "hf", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     import json
 
@@ -197,6 +199,17 @@ def test_benchmark_dry_run(tmp_path):
     assert set(out["layer"]["ms"]) == {"frozen", "lora", "lora_torch", "qlora", "full"}
     assert len(out["layer"]["lora_kernels_rel_err"]) == 6  # output, grad x, four adapter factors
     assert [m["variant"] for m in out["model"]] == ["lora", "qlora"]
+    (hf,) = out["hf"]
+    ours, peft_side = hf["ours"], hf["hf_peft"]
+    # Both sides trained (losses move), every layer checkpointed, the same frozen base; PEFT put the expert
+    # adapters on the fused parameters (gate_up at rank 2r): more trainable parameters by 2I x r x E per layer.
+    for side in (ours, peft_side):
+        assert side["checkpointed_layers"] == hf["layers"] == 2
+        assert side["losses"][-1] < side["losses"][0]
+    assert ours["total_params"] - ours["trainable_params"] == peft_side["total_params"] - peft_side["trainable_params"]
+    assert peft_side["peft_target_parameters"] == ["down_proj", "gate_up_proj"]
+    assert peft_side["trainable_expert_params"] - ours["trainable_expert_params"] == 2 * (2 * 128 * 16 * 8)
+    assert "| transformers + PEFT |" in (tmp_path / "lora_vs_peft.md").read_text()
 
 
 # ------------------------------------------------------------------------- the full recipe's fail-safe checks

@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtune_moe.modules import _kernels
+from torchtune_moe.modules._grouped_gemm import BF16, FP8_ALIGN, Fp8GroupedGemm, GroupedGemm, pad_offsets
 from torchtune_moe.modules.dispatch import dispatch_combine
 from torchtune_moe.modules.routers import RouterOutput
 
@@ -100,6 +101,11 @@ class MoELinear(nn.Module):
         gated (bool): gated (GLU) experts. Default True.
         bias (bool): per-expert biases ``gate_up_proj_bias`` [E, 2H] (or [E, H]) and ``down_proj_bias`` [E, D]
             (GPT-OSS; sharded by expert like the weights under expert parallelism). Default False.
+        expert_fp8 (bool): run the six grouped GEMMs of :meth:`routed` (forward, input and weight gradients) in
+            rowwise-scaled float8, torchao's recipe (:mod:`~torchtune_moe.modules._grouped_gemm`); weights and
+            activations stay in their dtype (bf16), only the GEMM operands are quantized, per step. Needs a CUDA GPU
+            of compute capability 9.0+ (H100, H200) and ``dim``, ``hidden_dim`` multiples of 16; each expert's
+            rows are padded to a multiple of 16 inside :meth:`routed`. Default False.
     """
 
     def __init__(
@@ -111,6 +117,7 @@ class MoELinear(nn.Module):
         activation: str | Callable[[torch.Tensor], torch.Tensor] = "silu",
         gated: bool = True,
         bias: bool = False,
+        expert_fp8: bool = False,
     ):
         super().__init__()
         if num_experts < 1:
@@ -121,7 +128,19 @@ class MoELinear(nn.Module):
                     f"{name} must be a positive multiple of {_ALIGN_ELEMENTS} (grouped GEMM needs 16-byte "
                     f"aligned rows), got {value}"
                 )
+        if not isinstance(expert_fp8, bool):
+            raise ValueError(f"expert_fp8 must be true or false, got {expert_fp8!r}")
+        if expert_fp8:
+            bad = {name: value for name, value in (("dim", dim), ("hidden_dim", hidden_dim)) if value % FP8_ALIGN}
+            if bad:
+                raise ValueError(
+                    f"expert_fp8=True needs dim and hidden_dim multiples of {FP8_ALIGN} (fp8 grouped GEMM rows are "
+                    f"16-byte aligned), got {bad}"
+                )
         self.num_experts = num_experts
+        self.expert_fp8 = expert_fp8
+        # Tests only: run expert_fp8 on any device by quantizing as the GPU does and multiplying in fp32.
+        self._fp8_emulate = False
         self.dim = dim
         self.hidden_dim = hidden_dim
         self.gated = gated
@@ -219,6 +238,12 @@ class MoELinear(nn.Module):
         index_J = offsets_T = None
         if combine_TK is None:
             index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
+        gemm = BF16
+        if self.expert_fp8:
+            gemm = self._fp8_gemm(x_TD)
+            rows_A, weights_A, offsets_E, combine_TK, index_J = _pad_groups(
+                rows_A, weights_A, offsets_E, combine_TK, index_J
+            )
         expert_A = gate_up_bias = None
         if self.gate_up_proj_bias is not None:
             # offsets_E counts this rank's experts (all E without expert parallelism): expert_A indexes the local
@@ -228,9 +253,19 @@ class MoELinear(nn.Module):
         out_TD = _RoutedExperts.apply(
             x_TD, weights_A, _local(self.gate_up_proj), _local(self.down_proj), rows_A, offsets_E, combine_TK, index_J,
             offsets_T,
-            may_drop, self.act, self.gated, gate_up_bias, expert_A,
+            may_drop, self.act, self.gated, gate_up_bias, expert_A, gemm,
         )
         return self._add_down_bias(out_TD, rows_A, weights_A, offsets_E, expert_A)
+
+    def _fp8_gemm(self, x_TD: torch.Tensor) -> Fp8GroupedGemm:
+        if self._fp8_emulate:
+            return _FP8_EMULATED
+        if not x_TD.is_cuda:
+            raise RuntimeError(
+                f"expert_fp8=True runs the experts' GEMMs with torch._scaled_grouped_mm, on a CUDA GPU of compute "
+                f"capability 9.0+ (H100, H200); got tokens on {x_TD.device} (allowed there: expert_fp8=False)"
+            )
+        return _FP8
 
     def _add_down_bias(
         self,
@@ -254,7 +289,51 @@ class MoELinear(nn.Module):
 
     def extra_repr(self) -> str:
         bias = ", bias=True" if self.gate_up_proj_bias is not None else ""
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, gated={self.gated}{bias}"
+        fp8 = ", expert_fp8=True" if self.expert_fp8 else ""
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, gated={self.gated}{bias}{fp8}"
+        )
+
+
+_FP8 = Fp8GroupedGemm()
+_FP8_EMULATED = Fp8GroupedGemm(emulate=True)
+
+
+def _pad_groups(
+    rows_A: torch.Tensor,
+    weights_A: torch.Tensor,
+    offsets_E: torch.Tensor,
+    combine_TK: Optional[torch.Tensor],
+    index_J: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The routed rows with each expert's segment padded to a multiple of 16 rows, for the fp8 grouped GEMMs.
+
+    P = ``A + 15 E`` rounded up to 16 rows (static: no host sync). Pad rows have token 0 and routing weight 0,
+    so their activation output, gradients and contributions to every weight gradient are exactly 0; the last
+    expert takes every row up to P (so no row holds an uncomputed value), the dropped slots of the input (rows
+    at or past ``offsets_E[-1]``) among them with weight 0. ``combine_TK`` and ``index_J`` are remapped to the
+    rows' new positions (dropped entries of ``combine_TK`` to P, which the combine skips): no combine reads a
+    pad row.
+
+    Returns:
+        tuple: ``rows_P``, ``weights_P`` (differentiable in ``weights_A``), ``offsets_E`` (padded,
+        ``offsets_E[-1] == P``), ``combine_TK`` and ``index_J`` (remapped; None stays None).
+    """
+    A, E = rows_A.shape[0], offsets_E.shape[0]
+    P = -(-(A + (FP8_ALIGN - 1) * E) // FP8_ALIGN) * FP8_ALIGN
+    padded_E, shift_G = pad_offsets(offsets_E, P)
+    num_valid = offsets_E[-1]
+    arange_A = torch.arange(A, device=rows_A.device)
+    valid_A = arange_A < num_valid
+    group_A = torch.searchsorted(offsets_E, arange_A.to(offsets_E.dtype), right=True)  # E: a dropped slot
+    pos_A = arange_A + shift_G[group_A]
+    rows_P = rows_A.new_zeros(P).scatter(0, pos_A, torch.where(valid_A, rows_A, 0))
+    weights_P = weights_A.new_zeros(P).scatter(0, pos_A, torch.where(valid_A, weights_A, 0))
+    if combine_TK is not None:
+        combine_TK = torch.where(combine_TK < num_valid, pos_A[combine_TK.clamp(max=A - 1)], P)
+    if index_J is not None:
+        index_J = pos_A[index_J]
+    return rows_P, weights_P, padded_E, combine_TK, index_J
 
 
 def _row_experts(offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -358,26 +437,27 @@ class _RoutedExperts(torch.autograd.Function):
     ``h_AF`` [A, 2H], and the index tensors. The grouped GEMMs are torch's; their backward is spelled out
     exactly as autograd's (``grouped_mm(a.t(), b, offs)`` for weight gradients). With ``gate_up_bias`` [E, 2H]
     (GPT-OSS), ``expert_A`` gives each row's expert: the bias is added to ``h_AF`` and its gradient is the sum of
-    ``grad_h_AF`` over each expert's rows (dropped rows have zero gradient).
+    ``grad_h_AF`` over each expert's rows (dropped rows have zero gradient). ``gemm`` runs the six grouped GEMMs
+    (:data:`~torchtune_moe.modules._grouped_gemm.BF16`, torch's ``F.grouped_mm``; or fp8).
     """
 
     @staticmethod
     def forward(
         ctx, x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, may_drop,
-        act, gated, gate_up_bias=None, expert_A=None,
+        act, gated, gate_up_bias=None, expert_A=None, gemm: GroupedGemm = BF16,
     ):
         num_valid = offsets_E[-1:]
         x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, may_drop)
-        h_AF = F.grouped_mm(x_AD, gate_up_proj.transpose(-2, -1), offs=offsets_E)
+        h_AF = gemm.forward(x_AD, gate_up_proj, offsets_E)
         if gate_up_bias is not None:
             h_AF = h_AF + gate_up_bias[expert_A]
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
-        y_AD = F.grouped_mm(hs_AH, down_proj.transpose(-2, -1), offs=offsets_E)
+        y_AD = gemm.forward(hs_AH, down_proj, offsets_E)
         out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
             x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, expert_A
         )
-        ctx.may_drop, ctx.act, ctx.gated = may_drop, act, gated
+        ctx.may_drop, ctx.act, ctx.gated, ctx.gemm = may_drop, act, gated, gemm
         ctx.bias_shape = None if gate_up_bias is None else (gate_up_bias.shape, gate_up_bias.dtype)
         return out_TD
 
@@ -389,25 +469,26 @@ class _RoutedExperts(torch.autograd.Function):
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
         num_valid = offsets_E[-1:]
         grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A, num_valid, ctx.may_drop)
-        grad_hs_AH = F.grouped_mm(grad_y_AD, down_proj, offs=offsets_E)
+        grad_hs_AH = ctx.gemm.input_grad(grad_y_AD, down_proj, offsets_E)
         grad_h_AF, grad_w_A, hs_AH = _activate_backward(
             h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
         )
         del grad_hs_AH
-        grad_down = F.grouped_mm(grad_y_AD.t(), hs_AH, offs=offsets_E) if need_down else None
+        grad_down = ctx.gemm.weight_grad(grad_y_AD, hs_AH, offsets_E) if need_down else None
         del grad_y_AD, hs_AH
         grad_x_TD = grad_gate_up = None
         if need_x:
-            grad_x_AD = F.grouped_mm(grad_h_AF, gate_up_proj, offs=offsets_E)
+            grad_x_AD = ctx.gemm.input_grad(grad_h_AF, gate_up_proj, offsets_E)
             grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, ctx.may_drop)
             del grad_x_AD
         if need_gate_up:
             x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, ctx.may_drop)
-            grad_gate_up = F.grouped_mm(grad_h_AF.t(), x_AD, offs=offsets_E)
+            grad_gate_up = ctx.gemm.weight_grad(grad_h_AF, x_AD, offsets_E)
         grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
         grad_bias = None
         if ctx.bias_shape is not None and ctx.needs_input_grad[12]:
             grad_bias = _bias_grad(grad_h_AF, expert_A, *ctx.bias_shape)
         return (
-            grad_x_TD, grad_w_A, grad_gate_up, grad_down, None, None, None, None, None, None, None, None, grad_bias, None
+            grad_x_TD, grad_w_A, grad_gate_up, grad_down, None, None, None, None, None, None, None, None, grad_bias, None,
+            None,
         )

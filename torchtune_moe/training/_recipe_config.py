@@ -106,7 +106,7 @@ def instantiate(key: str, node: DictConfig, *args: Any, **kwargs: Any) -> Any:
 def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINETUNE_CONFIG_SPEC) -> None:
     """Checks a recipe config before any work: known keys, value types and ranges (nested sections included),
     components and their arguments (``validate_config``); then the cross-key rules (``compile`` needs bf16,
-    ``fsdp_cpu_offload`` needs a GPU and an unfused optimizer,
+    ``fsdp_cpu_offload`` needs a GPU and an unfused optimizer, ``model.expert_fp8`` an sm90+ GPU and no LoRA,
     ``tokenizer.max_seq_len`` within ``model.max_seq_len``), and builds the optimizer and lr scheduler on a
     dummy parameter so that their arguments (``optimizer.lr=abc``) are refused with the key named.
 
@@ -120,6 +120,7 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
         # torch.compile traces torch's grouped GEMM (the experts) with its meta kernel, which takes bf16 only.
         raise ValueError("compile: true needs dtype: bf16 (torch.compile of the grouped-GEMM experts is bf16-only)")
     _check_cpu_offload(cfg)
+    _check_expert_fp8(cfg)
     tok_len = cfg.tokenizer.get("max_seq_len", None)
     model_len = cfg.model.get("max_seq_len", None)
     if isinstance(tok_len, int) and isinstance(model_len, int) and tok_len > model_len:
@@ -154,6 +155,43 @@ def _check_cpu_offload(cfg: DictConfig) -> None:
             "optimizer.fused: true steps on the GPU, but fsdp_cpu_offload: true keeps the parameters and optimizer "
             "states on the CPU (allowed with offload: optimizer.fused=false)"
         )
+
+
+def _check_expert_fp8(cfg: DictConfig) -> None:
+    """``model.expert_fp8: true`` (the routed experts' grouped GEMMs in rowwise fp8, ``torch._scaled_grouped_mm``)
+    needs a CUDA GPU of compute capability 9.0+, ``dtype: bf16``, model dims that are multiples of 16, and the full
+    recipe."""
+    if cfg.model.get("expert_fp8", False) is not True:
+        return
+    if str(cfg.model.get("_component_", "")).rsplit(".", 1)[-1] == "lora_model":
+        raise ValueError(
+            "model.expert_fp8: true is not supported with LoRA (the adapted experts run their own fused node, in "
+            "bf16); allowed: model.expert_fp8=false"
+        )
+    device = utils.get_device(device=cfg.get("device", None))
+    got = None
+    if device.type != "cuda":
+        got = f"device {device.type}"
+    elif torch.cuda.get_device_capability(device) < (9, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        got = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    if got is not None:
+        raise ValueError(
+            f"model.expert_fp8: true needs a CUDA GPU of compute capability 9.0+ (H100, H200: "
+            f"torch._scaled_grouped_mm), got {got}; allowed here: model.expert_fp8=false"
+        )
+    if cfg.get("dtype", "fp32") != "bf16":
+        raise ValueError(
+            f"model.expert_fp8: true needs dtype: bf16 (the fp8 grouped GEMMs take and give bf16), got dtype: "
+            f"{cfg.get('dtype', 'fp32')}"
+        )
+    for key in ("embed_dim", "moe_hidden_dim"):
+        value = cfg.model.get(key, None)
+        if isinstance(value, int) and value % 16:
+            raise ValueError(
+                f"model.expert_fp8: true needs model.{key} a multiple of 16 (fp8 grouped GEMM rows are 16-byte "
+                f"aligned), got {value}"
+            )
 
 
 def _seq_len_message(tok_len: int, model_len: int) -> str:

@@ -107,6 +107,7 @@ def moe_layer(
     activation: str = "silu",
     gated: bool = True,
     expert_linear_bias: bool = False,
+    expert_fp8: bool = False,
     shared_expert_hidden_dim: int = 0,
     shared_expert_gate: bool = False,
     aux_loss_coeff: float = 0.0,
@@ -135,6 +136,9 @@ def moe_layer(
         activation (str): expert activation (``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"``).
         gated (bool): GLU experts (SwiGLU with silu).
         expert_linear_bias (bool): biases on each routed expert's projections (GPT-OSS; see
+            :class:`~torchtune_moe.modules.MoELinear`).
+        expert_fp8 (bool): the routed experts' grouped GEMMs in rowwise-scaled float8 (torchao's recipe; CUDA GPUs
+            of compute capability 9.0+; ``dim`` and ``moe_hidden_dim`` multiples of 16; see
             :class:`~torchtune_moe.modules.MoELinear`).
         shared_expert_hidden_dim (int): hidden dim of the shared expert FFN, 0 for none (N shared experts of
             hidden h are one FFN of hidden N*h).
@@ -166,7 +170,8 @@ def moe_layer(
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     # moe() passes these through **moe_layer_kwargs, where the config check cannot see their annotations.
     for name, value in (("gated", gated), ("shared_expert_gate", shared_expert_gate), ("aux_loss_pooled", aux_loss_pooled),
-                        ("expert_linear_bias", expert_linear_bias), ("gate_bias", gate_bias)):
+                        ("expert_linear_bias", expert_linear_bias), ("gate_bias", gate_bias),
+                        ("expert_fp8", expert_fp8)):
         if name == "gate_bias" and value is None:  # None: the router's default
             continue
         if not isinstance(value, bool):
@@ -194,7 +199,10 @@ def moe_layer(
         router_module = ROUTERS[router][0](dim, num_experts, experts_per_token, **_router_options(router, options))
     else:
         raise ValueError(f"router must be one of {sorted(ROUTERS)} or an nn.Module, got {router!r}")
-    experts = MoELinear(num_experts, dim, moe_hidden_dim, activation=activation, gated=gated, bias=expert_linear_bias)
+    experts = MoELinear(
+        num_experts, dim, moe_hidden_dim, activation=activation, gated=gated, bias=expert_linear_bias,
+        expert_fp8=expert_fp8,
+    )
     shared = _ffn(dim, shared_expert_hidden_dim, activation) if shared_expert_hidden_dim else None
     gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
     return MoE(

@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
-    "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported",
+    "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported", "rowwise_fp8",
 ]
 
 
@@ -125,6 +125,15 @@ if _HAS_TRITON:
     def _(big_XN, small_AP, offsets_E, index_A, scale, parts, transposed):
         E, N, R = offsets_E.shape[0], big_XN.shape[1], small_AP.shape[1] // parts
         return big_XN.new_empty((E, R, N) if transposed else (E, N, R))
+
+    @torch.library.custom_op("torchtune_moe::rowwise_fp8", mutates_args=())
+    def _rowwise_fp8_op(src_AK: Tensor) -> tuple[Tensor, Tensor]:
+        return _triton.rowwise_fp8(src_AK)
+
+    @_rowwise_fp8_op.register_fake
+    def _(src_AK):
+        A, K = src_AK.shape
+        return src_AK.new_empty((A, K), dtype=torch.float8_e4m3fn), src_AK.new_empty((A, 1), dtype=torch.float32)
 
 
 def gather_rows(
@@ -395,3 +404,18 @@ def rows_project(
     if scale != 1.0:
         z_AP = z_AP.mul_(scale)
     return z_AP, y_AN if copy else None
+
+
+def rowwise_fp8(src_AK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 rows with one power-of-2 scale per row, in one pass (CUDA with Triton only: check
+    :func:`use_triton`). The definition is torchao's ``tensor_to_scale`` + ``to_fp8_saturated``
+    (:func:`torchtune_moe.modules._grouped_gemm.rowwise_fp8_torch`), which makes about five passes over memory in
+    eager mode; torchao has no one-pass kernel for the left operand of its rowwise grouped GEMM.
+
+    Args:
+        src_AK (torch.Tensor): [A, K] rows (bf16 or fp32).
+
+    Returns:
+        tuple: ``q_AK`` [A, K] float8_e4m3fn row-major (``src * scale`` saturated) and ``scale_A1`` [A, 1] fp32.
+    """
+    return _rowwise_fp8_op(src_AK)

@@ -412,3 +412,46 @@ def rows_project(y_XN, w_ENR, offsets_E, index_A, scale, parts, copy):
         BLOCK_R=max(16, triton.next_power_of_2(R)), num_warps=8,
     )
     return z_AP, copy_AN
+
+
+@triton.jit
+def _rowwise_fp8_kernel(
+    src_ptr, out_ptr, scale_ptr, A, stride_src, stride_out,
+    K: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in = rows < A
+    rows64 = rows.to(tl.int64)
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):  # pass 1: the row's amax (the row stays in L2 for pass 2)
+        cols = start + tl.arange(0, BLOCK_K)
+        mask = rows_in[:, None] & (cols < K)[None, :]
+        x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    # torchao's amax_to_scale: FP8_MAX / max(amax, EPS) in fp64, to fp32, rounded down to a power of 2 (here by
+    # clearing the mantissa bits: exact, where exp2(floor(log2)) on approximate hardware log2 may be off by one)
+    scale = (FP8_MAX / tl.maximum(amax.to(tl.float64), EPS)).to(tl.float32)
+    scale = (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    tl.store(scale_ptr + rows, scale, mask=rows_in)
+    for start in range(0, K, BLOCK_K):  # pass 2: scale, saturate, cast
+        cols = start + tl.arange(0, BLOCK_K)
+        mask = rows_in[:, None] & (cols < K)[None, :]
+        x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rowwise_fp8(src_AK):
+    """[A, K] -> fp8 e4m3 [A, K] row-major and fp32 scales [A, 1]: one power-of-2 scale per row, exactly as
+    torchao's ``tensor_to_scale(..., AXISWISE, axiswise_dim=-1, round_scales_to_power_of_2=True)`` and
+    ``to_fp8_saturated`` compute them, in one kernel (the torch code makes ~5 passes over memory)."""
+    src_AK = _rows_contiguous(src_AK)
+    A, K = src_AK.shape
+    out_AK = torch.empty((A, K), dtype=torch.float8_e4m3fn, device=src_AK.device)
+    scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=src_AK.device)
+    BLOCK_M, BLOCK_K = 4, min(1024, triton.next_power_of_2(K))
+    _rowwise_fp8_kernel[(triton.cdiv(A, BLOCK_M),)](
+        src_AK, out_AK, scale_A1, A, src_AK.stride(0), out_AK.stride(0),
+        K=K, FP8_MAX=448.0, EPS=1e-12, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=4,
+    )
+    return out_AK, scale_A1

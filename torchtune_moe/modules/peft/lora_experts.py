@@ -127,6 +127,8 @@ class LoRAMoELinear(MoELinear, AdapterModule):
     @classmethod
     def from_moe_linear(cls, base: MoELinear, *, rank: int, alpha: float, quantize_base: bool = False):
         """A LoRA version of ``base`` sharing its (frozen) weights and biases, built on their device."""
+        if base.expert_fp8:
+            raise ValueError("expert_fp8=True is not supported with LoRA on the experts; build the base with expert_fp8=False")
         bias = base.gate_up_proj_bias is not None
         with torch.device(base.gate_up_proj.device):
             lora = cls(

@@ -1,0 +1,100 @@
+"""What the benchmarks that compare against transformers share: the published shapes as config.json dicts at a
+chosen depth, our model and transformers' model built from the same dict, the profile table.
+
+Used by ``train_step.py`` (full fine-tune, 4 layers) and ``lora.py`` (LoRA against transformers + PEFT).
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torchtune_moe.models.olmoe import OLMOE_1B_7B  # noqa: E402
+from torchtune_moe.models.qwen3_moe import QWEN3_MOE_30B_A3B  # noqa: E402
+
+# The published config.json network keys (one place: the model builders), plus the keys transformers' config
+# classes need to pick the model.
+SHAPES = {
+    "qwen3": dict(
+        QWEN3_MOE_30B_A3B, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_act="silu",
+        sliding_window=None, use_sliding_window=False,
+    ),
+    "olmoe": dict(OLMOE_1B_7B, model_type="olmoe", architectures=["OlmoeForCausalLM"], hidden_act="silu"),
+}
+
+# --dry-run: the same families at tiny widths (CPU, seconds).
+_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4, num_experts=8,
+             num_experts_per_tok=2)
+
+
+def hf_config(shape: str, *, layers: int, seq_len: int, tiny: bool = False) -> dict:
+    """config.json of ``shape`` (a key of :data:`SHAPES`) with ``layers`` decoder layers and RoPE up to
+    ``seq_len``; ``tiny``: widths cut for CPU dry runs (the family, routing and layer types unchanged)."""
+    config = dict(SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=seq_len)
+    if tiny:
+        config.update(_TINY)
+        config["num_key_value_heads"] = 4 if config["model_type"] == "olmoe" else 2
+        if "moe_intermediate_size" in config:
+            config["moe_intermediate_size"] = 32
+    return config
+
+
+def build_ours(config: dict, device, dtype=torch.bfloat16):
+    """Our model from ``config`` (random init on ``device``), in training mode."""
+    from torchtune_moe.models import build_from_hf_config
+
+    return build_from_hf_config(config, device=device, dtype=dtype, max_seq_len=config["max_position_embeddings"]).train()
+
+
+def build_hf(config: dict, device, dtype=torch.bfloat16, *, output_router_logits: bool = True):
+    """transformers' ``*ForCausalLM`` from ``config`` (random init on ``device``), in training mode: experts through
+    ``grouped_mm`` (transformers 5's fastest expert implementation), sdpa attention; with ``output_router_logits``
+    its loss adds the load-balancing aux loss."""
+    import transformers
+
+    cls = getattr(transformers, config["architectures"][0])
+    kw = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    cfg = cls.config_class(**kw, output_router_logits=output_router_logits)
+    cfg._experts_implementation = "grouped_mm"
+    cfg._attn_implementation = "sdpa"
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.to(dtype).train()
+
+
+def kernel_table(prof, steps: int, rows: int = 25) -> str:
+    """The top ``rows`` GPU kernels of a ``torch.profiler.profile`` over ``steps`` steps, by total time (per step:
+    total ms, share of all kernel time, calls, mean us). Without CUDA events (a CPU dry run): the CPU operators
+    by self time instead."""
+    events = prof.key_averages()
+    cuda = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    if cuda:
+        pick, what = cuda, "GPU kernels"
+
+        def t_us(e):
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    else:
+        pick, what = list(events), "CPU operators (no CUDA events)"
+
+        def t_us(e):
+            return e.self_cpu_time_total
+
+    total = sum(t_us(e) for e in pick) or 1.0
+    pick = sorted(pick, key=t_us, reverse=True)[:rows]
+    lines = [
+        f"top {len(pick)} {what} by total time, {steps} steps profiled; all of them: {total / 1000 / steps:.2f} ms per step",
+        f"{'ms/step':>9} {'share':>6} {'calls/step':>10} {'mean us':>9}  name",
+    ]
+    for e in pick:
+        t = t_us(e)
+        lines.append(f"{t / 1000 / steps:9.3f} {100 * t / total:5.1f}% {e.count / steps:10.1f} {t / max(e.count, 1):9.1f}  "
+                     f"{e.key[:160]}")
+    return "\n".join(lines)

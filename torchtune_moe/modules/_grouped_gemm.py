@@ -1,0 +1,217 @@
+"""The three grouped GEMMs of the routed experts, behind one seam: bf16 (torch's ``F.grouped_mm``) or rowwise fp8.
+
+Every grouped GEMM of :class:`~torchtune_moe.modules.moe_linear._RoutedExperts` is one of three operations on
+rows sorted by expert (``offsets_E`` [E] int32, cumulative rows per expert; rows past ``offsets_E[-1]`` are not
+computed):
+
+- :meth:`~GroupedGemm.forward`: ``a_AK @ w_ENK^T`` per expert -> [A, N] (the two projections);
+- :meth:`~GroupedGemm.input_grad`: ``g_AN @ w_ENK`` per expert -> [A, K] (gradients of their inputs);
+- :meth:`~GroupedGemm.weight_grad`: ``g_AN^T @ a_AK`` over each expert's rows -> [E, N, K] (weight gradients).
+
+:data:`BF16` is the plain path, the exact ``F.grouped_mm`` calls autograd would make. :class:`Fp8GroupedGemm`
+is torchao's rowwise float8 recipe (``torchao.prototype.moe_training.scaled_grouped_mm._Float8GroupedMM``, which
+is a whole autograd function of one GEMM: we need its three GEMMs separately inside our fused node, so this
+module calls its pieces — ``tensor_to_scale``, ``to_fp8_saturated`` and its two Triton quantization kernels —
+with the same arguments, computing the same scales and fp8 values; where its eager torch code makes several
+passes over memory, a one-pass kernel stands in, as listed):
+
+- e4m3, power-of-2 scales; left operand row-major with one scale per row, right operand column-major with one
+  scale per column; ``torch._scaled_grouped_mm(..., use_fast_accum=True)``, output bf16;
+- weight gradients: both operands scaled per column within each expert's rows
+  (``triton_fp8_per_group_colwise_scales``); the weights transposed and scaled by
+  ``triton_fp8_rowwise_3d_transpose_rhs`` (torchao uses it for the input gradient; we also use it for the
+  forward's ``w^T``, where torchao's eager torch code computes the same values in more passes);
+- activation rows: one pass of our Triton kernel (:func:`~torchtune_moe.modules._kernels.rowwise_fp8`), the
+  values of torchao's ``tensor_to_scale`` + ``to_fp8_saturated``.
+
+It needs every expert's row count to be a multiple of 16 (:func:`pad_offsets`; ``MoELinear.routed`` pads).
+``Fp8GroupedGemm(emulate=True)`` quantizes exactly as the GPU path (the same scales and fp8 values: torch code
+for the two Triton kernels, see :func:`per_group_colwise_fp8` and :func:`transpose_rhs_fp8`), dequantizes and
+multiplies with ``F.grouped_mm`` in fp32: it runs on CPU, for tests.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchao.float8.config import ScalingGranularity
+from torchao.float8.float8_utils import amax_to_scale, tensor_to_scale, to_fp8_saturated
+
+from torchtune_moe.modules import _kernels
+
+__all__ = ["GroupedGemm", "BF16", "Fp8GroupedGemm", "FP8_ALIGN", "pad_offsets"]
+
+#: Rows per expert must be a multiple of this for the fp8 grouped GEMMs (as torchtitan pads token groups).
+FP8_ALIGN = 16
+_FP8 = torch.float8_e4m3fn
+
+
+class GroupedGemm:
+    """bf16 (any dtype): torch's grouped GEMM, exactly as autograd runs it."""
+
+    @staticmethod
+    def forward(a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """``a_AK @ w_ENK[e]^T`` for each expert's rows: [A, K], [E, N, K] -> [A, N]."""
+        return F.grouped_mm(a_AK, w_ENK.transpose(-2, -1), offs=offsets_E)
+
+    @staticmethod
+    def input_grad(g_AN: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """``g_AN @ w_ENK[e]`` for each expert's rows: [A, N], [E, N, K] -> [A, K]."""
+        return F.grouped_mm(g_AN, w_ENK, offs=offsets_E)
+
+    @staticmethod
+    def weight_grad(g_AN: torch.Tensor, a_AK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """``g_AN[rows of e]^T @ a_AK[rows of e]`` for each expert: [A, N], [A, K] -> [E, N, K]."""
+        return F.grouped_mm(g_AN.t(), a_AK, offs=offsets_E)
+
+
+BF16 = GroupedGemm()
+
+
+# The quantizers: torchao's functions. torchao.float8 is plain torch; its two Triton kernels (the GPU path only)
+# are imported where used, so that CPU installs without Triton import this module.
+
+
+def rowwise_fp8(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 ``t`` with one power-of-2 scale per slice along ``dim`` (the amax is taken over ``dim``), as torchao's
+    ``_Float8GroupedMM``: returns ``(t * scale saturated to e4m3, scale)``, the scale keeping ``dim`` as size 1.
+    The fp8 tensor keeps ``t``'s strides (a column-major input stays column-major). Rows of a 2-D CUDA tensor
+    (``dim=-1``, the activations) go through one Triton kernel (:func:`_kernels.rowwise_fp8`), the same values."""
+    if dim == -1 and t.dim() == 2 and _kernels.use_triton(t):
+        return _kernels.rowwise_fp8(t)
+    return rowwise_fp8_torch(t, dim)
+
+
+def rowwise_fp8_torch(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rowwise_fp8` in torch code: torchao's functions."""
+    scale = tensor_to_scale(
+        t, _FP8, scaling_granularity=ScalingGranularity.AXISWISE, axiswise_dim=dim, round_scales_to_power_of_2=True
+    )
+    return to_fp8_saturated(t.to(torch.float32) * scale, _FP8), scale
+
+
+def _row_groups(offsets_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[A] expert of each row (clamped to the last) and [A] bool, whether the row is inside a group."""
+    rows_A = torch.arange(num_rows, device=offsets_E.device, dtype=offsets_E.dtype)
+    expert_A = torch.searchsorted(offsets_E, rows_A, right=True)
+    return expert_A.clamp(max=offsets_E.shape[0] - 1).long(), rows_A < offsets_E[-1]
+
+
+def per_group_colwise_fp8(t_AN: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch code for torchao's ``triton_fp8_per_group_colwise_scales`` (same scales and fp8 values): each
+    column of each expert's rows scaled by its own power-of-2 scale.
+
+    Returns:
+        tuple: fp8 [A, N] (row-major here; the kernel returns it column-major), scales [E * N] fp32 (expert-major,
+        as the kernel's). Rows past ``offsets_E[-1]`` hold unspecified values.
+    """
+    E, (A, N) = offsets_E.shape[0], t_AN.shape
+    expert_A, inside_A = _row_groups(offsets_E, A)
+    abs_AN = torch.where(inside_A.unsqueeze(-1), t_AN.abs(), 0)
+    amax_EN = abs_AN.new_zeros(E, N).scatter_reduce_(0, expert_A.unsqueeze(-1).expand(A, N), abs_AN, "amax")
+    scales_EN = amax_to_scale(amax_EN, _FP8, round_scales_to_power_of_2=True)
+    return to_fp8_saturated(t_AN.to(torch.float32) * scales_EN[expert_A], _FP8), scales_EN.flatten()
+
+
+def transpose_rhs_fp8(hp_EKN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch code for torchao's ``triton_fp8_rowwise_3d_transpose_rhs(hp_EKN)`` (same scales and fp8 values): the
+    transpose ``hp^T`` [E, N, K] in fp8 with one power-of-2 scale per (expert, k), the amax over N. Returns (fp8,
+    scales [E, K]). Both GEMMs with a weight as right operand take it this way: ``hp = w_ENK`` gives the
+    forward's ``w^T`` [E, K, N] scaled per output column n; ``hp = w_ENK^T`` the input gradient's ``w``."""
+    q_ENK, scale_E1K = rowwise_fp8_torch(hp_EKN.transpose(-2, -1), dim=-2)
+    return q_ENK, scale_E1K.squeeze(1)
+
+
+def pad_offsets(offsets_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's rows rounded up to a multiple of :data:`FP8_ALIGN`, the last expert taking every row up to
+    ``num_rows`` (a multiple of it, at least ``offsets_E[-1] + (FP8_ALIGN - 1) * E``). No host sync.
+
+    Returns:
+        tuple: ``padded_E`` [E] int32 cumulative padded rows (``padded_E[-1] == num_rows``) and ``shift_G`` [E + 1]
+        int64: how far the rows of expert e move (its padded start minus its start), and last, how far the rows
+        past ``offsets_E[-1]`` (dropped slots) move (the padded total minus ``offsets_E[-1]``).
+    """
+    counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).long()
+    padded_counts_E = (counts_E + FP8_ALIGN - 1) // FP8_ALIGN * FP8_ALIGN
+    padded_end_E = padded_counts_E.cumsum(0)
+    shift_E = (padded_end_E - padded_counts_E) - (offsets_E.long() - counts_E)
+    shift_G = torch.cat([shift_E, padded_end_E[-1:] - offsets_E[-1:].long()])
+    padded_E = torch.cat([padded_end_E[:-1], padded_end_E.new_full((1,), num_rows)]).to(torch.int32)
+    return padded_E, shift_G
+
+
+@dataclass(frozen=True)
+class Fp8GroupedGemm:
+    """Rowwise-scaled float8 (e4m3) grouped GEMMs, torchao's recipe (see the module doc). Inputs bf16 (or fp32),
+    outputs in the input's dtype (computed as bf16 on the GPU). Every expert's row count must be a multiple of
+    :data:`FP8_ALIGN`; ``K`` and ``N`` multiples of 16.
+
+    Args:
+        emulate (bool): quantize as the GPU path, then dequantize and multiply in fp32 with ``F.grouped_mm``
+            (any device; for tests). False: ``torch._scaled_grouped_mm`` (CUDA, compute capability 9.0+).
+    """
+
+    emulate: bool = False
+
+    def forward(self, a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """``a_AK @ w_ENK[e]^T`` per expert, in fp8: a per row, w per output row n."""
+        a8_AK, a_scale_A1 = rowwise_fp8(a_AK, dim=-1)
+        if self.emulate:
+            w8_EKN, w_scale_EN = transpose_rhs_fp8(w_ENK)
+            a_AK32 = a8_AK.float() / a_scale_A1
+            w_EKN32 = w8_EKN.float() / w_scale_EN.unsqueeze(1)
+            return F.grouped_mm(a_AK32, w_EKN32, offs=offsets_E).to(a_AK.dtype)
+        from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_3d_transpose_rhs
+
+        # torchao's _Float8GroupedMM quantizes the forward's weight with tensor_to_scale (several passes in eager);
+        # its transposing kernel computes the same scales and values in two (w^T column-major, one scale per n).
+        w8_EKN, w_scale_EN = triton_fp8_rowwise_3d_transpose_rhs(w_ENK, output_dtype=_FP8, round_scales_to_power_of_2=True)
+        out = torch._scaled_grouped_mm(
+            a8_AK, w8_EKN, a_scale_A1.squeeze(-1).reciprocal(), w_scale_EN.reciprocal(), offsets_E,
+            out_dtype=torch.bfloat16, use_fast_accum=True,
+        )
+        return out.to(a_AK.dtype)
+
+    def input_grad(self, g_AN: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """``g_AN @ w_ENK[e]`` per expert, in fp8: g per row, w per column k (within each expert)."""
+        g8_AN, g_scale_A1 = rowwise_fp8(g_AN, dim=-1)
+        if self.emulate:
+            w8_ENK, w_scale_EK = transpose_rhs_fp8(w_ENK.transpose(-2, -1))
+            g_AN32 = g8_AN.float() / g_scale_A1
+            w_ENK32 = w8_ENK.float() / w_scale_EK.unsqueeze(1)
+            return F.grouped_mm(g_AN32, w_ENK32, offs=offsets_E).to(g_AN.dtype)
+        from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_3d_transpose_rhs
+
+        w8_ENK, w_scale_EK = triton_fp8_rowwise_3d_transpose_rhs(
+            w_ENK.transpose(-2, -1), output_dtype=_FP8, round_scales_to_power_of_2=True
+        )
+        out = torch._scaled_grouped_mm(
+            g8_AN, w8_ENK, g_scale_A1.squeeze(-1).reciprocal(), w_scale_EK.reciprocal(), offsets_E,
+            out_dtype=torch.bfloat16, use_fast_accum=True,
+        )
+        return out.to(g_AN.dtype)
+
+    def weight_grad(self, g_AN: torch.Tensor, a_AK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """``g_AN^T @ a_AK`` over each expert's rows, in fp8: both scaled per column within each expert."""
+        if self.emulate:
+            E = offsets_E.shape[0]
+            expert_A, _ = _row_groups(offsets_E, g_AN.shape[0])
+            g8_AN, g_scale_EN = per_group_colwise_fp8(g_AN, offsets_E)
+            a8_AK, a_scale_EK = per_group_colwise_fp8(a_AK, offsets_E)
+            g_AN32 = g8_AN.float() / g_scale_EN.view(E, -1)[expert_A]
+            a_AK32 = a8_AK.float() / a_scale_EK.view(E, -1)[expert_A]
+            return F.grouped_mm(g_AN32.t(), a_AK32, offs=offsets_E).to(g_AN.dtype)
+        from torchao.prototype.moe_training.kernels import triton_fp8_per_group_colwise_scales
+
+        # Column-major inputs: torchao measured its kernel over 2x faster on them, even with the transpose copy.
+        g8_AN, g_scale_EN = triton_fp8_per_group_colwise_scales(
+            g_AN.t().contiguous().t(), offsets_E, _FP8, round_scales_to_power_of_2=True
+        )
+        a8_AK, a_scale_EK = triton_fp8_per_group_colwise_scales(
+            a_AK.t().contiguous().t(), offsets_E, _FP8, round_scales_to_power_of_2=True
+        )
+        out = torch._scaled_grouped_mm(
+            g8_AN.t(), a8_AK, g_scale_EN.reciprocal(), a_scale_EK.reciprocal(), offsets_E,
+            out_dtype=torch.bfloat16, use_fast_accum=True,
+        )
+        return out.to(g_AN.dtype)

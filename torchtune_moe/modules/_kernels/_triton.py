@@ -265,12 +265,13 @@ def _group_colwise_fp8_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_in = cols < N
     cols64 = cols.to(tl.int64)
-    amax = tl.zeros([BLOCK_N], dtype=tl.float32)
+    amax_MN = tl.zeros([BLOCK_M, BLOCK_N], dtype=src_ptr.dtype.element_ty)  # |x| and max are exact in x's dtype
     for r in range(start, end, BLOCK_M):  # pass 1: each column's amax over the group's rows
         rows = r + tl.arange(0, BLOCK_M)
         mask = (rows < end)[:, None] & cols_in[None, :]
         x = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_src + cols[None, :], mask=mask, other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+        amax_MN = tl.maximum(amax_MN, tl.abs(x)).to(amax_MN.dtype)  # elementwise: one cross-thread max, after the loop
+    amax = tl.max(amax_MN.to(tl.float32), axis=0)
     # torchao's amax_to_scale: FP8_MAX / max(amax, EPS) in fp64, to fp32, rounded down to a power of 2 (by clearing
     # the mantissa, as in _rowwise_fp8_kernel). An empty group gets FP8_MAX / EPS rounded, as torchao's kernel.
     scale = (FP8_MAX / tl.maximum(amax.to(tl.float64), EPS)).to(tl.float32)

@@ -256,3 +256,18 @@ def test_gpu_path_operands_pass_scaled_grouped_mm_checks(op):
         out = getattr(gg.Fp8GroupedGemm(), op)(*args, offsets_E)
         want = getattr(gg.BF16, op)(*args, offsets_E)
     assert out.shape == want.shape and out.dtype == torch.bfloat16
+
+
+def test_per_group_colwise_kernel_fake_matches_torchao_layout():
+    """The fake of our weight-gradient quantizer (what torch.compile traces) has torchao's layout: fp8 column-major
+    [A, N] and expert-major scales [E * N]. Its values are checked against torchao's kernel in test_fp8_gpu.py."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchtune_moe.modules import _kernels
+
+    with FakeTensorMode():
+        t = torch.randn(96, 48, dtype=torch.bfloat16)
+        q, s = _kernels.per_group_colwise_fp8(t, torch.tensor([16, 16, 64, 80], dtype=torch.int32))
+    assert q.shape == (96, 48) and q.stride() == (1, 96) and q.dtype == torch.float8_e4m3fn
+    assert s.shape == (4 * 48,) and s.dtype == torch.float32

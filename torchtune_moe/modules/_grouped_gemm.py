@@ -11,18 +11,20 @@ computed):
 :data:`BF16` is the plain path, the exact ``F.grouped_mm`` calls autograd would make. :class:`Fp8GroupedGemm`
 is torchao's rowwise float8 recipe (``torchao.prototype.moe_training.scaled_grouped_mm._Float8GroupedMM``, which
 is a whole autograd function of one GEMM: we need its three GEMMs separately inside our fused node, so this
-module calls its pieces — ``tensor_to_scale``, ``to_fp8_saturated`` and its two Triton quantization kernels —
-with the same arguments, computing the same scales and fp8 values; where its eager torch code makes several
-passes over memory, a one-pass kernel stands in, as listed):
+module computes what its pieces — ``tensor_to_scale``, ``to_fp8_saturated`` and its two Triton quantization
+kernels — compute, the same scales and fp8 values; where they make extra passes over memory or need a transpose
+copy, a kernel of ours stands in, as listed):
 
 - e4m3, power-of-2 scales; left operand row-major with one scale per row, right operand column-major with one
   scale per column; ``torch._scaled_grouped_mm(..., use_fast_accum=True)``, output bf16;
-- weight gradients: both operands scaled per column within each expert's rows
-  (``triton_fp8_per_group_colwise_scales``); the weights transposed and scaled by
-  ``triton_fp8_rowwise_3d_transpose_rhs`` (torchao uses it for the input gradient; we also use it for the
-  forward's ``w^T``, where torchao's eager torch code computes the same values in more passes);
-- activation rows: one pass of our Triton kernel (:func:`~torchtune_moe.modules._kernels.rowwise_fp8`), the
-  values of torchao's ``tensor_to_scale`` + ``to_fp8_saturated``.
+- weight gradients: both operands scaled per column within each expert's rows (the values of torchao's
+  ``triton_fp8_per_group_colwise_scales``, which wants column-major inputs; our kernel
+  :func:`~torchtune_moe.modules._kernels.per_group_colwise_fp8` reads the row-major ones without a transpose
+  copy); the input gradient's weights transposed and scaled by ``triton_fp8_rowwise_3d_transpose_rhs``;
+- activation rows, and the forward's ``w^T`` (column-major with one scale per output column: the rows of ``w``
+  as they lie, scaled per row): one pass of our Triton kernel (:func:`~torchtune_moe.modules._kernels.rowwise_fp8`),
+  the values of torchao's ``tensor_to_scale`` + ``to_fp8_saturated`` (and of
+  ``triton_fp8_rowwise_3d_transpose_rhs(w)``, which reads ``w`` twice).
 
 It needs every expert's row count to be a multiple of 16 (:func:`pad_offsets`; ``MoELinear.routed`` pads).
 ``Fp8GroupedGemm(emulate=True)`` quantizes exactly as the GPU path (the same scales and fp8 values: torch code
@@ -98,8 +100,9 @@ def _row_groups(offsets_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, t
 
 
 def per_group_colwise_fp8(t_AN: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch code for torchao's ``triton_fp8_per_group_colwise_scales`` (same scales and fp8 values): each
-    column of each expert's rows scaled by its own power-of-2 scale.
+    """Torch code for torchao's ``triton_fp8_per_group_colwise_scales`` and our
+    :func:`~torchtune_moe.modules._kernels.per_group_colwise_fp8` (same scales and fp8 values): each column of each
+    expert's rows scaled by its own power-of-2 scale.
 
     Returns:
         tuple: fp8 [A, N] (row-major here; the kernel returns it column-major), scales [E * N] fp32 (expert-major,
@@ -161,11 +164,12 @@ class Fp8GroupedGemm:
             a_AK32 = a8_AK.float() / a_scale_A1
             w_EKN32 = w8_EKN.float() / w_scale_EN.unsqueeze(1)
             return F.grouped_mm(a_AK32, w_EKN32, offs=offsets_E).to(a_AK.dtype)
-        from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_3d_transpose_rhs
-
-        # torchao's _Float8GroupedMM quantizes the forward's weight with tensor_to_scale (several passes in eager);
-        # its transposing kernel computes the same scales and values in two (w^T column-major, one scale per n).
-        w8_EKN, w_scale_EN = triton_fp8_rowwise_3d_transpose_rhs(w_ENK, output_dtype=_FP8, round_scales_to_power_of_2=True)
+        # torchao's _Float8GroupedMM quantizes the forward's weight with tensor_to_scale (several passes in eager).
+        # w^T column-major with one scale per n is w's own layout scaled per row: the rows of w [E * N, K] through
+        # our one-pass kernel, the values of triton_fp8_rowwise_3d_transpose_rhs(w_ENK) without its second read.
+        E, N, K = w_ENK.shape
+        w8_NK, w_scale_N1 = _kernels.rowwise_fp8(w_ENK.reshape(E * N, K))
+        w8_EKN, w_scale_EN = w8_NK.view(E, N, K).transpose(-2, -1), w_scale_N1.view(E, N)
         out = torch._scaled_grouped_mm(
             a8_AK, w8_EKN, a_scale_A1.squeeze(-1).reciprocal(), w_scale_EN.reciprocal(), offsets_E,
             out_dtype=torch.bfloat16, use_fast_accum=True,
@@ -201,15 +205,10 @@ class Fp8GroupedGemm:
             g_AN32 = g8_AN.float() / g_scale_EN.view(E, -1)[expert_A]
             a_AK32 = a8_AK.float() / a_scale_EK.view(E, -1)[expert_A]
             return F.grouped_mm(g_AN32.t(), a_AK32, offs=offsets_E).to(g_AN.dtype)
-        from torchao.prototype.moe_training.kernels import triton_fp8_per_group_colwise_scales
-
-        # Column-major inputs: torchao measured its kernel over 2x faster on them, even with the transpose copy.
-        g8_AN, g_scale_EN = triton_fp8_per_group_colwise_scales(
-            g_AN.t().contiguous().t(), offsets_E, _FP8, round_scales_to_power_of_2=True
-        )
-        a8_AK, a_scale_EK = triton_fp8_per_group_colwise_scales(
-            a_AK.t().contiguous().t(), offsets_E, _FP8, round_scales_to_power_of_2=True
-        )
+        # torchao's triton_fp8_per_group_colwise_scales wants column-major inputs: on our row-major ones it needs a
+        # bf16 transpose copy, which cost more than its kernel. Ours reads the rows as they are (the same values).
+        g8_AN, g_scale_EN = _kernels.per_group_colwise_fp8(g_AN, offsets_E)
+        a8_AK, a_scale_EK = _kernels.per_group_colwise_fp8(a_AK, offsets_E)
         out = torch._scaled_grouped_mm(
             g8_AN.t(), a8_AK, g_scale_EN.reciprocal(), a_scale_EK.reciprocal(), offsets_E,
             out_dtype=torch.bfloat16, use_fast_accum=True,

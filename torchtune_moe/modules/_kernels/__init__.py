@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
-    "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported", "rowwise_fp8",
+    "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported", "rowwise_fp8", "per_group_colwise_fp8",
 ]
 
 
@@ -134,6 +134,16 @@ if _HAS_TRITON:
     def _(src_AK):
         A, K = src_AK.shape
         return src_AK.new_empty((A, K), dtype=torch.float8_e4m3fn), src_AK.new_empty((A, 1), dtype=torch.float32)
+
+    @torch.library.custom_op("torchtune_moe::per_group_colwise_fp8", mutates_args=())
+    def _per_group_colwise_fp8_op(src_AN: Tensor, offsets_E: Tensor) -> tuple[Tensor, Tensor]:
+        return _triton.per_group_colwise_fp8(src_AN, offsets_E)
+
+    @_per_group_colwise_fp8_op.register_fake
+    def _(src_AN, offsets_E):
+        A, N = src_AN.shape
+        q_AN = src_AN.new_empty_strided((A, N), (1, A), dtype=torch.float8_e4m3fn)
+        return q_AN, src_AN.new_empty((offsets_E.shape[0] * N,), dtype=torch.float32)
 
 
 def gather_rows(
@@ -419,3 +429,23 @@ def rowwise_fp8(src_AK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tuple: ``q_AK`` [A, K] float8_e4m3fn row-major (``src * scale`` saturated) and ``scale_A1`` [A, 1] fp32.
     """
     return _rowwise_fp8_op(src_AK)
+
+
+def per_group_colwise_fp8(src_AN: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 with one power-of-2 scale per column of each expert's rows (the weight gradients' operands), read
+    from the row-major input in one kernel (CUDA with Triton only: check :func:`use_triton`). The definition is
+    torchao's ``triton_fp8_per_group_colwise_scales`` (torch code:
+    :func:`torchtune_moe.modules._grouped_gemm.per_group_colwise_fp8`), whose kernel is fast only on a
+    column-major input: called on ours it needs a transpose copy in bf16, which costs more than the kernel itself.
+    This one reads the rows as they are and writes the transposed tiles (benchmarks/NOTES.md, Issue 13).
+
+    Args:
+        src_AN (torch.Tensor): [A, N] rows sorted by expert (bf16 or fp32).
+        offsets_E (torch.Tensor): [E] int32 cumulative rows per expert, each expert's row count a multiple of 16
+            when ``A`` is (the fp8 path pads them: the kernel then stores 16 bytes at a time along a column).
+
+    Returns:
+        tuple: ``q_AN`` [A, N] float8_e4m3fn column-major (strides (1, A)), rows past ``offsets_E[-1]`` unwritten;
+        ``scales`` [E * N] fp32, expert-major (an empty expert's scales are 448 / 1e-12 rounded down, as torchao's).
+    """
+    return _per_group_colwise_fp8_op(src_AN, offsets_E.to(torch.int32))

@@ -455,3 +455,60 @@ def rowwise_fp8(src_AK):
         K=K, FP8_MAX=448.0, EPS=1e-12, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=4,
     )
     return out_AK, scale_A1
+
+
+@triton.jit
+def _group_colwise_fp8_kernel(
+    src_ptr, offsets_ptr, out_ptr, scale_ptr, N, stride_src, stride_out,
+    ALIGNED: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # one program per (column block, expert group); tiles [BLOCK_M rows, BLOCK_N columns] read along the row-major
+    # input's rows and stored into the column-major output along its columns (Triton's coalescing pass transposes
+    # the tile through shared memory for the store).
+    g = tl.program_id(1)
+    start = tl.load(offsets_ptr + tl.maximum(g - 1, 0)) * (g > 0)
+    end = tl.load(offsets_ptr + g)
+    if ALIGNED:  # every group starts and ends on a multiple of 16 rows: 16-byte fp8 stores along a column
+        start = tl.multiple_of(start, 16)
+        end = tl.multiple_of(end, 16)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_in = cols < N
+    cols64 = cols.to(tl.int64)
+    amax_MN = tl.zeros([BLOCK_M, BLOCK_N], dtype=src_ptr.dtype.element_ty)  # |x| and max are exact in x's dtype
+    for r in range(start, end, BLOCK_M):  # pass 1: each column's amax over the group's rows
+        rows = r + tl.arange(0, BLOCK_M)
+        mask = (rows < end)[:, None] & cols_in[None, :]
+        x = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_src + cols[None, :], mask=mask, other=0.0)
+        amax_MN = tl.maximum(amax_MN, tl.abs(x)).to(amax_MN.dtype)  # elementwise: one cross-thread max, after the loop
+    amax = tl.max(amax_MN.to(tl.float32), axis=0)
+    # torchao's amax_to_scale: FP8_MAX / max(amax, EPS) in fp64, to fp32, rounded down to a power of 2 (by clearing
+    # the mantissa, as in _rowwise_fp8_kernel). An empty group gets FP8_MAX / EPS rounded, as torchao's kernel.
+    scale = (FP8_MAX / tl.maximum(amax.to(tl.float64), EPS)).to(tl.float32)
+    scale = (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    tl.store(scale_ptr + g * N + cols, scale, mask=cols_in)
+    for r in range(start, end, BLOCK_M):  # pass 2: scale, saturate, cast, store transposed
+        rows = r + tl.arange(0, BLOCK_M)
+        mask = (rows < end)[:, None] & cols_in[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = tl.clamp(x * scale[None, :], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + cols64[None, :] * stride_out + rows64[:, None], q, mask=mask)
+
+
+def per_group_colwise_fp8(src_AN, offsets_E):
+    """Row-major [A, N] -> fp8 e4m3 [A, N] column-major (strides (1, A)) and fp32 scales [E * N] (expert-major):
+    one power-of-2 scale per column of each expert's rows, exactly torchao's
+    ``triton_fp8_per_group_colwise_scales(src_AN.t().contiguous().t(), ...)`` without the transpose copy. Rows past
+    ``offsets_E[-1]`` are not written."""
+    src_AN = _rows_contiguous(src_AN)
+    A, N = src_AN.shape
+    E = offsets_E.shape[0]
+    out_AN = torch.empty_strided((A, N), (1, A), dtype=torch.float8_e4m3fn, device=src_AN.device)
+    scale_EN = torch.empty((E * N,), dtype=torch.float32, device=src_AN.device)
+    # tiles of 128 rows x 64 columns: 128-byte segments both of the bf16 rows read and of the fp8 columns written
+    BLOCK_M, BLOCK_N = 128, 64
+    _group_colwise_fp8_kernel[(triton.cdiv(N, BLOCK_N), E)](
+        src_AN, offsets_E, out_AN, scale_EN, N, src_AN.stride(0), out_AN.stride(1),
+        ALIGNED=A % 16 == 0, FP8_MAX=448.0, EPS=1e-12, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
+    )
+    return out_AN, scale_EN

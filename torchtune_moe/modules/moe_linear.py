@@ -343,11 +343,22 @@ def _row_experts(offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.searchsorted(offsets_E, rows_A, right=True).clamp_(max=offsets_E.shape[0] - 1)
 
 
-def _bias_grad(grad_h_AF: torch.Tensor, expert_A: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """Gradient of a per-expert bias ``[E, F]`` added to rows ``h_AF`` [A, F]: each expert's rows summed (fp32;
-    dropped rows carry zero gradient)."""
+def _bias_grad(
+    grad_h_AF: torch.Tensor,
+    expert_A: torch.Tensor,
+    shape: torch.Size,
+    dtype: torch.dtype,
+    num_valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Gradient of a per-expert bias ``[E, F]`` added to rows ``h_AF`` [A, F]: each expert's rows summed (fp32).
+
+    With ``num_valid`` (routings that drop slots), rows at or past it are left out: they are dropped slots, which
+    the Triton SwiGLU backward does not write (their values are garbage there, zeros in the torch code)."""
+    grad_A_F = grad_h_AF.float()
+    if num_valid is not None:
+        grad_A_F = torch.where(_kernels.valid_rows(grad_h_AF.shape[0], num_valid), grad_A_F, 0.0)
     grad_EF = torch.zeros(shape, dtype=torch.float32, device=grad_h_AF.device)
-    return grad_EF.index_add_(0, expert_A, grad_h_AF.float()).to(dtype)
+    return grad_EF.index_add_(0, expert_A, grad_A_F).to(dtype)
 
 
 def _activate(
@@ -487,7 +498,7 @@ class _RoutedExperts(torch.autograd.Function):
         grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
         grad_bias = None
         if ctx.bias_shape is not None and ctx.needs_input_grad[12]:
-            grad_bias = _bias_grad(grad_h_AF, expert_A, *ctx.bias_shape)
+            grad_bias = _bias_grad(grad_h_AF, expert_A, *ctx.bias_shape, num_valid if ctx.may_drop else None)
         return (
             grad_x_TD, grad_w_A, grad_gate_up, grad_down, None, None, None, None, None, None, None, None, grad_bias, None,
             None,

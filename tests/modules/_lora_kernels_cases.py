@@ -81,6 +81,47 @@ def check_rows_project(device: str, dtype: torch.dtype, tol: float) -> None:
             assert got[1] is None and want[1] is None
 
 
+def check_swiglu_lora(device: str, dtype: torch.dtype, tol: float) -> None:
+    """``swiglu_lora_forward`` / ``swiglu_lora_backward`` (SwiGLU with the gate/up LoRA delta added on the fly)
+    against autograd through ``silu(gate') * up' * w`` in fp32, ``h' = h + s * delta`` built row by row; H not a
+    multiple of the kernels' column block, dropped rows past the last expert's end."""
+    torch.manual_seed(0)
+    offsets_E = _offsets(device)
+    E, valid = len(COUNTS), int(offsets_E[-1])
+    for H, R in [(96, 16), (48, 8)]:
+        A, s = valid + 20, 0.5
+        rnd = lambda *sh: torch.randn(*sh, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
+        h, xa, b, ghs = rnd(A, 2 * H), rnd(A, 2 * R), rnd(E, 2 * H, R), rnd(A, H)
+        w = torch.rand(A, device=device, dtype=torch.float32).to(dtype)
+        num_valid = offsets_E[-1:]
+        # reference: each row's expert, the delta per part in fp32, autograd through the activation
+        expert_A = torch.searchsorted(offsets_E, torch.arange(A, device=device, dtype=torch.int32), right=True)
+        b_A = b.float()[expert_A.clamp(max=E - 1)]  # [A, 2H, R]
+        delta = torch.cat(
+            [
+                torch.einsum("ar,anr->an", xa.float()[:, :R], b_A[:, :H]),
+                torch.einsum("ar,anr->an", xa.float()[:, R:], b_A[:, H:]),
+            ],
+            dim=-1,
+        )
+        hp = (h.float() + s * delta).requires_grad_(True)
+        w32 = w.float().requires_grad_(True)
+        gate, up = hp.chunk(2, dim=-1)
+        want_hs = torch.nn.functional.silu(gate) * up * w32[:, None]
+        want_gh, want_gw = torch.autograd.grad(want_hs, (hp, w32), ghs.float())
+        for may_drop in (False, True):
+            got_hs = _kernels.swiglu_lora_forward(h, w, xa, b, offsets_E, s, num_valid, may_drop)
+            gh, gw, hs = _kernels.swiglu_lora_backward(h, w, ghs, xa, b, offsets_E, s, num_valid, may_drop)
+            what = f"swiglu_lora H={H} R={R} may_drop={may_drop}"
+            assert got_hs.shape == (A, H) and gh.shape == (A, 2 * H) and gw.shape == (A,) and hs.shape == (A, H)
+            _close(got_hs[:valid], want_hs[:valid], tol, f"{what}: hs")
+            _close(hs[:valid], want_hs[:valid], tol, f"{what}: recomputed hs")
+            _close(gh[:valid], want_gh[:valid], tol, f"{what}: grad_h")
+            _close(gw[:valid], want_gw[:valid], tol, f"{what}: grad_w")
+            if may_drop:
+                assert gw[valid:].abs().max() == 0, "dropped rows' routing-weight gradient must be zero"
+
+
 def check_custom_ops(device: str) -> None:
     """``torch.library.opcheck`` of the three custom ops (schema, mutation, fake tensors, torch.compile's
     AOT tracing): every row inside an expert, so that no output row is left unspecified."""
@@ -95,6 +136,8 @@ def check_custom_ops(device: str) -> None:
         (_kernels._expert_outer_op, (y, z, offsets_E, None, 0.5, 2, False)),
         (_kernels._rows_project_op, (x_TN, w, offsets_E, index, 0.5, 1, True)),
         (_kernels._rows_project_op, (y, w, offsets_E, None, 1.0, 2, False)),
+        (_kernels._swiglu_lora_forward_op, (y, rnd(A), rnd(A, 2 * R), w, offsets_E, 0.5)),
+        (_kernels._swiglu_lora_backward_op, (y, rnd(A), rnd(A, N // 2), rnd(A, 2 * R), w, offsets_E, 0.5)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -117,15 +160,16 @@ def _routed_inputs(T: int, K: int, drop: bool, device: str):
 
 def check_layer(
     device: str, dtype: torch.dtype, tol: float, *, drop: bool, segments: bool = False, quantize: bool = False,
-    gpt_oss: bool = False,
+    gpt_oss: bool = False, bias: bool = False,
 ) -> None:
-    """``LoRAMoELinear.routed`` forward and every gradient with the Triton kernels against the torch code."""
+    """``LoRAMoELinear.routed`` forward and every gradient with the Triton kernels against the torch code; with
+    SwiGLU the kernels' path adds the gate/up delta inside the SwiGLU kernels (checked to be taken)."""
     from torchtune_moe.modules.moe_linear import ClampedSwiGLU
     from torchtune_moe.modules.peft import LoRAMoELinear
 
     torch.manual_seed(0)
     E, D, H, T, K = len(COUNTS), 128, 64 if not quantize else 128, 40, 6
-    kw = dict(activation=ClampedSwiGLU(), bias=True) if gpt_oss else {}
+    kw = dict(activation=ClampedSwiGLU(), bias=True) if gpt_oss else dict(bias=bias)
     with torch.device(device):
         lora = LoRAMoELinear(E, D, H, rank=16, alpha=32.0, quantize_base=quantize, **kw).to(dtype)
         with torch.no_grad():
@@ -140,14 +184,24 @@ def check_layer(
     x = torch.randn(T, D, device=device, dtype=dtype)
     grad = torch.randn(T, D, device=device, dtype=dtype)
     results = []
-    for kernels in (True, False):
-        lora.lora_kernels = kernels
-        xx, ww = x.clone().requires_grad_(True), weights_A.clone().requires_grad_(True)
-        out = lora.routed(xx, rows_A, ww, offsets_E, None if segments else combine_TK, may_drop=drop)
-        out.backward(grad)
-        results.append([out, xx.grad, ww.grad] + [lora.get_parameter(n).grad for n in lora.adapter_params()])
-        for name in lora.adapter_params():
-            lora.get_parameter(name).grad = None
+    calls = []
+    fwd, bwd = _kernels.swiglu_lora_forward, _kernels.swiglu_lora_backward
+    _kernels.swiglu_lora_forward = lambda *a, **k: calls.append("fwd") or fwd(*a, **k)  # noqa: E731
+    _kernels.swiglu_lora_backward = lambda *a, **k: calls.append("bwd") or bwd(*a, **k)  # noqa: E731
+    try:
+        for kernels in (True, False):
+            lora.lora_kernels = kernels
+            xx, ww = x.clone().requires_grad_(True), weights_A.clone().requires_grad_(True)
+            out = lora.routed(xx, rows_A, ww, offsets_E, None if segments else combine_TK, may_drop=drop)
+            out.backward(grad)
+            want_calls = ["fwd", "bwd"] if kernels and not gpt_oss else []
+            assert calls == want_calls, f"lora_kernels={kernels}: SwiGLU-LoRA kernels called {calls}"
+            calls.clear()
+            results.append([out, xx.grad, ww.grad] + [lora.get_parameter(n).grad for n in lora.adapter_params()])
+            for name in lora.adapter_params():
+                lora.get_parameter(name).grad = None
+    finally:
+        _kernels.swiglu_lora_forward, _kernels.swiglu_lora_backward = fwd, bwd
     names = ["out", "grad_x", "grad_weights"] + lora.adapter_params()
     valid = int(offsets_E[-1])
     for name, got, want in zip(names, *results):
@@ -161,9 +215,11 @@ if __name__ == "__main__":  # CPU, under TRITON_INTERPRET=1: every kernel (the b
     _kernels.use_triton = lambda t: True  # noqa: E731 - the interpreter runs the kernels on CPU tensors
     check_kernels("cpu", torch.float32, 1e-5)
     check_rows_project("cpu", torch.float32, 1e-5)
+    check_swiglu_lora("cpu", torch.float32, 1e-5)
     check_custom_ops("cpu")
     for drop in (False, True):
         check_layer("cpu", torch.float32, 1e-5, drop=drop)
     check_layer("cpu", torch.float32, 1e-5, drop=False, gpt_oss=True)
     check_layer("cpu", torch.float32, 1e-5, drop=True, quantize=True)
+    check_layer("cpu", torch.float32, 1e-5, drop=True, bias=True)
     print("ok", file=sys.stderr)

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - depends on the install
 __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
     "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported", "rowwise_fp8", "per_group_colwise_fp8",
+    "swiglu_lora_forward", "swiglu_lora_backward", "swiglu_lora_supported",
 ]
 
 
@@ -125,6 +126,28 @@ if _HAS_TRITON:
     def _(big_XN, small_AP, offsets_E, index_A, scale, parts, transposed):
         E, N, R = offsets_E.shape[0], big_XN.shape[1], small_AP.shape[1] // parts
         return big_XN.new_empty((E, R, N) if transposed else (E, N, R))
+
+    @torch.library.custom_op("torchtune_moe::swiglu_lora_forward", mutates_args=())
+    def _swiglu_lora_forward_op(
+        h_AF: Tensor, weights_A: Tensor, xa_AP: Tensor, b_ENR: Tensor, offsets_E: Tensor, scale: float
+    ) -> Tensor:
+        return _triton.swiglu_lora_forward(h_AF, weights_A, xa_AP, b_ENR, offsets_E, scale)
+
+    @_swiglu_lora_forward_op.register_fake
+    def _(h_AF, weights_A, xa_AP, b_ENR, offsets_E, scale):
+        return h_AF.new_empty((h_AF.shape[0], h_AF.shape[1] // 2))
+
+    @torch.library.custom_op("torchtune_moe::swiglu_lora_backward", mutates_args=())
+    def _swiglu_lora_backward_op(
+        h_AF: Tensor, weights_A: Tensor, grad_hs_AH: Tensor, xa_AP: Tensor, b_ENR: Tensor, offsets_E: Tensor,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _triton.swiglu_lora_backward(h_AF, weights_A, grad_hs_AH, xa_AP, b_ENR, offsets_E, scale)
+
+    @_swiglu_lora_backward_op.register_fake
+    def _(h_AF, weights_A, grad_hs_AH, xa_AP, b_ENR, offsets_E, scale):
+        A, F2 = h_AF.shape
+        return h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2))
 
     @torch.library.custom_op("torchtune_moe::rowwise_fp8", mutates_args=())
     def _rowwise_fp8_op(src_AK: Tensor) -> tuple[Tensor, Tensor]:
@@ -414,6 +437,64 @@ def rows_project(
     if scale != 1.0:
         z_AP = z_AP.mul_(scale)
     return z_AP, y_AN if copy else None
+
+
+def swiglu_lora_supported(h_AF: torch.Tensor, b_ENR: torch.Tensor) -> bool:
+    """Whether :func:`swiglu_lora_forward` / :func:`swiglu_lora_backward` run their Triton kernels for ``h_AF``
+    [A, 2H] and the gate/up factor ``b_ENR`` [E, 2H, R] (CUDA with Triton, the :func:`lowrank_supported`
+    shapes with 2 parts); otherwise they run the torch code."""
+    return use_triton(h_AF) and lowrank_supported(b_ENR.shape[1], 2, b_ENR.shape[2])
+
+
+def _lowrank_added(h_AF, xa_AP, b_ENR, offsets_E, scale):
+    return lowrank_add_(h_AF.clone(), xa_AP, b_ENR, offsets_E, scale, 2, triton=False)
+
+
+def swiglu_lora_forward(
+    h_AF: torch.Tensor, weights_A: torch.Tensor, xa_AP: torch.Tensor, b_ENR: torch.Tensor, offsets_E: torch.Tensor,
+    scale: float, num_valid: torch.Tensor, may_drop: bool = False,
+) -> torch.Tensor:
+    """:func:`swiglu_forward` of ``h' = h + scale * [xa_g @ B_g[e]^T, xa_u @ B_u[e]^T]`` (the gate and up LoRA
+    pairs, ``e`` each row's expert), with ``h'`` never written: the Triton kernel adds the low-rank delta on the
+    fly, in fp32, per tile of one expert's rows (its factor tile loaded once per tile). Rows past
+    ``offsets_E[-1]`` are in no tile and left unwritten (with ``may_drop`` they are the dropped slots, as in
+    :func:`swiglu_forward`); the torch code (CPU, other shapes) adds the delta with :func:`lowrank_add_`'s
+    torch code into a copy of ``h`` (rounded once to ``h``'s dtype), then runs :func:`swiglu_forward`.
+
+    Args:
+        h_AF (torch.Tensor): [A, 2H] the base projection (gate columns then up columns), without the adapter.
+        weights_A (torch.Tensor): [A] routing weight of each row.
+        xa_AP (torch.Tensor): [A, 2R] ``x @ A^T`` of the gate part (columns [0, R)) and the up part ([R, 2R)).
+        b_ENR (torch.Tensor): [E, 2H, R] the B factors, gate rows then up rows.
+        offsets_E (torch.Tensor): [E] int32 cumulative rows per expert; ``offsets_E[-1:]`` is ``num_valid``
+            when ``may_drop``.
+        scale (float): LoRA scale.
+        num_valid, may_drop: as :func:`swiglu_forward`.
+
+    Returns:
+        torch.Tensor: [A, H]
+    """
+    if swiglu_lora_supported(h_AF, b_ENR):
+        return _swiglu_lora_forward_op(h_AF, weights_A, xa_AP, b_ENR, offsets_E, scale)
+    return swiglu_forward(_lowrank_added(h_AF, xa_AP, b_ENR, offsets_E, scale), weights_A, num_valid, may_drop)
+
+
+def swiglu_lora_backward(
+    h_AF: torch.Tensor, weights_A: torch.Tensor, grad_hs_AH: torch.Tensor, xa_AP: torch.Tensor, b_ENR: torch.Tensor,
+    offsets_E: torch.Tensor, scale: float, num_valid: torch.Tensor, may_drop: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`swiglu_backward` at ``h'`` (see :func:`swiglu_lora_forward`, same arguments plus ``grad_hs_AH``
+    [A, H]): ``grad_h`` is the gradient w.r.t. the whole ``h'`` (base plus delta), ``hs`` the forward's output
+    recomputed with the delta. Rows past ``offsets_E[-1]``: ``grad_weights`` zero, ``grad_h`` and ``hs``
+    unwritten (Triton) or as :func:`swiglu_backward` leaves them (torch code).
+
+    Returns:
+        tuple: ``grad_h_AF`` [A, 2H], ``grad_weights_A`` [A] fp32, ``hs_AH`` [A, H].
+    """
+    if swiglu_lora_supported(h_AF, b_ENR):
+        return _swiglu_lora_backward_op(h_AF, weights_A, grad_hs_AH, xa_AP, b_ENR, offsets_E, scale)
+    h_AF = _lowrank_added(h_AF, xa_AP, b_ENR, offsets_E, scale)
+    return swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
 
 
 def rowwise_fp8(src_AK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -415,6 +415,148 @@ def rows_project(y_XN, w_ENR, offsets_E, index_A, scale, parts, copy):
 
 
 @triton.jit
+def _swiglu_lora_tile(
+    h_ptr, b_e, xa_g, xa_u, rows64, rows_ok, cols, cols_ok, ks, scale, stride_h, stride_bn, stride_br,
+    H: tl.constexpr, R: tl.constexpr,
+):
+    """Gate and up columns ``cols`` of ``h + scale * [xa_g @ B_g[e]^T, xa_u @ B_u[e]^T]`` for a tile of one
+    expert's rows, in fp32 (the adapter's delta never rounded to h's dtype)."""
+    mask = rows_ok[:, None] & cols_ok[None, :]
+    b_mask = (ks < R)[:, None] & cols_ok[None, :]
+    b_g = tl.load(b_e + cols[None, :] * stride_bn + ks[:, None] * stride_br, mask=b_mask, other=0.0)
+    b_u = tl.load(b_e + (H + cols[None, :]) * stride_bn + ks[:, None] * stride_br, mask=b_mask, other=0.0)
+    h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+    gate = tl.load(h_rows, mask=mask, other=0.0).to(tl.float32) + scale * tl.dot(xa_g, b_g)
+    up = tl.load(h_rows + H, mask=mask, other=0.0).to(tl.float32) + scale * tl.dot(xa_u, b_u)
+    return gate, up
+
+
+@triton.jit
+def _swiglu_lora_xa(xa_ptr, b_ptr, rows64, rows_ok, ks, stride_xa, R: tl.constexpr):
+    """The tile's rows of ``xa`` [A, 2R]: gate part (columns [0, R)) and up part ([R, 2R))."""
+    mask = rows_ok[:, None] & (ks < R)[None, :]
+    xa_rows = xa_ptr + rows64[:, None] * stride_xa + ks[None, :]
+    xa_g = tl.load(xa_rows, mask=mask, other=0.0).to(b_ptr.dtype.element_ty)
+    xa_u = tl.load(xa_rows + R, mask=mask, other=0.0).to(b_ptr.dtype.element_ty)
+    return xa_g, xa_u
+
+
+@triton.jit
+def _swiglu_lora_fwd_kernel(
+    h_ptr, w_ptr, xa_ptr, b_ptr, offsets_ptr, out_ptr, E, scale,
+    stride_h, stride_xa, stride_be, stride_bn, stride_br, stride_out,
+    H: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # out = silu(gate') * up' * w, h' = h + scale * delta (see _swiglu_lora_tile), rows in expert tiles
+    e, row0, hi = _expert_tile(offsets_ptr, tl.program_id(1), E, BLOCK_E, BLOCK_M)
+    if e < E:  # rows past the last expert's end (dropped slots) are in no tile: neither read nor written
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_R)
+        rows_ok = rows < hi
+        cols_ok = cols < H
+        rows64 = rows.to(tl.int64)
+        b_e = b_ptr + e.to(tl.int64) * stride_be
+        xa_g, xa_u = _swiglu_lora_xa(xa_ptr, b_ptr, rows64, rows_ok, ks, stride_xa, R)
+        gate, up = _swiglu_lora_tile(
+            h_ptr, b_e, xa_g, xa_u, rows64, rows_ok, cols, cols_ok, ks, scale, stride_h, stride_bn, stride_br, H, R
+        )
+        w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+        out = gate * tl.sigmoid(gate) * up * w[:, None]
+        out_rows = out_ptr + rows64[:, None] * stride_out + cols[None, :]
+        tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
+
+
+@triton.jit
+def _swiglu_lora_bwd_kernel(
+    h_ptr, w_ptr, xa_ptr, b_ptr, offsets_ptr, ghs_ptr, gh_ptr, gw_ptr, hs_ptr, E, scale,
+    stride_h, stride_xa, stride_be, stride_bn, stride_br, stride_ghs, stride_gh, stride_hs,
+    H: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # _swiglu_bwd_kernel at h' = h + scale * delta: one program per expert row tile, looping over the columns
+    e, row0, hi = _expert_tile(offsets_ptr, tl.program_id(0), E, BLOCK_E, BLOCK_M)
+    if e < E:  # dropped slots are in no tile: their grad_w is zeroed by the caller, the rest left unwritten
+        rows = row0 + tl.arange(0, BLOCK_M)
+        ks = tl.arange(0, BLOCK_R)
+        rows_ok = rows < hi
+        rows64 = rows.to(tl.int64)
+        b_e = b_ptr + e.to(tl.int64) * stride_be
+        xa_g, xa_u = _swiglu_lora_xa(xa_ptr, b_ptr, rows64, rows_ok, ks, stride_xa, R)
+        w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+        grad_w = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, H, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            cols_ok = cols < H
+            mask = rows_ok[:, None] & cols_ok[None, :]
+            gate, up = _swiglu_lora_tile(
+                h_ptr, b_e, xa_g, xa_u, rows64, rows_ok, cols, cols_ok, ks, scale, stride_h, stride_bn,
+                stride_br, H, R,
+            )
+            ghs = tl.load(ghs_ptr + rows64[:, None] * stride_ghs + cols[None, :], mask=mask, other=0.0)
+            ghs = ghs.to(tl.float32)
+            sig = tl.sigmoid(gate)
+            silu = gate * sig
+            act = silu * up
+            grad_w += tl.sum(ghs * act, axis=1)
+            grad_act = ghs * w[:, None]
+            grad_up = grad_act * silu
+            grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
+            gh_rows = gh_ptr + rows64[:, None] * stride_gh + cols[None, :]
+            tl.store(gh_rows, grad_gate.to(gh_ptr.dtype.element_ty), mask=mask)
+            tl.store(gh_rows + H, grad_up.to(gh_ptr.dtype.element_ty), mask=mask)
+            hs_rows = hs_ptr + rows64[:, None] * stride_hs + cols[None, :]
+            tl.store(hs_rows, (act * w[:, None]).to(hs_ptr.dtype.element_ty), mask=mask)
+        tl.store(gw_ptr + rows, grad_w, mask=rows_ok)
+
+
+# 64-row tiles (one expert each: one B tile per column block) at 8 warps. sm_90 compiles (triton.compile, no
+# GPU): forward 64 x 64 59 registers, backward 64 x 32 77 registers (3 blocks, 24 warps per SM, as the plain
+# _swiglu_bwd_kernel's 80 registers at 4 warps; 64 x 64 takes 139: one block per SM), no spills.
+_SWIGLU_LORA_FWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8)
+_SWIGLU_LORA_BWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)
+
+
+def _swiglu_lora_args(h_AF, xa_AP, b_ENR, offsets_E):
+    E, F2, R = b_ENR.shape
+    assert h_AF.stride(-1) == 1 and xa_AP.stride(-1) == 1 and xa_AP.shape[1] == 2 * R and F2 == h_AF.shape[1]
+    consts = dict(H=F2 // 2, R=R, BLOCK_E=triton.next_power_of_2(E), BLOCK_R=max(16, triton.next_power_of_2(R)))
+    return E, F2 // 2, consts
+
+
+def swiglu_lora_forward(h_AF, weights_A, xa_AP, b_ENR, offsets_E, scale):
+    h_AF, xa_AP = _rows_contiguous(h_AF), _rows_contiguous(xa_AP)
+    E, H, consts = _swiglu_lora_args(h_AF, xa_AP, b_ENR, offsets_E)
+    A = h_AF.shape[0]
+    out_AH = torch.empty((A, H), dtype=h_AF.dtype, device=h_AF.device)
+    BLOCK_M, BLOCK_N = _SWIGLU_LORA_FWD["BLOCK_M"], _SWIGLU_LORA_FWD["BLOCK_N"]
+    # tiles as lowrank_add_'s: at most cdiv(A, BLOCK_M) + E, column blocks fastest (a tile's xa read from L2)
+    grid = (triton.cdiv(H, BLOCK_N), triton.cdiv(A, BLOCK_M) + E)
+    _swiglu_lora_fwd_kernel[grid](
+        h_AF, weights_A.contiguous(), xa_AP, b_ENR, offsets_E, out_AH, E, scale,
+        h_AF.stride(0), xa_AP.stride(0), *b_ENR.stride(), out_AH.stride(0), **consts, **_SWIGLU_LORA_FWD,
+    )
+    return out_AH
+
+
+def swiglu_lora_backward(h_AF, weights_A, grad_hs_AH, xa_AP, b_ENR, offsets_E, scale):
+    h_AF, xa_AP, grad_hs_AH = _rows_contiguous(h_AF), _rows_contiguous(xa_AP), _rows_contiguous(grad_hs_AH)
+    E, H, consts = _swiglu_lora_args(h_AF, xa_AP, b_ENR, offsets_E)
+    A = h_AF.shape[0]
+    grad_h_AF = torch.empty_like(h_AF)
+    hs_AH = torch.empty((A, H), dtype=h_AF.dtype, device=h_AF.device)
+    grad_w_A = torch.zeros((A,), dtype=torch.float32, device=h_AF.device)  # dropped slots: in no tile, zero
+    grid = (triton.cdiv(A, _SWIGLU_LORA_BWD["BLOCK_M"]) + E,)
+    _swiglu_lora_bwd_kernel[grid](
+        h_AF, weights_A.contiguous(), xa_AP, b_ENR, offsets_E, grad_hs_AH, grad_h_AF, grad_w_A, hs_AH, E, scale,
+        h_AF.stride(0), xa_AP.stride(0), *b_ENR.stride(), grad_hs_AH.stride(0), grad_h_AF.stride(0),
+        hs_AH.stride(0), **consts, **_SWIGLU_LORA_BWD,
+    )
+    return grad_h_AF, grad_w_A, hs_AH
+
+
+@triton.jit
 def _rowwise_fp8_kernel(
     src_ptr, out_ptr, scale_ptr, A, stride_src, stride_out,
     K: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,

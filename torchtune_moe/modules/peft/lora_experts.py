@@ -253,7 +253,9 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
     The base path is the same (the fused activation x routing weight, gather-sum combine, the activation output
     recomputed in backward); the adapters add, per projection, ``xa = x @ A^T`` ([A, P*r], kept for backward)
     and ``scale * xa @ B^T`` added in place into the projection's output before the activation (gate/up) or the
-    combine (down) (:func:`_kernels.lowrank_add_`, as are the backward's ``grad_xa @ A`` terms). The products
+    combine (down) (:func:`_kernels.lowrank_add_`, as are the backward's ``grad_xa @ A`` terms). With SwiGLU
+    on the Triton kernels the gate/up delta is never added to ``h``: :func:`_kernels.swiglu_lora_forward` and
+    :func:`_kernels.swiglu_lora_backward` add it on the fly, and ``h`` is saved as the base GEMM wrote it. The products
     by the first factor (``x @ A_gu^T``, ``grad_y @ B_d``, ...) are :func:`_kernels.rows_project`, fused with
     the gather of ``x`` (forward) and of the output gradient (backward) where they read it. The adapter
     weight gradients are per-expert outer-product sums (:func:`_kernels.expert_outer`); the one of ``A_gu``
@@ -277,11 +279,18 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
             x_TD, a_gu.transpose(-2, -1), offsets_E, index_A=rows_A, copy=True, triton=kern
         )
         h_AF = F.grouped_mm(x_AD, dequantize(gate_up, shapes["gate_up_proj"]).transpose(-2, -1), offs=offsets_E)
-        _kernels.lowrank_add_(h_AF, xa_AR, b_gu, offsets_E, s, P, triton=kern)
+        # SwiGLU with the Triton kernels: h_AF is kept without the adapter, whose delta the SwiGLU kernels add
+        # on the fly (forward and backward); otherwise it is added in place before the activation.
+        fused = kern and mod.gated and mod.act is F.silu and _kernels.swiglu_lora_supported(h_AF, b_gu)
+        if not fused:
+            _kernels.lowrank_add_(h_AF, xa_AR, b_gu, offsets_E, s, P, triton=kern)
         if gate_up_bias is not None:
             h_AF.add_(gate_up_bias[expert_A])
         del x_AD
-        hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, mod.act, mod.gated)
+        if fused:
+            hs_AH = _kernels.swiglu_lora_forward(h_AF, weights_A, xa_AR, b_gu, offsets_E, s, num_valid, may_drop)
+        else:
+            hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, mod.act, mod.gated)
         y_AD = F.grouped_mm(hs_AH, dequantize(down, shapes["down_proj"]).transpose(-2, -1), offs=offsets_E)
         ha_AR, _ = _kernels.rows_project(hs_AH, a_d.transpose(-2, -1), offsets_E, triton=kern)
         _kernels.lowrank_add_(y_AD, ha_AR, b_d, offsets_E, s, triton=kern)
@@ -293,7 +302,7 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         ctx.bias_like = None if gate_up_bias is None else (gate_up_bias.shape, gate_up_bias.dtype)
         # Base weights by reference (NF4 subclasses included): parameters, alive as long as the module.
         ctx.gate_up, ctx.down = gate_up, down
-        ctx.may_drop, ctx.mod = may_drop, mod
+        ctx.may_drop, ctx.mod, ctx.fused = may_drop, mod, fused
         return out_TD
 
     @staticmethod
@@ -324,9 +333,14 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         grad_hs_AH = F.grouped_mm(grad_y_AD, w_down, offs=offsets_E)
         _kernels.lowrank_add_(grad_hs_AH, grad_ha_AR, a_d.transpose(-2, -1), offsets_E, 1.0, triton=kern)
         del w_down
-        grad_h_AF, grad_w_A, hs_AH = _activate_backward(
-            h_AF, weights_A, grad_hs_AH, num_valid, may_drop, mod.act, mod.gated
-        )
+        if ctx.fused:  # h_AF without the adapter: grad_h_AF is w.r.t. the whole h, hs includes the delta
+            grad_h_AF, grad_w_A, hs_AH = _kernels.swiglu_lora_backward(
+                h_AF, weights_A, grad_hs_AH, xa_AR, b_gu, offsets_E, s, num_valid, may_drop
+            )
+        else:
+            grad_h_AF, grad_w_A, hs_AH = _activate_backward(
+                h_AF, weights_A, grad_hs_AH, num_valid, may_drop, mod.act, mod.gated
+            )
         del grad_hs_AH
         grad_a_d = None
         if need_a_d:
@@ -361,7 +375,7 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
             grad_down = None
         grad_bias = None
         if ctx.bias_like is not None and need[15]:
-            grad_bias = _bias_grad(grad_h_AF, expert_A, *ctx.bias_like)
+            grad_bias = _bias_grad(grad_h_AF, expert_A, *ctx.bias_like, offsets_E[-1:] if may_drop else None)
         return (
             grad_x_TD, grad_w_A, grad_gate_up, grad_down, grad_a_gu, grad_b_gu, grad_a_d, grad_b_d,
             None, None, None, None, None, None, None, grad_bias, None,

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - depends on the install
 __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
     "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported", "rowwise_fp8", "per_group_colwise_fp8",
+    "swiglu_forward_fp8", "swiglu_backward_fp8",
 ]
 
 
@@ -70,6 +71,29 @@ if _HAS_TRITON:
     def _(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
         A, F2 = h_AF.shape
         return h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2))
+
+    @torch.library.custom_op("torchtune_moe::swiglu_forward_fp8", mutates_args=())
+    def _swiglu_forward_fp8_op(h_AF: Tensor, weights_A: Tensor, num_valid: Tensor, may_drop: bool) -> tuple[Tensor, Tensor]:
+        return _triton.swiglu_forward_fp8(h_AF, weights_A, num_valid, may_drop)
+
+    @_swiglu_forward_fp8_op.register_fake
+    def _(h_AF, weights_A, num_valid, may_drop):
+        A, H = h_AF.shape[0], h_AF.shape[1] // 2
+        return h_AF.new_empty((A, H), dtype=torch.float8_e4m3fn), h_AF.new_empty((A, 1), dtype=torch.float32)
+
+    @torch.library.custom_op("torchtune_moe::swiglu_backward_fp8", mutates_args=())
+    def _swiglu_backward_fp8_op(
+        h_AF: Tensor, weights_A: Tensor, grad_hs_AH: Tensor, num_valid: Tensor, may_drop: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return _triton.swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, fp8=True)
+
+    @_swiglu_backward_fp8_op.register_fake
+    def _(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
+        A, F2 = h_AF.shape
+        return (
+            h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2)),
+            h_AF.new_empty((A, F2), dtype=torch.float8_e4m3fn), h_AF.new_empty((A, 1), dtype=torch.float32),
+        )
 
     @torch.library.custom_op("torchtune_moe::gather_sum", mutates_args=())
     def _gather_sum_op(src_AD: Tensor, index_TK: Tensor, num_valid: Tensor, may_drop: bool) -> Tensor:
@@ -241,6 +265,39 @@ def swiglu_backward(
         hs_AH = torch.where(valid_A1, hs_AH, 0)
         grad_w_A = torch.where(valid_A1.squeeze(-1), grad_w_A, 0)
     return grad_h_AF, grad_w_A, hs_AH
+
+
+def swiglu_forward_fp8(
+    h_AF: torch.Tensor, weights_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`swiglu_forward` straight into the fp8 rows of the next grouped GEMM (CUDA with Triton only: check
+    :func:`use_triton`): the bytes and scales of :func:`rowwise_fp8` of its output (``hs`` rounded to ``h``'s dtype,
+    then quantized), without writing and reading back ``hs``.
+
+    Args: as :func:`swiglu_forward` (dropped rows read as zero: their fp8 rows are zeros).
+
+    Returns:
+        tuple: ``q_AH`` [A, H] float8_e4m3fn row-major and ``scale_A1`` [A, 1] fp32 (power-of-2 per row).
+    """
+    return _swiglu_forward_fp8_op(h_AF, weights_A, num_valid, may_drop)
+
+
+def swiglu_backward_fp8(
+    h_AF: torch.Tensor,
+    weights_A: torch.Tensor,
+    grad_hs_AH: torch.Tensor,
+    num_valid: torch.Tensor,
+    may_drop: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`swiglu_backward` that also gives ``grad_h`` as fp8 rows, the bytes and scales of :func:`rowwise_fp8`
+    of its ``grad_h_AF`` (CUDA with Triton only: check :func:`use_triton`), in the same kernel: the quantizer's
+    separate read of ``grad_h`` saved (the kernel reads back the rows it just wrote, from L2).
+
+    Returns:
+        tuple: ``grad_h_AF``, ``grad_weights_A``, ``hs_AH`` as :func:`swiglu_backward`, then ``q_AF`` [A, 2H]
+        float8_e4m3fn row-major and ``scale_A1`` [A, 1] fp32 (dropped rows: unspecified, as ``grad_h_AF``'s).
+    """
+    return _swiglu_backward_fp8_op(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
 
 
 def gather_sum(

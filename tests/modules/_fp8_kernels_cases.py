@@ -1,11 +1,11 @@
-"""The SwiGLU kernels that write fp8 rows (``_triton.swiglu_forward_fp8``, ``_triton.swiglu_backward(fp8=True)``)
-against the unfused kernels followed by the rowwise quantizer kernel, run by Triton's CPU interpreter
+"""The kernels that write fp8 rows (``_triton.swiglu_forward_fp8``, ``_triton.swiglu_backward(fp8=True)``,
+``_triton.gather_rows_fp8``) against the unfused kernels (or the plain gather) followed by the rowwise quantizer kernel, run by Triton's CPU interpreter
 (``TRITON_INTERPRET=1 python tests/modules/_fp8_kernels_cases.py``; test_fp8.py runs it in a subprocess: the
 interpreter must be chosen before Triton is imported).
 
 Both sides go through the interpreter's fp8 cast, which rounds differently from the GPU's: the fp8 bytes are
 compared between kernels (the same cast on both sides), the scales with our torch code exactly, the dequantized
-values with the torch code loosely. Shapes: one tile per row and two passes (H > 16384), dropped rows, fp32 rows.
+values with the torch code loosely. Shapes: one tile per row and two passes (H or D > 16384), dropped rows, fp32 rows.
 """
 
 import os
@@ -62,8 +62,41 @@ def check(A: int, H: int, nv: int, dtype: torch.dtype) -> None:
     assert _dequantized_err(q8[:nv], s8[:nv], q8_t[:nv], s8_t[:nv]) < 0.2
 
 
+def check_gather(T: int, A: int, D: int, nv: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    may_drop = nv < A
+    src = (torch.randn(T, D) * torch.logspace(-3, 3, T).unsqueeze(-1)).to(dtype)
+    src[1] = 0
+    index = torch.randint(0, T, (A,))
+    index[0] = 1  # a zero row
+    num_valid = torch.tensor([nv], dtype=torch.int32)
+    for copy in (False, True):
+        q, s, rows = K.gather_rows_fp8(src, index, num_valid, may_drop, copy)
+        assert q.dtype == torch.float8_e4m3fn and q.shape == (A, D) and s.shape == (A, 1)
+        assert rows.shape == ((A, D) if copy else (0, D))
+        q_u, s_u = K.rowwise_fp8(src[index])
+        assert torch.equal(s[:nv], s_u[:nv]), "gather scales"
+        assert torch.equal(q[:nv].view(torch.uint8), q_u[:nv].view(torch.uint8)), "gather bytes"
+        assert (q[nv:].float() == 0).all(), "dropped rows"
+        if copy:
+            assert torch.equal(rows[:nv], src[index][:nv]), "gathered rows"
+        q_t, s_t = gg.rowwise_fp8_torch(src[index], -1)
+        assert torch.equal(s[:nv], s_t[:nv]), "gather scales vs torch code"
+        assert _dequantized_err(q[:nv], s[:nv], q_t[:nv], s_t[:nv]) < 0.2
+
+
+GATHER_CASES = [  # T, A, D, rows before num_valid, dtype
+    (11, 40, 96, 40, torch.bfloat16),
+    (7, 9, 2048, 6, torch.bfloat16),
+    (5, 6, 16400, 6, torch.bfloat16),
+    (9, 12, 160, 12, torch.float32),
+]
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     for case in CASES:
         check(*case)
+    for case in GATHER_CASES:
+        check_gather(*case)
     sys.exit(0)

@@ -174,7 +174,8 @@ def test_fp8_layer_is_close_to_the_fp32_layer(router, bias):
 @pytest.mark.parametrize("router", sorted(ROUTERS))
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp8_rows_made_by_the_activation_change_nothing(router, bias, monkeypatch):
-    """The activations handing the fp8 GEMMs quantized rows (Fp8Rows; on CUDA the SwiGLU kernels write them) equal
+    """The gather and the activations handing the fp8 GEMMs quantized rows (Fp8Rows; on CUDA their kernels write
+    them) equal
     the seam quantizing the bf16 rows itself: same outputs and gradients, exactly (SwiGLU and ClampedSwiGLU)."""
     torch.manual_seed(0)
     base = MoELinear(E, D, H, bias=bias, activation=ClampedSwiGLU() if bias else "silu").to(torch.bfloat16)
@@ -192,8 +193,8 @@ def test_fp8_rows_made_by_the_activation_change_nothing(router, bias, monkeypatc
 
 
 def test_swiglu_fp8_kernels_in_triton_interpreter():
-    """The SwiGLU kernels that write fp8 rows, run by Triton's CPU interpreter: the bytes and scales of the rowwise
-    quantizer kernel on the unfused kernels' outputs (tests/modules/_fp8_kernels_cases.py; bit for bit on the GPU
+    """The gather and SwiGLU kernels that write fp8 rows, run by Triton's CPU interpreter: the bytes and scales of
+    the rowwise quantizer kernel on the unfused kernels' outputs (tests/modules/_fp8_kernels_cases.py; bit for bit on the GPU
     in test_fp8_gpu.py)."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -285,10 +285,44 @@ def test_swiglu_fp8_kernels_equal_rowwise_of_unfused(H, may_drop):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("D", [96, 2048, 4096, 16400])  # one tile per row (up to 16384), two passes beyond
+@pytest.mark.parametrize("may_drop", [False, True])
+def test_gather_rows_fp8_equals_rowwise_of_gather(D, may_drop):
+    """The dispatch gather writing fp8 rows: the bytes and scales of rowwise_fp8 of the gathered rows (and of our
+    torch code); with copy, the gathered rows too."""
+    from torchtune_moe.modules import _kernels
+
+    torch.manual_seed(0)
+    T, A = 53, 131
+    src = (torch.randn(T, D, device="cuda") * torch.logspace(-3, 3, T, device="cuda").unsqueeze(-1)).bfloat16()
+    src[1] = 0
+    index = torch.randint(0, T, (A,), device="cuda")
+    index[0] = 1  # a zero row
+    num_valid = torch.tensor([A - 7 if may_drop else A], dtype=torch.int32, device="cuda")
+    nv = int(num_valid)
+    rows = _kernels.gather_rows(src, index, num_valid, may_drop)
+    q_u, s_u = _kernels.rowwise_fp8(rows)
+    q_t, s_t = gg.rowwise_fp8_torch(src.cpu()[index.cpu()], -1)
+    for copy in (False, True):
+        q, s, got_rows = _kernels.gather_rows_fp8(src, index, num_valid, may_drop, copy=copy)
+        assert q.dtype == FP8 and q.shape == (A, D) and q.is_contiguous() and s.shape == (A, 1)
+        assert torch.equal(s[:nv], s_u[:nv]) and torch.equal(s[:nv].cpu(), s_t[:nv])
+        assert torch.equal(q[:nv].view(torch.uint8), q_u[:nv].view(torch.uint8))
+        assert torch.equal(q[:nv].view(torch.uint8).cpu(), q_t[:nv].view(torch.uint8))
+        assert (q[nv:].float() == 0).all()  # dropped rows read as zero
+        assert (got_rows is not None) == copy
+        if copy:
+            assert torch.equal(got_rows[:nv], rows[:nv])
+        torch.library.opcheck(
+            _kernels._gather_rows_fp8_op, (src, index, num_valid, may_drop, copy),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+
+
 @pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
 def test_fp8_layer_fused_quantizers_change_nothing(router, monkeypatch):
-    """The SwiGLU kernels writing fp8 rows (Fp8GroupedGemm.fp8) against the seam quantizing bf16 rows itself (the
-    path before them): the same output and gradients, bit for bit (the routing weights' gradient: to fp32 rounding,
+    """The gather and SwiGLU kernels writing fp8 rows (Fp8GroupedGemm.fp8) against the seam quantizing bf16 rows
+    itself (the path before them): the same output and gradients, bit for bit (the routing weights' gradient: to fp32 rounding,
     its row sums run in other tiles)."""
     torch.manual_seed(0)
     E, D, H, T = 8, 512, 1024, 1024

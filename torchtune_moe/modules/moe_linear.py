@@ -352,6 +352,19 @@ def _bias_grad(grad_h_AF: torch.Tensor, expert_A: torch.Tensor, shape: torch.Siz
     return grad_EF.index_add_(0, expert_A, grad_h_AF.float()).to(dtype)
 
 
+def _gather_rows(
+    src_TD: torch.Tensor, rows_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool, fp8: bool, keep: bool
+) -> tuple[Optional[torch.Tensor], torch.Tensor | Fp8Rows]:
+    """The dispatch gather ``src[rows]`` as the left operand of a grouped GEMM: ``(rows_AD, operand)``. With ``fp8``
+    on CUDA one kernel writes the operand's fp8 rows (:func:`_kernels.gather_rows_fp8`, the values the seam's
+    quantizer would give) and the bf16 rows only with ``keep`` (else None); otherwise both are the gathered rows."""
+    if fp8 and _kernels.use_triton(src_TD):
+        q_AD, scale_A1, rows_AD = _kernels.gather_rows_fp8(src_TD, rows_A, num_valid, may_drop, copy=keep)
+        return rows_AD, Fp8Rows(q_AD, scale_A1, src_TD.dtype)
+    rows_AD = _kernels.gather_rows(src_TD, rows_A, num_valid, may_drop)
+    return rows_AD, rows_AD
+
+
 def _activate(
     h_AF: torch.Tensor, weights_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool, act, gated: bool,
     fp8: bool = False,
@@ -478,8 +491,9 @@ class _RoutedExperts(torch.autograd.Function):
         act, gated, gate_up_bias=None, expert_A=None, gemm: GroupedGemm = BF16,
     ):
         num_valid = offsets_E[-1:]
-        x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, may_drop)
-        h_AF = gemm.forward(x_AD, gate_up_proj, offsets_E)
+        _, x_rows = _gather_rows(x_TD, rows_A, num_valid, may_drop, fp8=gemm.fp8, keep=False)
+        h_AF = gemm.forward(x_rows, gate_up_proj, offsets_E)
+        del x_rows
         if gate_up_bias is not None:
             h_AF = h_AF + gate_up_bias[expert_A]
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated, fp8=gemm.fp8)
@@ -499,8 +513,11 @@ class _RoutedExperts(torch.autograd.Function):
         )
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
         num_valid = offsets_E[-1:]
-        grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A, num_valid, ctx.may_drop)
-        grad_hs_AH = ctx.gemm.input_grad(grad_y_AD, down_proj, offsets_E)
+        grad_y_AD, grad_y_rows = _gather_rows(
+            grad_out_TD, rows_A, num_valid, ctx.may_drop, fp8=ctx.gemm.fp8, keep=need_down
+        )
+        grad_hs_AH = ctx.gemm.input_grad(grad_y_rows, down_proj, offsets_E)
+        del grad_y_rows
         # grad_h_rows: grad_h_AF, or its fp8 rows when the GEMMs take them (the input gradient's left operand)
         grad_h_AF, grad_h_rows, grad_w_A, hs_AH = _activate_backward_gemm(
             h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated, fp8=ctx.gemm.fp8 and need_x

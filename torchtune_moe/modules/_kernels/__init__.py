@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the install
 __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
     "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported", "rowwise_fp8", "per_group_colwise_fp8",
-    "swiglu_forward_fp8", "swiglu_backward_fp8",
+    "swiglu_forward_fp8", "swiglu_backward_fp8", "gather_rows_fp8",
 ]
 
 
@@ -71,6 +71,20 @@ if _HAS_TRITON:
     def _(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
         A, F2 = h_AF.shape
         return h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2))
+
+    @torch.library.custom_op("torchtune_moe::gather_rows_fp8", mutates_args=())
+    def _gather_rows_fp8_op(
+        src_TD: Tensor, index_A: Tensor, num_valid: Tensor, may_drop: bool, copy: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _triton.gather_rows_fp8(src_TD, index_A, num_valid, may_drop, copy)
+
+    @_gather_rows_fp8_op.register_fake
+    def _(src_TD, index_A, num_valid, may_drop, copy):
+        A, D = index_A.shape[0], src_TD.shape[1]
+        return (
+            src_TD.new_empty((A, D), dtype=torch.float8_e4m3fn), src_TD.new_empty((A, 1), dtype=torch.float32),
+            src_TD.new_empty((A if copy else 0, D)),
+        )
 
     @torch.library.custom_op("torchtune_moe::swiglu_forward_fp8", mutates_args=())
     def _swiglu_forward_fp8_op(h_AF: Tensor, weights_A: Tensor, num_valid: Tensor, may_drop: bool) -> tuple[Tensor, Tensor]:
@@ -190,6 +204,23 @@ def gather_rows(
             num_valid, may_drop = index_A.new_zeros(1, dtype=torch.int32), False
         return _gather_rows_op(src_TD, index_A, num_valid, may_drop)
     return src_TD.index_select(0, index_A)
+
+
+def gather_rows_fp8(
+    src_TD: torch.Tensor, index_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool = False, copy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`gather_rows` straight into the fp8 rows of the next grouped GEMM (CUDA with Triton only: check
+    :func:`use_triton`): the bytes and scales of :func:`rowwise_fp8` of the gathered rows, without writing and
+    reading them back.
+
+    Args: as :func:`gather_rows`; ``copy``: also return the gathered rows (the weight gradient's operand).
+
+    Returns:
+        tuple: ``q_AD`` [A, D] float8_e4m3fn row-major (dropped rows: zeros), ``scale_A1`` [A, 1] fp32, and the
+        gathered rows [A, D] with ``copy`` (dropped rows unwritten), else None.
+    """
+    q_AD, scale_A1, copy_AD = _gather_rows_fp8_op(src_TD, index_A, num_valid, may_drop, copy)
+    return q_AD, scale_A1, copy_AD if copy else None
 
 
 def valid_rows(num_rows: int, num_valid: torch.Tensor) -> torch.Tensor:

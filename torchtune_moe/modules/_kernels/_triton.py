@@ -625,3 +625,73 @@ def swiglu_forward_fp8(h_AF, weights_A, num_valid, may_drop):
         num_warps=num_warps,
     )
     return q_AH, scale_A1
+
+
+@triton.jit
+def _gather_rows_fp8_kernel(
+    src_ptr, index_ptr, q_ptr, scale_ptr, copy_ptr, num_valid_ptr, A, stride_src, stride_q, stride_copy,
+    D: tl.constexpr, MAY_DROP: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr, FP8_MAX: tl.constexpr,
+    EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # _rowwise_fp8_kernel(_gather_rows_kernel(src)) without the [A, D] round trip (COPY: the gathered rows are
+    # written too, for the weight gradient). Dropped rows read as zero: their fp8 rows are zeros, copies unwritten.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in = rows < A
+    if MAY_DROP:
+        rows_ok = rows_in & (rows < tl.load(num_valid_ptr))
+    else:
+        rows_ok = rows_in
+    rows64 = rows.to(tl.int64)
+    src_rows = src_ptr + tl.load(index_ptr + rows, mask=rows_ok, other=0).to(tl.int64)[:, None] * stride_src
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK_D)
+        cols_in = cols < D
+        x = tl.load(src_rows + cols[None, :], mask=rows_ok[:, None] & cols_in[None, :], other=0.0)
+        if COPY:
+            tl.store(copy_ptr + rows64[:, None] * stride_copy + cols[None, :], x, mask=rows_ok[:, None] & cols_in[None, :])
+        x = x.to(tl.float32)
+        scale = _pow2_scale(tl.max(tl.abs(x), axis=1), FP8_MAX, EPS)
+        q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)
+        q_rows = q_ptr + rows64[:, None] * stride_q + cols[None, :]
+        tl.store(q_rows, q.to(q_ptr.dtype.element_ty), mask=rows_in[:, None] & cols_in[None, :])
+    else:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):  # pass 1: the row's amax (and the copy)
+            cols = start + tl.arange(0, BLOCK_D)
+            mask = rows_ok[:, None] & (cols < D)[None, :]
+            x = tl.load(src_rows + cols[None, :], mask=mask, other=0.0)
+            if COPY:
+                tl.store(copy_ptr + rows64[:, None] * stride_copy + cols[None, :], x, mask=mask)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        scale = _pow2_scale(amax, FP8_MAX, EPS)
+        for start in range(0, D, BLOCK_D):  # pass 2: scale, saturate, cast
+            cols = start + tl.arange(0, BLOCK_D)
+            cols_in = cols < D
+            x = tl.load(src_rows + cols[None, :], mask=rows_ok[:, None] & cols_in[None, :], other=0.0).to(tl.float32)
+            q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)
+            q_rows = q_ptr + rows64[:, None] * stride_q + cols[None, :]
+            tl.store(q_rows, q.to(q_ptr.dtype.element_ty), mask=rows_in[:, None] & cols_in[None, :])
+    tl.store(scale_ptr + rows, scale, mask=rows_in)
+
+
+def gather_rows_fp8(src_TD, index_A, num_valid, may_drop, copy):
+    """``src[index]`` [A, D] as fp8 rows and fp32 scales [A, 1] (``rowwise_fp8(gather_rows(src))``) in one kernel; with
+    ``copy`` also the gathered rows (else an empty [0, D])."""
+    src_TD = _rows_contiguous(src_TD)
+    A, D = index_A.shape[0], src_TD.shape[1]
+    q_AD = torch.empty((A, D), dtype=torch.float8_e4m3fn, device=src_TD.device)
+    scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=src_TD.device)
+    copy_AD = torch.empty((A if copy else 0, D), dtype=src_TD.dtype, device=src_TD.device)
+    BLOCK_D = triton.next_power_of_2(D)
+    one_tile = BLOCK_D <= 16384
+    if not one_tile:
+        BLOCK_D = 4096
+    BLOCK_M = max(1, 4096 // BLOCK_D)
+    num_warps = min(32, max(4, BLOCK_M * BLOCK_D // 512))
+    _gather_rows_fp8_kernel[(triton.cdiv(A, BLOCK_M),)](
+        src_TD, index_A.contiguous(), q_AD, scale_A1, copy_AD, num_valid, A, src_TD.stride(0), q_AD.stride(0),
+        copy_AD.stride(0) if copy else D,
+        D=D, MAY_DROP=may_drop, COPY=copy, ONE_TILE=one_tile, FP8_MAX=448.0, EPS=1e-12, BLOCK_M=BLOCK_M,
+        BLOCK_D=BLOCK_D, num_warps=num_warps,
+    )
+    return q_AD, scale_A1, copy_AD

@@ -322,7 +322,8 @@ def swiglu_backward_fp8(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`swiglu_backward` that also gives ``grad_h`` as fp8 rows, the bytes and scales of :func:`rowwise_fp8`
     of its ``grad_h_AF`` (CUDA with Triton only: check :func:`use_triton`), in the same kernel: the quantizer's
-    separate read of ``grad_h`` saved (the kernel reads back the rows it just wrote, from L2).
+    separate pass over ``grad_h`` saved (a first pass over ``h`` and ``grad_hs`` finds each row's amax; the
+    second reads them again, from L2 when few rows are in flight, and writes both).
 
     Returns:
         tuple: ``grad_h_AF``, ``grad_weights_A``, ``hs_AH`` as :func:`swiglu_backward`, then ``q_AF`` [A, 2H]

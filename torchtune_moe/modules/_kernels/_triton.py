@@ -39,14 +39,32 @@ def _swiglu_fwd_kernel(
 
 
 @triton.jit
+def _swiglu_bwd_tile(h_ptr, ghs_ptr, w, rows64, load_mask, cols, stride_h, stride_ghs, H: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of the SwiGLU backward in fp32: ``(grad_gate, grad_up, act, ghs)``."""
+    h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+    gate = tl.load(h_rows, mask=load_mask, other=0.0).to(tl.float32)
+    up = tl.load(h_rows + H, mask=load_mask, other=0.0).to(tl.float32)
+    ghs = tl.load(ghs_ptr + rows64[:, None] * stride_ghs + cols[None, :], mask=load_mask, other=0.0)
+    ghs = ghs.to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    act = silu * up
+    grad_act = ghs * w[:, None]
+    grad_up = grad_act * silu
+    grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
+    return grad_gate, grad_up, act, ghs
+
+
+@triton.jit
 def _swiglu_bwd_kernel(
     h_ptr, w_ptr, ghs_ptr, gh_ptr, gw_ptr, hs_ptr, q_ptr, q_scale_ptr, num_valid_ptr, A,
     stride_h, stride_ghs, stride_gh, stride_hs, stride_q,
     H: tl.constexpr, MAY_DROP: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # FP8: also grad_h rowwise in fp8 (q, one power-of-2 scale per row: _rowwise_fp8_kernel's values), the amax
-    # taken on the rounded grad_h as it is stored, the stored rows read back (from L2) once the amax is known.
+    # FP8: also grad_h rowwise in fp8 (q, one power-of-2 scale per row: _rowwise_fp8_kernel's values on grad_h as
+    # stored). A row's amax needs the whole row first: a first pass computes it (reading h and grad_hs, which the
+    # second pass then reads again, from L2 while few rows are in flight: one or a few rows per program).
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_in = rows < A
     if MAY_DROP:
@@ -55,47 +73,43 @@ def _swiglu_bwd_kernel(
         rows_ok = rows_in
     rows64 = rows.to(tl.int64)
     w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+    if FP8:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, H, BLOCK_N):  # pass 1: the amax of the row of grad_h, rounded as it is stored
+            cols = start + tl.arange(0, BLOCK_N)
+            load_mask = rows_ok[:, None] & (cols < H)[None, :]
+            grad_gate, grad_up, _, _ = _swiglu_bwd_tile(
+                h_ptr, ghs_ptr, w, rows64, load_mask, cols, stride_h, stride_ghs, H
+            )
+            amax_gate = tl.max(tl.abs(grad_gate.to(gh_ptr.dtype.element_ty).to(tl.float32)), axis=1)
+            amax_up = tl.max(tl.abs(grad_up.to(gh_ptr.dtype.element_ty).to(tl.float32)), axis=1)
+            amax = tl.maximum(amax, tl.maximum(amax_gate, amax_up))
+        scale = _pow2_scale(amax, FP8_MAX, EPS)
+        tl.store(q_scale_ptr + rows, scale, mask=rows_in)
     grad_w = tl.zeros([BLOCK_M], dtype=tl.float32)
-    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, H, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cols_in = cols < H
         load_mask = rows_ok[:, None] & cols_in[None, :]
         store_mask = load_mask  # dropped rows are left unwritten: no consumer reads them
-        h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
-        gate = tl.load(h_rows, mask=load_mask, other=0.0).to(tl.float32)
-        up = tl.load(h_rows + H, mask=load_mask, other=0.0).to(tl.float32)
-        ghs = tl.load(ghs_ptr + rows64[:, None] * stride_ghs + cols[None, :], mask=load_mask, other=0.0)
-        ghs = ghs.to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
-        act = silu * up
+        grad_gate, grad_up, act, ghs = _swiglu_bwd_tile(
+            h_ptr, ghs_ptr, w, rows64, load_mask, cols, stride_h, stride_ghs, H
+        )
         grad_w += tl.sum(ghs * act, axis=1)
-        grad_act = ghs * w[:, None]
-        grad_up = grad_act * silu
-        grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
-        gh_rows = gh_ptr + rows64[:, None] * stride_gh + cols[None, :]
         grad_gate = grad_gate.to(gh_ptr.dtype.element_ty)
         grad_up = grad_up.to(gh_ptr.dtype.element_ty)
+        gh_rows = gh_ptr + rows64[:, None] * stride_gh + cols[None, :]
         tl.store(gh_rows, grad_gate, mask=store_mask)
         tl.store(gh_rows + H, grad_up, mask=store_mask)
         hs_rows = hs_ptr + rows64[:, None] * stride_hs + cols[None, :]
         tl.store(hs_rows, (act * w[:, None]).to(hs_ptr.dtype.element_ty), mask=store_mask)
         if FP8:
-            amax_gate = tl.max(tl.abs(grad_gate.to(tl.float32)), axis=1)
-            amax = tl.maximum(amax, tl.maximum(amax_gate, tl.max(tl.abs(grad_up.to(tl.float32)), axis=1)))
+            q_gate = tl.clamp(grad_gate.to(tl.float32) * scale[:, None], -FP8_MAX, FP8_MAX)
+            q_up = tl.clamp(grad_up.to(tl.float32) * scale[:, None], -FP8_MAX, FP8_MAX)
+            q_rows = q_ptr + rows64[:, None] * stride_q + cols[None, :]
+            tl.store(q_rows, q_gate.to(q_ptr.dtype.element_ty), mask=store_mask)
+            tl.store(q_rows + H, q_up.to(q_ptr.dtype.element_ty), mask=store_mask)
     tl.store(gw_ptr + rows, grad_w, mask=rows_in)
-    if FP8:
-        scale = _pow2_scale(amax, FP8_MAX, EPS)
-        tl.store(q_scale_ptr + rows, scale, mask=rows_in)
-        # the stores above are visible to this program's loads after a barrier; .cg reads them from L2 (not L1)
-        tl.debug_barrier()
-        for start in range(0, 2 * H, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = rows_ok[:, None] & (cols < 2 * H)[None, :]
-            g = tl.load(gh_ptr + rows64[:, None] * stride_gh + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-            q = tl.clamp(g.to(tl.float32) * scale[:, None], -FP8_MAX, FP8_MAX)
-            tl.store(q_ptr + rows64[:, None] * stride_q + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -179,7 +193,7 @@ def swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, fp8=False)
     if fp8:
         q_AF = torch.empty((A, F2), dtype=torch.float8_e4m3fn, device=h_AF.device)
         q_scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=h_AF.device)
-        # one row per program at large H: fewer rows in flight, so that the read-back of grad_h hits L2
+        # one row per program at large H (16 warps): few rows in flight, so that the second pass finds them in L2
         BLOCK_N = min(4096, triton.next_power_of_2(H))
         BLOCK_M, num_warps = max(1, 4096 // BLOCK_N), 16
     else:

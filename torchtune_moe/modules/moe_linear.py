@@ -482,7 +482,9 @@ class _RoutedExperts(torch.autograd.Function):
     exactly as autograd's (``grouped_mm(a.t(), b, offs)`` for weight gradients). With ``gate_up_bias`` [E, 2H]
     (GPT-OSS), ``expert_A`` gives each row's expert: the bias is added to ``h_AF`` and its gradient is the sum of
     ``grad_h_AF`` over each expert's rows (dropped rows have zero gradient). ``gemm`` runs the six grouped GEMMs
-    (:data:`~torchtune_moe.modules._grouped_gemm.BF16`, torch's ``F.grouped_mm``; or fp8).
+    (:data:`~torchtune_moe.modules._grouped_gemm.BF16`, torch's ``F.grouped_mm``; or fp8). With fp8 GEMMs
+    (``gemm.fp8``) the gathers and the activation hand them their left operands already quantized (``Fp8Rows``: on
+    CUDA the gather and SwiGLU kernels write fp8 rows instead of bf16 rows for a separate quantizer pass).
     """
 
     @staticmethod

@@ -1,7 +1,8 @@
 """Triton kernels behind :mod:`torchtune_moe.modules._kernels` (CUDA only; same results as its torch code).
 
 All are memory-bound: each reads its inputs once and writes its outputs once, in 16-byte vectors,
-computing in fp32. With ``MAY_DROP``, rows at or past ``num_valid`` (dropped slots) are neither read nor
+computing in fp32 (the fp8 quantizers need a row's amax before writing it: they read a row twice unless it fits
+in one program's tile; the second read meant to come from L2). With ``MAY_DROP``, rows at or past ``num_valid`` (dropped slots) are neither read nor
 written, except the routing-weight gradient, which they get as zero.
 """
 

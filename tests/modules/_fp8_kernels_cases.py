@@ -1,7 +1,7 @@
 """The kernels that write fp8 rows (``_triton.swiglu_forward_fp8``, ``_triton.swiglu_backward(fp8=True)``,
-``_triton.gather_rows_fp8``) against the unfused kernels (or the plain gather) followed by the rowwise quantizer kernel, run by Triton's CPU interpreter
-(``TRITON_INTERPRET=1 python tests/modules/_fp8_kernels_cases.py``; test_fp8.py runs it in a subprocess: the
-interpreter must be chosen before Triton is imported).
+``_triton.gather_rows_fp8``) against the unfused kernels (or the plain gather) followed by the rowwise quantizer
+kernel, run by Triton's CPU interpreter (``TRITON_INTERPRET=1 python tests/modules/_fp8_kernels_cases.py``;
+test_fp8.py runs it in a subprocess: the interpreter must be chosen before Triton is imported).
 
 Both sides go through the interpreter's fp8 cast, which rounds differently from the GPU's: the fp8 bytes are
 compared between kernels (the same cast on both sides), the scales with our torch code exactly, the dequantized

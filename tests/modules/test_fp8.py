@@ -194,8 +194,8 @@ def test_fp8_rows_made_by_the_activation_change_nothing(router, bias, monkeypatc
 
 def test_swiglu_fp8_kernels_in_triton_interpreter():
     """The gather and SwiGLU kernels that write fp8 rows, run by Triton's CPU interpreter: the bytes and scales of
-    the rowwise quantizer kernel on the unfused kernels' outputs (tests/modules/_fp8_kernels_cases.py; bit for bit on the GPU
-    in test_fp8_gpu.py)."""
+    the rowwise quantizer kernel on the unfused kernels' outputs (tests/modules/_fp8_kernels_cases.py; bit for bit
+    on the GPU in test_fp8_gpu.py)."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)

@@ -322,8 +322,8 @@ def test_gather_rows_fp8_equals_rowwise_of_gather(D, may_drop):
 @pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
 def test_fp8_layer_fused_quantizers_change_nothing(router, monkeypatch):
     """The gather and SwiGLU kernels writing fp8 rows (Fp8GroupedGemm.fp8) against the seam quantizing bf16 rows
-    itself (the path before them): the same output and gradients, bit for bit (the routing weights' gradient: to fp32 rounding,
-    its row sums run in other tiles)."""
+    itself (the path before them): the same output and gradients, bit for bit (the routing weights' gradient: to
+    fp32 rounding, its row sums run in other tiles)."""
     torch.manual_seed(0)
     E, D, H, T = 8, 512, 1024, 1024
     layer = moe_layer(dim=D, moe_hidden_dim=H, num_experts=E, experts_per_token=2, router=router, expert_fp8=True)

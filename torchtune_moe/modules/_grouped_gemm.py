@@ -28,8 +28,9 @@ copy, a kernel of ours stands in, as listed):
 
 A left operand may come already quantized, as :class:`Fp8Rows` (the values of :func:`fp8_rows`): its producer
 wrote it in fp8 rather than writing bf16 rows for a separate quantizer pass (the dispatch gather and the SwiGLU
-kernels: :func:`~torchtune_moe.modules._kernels.gather_rows_fp8`, ``swiglu_forward_fp8``, ``swiglu_backward_fp8``). :attr:`Fp8GroupedGemm.fp8`
-tells the caller to make them (``GroupedGemm.fp8`` is False: the bf16 path takes plain rows).
+kernels: :func:`~torchtune_moe.modules._kernels.gather_rows_fp8`, ``swiglu_forward_fp8``,
+``swiglu_backward_fp8``). :attr:`Fp8GroupedGemm.fp8` tells the caller to make them (``GroupedGemm.fp8`` is
+False: the bf16 path takes plain rows).
 
 It needs every expert's row count to be a multiple of 16 (:func:`pad_offsets`; ``MoELinear.routed`` pads).
 ``Fp8GroupedGemm(emulate=True)`` quantizes exactly as the GPU path (the same scales and fp8 values: torch code

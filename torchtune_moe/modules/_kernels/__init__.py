@@ -87,7 +87,9 @@ if _HAS_TRITON:
         )
 
     @torch.library.custom_op("torchtune_moe::swiglu_forward_fp8", mutates_args=())
-    def _swiglu_forward_fp8_op(h_AF: Tensor, weights_A: Tensor, num_valid: Tensor, may_drop: bool) -> tuple[Tensor, Tensor]:
+    def _swiglu_forward_fp8_op(
+        h_AF: Tensor, weights_A: Tensor, num_valid: Tensor, may_drop: bool
+    ) -> tuple[Tensor, Tensor]:
         return _triton.swiglu_forward_fp8(h_AF, weights_A, num_valid, may_drop)
 
     @_swiglu_forward_fp8_op.register_fake

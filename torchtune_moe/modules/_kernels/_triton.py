@@ -1,9 +1,9 @@
 """Triton kernels behind :mod:`torchtune_moe.modules._kernels` (CUDA only; same results as its torch code).
 
-All are memory-bound: each reads its inputs once and writes its outputs once, in 16-byte vectors,
-computing in fp32 (the fp8 quantizers need a row's amax before writing it: they read a row twice unless it fits
-in one program's tile; the second read meant to come from L2). With ``MAY_DROP``, rows at or past ``num_valid`` (dropped slots) are neither read nor
-written, except the routing-weight gradient, which they get as zero.
+All are memory-bound: each reads its inputs once and writes its outputs once, in 16-byte vectors, computing in
+fp32 (the fp8 quantizers need a row's amax before writing it: they read a row twice unless it fits in one
+program's tile; the second read meant to come from L2). With ``MAY_DROP``, rows at or past ``num_valid`` (dropped
+slots) are neither read nor written, except the routing-weight gradient, which they get as zero.
 """
 
 import os
@@ -663,7 +663,8 @@ def _gather_rows_fp8_kernel(
         cols_in = cols < D
         x = tl.load(src_rows + cols[None, :], mask=rows_ok[:, None] & cols_in[None, :], other=0.0)
         if COPY:
-            tl.store(copy_ptr + rows64[:, None] * stride_copy + cols[None, :], x, mask=rows_ok[:, None] & cols_in[None, :])
+            copy_mask = rows_ok[:, None] & cols_in[None, :]
+            tl.store(copy_ptr + rows64[:, None] * stride_copy + cols[None, :], x, mask=copy_mask)
         x = x.to(tl.float32)
         scale = _pow2_scale(tl.max(tl.abs(x), axis=1), FP8_MAX, EPS)
         q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)

@@ -244,3 +244,97 @@ def test_fp8_padding_is_exact_with_bf16_gemms_on_gpu(monkeypatch):
         # bf16 GEMM tiles may round differently with the row count; a pad row leaking into a token would not
         tol = 2e-2 * b.float().abs().max().item()
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=tol)
+
+
+@pytest.mark.parametrize("H", [96, 1024, 14336, 17000])  # one tile per row (up to 16384), two passes beyond
+@pytest.mark.parametrize("may_drop", [False, True])
+def test_swiglu_fp8_kernels_equal_rowwise_of_unfused(H, may_drop):
+    """The SwiGLU kernels that write fp8 rows: the bytes and scales of rowwise_fp8 of the bf16 outputs of the unfused
+    kernels (forward hs, backward grad_h), and of our torch code; the backward's other outputs unchanged."""
+    from torchtune_moe.modules import _kernels
+
+    torch.manual_seed(0)
+    A = 67
+    num_valid = torch.tensor([A - 9 if may_drop else A], dtype=torch.int32, device="cuda")
+    nv = int(num_valid)
+    h = (torch.randn(A, 2 * H, device="cuda") * torch.logspace(-3, 2, A, device="cuda").unsqueeze(-1)).bfloat16()
+    h[4] = 0  # a zero row (the padding)
+    w = torch.rand(A, device="cuda")
+    w[5] = 0  # a zero weight (a pad row)
+    ghs = (torch.randn(A, H, device="cuda") * torch.logspace(-4, 1, A, device="cuda").unsqueeze(-1)).bfloat16()
+    q, s = _kernels.swiglu_forward_fp8(h, w, num_valid, may_drop)
+    assert q.dtype == FP8 and q.shape == (A, H) and q.is_contiguous() and s.shape == (A, 1)
+    q_u, s_u = _kernels.rowwise_fp8(_kernels.swiglu_forward(h, w, num_valid, may_drop))
+    assert torch.equal(s[:nv], s_u[:nv])
+    assert torch.equal(q[:nv].view(torch.uint8), q_u[:nv].view(torch.uint8))
+    assert (q[nv:].float() == 0).all()  # dropped rows read as zero
+    q_t, s_t = gg.rowwise_fp8_torch(_kernels.swiglu_forward(h.cpu(), w.cpu(), num_valid.cpu(), may_drop), -1)
+    assert torch.equal(s[:nv].cpu(), s_t[:nv])
+    assert (q[:nv].view(torch.uint8).cpu() != q_t[:nv].view(torch.uint8)).float().mean() < 1e-3  # sigmoid ulps
+
+    gh, gw, hs, q8, s8 = _kernels.swiglu_backward_fp8(h, w, ghs, num_valid, may_drop)
+    gh0, gw0, hs0 = _kernels.swiglu_backward(h, w, ghs, num_valid, may_drop)
+    assert torch.equal(gh[:nv], gh0[:nv]) and torch.equal(hs[:nv], hs0[:nv])
+    torch.testing.assert_close(gw, gw0, rtol=1e-5, atol=1e-7)  # the row sum in other tiles: fp32 rounding
+    assert q8.dtype == FP8 and q8.shape == (A, 2 * H) and q8.is_contiguous() and s8.shape == (A, 1)
+    q8_u, s8_u = _kernels.rowwise_fp8(gh)
+    assert torch.equal(s8[:nv], s8_u[:nv])
+    assert torch.equal(q8[:nv].view(torch.uint8), q8_u[:nv].view(torch.uint8))
+    for op, args in ((_kernels._swiglu_forward_fp8_op, (h, w, num_valid, may_drop)),
+                     (_kernels._swiglu_backward_fp8_op, (h, w, ghs, num_valid, may_drop))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("D", [96, 2048, 4096, 16400])  # one tile per row (up to 16384), two passes beyond
+@pytest.mark.parametrize("may_drop", [False, True])
+def test_gather_rows_fp8_equals_rowwise_of_gather(D, may_drop):
+    """The dispatch gather writing fp8 rows: the bytes and scales of rowwise_fp8 of the gathered rows (and of our
+    torch code); with copy, the gathered rows too."""
+    from torchtune_moe.modules import _kernels
+
+    torch.manual_seed(0)
+    T, A = 53, 131
+    src = (torch.randn(T, D, device="cuda") * torch.logspace(-3, 3, T, device="cuda").unsqueeze(-1)).bfloat16()
+    src[1] = 0
+    index = torch.randint(0, T, (A,), device="cuda")
+    index[0] = 1  # a zero row
+    num_valid = torch.tensor([A - 7 if may_drop else A], dtype=torch.int32, device="cuda")
+    nv = int(num_valid)
+    rows = _kernels.gather_rows(src, index, num_valid, may_drop)
+    q_u, s_u = _kernels.rowwise_fp8(rows)
+    q_t, s_t = gg.rowwise_fp8_torch(src.cpu()[index.cpu()], -1)
+    for copy in (False, True):
+        q, s, got_rows = _kernels.gather_rows_fp8(src, index, num_valid, may_drop, copy=copy)
+        assert q.dtype == FP8 and q.shape == (A, D) and q.is_contiguous() and s.shape == (A, 1)
+        assert torch.equal(s[:nv], s_u[:nv]) and torch.equal(s[:nv].cpu(), s_t[:nv])
+        assert torch.equal(q[:nv].view(torch.uint8), q_u[:nv].view(torch.uint8))
+        assert torch.equal(q[:nv].view(torch.uint8).cpu(), q_t[:nv].view(torch.uint8))
+        assert (q[nv:].float() == 0).all()  # dropped rows read as zero
+        assert (got_rows is not None) == copy
+        if copy:
+            assert torch.equal(got_rows[:nv], rows[:nv])
+        torch.library.opcheck(
+            _kernels._gather_rows_fp8_op, (src, index, num_valid, may_drop, copy),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_fp8_layer_fused_quantizers_change_nothing(router, monkeypatch):
+    """The gather and SwiGLU kernels writing fp8 rows (Fp8GroupedGemm.fp8) against the seam quantizing bf16 rows
+    itself (the path before them): the same output and gradients, bit for bit (the routing weights' gradient: to
+    fp32 rounding, its row sums run in other tiles)."""
+    torch.manual_seed(0)
+    E, D, H, T = 8, 512, 1024, 1024
+    layer = moe_layer(dim=D, moe_hidden_dim=H, num_experts=E, experts_per_token=2, router=router, expert_fp8=True)
+    x_cpu = torch.randn(T, D).bfloat16()
+    _, routing = _routed_inputs(layer, x_cpu, layer.router)
+    experts, x = layer.experts.to("cuda", torch.bfloat16), x_cpu.cuda()
+    fused = _run(experts, x, routing)
+    monkeypatch.setattr(gg.Fp8GroupedGemm, "fp8", False)
+    unfused = _run(experts, x, routing)
+    for name, a, b in zip(["out", "grad_x", "grad_gate_up", "grad_down", "grad_weights"], fused, unfused):
+        if name == "grad_weights":
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b), name

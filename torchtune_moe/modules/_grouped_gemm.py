@@ -26,12 +26,6 @@ copy, a kernel of ours stands in, as listed):
   the values of torchao's ``tensor_to_scale`` + ``to_fp8_saturated`` (and of
   ``triton_fp8_rowwise_3d_transpose_rhs(w)``, which reads ``w`` twice).
 
-A left operand may come already quantized, as :class:`Fp8Rows` (the values of :func:`fp8_rows`): its producer
-wrote it in fp8 rather than writing bf16 rows for a separate quantizer pass (the dispatch gather and the SwiGLU
-kernels: :func:`~torchtune_moe.modules._kernels.gather_rows_fp8`, ``swiglu_forward_fp8``,
-``swiglu_backward_fp8``). :attr:`Fp8GroupedGemm.fp8` tells the caller to make them (``GroupedGemm.fp8`` is
-False: the bf16 path takes plain rows).
-
 It needs every expert's row count to be a multiple of 16 (:func:`pad_offsets`; ``MoELinear.routed`` pads).
 ``Fp8GroupedGemm(emulate=True)`` quantizes exactly as the GPU path (the same scales and fp8 values: torch code
 for the two Triton kernels, see :func:`per_group_colwise_fp8` and :func:`transpose_rhs_fp8`), dequantizes and
@@ -39,7 +33,6 @@ multiplies with ``F.grouped_mm`` in fp32: it runs on CPU, for tests.
 """
 
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +41,7 @@ from torchao.float8.float8_utils import amax_to_scale, tensor_to_scale, to_fp8_s
 
 from torchtune_moe.modules import _kernels
 
-__all__ = ["GroupedGemm", "BF16", "Fp8GroupedGemm", "Fp8Rows", "fp8_rows", "FP8_ALIGN", "pad_offsets"]
+__all__ = ["GroupedGemm", "BF16", "Fp8GroupedGemm", "FP8_ALIGN", "pad_offsets"]
 
 #: Rows per expert must be a multiple of this for the fp8 grouped GEMMs (as torchtitan pads token groups).
 FP8_ALIGN = 16
@@ -57,9 +50,6 @@ _FP8 = torch.float8_e4m3fn
 
 class GroupedGemm:
     """bf16 (any dtype): torch's grouped GEMM, exactly as autograd runs it."""
-
-    #: Whether the left operands of :meth:`forward` and :meth:`input_grad` may be :class:`Fp8Rows` (no: plain rows).
-    fp8: ClassVar[bool] = False
 
     @staticmethod
     def forward(a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -100,20 +90,6 @@ def rowwise_fp8_torch(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Te
         t, _FP8, scaling_granularity=ScalingGranularity.AXISWISE, axiswise_dim=dim, round_scales_to_power_of_2=True
     )
     return to_fp8_saturated(t.to(torch.float32) * scale, _FP8), scale
-
-
-class Fp8Rows(NamedTuple):
-    """Rows already quantized for the left operand of :meth:`Fp8GroupedGemm.forward` / ``input_grad``: the values of
-    :func:`fp8_rows`."""
-
-    data: torch.Tensor  #: [A, K] float8_e4m3fn, row-major
-    scale: torch.Tensor  #: [A, 1] fp32, one power-of-2 scale per row
-    dtype: torch.dtype  #: the dtype of the rows they stand for (the GEMM's output dtype)
-
-
-def fp8_rows(t_AK: torch.Tensor) -> Fp8Rows:
-    """The rows of ``t_AK`` [A, K] quantized as the fp8 GEMMs quantize their left operand (:func:`rowwise_fp8`)."""
-    return Fp8Rows(*rowwise_fp8(t_AK, dim=-1), t_AK.dtype)
 
 
 def _row_groups(offsets_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,20 +155,15 @@ class Fp8GroupedGemm:
     """
 
     emulate: bool = False
-    #: The left operands of :meth:`forward` and :meth:`input_grad` may be :class:`Fp8Rows` (quantized already).
-    fp8: ClassVar[bool] = True
 
-    def forward(
-        self, a_AK: Union[torch.Tensor, Fp8Rows], w_ENK: torch.Tensor, offsets_E: torch.Tensor
-    ) -> torch.Tensor:
-        """``a_AK @ w_ENK[e]^T`` per expert, in fp8: a per row (given as :class:`Fp8Rows`, or quantized here), w per
-        output row n."""
-        a8_AK, a_scale_A1, dtype = a_AK if isinstance(a_AK, Fp8Rows) else fp8_rows(a_AK)
+    def forward(self, a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """``a_AK @ w_ENK[e]^T`` per expert, in fp8: a per row, w per output row n."""
+        a8_AK, a_scale_A1 = rowwise_fp8(a_AK, dim=-1)
         if self.emulate:
             w8_EKN, w_scale_EN = transpose_rhs_fp8(w_ENK)
             a_AK32 = a8_AK.float() / a_scale_A1
             w_EKN32 = w8_EKN.float() / w_scale_EN.unsqueeze(1)
-            return F.grouped_mm(a_AK32, w_EKN32, offs=offsets_E).to(dtype)
+            return F.grouped_mm(a_AK32, w_EKN32, offs=offsets_E).to(a_AK.dtype)
         # torchao's _Float8GroupedMM quantizes the forward's weight with tensor_to_scale (several passes in eager).
         # w^T column-major with one scale per n is w's own layout scaled per row: the rows of w [E * N, K] through
         # our one-pass kernel, the values of triton_fp8_rowwise_3d_transpose_rhs(w_ENK) without its second read.
@@ -203,19 +174,16 @@ class Fp8GroupedGemm:
             a8_AK, w8_EKN, a_scale_A1.squeeze(-1).reciprocal(), w_scale_EN.reciprocal(), offsets_E,
             out_dtype=torch.bfloat16, use_fast_accum=True,
         )
-        return out.to(dtype)
+        return out.to(a_AK.dtype)
 
-    def input_grad(
-        self, g_AN: Union[torch.Tensor, Fp8Rows], w_ENK: torch.Tensor, offsets_E: torch.Tensor
-    ) -> torch.Tensor:
-        """``g_AN @ w_ENK[e]`` per expert, in fp8: g per row (given as :class:`Fp8Rows`, or quantized here), w per
-        column k (within each expert)."""
-        g8_AN, g_scale_A1, dtype = g_AN if isinstance(g_AN, Fp8Rows) else fp8_rows(g_AN)
+    def input_grad(self, g_AN: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """``g_AN @ w_ENK[e]`` per expert, in fp8: g per row, w per column k (within each expert)."""
+        g8_AN, g_scale_A1 = rowwise_fp8(g_AN, dim=-1)
         if self.emulate:
             w8_ENK, w_scale_EK = transpose_rhs_fp8(w_ENK.transpose(-2, -1))
             g_AN32 = g8_AN.float() / g_scale_A1
             w_ENK32 = w8_ENK.float() / w_scale_EK.unsqueeze(1)
-            return F.grouped_mm(g_AN32, w_ENK32, offs=offsets_E).to(dtype)
+            return F.grouped_mm(g_AN32, w_ENK32, offs=offsets_E).to(g_AN.dtype)
         from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_3d_transpose_rhs
 
         w8_ENK, w_scale_EK = triton_fp8_rowwise_3d_transpose_rhs(
@@ -225,7 +193,7 @@ class Fp8GroupedGemm:
             g8_AN, w8_ENK, g_scale_A1.squeeze(-1).reciprocal(), w_scale_EK.reciprocal(), offsets_E,
             out_dtype=torch.bfloat16, use_fast_accum=True,
         )
-        return out.to(dtype)
+        return out.to(g_AN.dtype)
 
     def weight_grad(self, g_AN: torch.Tensor, a_AK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """``g_AN^T @ a_AK`` over each expert's rows, in fp8: both scaled per column within each expert."""

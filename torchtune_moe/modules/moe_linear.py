@@ -10,9 +10,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtune_moe.modules import _kernels
-from torchtune_moe.modules._grouped_gemm import (
-    BF16, FP8_ALIGN, Fp8GroupedGemm, Fp8Rows, GroupedGemm, fp8_rows, pad_offsets,
-)
+from torchtune_moe.modules._grouped_gemm import BF16, FP8_ALIGN, Fp8GroupedGemm, GroupedGemm, pad_offsets
 from torchtune_moe.modules.dispatch import dispatch_combine
 from torchtune_moe.modules.routers import RouterOutput
 
@@ -363,37 +361,18 @@ def _bias_grad(
     return grad_EF.index_add_(0, expert_A, grad_A_F).to(dtype)
 
 
-def _gather_rows(
-    src_TD: torch.Tensor, rows_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool, fp8: bool, keep: bool
-) -> tuple[Optional[torch.Tensor], torch.Tensor | Fp8Rows]:
-    """The dispatch gather ``src[rows]`` as the left operand of a grouped GEMM: ``(rows_AD, operand)``. With ``fp8``
-    on CUDA one kernel writes the operand's fp8 rows (:func:`_kernels.gather_rows_fp8`, the values the seam's
-    quantizer would give) and the bf16 rows only with ``keep`` (else None); otherwise both are the gathered rows."""
-    if fp8 and _kernels.use_triton(src_TD):
-        q_AD, scale_A1, rows_AD = _kernels.gather_rows_fp8(src_TD, rows_A, num_valid, may_drop, copy=keep)
-        return rows_AD, Fp8Rows(q_AD, scale_A1, src_TD.dtype)
-    rows_AD = _kernels.gather_rows(src_TD, rows_A, num_valid, may_drop)
-    return rows_AD, rows_AD
-
-
 def _activate(
-    h_AF: torch.Tensor, weights_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool, act, gated: bool,
-    fp8: bool = False,
-) -> torch.Tensor | Fp8Rows:
-    """``act(gate) * up * w`` (or ``act(h) * w``) per row, in fp32, stored in ``h``'s dtype; with ``fp8``, those
-    rows quantized for the fp8 GEMM (:func:`~torchtune_moe.modules._grouped_gemm.fp8_rows`; SwiGLU on CUDA writes
-    them directly, the same bytes)."""
+    h_AF: torch.Tensor, weights_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool, act, gated: bool
+) -> torch.Tensor:
+    """``act(gate) * up * w`` (or ``act(h) * w``) per row, in fp32, stored in ``h``'s dtype."""
     if gated and act is F.silu:
-        if fp8 and _kernels.use_triton(h_AF):
-            return Fp8Rows(*_kernels.swiglu_forward_fp8(h_AF, weights_A, num_valid, may_drop), h_AF.dtype)
-        hs_AH = _kernels.swiglu_forward(h_AF, weights_A, num_valid, may_drop)
-    else:
-        h32_AF = h_AF.float()
-        act_AH = _glu(h32_AF, act) if gated else act(h32_AF)
-        hs_AH = (act_AH * weights_A.float().unsqueeze(-1)).to(h_AF.dtype)
-        if may_drop:
-            hs_AH = torch.where(_kernels.valid_rows(h_AF.shape[0], num_valid), hs_AH, 0)
-    return fp8_rows(hs_AH) if fp8 else hs_AH
+        return _kernels.swiglu_forward(h_AF, weights_A, num_valid, may_drop)
+    h32_AF = h_AF.float()
+    act_AH = _glu(h32_AF, act) if gated else act(h32_AF)
+    hs_AH = (act_AH * weights_A.float().unsqueeze(-1)).to(h_AF.dtype)
+    if may_drop:
+        hs_AH = torch.where(_kernels.valid_rows(h_AF.shape[0], num_valid), hs_AH, 0)
+    return hs_AH
 
 
 def _activate_backward(
@@ -419,29 +398,6 @@ def _activate_backward(
         hs_AH = _activate(h_AF, w_A, num_valid, may_drop, act, gated)
         grad_h_AF, grad_w_A = torch.autograd.grad(hs_AH, (h_AF, w_A), grad_hs_AH)
     return grad_h_AF, grad_w_A, hs_AH.detach()
-
-
-def _activate_backward_gemm(
-    h_AF: torch.Tensor,
-    weights_A: torch.Tensor,
-    grad_hs_AH: torch.Tensor,
-    num_valid: torch.Tensor,
-    may_drop: bool,
-    act,
-    gated: bool,
-    fp8: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows, torch.Tensor, torch.Tensor]:
-    """:func:`_activate_backward` for the routed experts' GEMMs:
-    ``(grad_h_AF, grad_h_rows, grad_weights_A, hs_AH)``, ``grad_h_rows`` the left operand of the input gradient's
-    GEMM: ``grad_h_AF`` itself, or with ``fp8`` its rows quantized
-    (:func:`~torchtune_moe.modules._grouped_gemm.fp8_rows`; by the SwiGLU kernel itself on CUDA, the same bytes)."""
-    if gated and act is F.silu and fp8 and _kernels.use_triton(h_AF):
-        grad_h_AF, grad_w_A, hs_AH, q_AF, scale_A1 = _kernels.swiglu_backward_fp8(
-            h_AF, weights_A, grad_hs_AH, num_valid, may_drop
-        )
-        return grad_h_AF, Fp8Rows(q_AF, scale_A1, grad_h_AF.dtype), grad_w_A, hs_AH
-    grad_h_AF, grad_w_A, hs_AH = _activate_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, act, gated)
-    return grad_h_AF, fp8_rows(grad_h_AF) if fp8 else grad_h_AF, grad_w_A, hs_AH
 
 
 def token_segments(
@@ -493,9 +449,7 @@ class _RoutedExperts(torch.autograd.Function):
     exactly as autograd's (``grouped_mm(a.t(), b, offs)`` for weight gradients). With ``gate_up_bias`` [E, 2H]
     (GPT-OSS), ``expert_A`` gives each row's expert: the bias is added to ``h_AF`` and its gradient is the sum of
     ``grad_h_AF`` over each expert's rows (dropped rows have zero gradient). ``gemm`` runs the six grouped GEMMs
-    (:data:`~torchtune_moe.modules._grouped_gemm.BF16`, torch's ``F.grouped_mm``; or fp8). With fp8 GEMMs
-    (``gemm.fp8``) the gathers and the activation hand them their left operands already quantized (``Fp8Rows``: on
-    CUDA the gather and SwiGLU kernels write fp8 rows instead of bf16 rows for a separate quantizer pass).
+    (:data:`~torchtune_moe.modules._grouped_gemm.BF16`, torch's ``F.grouped_mm``; or fp8).
     """
 
     @staticmethod
@@ -504,12 +458,11 @@ class _RoutedExperts(torch.autograd.Function):
         act, gated, gate_up_bias=None, expert_A=None, gemm: GroupedGemm = BF16,
     ):
         num_valid = offsets_E[-1:]
-        _, x_rows = _gather_rows(x_TD, rows_A, num_valid, may_drop, fp8=gemm.fp8, keep=False)
-        h_AF = gemm.forward(x_rows, gate_up_proj, offsets_E)
-        del x_rows
+        x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, may_drop)
+        h_AF = gemm.forward(x_AD, gate_up_proj, offsets_E)
         if gate_up_bias is not None:
             h_AF = h_AF + gate_up_bias[expert_A]
-        hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated, fp8=gemm.fp8)
+        hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
         y_AD = gemm.forward(hs_AH, down_proj, offsets_E)
         out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
@@ -526,24 +479,19 @@ class _RoutedExperts(torch.autograd.Function):
         )
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
         num_valid = offsets_E[-1:]
-        grad_y_AD, grad_y_rows = _gather_rows(
-            grad_out_TD, rows_A, num_valid, ctx.may_drop, fp8=ctx.gemm.fp8, keep=need_down
-        )
-        grad_hs_AH = ctx.gemm.input_grad(grad_y_rows, down_proj, offsets_E)
-        del grad_y_rows
-        # grad_h_rows: grad_h_AF, or its fp8 rows when the GEMMs take them (the input gradient's left operand)
-        grad_h_AF, grad_h_rows, grad_w_A, hs_AH = _activate_backward_gemm(
-            h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated, fp8=ctx.gemm.fp8 and need_x
+        grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A, num_valid, ctx.may_drop)
+        grad_hs_AH = ctx.gemm.input_grad(grad_y_AD, down_proj, offsets_E)
+        grad_h_AF, grad_w_A, hs_AH = _activate_backward(
+            h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
         )
         del grad_hs_AH
         grad_down = ctx.gemm.weight_grad(grad_y_AD, hs_AH, offsets_E) if need_down else None
         del grad_y_AD, hs_AH
         grad_x_TD = grad_gate_up = None
         if need_x:
-            grad_x_AD = ctx.gemm.input_grad(grad_h_rows, gate_up_proj, offsets_E)
+            grad_x_AD = ctx.gemm.input_grad(grad_h_AF, gate_up_proj, offsets_E)
             grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, ctx.may_drop)
             del grad_x_AD
-        del grad_h_rows
         if need_gate_up:
             x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, ctx.may_drop)
             grad_gate_up = ctx.gemm.weight_grad(grad_h_AF, x_AD, offsets_E)

@@ -33,7 +33,6 @@ __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
     "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported", "rowwise_fp8", "per_group_colwise_fp8",
     "swiglu_lora_forward", "swiglu_lora_backward", "swiglu_lora_supported",
-    "swiglu_forward_fp8", "swiglu_backward_fp8", "gather_rows_fp8",
 ]
 
 
@@ -72,45 +71,6 @@ if _HAS_TRITON:
     def _(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
         A, F2 = h_AF.shape
         return h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2))
-
-    @torch.library.custom_op("torchtune_moe::gather_rows_fp8", mutates_args=())
-    def _gather_rows_fp8_op(
-        src_TD: Tensor, index_A: Tensor, num_valid: Tensor, may_drop: bool, copy: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return _triton.gather_rows_fp8(src_TD, index_A, num_valid, may_drop, copy)
-
-    @_gather_rows_fp8_op.register_fake
-    def _(src_TD, index_A, num_valid, may_drop, copy):
-        A, D = index_A.shape[0], src_TD.shape[1]
-        return (
-            src_TD.new_empty((A, D), dtype=torch.float8_e4m3fn), src_TD.new_empty((A, 1), dtype=torch.float32),
-            src_TD.new_empty((A if copy else 0, D)),
-        )
-
-    @torch.library.custom_op("torchtune_moe::swiglu_forward_fp8", mutates_args=())
-    def _swiglu_forward_fp8_op(
-        h_AF: Tensor, weights_A: Tensor, num_valid: Tensor, may_drop: bool
-    ) -> tuple[Tensor, Tensor]:
-        return _triton.swiglu_forward_fp8(h_AF, weights_A, num_valid, may_drop)
-
-    @_swiglu_forward_fp8_op.register_fake
-    def _(h_AF, weights_A, num_valid, may_drop):
-        A, H = h_AF.shape[0], h_AF.shape[1] // 2
-        return h_AF.new_empty((A, H), dtype=torch.float8_e4m3fn), h_AF.new_empty((A, 1), dtype=torch.float32)
-
-    @torch.library.custom_op("torchtune_moe::swiglu_backward_fp8", mutates_args=())
-    def _swiglu_backward_fp8_op(
-        h_AF: Tensor, weights_A: Tensor, grad_hs_AH: Tensor, num_valid: Tensor, may_drop: bool
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return _triton.swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, fp8=True)
-
-    @_swiglu_backward_fp8_op.register_fake
-    def _(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
-        A, F2 = h_AF.shape
-        return (
-            h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2)),
-            h_AF.new_empty((A, F2), dtype=torch.float8_e4m3fn), h_AF.new_empty((A, 1), dtype=torch.float32),
-        )
 
     @torch.library.custom_op("torchtune_moe::gather_sum", mutates_args=())
     def _gather_sum_op(src_AD: Tensor, index_TK: Tensor, num_valid: Tensor, may_drop: bool) -> Tensor:
@@ -231,23 +191,6 @@ def gather_rows(
     return src_TD.index_select(0, index_A)
 
 
-def gather_rows_fp8(
-    src_TD: torch.Tensor, index_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool = False, copy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """:func:`gather_rows` straight into the fp8 rows of the next grouped GEMM (CUDA with Triton only: check
-    :func:`use_triton`): the bytes and scales of :func:`rowwise_fp8` of the gathered rows, without writing and
-    reading them back.
-
-    Args: as :func:`gather_rows`; ``copy``: also return the gathered rows (the weight gradient's operand).
-
-    Returns:
-        tuple: ``q_AD`` [A, D] float8_e4m3fn row-major (dropped rows: zeros), ``scale_A1`` [A, 1] fp32, and the
-        gathered rows [A, D] with ``copy`` (dropped rows unwritten), else None.
-    """
-    q_AD, scale_A1, copy_AD = _gather_rows_fp8_op(src_TD, index_A, num_valid, may_drop, copy)
-    return q_AD, scale_A1, copy_AD if copy else None
-
-
 def valid_rows(num_rows: int, num_valid: torch.Tensor) -> torch.Tensor:
     """[num_rows, 1] bool: rows before ``num_valid`` (a 1-element tensor), i.e. not dropped slots."""
     return (torch.arange(num_rows, device=num_valid.device) < num_valid).unsqueeze(-1)
@@ -321,40 +264,6 @@ def swiglu_backward(
         hs_AH = torch.where(valid_A1, hs_AH, 0)
         grad_w_A = torch.where(valid_A1.squeeze(-1), grad_w_A, 0)
     return grad_h_AF, grad_w_A, hs_AH
-
-
-def swiglu_forward_fp8(
-    h_AF: torch.Tensor, weights_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`swiglu_forward` straight into the fp8 rows of the next grouped GEMM (CUDA with Triton only: check
-    :func:`use_triton`): the bytes and scales of :func:`rowwise_fp8` of its output (``hs`` rounded to ``h``'s dtype,
-    then quantized), without writing and reading back ``hs``.
-
-    Args: as :func:`swiglu_forward` (dropped rows read as zero: their fp8 rows are zeros).
-
-    Returns:
-        tuple: ``q_AH`` [A, H] float8_e4m3fn row-major and ``scale_A1`` [A, 1] fp32 (power-of-2 per row).
-    """
-    return _swiglu_forward_fp8_op(h_AF, weights_A, num_valid, may_drop)
-
-
-def swiglu_backward_fp8(
-    h_AF: torch.Tensor,
-    weights_A: torch.Tensor,
-    grad_hs_AH: torch.Tensor,
-    num_valid: torch.Tensor,
-    may_drop: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`swiglu_backward` that also gives ``grad_h`` as fp8 rows, the bytes and scales of :func:`rowwise_fp8`
-    of its ``grad_h_AF`` (CUDA with Triton only: check :func:`use_triton`), in the same kernel: the quantizer's
-    separate pass over ``grad_h`` saved (a first pass over ``h`` and ``grad_hs`` finds each row's amax; the
-    second reads them again, from L2 when few rows are in flight, and writes both).
-
-    Returns:
-        tuple: ``grad_h_AF``, ``grad_weights_A``, ``hs_AH`` as :func:`swiglu_backward`, then ``q_AF`` [A, 2H]
-        float8_e4m3fn row-major and ``scale_A1`` [A, 1] fp32 (dropped rows: unspecified, as ``grad_h_AF``'s).
-    """
-    return _swiglu_backward_fp8_op(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
 
 
 def gather_sum(

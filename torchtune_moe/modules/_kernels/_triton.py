@@ -1,9 +1,8 @@
 """Triton kernels behind :mod:`torchtune_moe.modules._kernels` (CUDA only; same results as its torch code).
 
-All are memory-bound: each reads its inputs once and writes its outputs once, in 16-byte vectors, computing in
-fp32 (the fp8 quantizers need a row's amax before writing it: they read a row twice unless it fits in one
-program's tile; the second read meant to come from L2). With ``MAY_DROP``, rows at or past ``num_valid`` (dropped
-slots) are neither read nor written, except the routing-weight gradient, which they get as zero.
+All are memory-bound: each reads its inputs once and writes its outputs once, in 16-byte vectors,
+computing in fp32. With ``MAY_DROP``, rows at or past ``num_valid`` (dropped slots) are neither read nor
+written, except the routing-weight gradient, which they get as zero.
 """
 
 import os
@@ -40,32 +39,11 @@ def _swiglu_fwd_kernel(
 
 
 @triton.jit
-def _swiglu_bwd_tile(h_ptr, ghs_ptr, w, rows64, load_mask, cols, stride_h, stride_ghs, H: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of the SwiGLU backward in fp32: ``(grad_gate, grad_up, act, ghs)``."""
-    h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
-    gate = tl.load(h_rows, mask=load_mask, other=0.0).to(tl.float32)
-    up = tl.load(h_rows + H, mask=load_mask, other=0.0).to(tl.float32)
-    ghs = tl.load(ghs_ptr + rows64[:, None] * stride_ghs + cols[None, :], mask=load_mask, other=0.0)
-    ghs = ghs.to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    act = silu * up
-    grad_act = ghs * w[:, None]
-    grad_up = grad_act * silu
-    grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
-    return grad_gate, grad_up, act, ghs
-
-
-@triton.jit
 def _swiglu_bwd_kernel(
-    h_ptr, w_ptr, ghs_ptr, gh_ptr, gw_ptr, hs_ptr, q_ptr, q_scale_ptr, num_valid_ptr, A,
-    stride_h, stride_ghs, stride_gh, stride_hs, stride_q,
-    H: tl.constexpr, MAY_DROP: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    h_ptr, w_ptr, ghs_ptr, gh_ptr, gw_ptr, hs_ptr, num_valid_ptr, A,
+    stride_h, stride_ghs, stride_gh, stride_hs,
+    H: tl.constexpr, MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # FP8: also grad_h rowwise in fp8 (q, one power-of-2 scale per row: _rowwise_fp8_kernel's values on grad_h as
-    # stored). A row's amax needs the whole row first: a first pass computes it (reading h and grad_hs, which the
-    # second pass then reads again, from L2 while few rows are in flight: one or a few rows per program).
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_in = rows < A
     if MAY_DROP:
@@ -74,42 +52,29 @@ def _swiglu_bwd_kernel(
         rows_ok = rows_in
     rows64 = rows.to(tl.int64)
     w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
-    if FP8:
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start in range(0, H, BLOCK_N):  # pass 1: the amax of the row of grad_h, rounded as it is stored
-            cols = start + tl.arange(0, BLOCK_N)
-            load_mask = rows_ok[:, None] & (cols < H)[None, :]
-            grad_gate, grad_up, _, _ = _swiglu_bwd_tile(
-                h_ptr, ghs_ptr, w, rows64, load_mask, cols, stride_h, stride_ghs, H
-            )
-            amax_gate = tl.max(tl.abs(grad_gate.to(gh_ptr.dtype.element_ty).to(tl.float32)), axis=1)
-            amax_up = tl.max(tl.abs(grad_up.to(gh_ptr.dtype.element_ty).to(tl.float32)), axis=1)
-            amax = tl.maximum(amax, tl.maximum(amax_gate, amax_up))
-        scale = _pow2_scale(amax, FP8_MAX, EPS)
-        tl.store(q_scale_ptr + rows, scale, mask=rows_in)
     grad_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, H, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cols_in = cols < H
         load_mask = rows_ok[:, None] & cols_in[None, :]
         store_mask = load_mask  # dropped rows are left unwritten: no consumer reads them
-        grad_gate, grad_up, act, ghs = _swiglu_bwd_tile(
-            h_ptr, ghs_ptr, w, rows64, load_mask, cols, stride_h, stride_ghs, H
-        )
+        h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+        gate = tl.load(h_rows, mask=load_mask, other=0.0).to(tl.float32)
+        up = tl.load(h_rows + H, mask=load_mask, other=0.0).to(tl.float32)
+        ghs = tl.load(ghs_ptr + rows64[:, None] * stride_ghs + cols[None, :], mask=load_mask, other=0.0)
+        ghs = ghs.to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        act = silu * up
         grad_w += tl.sum(ghs * act, axis=1)
-        grad_gate = grad_gate.to(gh_ptr.dtype.element_ty)
-        grad_up = grad_up.to(gh_ptr.dtype.element_ty)
+        grad_act = ghs * w[:, None]
+        grad_up = grad_act * silu
+        grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
         gh_rows = gh_ptr + rows64[:, None] * stride_gh + cols[None, :]
-        tl.store(gh_rows, grad_gate, mask=store_mask)
-        tl.store(gh_rows + H, grad_up, mask=store_mask)
+        tl.store(gh_rows, grad_gate.to(gh_ptr.dtype.element_ty), mask=store_mask)
+        tl.store(gh_rows + H, grad_up.to(gh_ptr.dtype.element_ty), mask=store_mask)
         hs_rows = hs_ptr + rows64[:, None] * stride_hs + cols[None, :]
         tl.store(hs_rows, (act * w[:, None]).to(hs_ptr.dtype.element_ty), mask=store_mask)
-        if FP8:
-            q_gate = tl.clamp(grad_gate.to(tl.float32) * scale[:, None], -FP8_MAX, FP8_MAX)
-            q_up = tl.clamp(grad_up.to(tl.float32) * scale[:, None], -FP8_MAX, FP8_MAX)
-            q_rows = q_ptr + rows64[:, None] * stride_q + cols[None, :]
-            tl.store(q_rows, q_gate.to(q_ptr.dtype.element_ty), mask=store_mask)
-            tl.store(q_rows + H, q_up.to(q_ptr.dtype.element_ty), mask=store_mask)
     tl.store(gw_ptr + rows, grad_w, mask=rows_in)
 
 
@@ -183,7 +148,7 @@ def swiglu_forward(h_AF, weights_A, num_valid, may_drop):
     return out_AH
 
 
-def swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, fp8=False):
+def swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
     h_AF = _rows_contiguous(h_AF)
     grad_hs_AH = _rows_contiguous(grad_hs_AH)
     A, F2 = h_AF.shape
@@ -191,24 +156,13 @@ def swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, fp8=False)
     grad_h_AF = torch.empty_like(h_AF)
     hs_AH = torch.empty((A, H), dtype=h_AF.dtype, device=h_AF.device)
     grad_w_A = torch.empty((A,), dtype=torch.float32, device=h_AF.device)
-    if fp8:
-        q_AF = torch.empty((A, F2), dtype=torch.float8_e4m3fn, device=h_AF.device)
-        q_scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=h_AF.device)
-        # one row per program at large H (16 warps): few rows in flight, so that the second pass finds them in L2
-        BLOCK_N = min(4096, triton.next_power_of_2(H))
-        BLOCK_M, num_warps = max(1, 4096 // BLOCK_N), 16
-    else:
-        q_AF, q_scale_A1 = grad_w_A, grad_w_A  # unused
-        BLOCK_M, BLOCK_N, num_warps = 4, 512, 4
+    BLOCK_M, BLOCK_N = 4, 512
     grid = (triton.cdiv(A, BLOCK_M),)
     _swiglu_bwd_kernel[grid](
-        h_AF, weights_A.contiguous(), grad_hs_AH, grad_h_AF, grad_w_A, hs_AH, q_AF, q_scale_A1, num_valid, A,
-        h_AF.stride(0), grad_hs_AH.stride(0), grad_h_AF.stride(0), hs_AH.stride(0), q_AF.stride(0),
-        H=H, MAY_DROP=may_drop, FP8=fp8, FP8_MAX=448.0, EPS=1e-12, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        num_warps=num_warps,
+        h_AF, weights_A.contiguous(), grad_hs_AH, grad_h_AF, grad_w_A, hs_AH, num_valid, A,
+        h_AF.stride(0), grad_hs_AH.stride(0), grad_h_AF.stride(0), hs_AH.stride(0),
+        H=H, MAY_DROP=may_drop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
     )
-    if fp8:
-        return grad_h_AF, grad_w_A, hs_AH, q_AF, q_scale_A1
     return grad_h_AF, grad_w_A, hs_AH
 
 
@@ -603,14 +557,6 @@ def swiglu_lora_backward(h_AF, weights_A, grad_hs_AH, xa_AP, b_ENR, offsets_E, s
 
 
 @triton.jit
-def _pow2_scale(amax, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
-    """torchao's amax_to_scale: FP8_MAX / max(amax, EPS) in fp64, to fp32, rounded down to a power of 2 (here by
-    clearing the mantissa bits: exact, where exp2(floor(log2)) on approximate hardware log2 may be off by one)."""
-    scale = (FP8_MAX / tl.maximum(amax.to(tl.float64), EPS)).to(tl.float32)
-    return (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _rowwise_fp8_kernel(
     src_ptr, out_ptr, scale_ptr, A, stride_src, stride_out,
     K: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -624,7 +570,10 @@ def _rowwise_fp8_kernel(
         mask = rows_in[:, None] & (cols < K)[None, :]
         x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    scale = _pow2_scale(amax, FP8_MAX, EPS)
+    # torchao's amax_to_scale: FP8_MAX / max(amax, EPS) in fp64, to fp32, rounded down to a power of 2 (here by
+    # clearing the mantissa bits: exact, where exp2(floor(log2)) on approximate hardware log2 may be off by one)
+    scale = (FP8_MAX / tl.maximum(amax.to(tl.float64), EPS)).to(tl.float32)
+    scale = (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
     tl.store(scale_ptr + rows, scale, mask=rows_in)
     for start in range(0, K, BLOCK_K):  # pass 2: scale, saturate, cast
         cols = start + tl.arange(0, BLOCK_K)
@@ -705,151 +654,3 @@ def per_group_colwise_fp8(src_AN, offsets_E):
         ALIGNED=A % 16 == 0, FP8_MAX=448.0, EPS=1e-12, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
     )
     return out_AN, scale_EN
-
-
-# --- SwiGLU writing its output as the fp8 rows of the down-projection's grouped GEMM ---
-
-
-@triton.jit
-def _swiglu_hs_tile(h_ptr, w, rows64, mask, cols, H, stride_h):
-    """``silu(gate) * up * w`` of one tile in fp32, rounded to ``h``'s dtype as :func:`_swiglu_fwd_kernel` stores
-    it (then back to fp32)."""
-    h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
-    gate = tl.load(h_rows, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h_rows + H, mask=mask, other=0.0).to(tl.float32)
-    out = gate * tl.sigmoid(gate) * up * w[:, None]
-    return out.to(h_ptr.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
-def _swiglu_fwd_fp8_kernel(
-    h_ptr, w_ptr, q_ptr, scale_ptr, num_valid_ptr, A, stride_h, stride_q,
-    H: tl.constexpr, MAY_DROP: tl.constexpr, ONE_TILE: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # _rowwise_fp8_kernel(_swiglu_fwd_kernel(h)) without the [A, H] round trip: a row's amax needs the whole row,
-    # so a program holds it (ONE_TILE: one read of h) or makes two passes over it (the second read from L2).
-    # Dropped rows read as zero: their fp8 rows are zeros.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_in = rows < A
-    if MAY_DROP:
-        rows_ok = rows_in & (rows < tl.load(num_valid_ptr))
-    else:
-        rows_ok = rows_in
-    rows64 = rows.to(tl.int64)
-    w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
-    if ONE_TILE:
-        cols = tl.arange(0, BLOCK_N)
-        cols_in = cols < H
-        hs = _swiglu_hs_tile(h_ptr, w, rows64, rows_ok[:, None] & cols_in[None, :], cols, H, stride_h)
-        scale = _pow2_scale(tl.max(tl.abs(hs), axis=1), FP8_MAX, EPS)
-        q = tl.clamp(hs * scale[:, None], -FP8_MAX, FP8_MAX)
-        q_rows = q_ptr + rows64[:, None] * stride_q + cols[None, :]
-        tl.store(q_rows, q.to(q_ptr.dtype.element_ty), mask=rows_in[:, None] & cols_in[None, :])
-    else:
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start in range(0, H, BLOCK_N):  # pass 1: the row's amax
-            cols = start + tl.arange(0, BLOCK_N)
-            hs = _swiglu_hs_tile(h_ptr, w, rows64, rows_ok[:, None] & (cols < H)[None, :], cols, H, stride_h)
-            amax = tl.maximum(amax, tl.max(tl.abs(hs), axis=1))
-        scale = _pow2_scale(amax, FP8_MAX, EPS)
-        for start in range(0, H, BLOCK_N):  # pass 2: recompute, scale, saturate, cast
-            cols = start + tl.arange(0, BLOCK_N)
-            cols_in = cols < H
-            hs = _swiglu_hs_tile(h_ptr, w, rows64, rows_ok[:, None] & cols_in[None, :], cols, H, stride_h)
-            q = tl.clamp(hs * scale[:, None], -FP8_MAX, FP8_MAX)
-            q_rows = q_ptr + rows64[:, None] * stride_q + cols[None, :]
-            tl.store(q_rows, q.to(q_ptr.dtype.element_ty), mask=rows_in[:, None] & cols_in[None, :])
-    tl.store(scale_ptr + rows, scale, mask=rows_in)
-
-
-def swiglu_forward_fp8(h_AF, weights_A, num_valid, may_drop):
-    """[A, 2H] -> fp8 [A, H] row-major and fp32 scales [A, 1]: ``rowwise_fp8(swiglu_forward(h))`` in one kernel."""
-    h_AF = _rows_contiguous(h_AF)
-    A, F2 = h_AF.shape
-    H = F2 // 2
-    q_AH = torch.empty((A, H), dtype=torch.float8_e4m3fn, device=h_AF.device)
-    scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=h_AF.device)
-    BLOCK_N = triton.next_power_of_2(H)
-    one_tile = BLOCK_N <= 16384  # a whole row in registers (Mixtral's H = 14336: 16 values of each half a thread)
-    if not one_tile:
-        BLOCK_N = 4096
-    BLOCK_M = max(1, 4096 // BLOCK_N)
-    num_warps = min(32, max(4, BLOCK_M * BLOCK_N // 512))
-    _swiglu_fwd_fp8_kernel[(triton.cdiv(A, BLOCK_M),)](
-        h_AF, weights_A.contiguous(), q_AH, scale_A1, num_valid, A, h_AF.stride(0), q_AH.stride(0),
-        H=H, MAY_DROP=may_drop, ONE_TILE=one_tile, FP8_MAX=448.0, EPS=1e-12, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        num_warps=num_warps,
-    )
-    return q_AH, scale_A1
-
-
-@triton.jit
-def _gather_rows_fp8_kernel(
-    src_ptr, index_ptr, q_ptr, scale_ptr, copy_ptr, num_valid_ptr, A, stride_src, stride_q, stride_copy,
-    D: tl.constexpr, MAY_DROP: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr, FP8_MAX: tl.constexpr,
-    EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # _rowwise_fp8_kernel(_gather_rows_kernel(src)) without the [A, D] round trip (COPY: the gathered rows are
-    # written too, for the weight gradient). Dropped rows read as zero: their fp8 rows are zeros, copies unwritten.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_in = rows < A
-    if MAY_DROP:
-        rows_ok = rows_in & (rows < tl.load(num_valid_ptr))
-    else:
-        rows_ok = rows_in
-    rows64 = rows.to(tl.int64)
-    src_rows = src_ptr + tl.load(index_ptr + rows, mask=rows_ok, other=0).to(tl.int64)[:, None] * stride_src
-    if ONE_TILE:
-        cols = tl.arange(0, BLOCK_D)
-        cols_in = cols < D
-        x = tl.load(src_rows + cols[None, :], mask=rows_ok[:, None] & cols_in[None, :], other=0.0)
-        if COPY:
-            copy_mask = rows_ok[:, None] & cols_in[None, :]
-            tl.store(copy_ptr + rows64[:, None] * stride_copy + cols[None, :], x, mask=copy_mask)
-        x = x.to(tl.float32)
-        scale = _pow2_scale(tl.max(tl.abs(x), axis=1), FP8_MAX, EPS)
-        q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)
-        q_rows = q_ptr + rows64[:, None] * stride_q + cols[None, :]
-        tl.store(q_rows, q.to(q_ptr.dtype.element_ty), mask=rows_in[:, None] & cols_in[None, :])
-    else:
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start in range(0, D, BLOCK_D):  # pass 1: the row's amax (and the copy)
-            cols = start + tl.arange(0, BLOCK_D)
-            mask = rows_ok[:, None] & (cols < D)[None, :]
-            x = tl.load(src_rows + cols[None, :], mask=mask, other=0.0)
-            if COPY:
-                tl.store(copy_ptr + rows64[:, None] * stride_copy + cols[None, :], x, mask=mask)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        scale = _pow2_scale(amax, FP8_MAX, EPS)
-        for start in range(0, D, BLOCK_D):  # pass 2: scale, saturate, cast
-            cols = start + tl.arange(0, BLOCK_D)
-            cols_in = cols < D
-            x = tl.load(src_rows + cols[None, :], mask=rows_ok[:, None] & cols_in[None, :], other=0.0).to(tl.float32)
-            q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)
-            q_rows = q_ptr + rows64[:, None] * stride_q + cols[None, :]
-            tl.store(q_rows, q.to(q_ptr.dtype.element_ty), mask=rows_in[:, None] & cols_in[None, :])
-    tl.store(scale_ptr + rows, scale, mask=rows_in)
-
-
-def gather_rows_fp8(src_TD, index_A, num_valid, may_drop, copy):
-    """``src[index]`` [A, D] as fp8 rows and fp32 scales [A, 1] (``rowwise_fp8(gather_rows(src))``) in one kernel; with
-    ``copy`` also the gathered rows (else an empty [0, D])."""
-    src_TD = _rows_contiguous(src_TD)
-    A, D = index_A.shape[0], src_TD.shape[1]
-    q_AD = torch.empty((A, D), dtype=torch.float8_e4m3fn, device=src_TD.device)
-    scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=src_TD.device)
-    copy_AD = torch.empty((A if copy else 0, D), dtype=src_TD.dtype, device=src_TD.device)
-    BLOCK_D = triton.next_power_of_2(D)
-    one_tile = BLOCK_D <= 16384
-    if not one_tile:
-        BLOCK_D = 4096
-    BLOCK_M = max(1, 4096 // BLOCK_D)
-    num_warps = min(32, max(4, BLOCK_M * BLOCK_D // 512))
-    _gather_rows_fp8_kernel[(triton.cdiv(A, BLOCK_M),)](
-        src_TD, index_A.contiguous(), q_AD, scale_A1, copy_AD, num_valid, A, src_TD.stride(0), q_AD.stride(0),
-        copy_AD.stride(0) if copy else D,
-        D=D, MAY_DROP=may_drop, COPY=copy, ONE_TILE=one_tile, FP8_MAX=448.0, EPS=1e-12, BLOCK_M=BLOCK_M,
-        BLOCK_D=BLOCK_D, num_warps=num_warps,
-    )
-    return q_AD, scale_A1, copy_AD

@@ -39,6 +39,25 @@ def _swiglu_fwd_kernel(
 
 
 @triton.jit
+def _swiglu_bwd_tile(gate, up, ghs, w, gh_ptr, hs_ptr, rows64, cols, mask, stride_gh, stride_hs, H: tl.constexpr):
+    """The SwiGLU backward of one [rows, cols] tile (fp32 ``gate``, ``up``, ``ghs``; ``w`` per row): stores the
+    gate and up gradients and the recomputed output ``act * w``, returns the tile's routing-weight gradient
+    (``sum(ghs * act)`` per row). Shared by the plain and the LoRA SwiGLU backward kernels."""
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    act = silu * up
+    grad_act = ghs * w[:, None]
+    grad_up = grad_act * silu
+    grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
+    gh_rows = gh_ptr + rows64[:, None] * stride_gh + cols[None, :]
+    tl.store(gh_rows, grad_gate.to(gh_ptr.dtype.element_ty), mask=mask)
+    tl.store(gh_rows + H, grad_up.to(gh_ptr.dtype.element_ty), mask=mask)
+    hs_rows = hs_ptr + rows64[:, None] * stride_hs + cols[None, :]
+    tl.store(hs_rows, (act * w[:, None]).to(hs_ptr.dtype.element_ty), mask=mask)
+    return tl.sum(ghs * act, axis=1)
+
+
+@triton.jit
 def _swiglu_bwd_kernel(
     h_ptr, w_ptr, ghs_ptr, gh_ptr, gw_ptr, hs_ptr, num_valid_ptr, A,
     stride_h, stride_ghs, stride_gh, stride_hs,
@@ -62,19 +81,9 @@ def _swiglu_bwd_kernel(
         gate = tl.load(h_rows, mask=load_mask, other=0.0).to(tl.float32)
         up = tl.load(h_rows + H, mask=load_mask, other=0.0).to(tl.float32)
         ghs = tl.load(ghs_ptr + rows64[:, None] * stride_ghs + cols[None, :], mask=load_mask, other=0.0)
-        ghs = ghs.to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
-        act = silu * up
-        grad_w += tl.sum(ghs * act, axis=1)
-        grad_act = ghs * w[:, None]
-        grad_up = grad_act * silu
-        grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
-        gh_rows = gh_ptr + rows64[:, None] * stride_gh + cols[None, :]
-        tl.store(gh_rows, grad_gate.to(gh_ptr.dtype.element_ty), mask=store_mask)
-        tl.store(gh_rows + H, grad_up.to(gh_ptr.dtype.element_ty), mask=store_mask)
-        hs_rows = hs_ptr + rows64[:, None] * stride_hs + cols[None, :]
-        tl.store(hs_rows, (act * w[:, None]).to(hs_ptr.dtype.element_ty), mask=store_mask)
+        grad_w += _swiglu_bwd_tile(
+            gate, up, ghs.to(tl.float32), w, gh_ptr, hs_ptr, rows64, cols, store_mask, stride_gh, stride_hs, H
+        )
     tl.store(gw_ptr + rows, grad_w, mask=rows_in)
 
 
@@ -495,19 +504,9 @@ def _swiglu_lora_bwd_kernel(
                 stride_br, H, R,
             )
             ghs = tl.load(ghs_ptr + rows64[:, None] * stride_ghs + cols[None, :], mask=mask, other=0.0)
-            ghs = ghs.to(tl.float32)
-            sig = tl.sigmoid(gate)
-            silu = gate * sig
-            act = silu * up
-            grad_w += tl.sum(ghs * act, axis=1)
-            grad_act = ghs * w[:, None]
-            grad_up = grad_act * silu
-            grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
-            gh_rows = gh_ptr + rows64[:, None] * stride_gh + cols[None, :]
-            tl.store(gh_rows, grad_gate.to(gh_ptr.dtype.element_ty), mask=mask)
-            tl.store(gh_rows + H, grad_up.to(gh_ptr.dtype.element_ty), mask=mask)
-            hs_rows = hs_ptr + rows64[:, None] * stride_hs + cols[None, :]
-            tl.store(hs_rows, (act * w[:, None]).to(hs_ptr.dtype.element_ty), mask=mask)
+            grad_w += _swiglu_bwd_tile(
+                gate, up, ghs.to(tl.float32), w, gh_ptr, hs_ptr, rows64, cols, mask, stride_gh, stride_hs, H
+            )
         tl.store(gw_ptr + rows, grad_w, mask=rows_ok)
 
 

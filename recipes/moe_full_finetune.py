@@ -392,6 +392,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             return []
         ignore = _RESUME_IGNORED_KEYS + (("checkpointer.checkpoint_dir",) if self.resume_model_from_step_dir else ())
         changes = config_changes(saved, OmegaConf.to_container(cfg, resolve=True), ignore=ignore)
+        self._resume_model_changes = [f"{k}: {o!r} -> {n!r}" for k, o, n in changes if k.startswith("model.")]
         if not changes:
             return []
         for key, old, new in changes:
@@ -509,6 +510,17 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
     def _read_checkpoint(self) -> Optional[dict[str, torch.Tensor]]:
         return self._checkpointer.load_checkpoint().get(MODEL_KEY)
 
+    def _resume_mismatch_message(self, what: Path, error: BaseException) -> str:
+        """Why a resumed checkpoint ``what`` (which passed the integrity checks) does not load into this model:
+        the loader's last line, and the ``model.*`` config values changed since the run that saved it."""
+        detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        changed = getattr(self, "_resume_model_changes", [])
+        since = f"; model options changed since that run: {', '.join(changed)}" if changed else ""
+        return (
+            f"resume_from_checkpoint: {what} does not fit this model and optimizer ({detail}){since}; resume with "
+            f"the model and optimizer options of the run that saved it"
+        )
+
     def _load_sharded_state(self) -> None:
         """Resume: every rank reads its shards of the model (router state included) and of the optimizer state
         from ``{resume_dir}/distcp`` (DCP reshards when the world size or the mesh changed)."""
@@ -518,11 +530,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         except ValueError:  # load_training_state's own message, complete
             raise
         except Exception as e:  # its files passed checkpoint_problems: the model or optimizer differ
-            detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise ValueError(
-                f"resume_from_checkpoint: {self._resume_dir / DCP_DIRNAME} does not fit this model and optimizer "
-                f"({detail}); resume with the model and optimizer options of the run that saved it"
-            ) from e
+            raise ValueError(self._resume_mismatch_message(self._resume_dir / DCP_DIRNAME, e)) from e
         utils.log_rank_zero(log, f"Loaded the sharded training state in {time.perf_counter() - t0:.1f}s")
 
     def _setup_model(
@@ -540,7 +548,16 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         """
         t0 = time.perf_counter()
         if model_state_dict is not None:
-            check_state_dict(model, model_state_dict)
+            try:
+                check_state_dict(model, model_state_dict)
+            except ValueError as e:
+                changed = getattr(self, "_resume_model_changes", [])  # set on resume only
+                if not changed:
+                    raise
+                raise ValueError(
+                    f"{e}\n  resume_from_checkpoint: model options changed since the checkpoint's run: "
+                    f"{', '.join(changed)}; resume with the model options of the run that saved it"
+                ) from e
         if not self._moe_layers:
             log.warning("model: the model has no MoE layer; training it as a dense model")
         if self._freeze_router:

@@ -188,10 +188,13 @@ class MoELoRAFinetuneRecipe(MoEFullFinetuneRecipe):
             except Exception as e:
                 step = int(self._resume_dir.name.split("_")[1])
                 raise ValueError(self._damaged_checkpoint_message(self._resume_dir, step, str(e))) from e
-            if not self._sharded:
-                model.load_state_dict(adapter, strict=False)
-            else:
-                training.load_from_full_model_state_dict(model, adapter, self._device, strict=False)
+            try:
+                if not self._sharded:
+                    model.load_state_dict(adapter, strict=False)
+                else:
+                    training.load_from_full_model_state_dict(model, adapter, self._device, strict=False)
+            except RuntimeError as e:  # intact files, another shape (e.g. a changed model.lora_rank)
+                raise ValueError(self._resume_mismatch_message(self._resume_dir, e)) from e
         quantize_base_weights(model)  # QLoRA: NF4 once the base weights hold their values
         set_trainable_params(model, get_adapter_params(model))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

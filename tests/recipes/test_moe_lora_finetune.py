@@ -272,3 +272,22 @@ def test_lora_resume_names_a_damaged_adapter_and_reports_a_changed_base(tmp_path
         recipe = _run(run, overrides=[*overrides, f"checkpointer.checkpoint_dir={other}", "resume_from_checkpoint=true"])
     assert recipe.global_step == 4
     assert "checkpointer.checkpoint_dir" in caplog.text
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_lora_resume_with_another_rank_is_refused_naming_the_changed_option(tmp_path, with_base):
+    """Adapters saved at rank 16 do not fit a rank-8 model: the resume is refused with the changed model option
+    named (it crashed with load_state_dict's size-mismatch traceback before), and the checkpoint is left as it was."""
+    overrides = [*_SHORT, "max_steps_per_epoch=2", "save_every_n_steps=2"]
+    if with_base:
+        run_recipe(tmp_path / "base", overrides=[*_SHORT, "max_steps_per_epoch=1"])  # the full recipe: a base
+        overrides.append(f"checkpointer.checkpoint_dir={tmp_path / 'base' / 'step_1'}")
+    run = tmp_path / "run"
+    _run(run, overrides=overrides)
+    before = sorted(p.relative_to(run) for p in (run / "step_2").rglob("*"))
+    with pytest.raises(ValueError) as info:
+        _run(run, overrides=[*overrides, "model.lora_rank=8", "resume_from_checkpoint=true"])
+    message = str(info.value)
+    assert "resume_from_checkpoint" in message and "does not" in message, message
+    assert "model.lora_rank: 16 -> 8" in message, message
+    assert sorted(p.relative_to(run) for p in (run / "step_2").rglob("*")) == before

@@ -121,7 +121,9 @@ def test_resume_with_another_router_state_is_refused_by_name(tmp_path):
     """A resumed model with router state the checkpoint lacks (expert_bias switched on) is refused, naming it."""
     run_recipe(tmp_path, overrides=["max_steps_per_epoch=1", "batch_size=8"])
     with pytest.raises(ValueError, match=r"resume_from_checkpoint: .*distcp does not fit this model and optimizer "
-                                         r"\(.*expert_bias.*\); resume with the model and optimizer options"):
+                                         r"\(.*expert_bias.*\); model options changed since that run: "
+                                         r"model\.expert_bias_update_rate: \(unset\) -> 0\.01; resume with the model "
+                                         r"and optimizer options"):
         make_recipe(tmp_path, overrides=["max_steps_per_epoch=1", "batch_size=8", "epochs=2",
                                          "model.expert_bias_update_rate=0.01", "resume_from_checkpoint=true"])
 

@@ -381,6 +381,11 @@ def main():
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args()
+    for name in ("tokens", "rank", "batch", "seq_len", "steps", "hf_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.layers) < 1:
+        p.error(f"--layers must be >= 1 each, got {args.layers}")
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (or --dry-run)")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")

@@ -271,3 +271,16 @@ def test_per_group_colwise_kernel_fake_matches_torchao_layout():
         q, s = _kernels.per_group_colwise_fp8(t, torch.tensor([16, 16, 64, 80], dtype=torch.int32))
     assert q.shape == (96, 48) and q.stride() == (1, 96) and q.dtype == torch.float8_e4m3fn
     assert s.shape == (4 * 48,) and s.dtype == torch.float32
+
+
+def test_fp8_layer_with_no_tokens():
+    """An empty batch (or an expert-parallel rank that receives no rows) runs through an expert_fp8 layer as through
+    a bf16 one: empty output, no error (it failed in the padding, which gathers token 0)."""
+    from torchtune_moe.models import moe_layer
+
+    layer = moe_layer(dim=32, moe_hidden_dim=32, num_experts=4, experts_per_token=2, expert_fp8=True)
+    layer.experts._fp8_emulate = True
+    x = torch.randn(1, 0, 32, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (1, 0, 32) and x.grad.shape == (1, 0, 32)

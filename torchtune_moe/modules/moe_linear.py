@@ -239,7 +239,7 @@ class MoELinear(nn.Module):
         if combine_TK is None:
             index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
         gemm = BF16
-        if self.expert_fp8:
+        if self.expert_fp8 and rows_A.shape[0] > 0:  # no rows (no tokens here): nothing to quantize or pad
             gemm = self._fp8_gemm(x_TD)
             rows_A, weights_A, offsets_E, combine_TK, index_J = _pad_groups(
                 rows_A, weights_A, offsets_E, combine_TK, index_J

@@ -1,4 +1,5 @@
-"""benchmarks/train_step.py --dry-run --profile (tiny shapes on CPU) runs: the GPU script's code stays working.
+"""benchmarks/train_step.py --dry-run --profile and benchmarks/swiglu_lora_tiles.py --dry-run (tiny shapes on CPU)
+run: the GPU scripts' code stays working.
 (benchmarks/lora.py's dry run: tests/recipes/test_moe_lora_finetune.py.)"""
 
 import json
@@ -26,3 +27,22 @@ def test_train_step_dry_run_with_profile(tmp_path):
         assert table[0].startswith(f"qwen3 {variant}: 4 layers")
         assert "top 25 CPU operators" in table[1]  # on a GPU: the top 25 GPU kernels
         assert len(table) == 3 + 25 and "aten::" in "".join(table[3:])
+
+
+TILES = Path(__file__).resolve().parents[1] / "benchmarks" / "swiglu_lora_tiles.py"
+
+
+def test_swiglu_lora_tiles_dry_run(tmp_path):
+    """The SwiGLU-LoRA tile sweep's dry run (CPU, tiny shapes, the torch code): every configuration timed and
+    checked, then the layer timed under the default, the previous default and the best."""
+    res = subprocess.run(
+        [sys.executable, str(TILES), "--dry-run", "--layer", "--layer-repeats", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((tmp_path / "swiglu_lora_tiles.json").read_text())
+    assert r["device"] == "cpu" and r["shape"]["A"] == 512
+    assert len(r["forward"]) == 8 and len(r["backward"]) == 9
+    assert all(c["err"] < 1e-6 and c["ms"] > 0 for c in r["forward"] + r["backward"])
+    medians = r["layer"]["median_ms"]
+    assert {"frozen", "default", "previous (64-row tiles)"} <= set(medians) and all(v > 0 for v in medians.values())

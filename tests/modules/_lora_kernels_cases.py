@@ -88,7 +88,7 @@ def check_swiglu_lora(device: str, dtype: torch.dtype, tol: float) -> None:
     torch.manual_seed(0)
     offsets_E = _offsets(device)
     E, valid = len(COUNTS), int(offsets_E[-1])
-    for H, R in [(96, 16), (48, 8)]:
+    for H, R in [(96, 16), (48, 8), (272, 16)]:  # 272: several column blocks of the kernels' tiles
         A, s = valid + 20, 0.5
         rnd = lambda *sh: torch.randn(*sh, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
         h, xa, b, ghs = rnd(A, 2 * H), rnd(A, 2 * R), rnd(E, 2 * H, R), rnd(A, H)

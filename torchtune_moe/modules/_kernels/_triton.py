@@ -510,11 +510,13 @@ def _swiglu_lora_bwd_kernel(
         tl.store(gw_ptr + rows, grad_w, mask=rows_ok)
 
 
-# 64-row tiles (one expert each: one B tile per column block) at 8 warps. sm_90 compiles (triton.compile, no
-# GPU): forward 64 x 64 59 registers, backward 64 x 32 77 registers (3 blocks, 24 warps per SM, as the plain
-# _swiglu_bwd_kernel's 80 registers at 4 warps; 64 x 64 takes 139: one block per SM), no spills.
-_SWIGLU_LORA_FWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8)
-_SWIGLU_LORA_BWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)
+# 16-row tiles of one expert (one B tile per column block), chosen by benchmarks/swiglu_lora_tiles.py at the
+# Qwen3-30B-A3B shape on an H200 (benchmarks/NOTES.md, Issue 12): forward 16 x 128 at 4 warps (0.122 ms against
+# 0.134 for the earlier 64 x 64 at 8 warps), backward 16 x 128 at 8 warps (0.227 ms against 0.331 for 64 x 32; the
+# plain SwiGLU kernels take 0.079 / 0.175 ms on the same rows). Tiles of fixed rows holding several experts (one
+# low-rank product per expert in the tile) measured slower at every size.
+_SWIGLU_LORA_FWD = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4)
+_SWIGLU_LORA_BWD = dict(BLOCK_M=16, BLOCK_N=128, num_warps=8)
 
 
 def _swiglu_lora_args(h_AF, xa_AP, b_ENR, offsets_E):

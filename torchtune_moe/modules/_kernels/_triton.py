@@ -558,30 +558,52 @@ def swiglu_lora_backward(h_AF, weights_A, grad_hs_AH, xa_AP, b_ENR, offsets_E, s
 
 
 @triton.jit
+def _pow2_fp8_scale(amax, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    # torchao's amax_to_scale: FP8_MAX / max(amax, EPS) in fp64, to fp32, rounded down to a power of 2 (here by
+    # clearing the mantissa bits: exact, where exp2(floor(log2)) on approximate hardware log2 may be off by one)
+    scale = (FP8_MAX / tl.maximum(amax.to(tl.float64), EPS)).to(tl.float32)
+    return (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _rowwise_fp8_kernel(
     src_ptr, out_ptr, scale_ptr, A, stride_src, stride_out,
-    K: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, ONE_PASS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_in = rows < A
     rows64 = rows.to(tl.int64)
-    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):  # pass 1: the row's amax (the row stays in L2 for pass 2)
-        cols = start + tl.arange(0, BLOCK_K)
+    if ONE_PASS:  # BLOCK_K >= K: the rows are read once and held in registers
+        cols = tl.arange(0, BLOCK_K)
         mask = rows_in[:, None] & (cols < K)[None, :]
         x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    # torchao's amax_to_scale: FP8_MAX / max(amax, EPS) in fp64, to fp32, rounded down to a power of 2 (here by
-    # clearing the mantissa bits: exact, where exp2(floor(log2)) on approximate hardware log2 may be off by one)
-    scale = (FP8_MAX / tl.maximum(amax.to(tl.float64), EPS)).to(tl.float32)
-    scale = (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    tl.store(scale_ptr + rows, scale, mask=rows_in)
-    for start in range(0, K, BLOCK_K):  # pass 2: scale, saturate, cast
-        cols = start + tl.arange(0, BLOCK_K)
-        mask = rows_in[:, None] & (cols < K)[None, :]
-        x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = _pow2_fp8_scale(tl.max(tl.abs(x), axis=1), FP8_MAX, EPS)
+        tl.store(scale_ptr + rows, scale, mask=rows_in)
         q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)
         tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):  # pass 1: the row's amax
+            cols = start + tl.arange(0, BLOCK_K)
+            mask = rows_in[:, None] & (cols < K)[None, :]
+            x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        scale = _pow2_fp8_scale(amax, FP8_MAX, EPS)
+        tl.store(scale_ptr + rows, scale, mask=rows_in)
+        for start in range(0, K, BLOCK_K):  # pass 2: scale, saturate, cast (the rows read again)
+            cols = start + tl.arange(0, BLOCK_K)
+            mask = rows_in[:, None] & (cols < K)[None, :]
+            x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)
+            tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Rows of up to 16384 elements are quantized in one pass, held in registers (32 fp32 values per thread: 8192
+# elements per program at 8 warps, 16384 at 16). The earlier kernel read each row twice, 4 rows x 1024 columns at a
+# time: its second read missed L2 at the Mixtral shape (2.57 ms for six calls, ~2.2G elements, about the time of
+# reading everything twice from HBM; benchmarks/NOTES.md, Issue 13). Longer rows keep the two passes.
+_ROWWISE_ONE_PASS_MAX = 16384
 
 
 def rowwise_fp8(src_AK):
@@ -592,10 +614,16 @@ def rowwise_fp8(src_AK):
     A, K = src_AK.shape
     out_AK = torch.empty((A, K), dtype=torch.float8_e4m3fn, device=src_AK.device)
     scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=src_AK.device)
-    BLOCK_M, BLOCK_K = 4, min(1024, triton.next_power_of_2(K))
+    one_pass = triton.next_power_of_2(K) <= _ROWWISE_ONE_PASS_MAX
+    if one_pass:
+        BLOCK_K = triton.next_power_of_2(K)
+        BLOCK_M = max(1, 8192 // BLOCK_K)
+        num_warps = 16 if BLOCK_M * BLOCK_K > 8192 else 8
+    else:
+        BLOCK_M, BLOCK_K, num_warps = 4, 1024, 4
     _rowwise_fp8_kernel[(triton.cdiv(A, BLOCK_M),)](
         src_AK, out_AK, scale_A1, A, src_AK.stride(0), out_AK.stride(0),
-        K=K, FP8_MAX=448.0, EPS=1e-12, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=4,
+        K=K, FP8_MAX=448.0, EPS=1e-12, ONE_PASS=one_pass, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=num_warps,
     )
     return out_AK, scale_A1
 
@@ -624,10 +652,7 @@ def _group_colwise_fp8_kernel(
         x = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_src + cols[None, :], mask=mask, other=0.0)
         amax_MN = tl.maximum(amax_MN, tl.abs(x)).to(amax_MN.dtype)  # elementwise: one cross-thread max, after the loop
     amax = tl.max(amax_MN.to(tl.float32), axis=0)
-    # torchao's amax_to_scale: FP8_MAX / max(amax, EPS) in fp64, to fp32, rounded down to a power of 2 (by clearing
-    # the mantissa, as in _rowwise_fp8_kernel). An empty group gets FP8_MAX / EPS rounded, as torchao's kernel.
-    scale = (FP8_MAX / tl.maximum(amax.to(tl.float64), EPS)).to(tl.float32)
-    scale = (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    scale = _pow2_fp8_scale(amax, FP8_MAX, EPS)  # an empty group: FP8_MAX / EPS rounded, as torchao's kernel
     tl.store(scale_ptr + g * N + cols, scale, mask=cols_in)
     for r in range(start, end, BLOCK_M):  # pass 2: scale, saturate, cast, store transposed
         rows = r + tl.arange(0, BLOCK_M)

@@ -1,11 +1,13 @@
-"""What the benchmarks that compare against transformers share: the published shapes as config.json dicts at a
-chosen depth, our model and transformers' model built from the same dict, the profile table.
+"""What the benchmarks share: the published shapes as config.json dicts at a chosen depth, our model and
+transformers' model built from the same dict, the profile table, the kernel timer.
 
-Used by ``train_step.py`` (full fine-tune, 4 layers) and ``lora.py`` (LoRA against transformers + PEFT).
+Used by ``train_step.py`` (full fine-tune, 4 layers), ``lora.py`` (LoRA against transformers + PEFT) and the tile
+sweeps (``swiglu_lora_tiles.py``, ``gather_tiles.py``).
 """
 
 import os
 import sys
+import time
 
 import torch
 
@@ -98,3 +100,27 @@ def kernel_table(prof, steps: int, rows: int = 25) -> str:
         lines.append(f"{t / 1000 / steps:9.3f} {100 * t / total:5.1f}% {e.count / steps:10.1f} {t / max(e.count, 1):9.1f}  "
                      f"{e.key[:160]}")
     return "\n".join(lines)
+
+
+def median_ms(fn, iters: int = 15, warmup: int = 2, per_event: int = 20) -> float:
+    """Median ms per call of ``fn``, ``per_event`` calls between two CUDA events (the launches queue while the GPU
+    runs, so the host's per-call overhead is hidden as it is in a training step); wall clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(per_event):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / per_event)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(per_event):
+                fn()
+            times.append(1000 * (time.perf_counter() - t0) / per_event)
+    return sorted(times)[len(times) // 2]
+

@@ -18,37 +18,15 @@ import argparse
 import json
 import os
 import sys
-import time
 import types
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _models import median_ms as _median_ms  # noqa: E402
+
 from torchtune_moe.modules import _kernels  # noqa: E402
-
-
-def _median_ms(fn, iters: int = 15, warmup: int = 2, per_event: int = 20) -> float:
-    """Median ms per call of ``fn``, ``per_event`` calls between two CUDA events (the launches queue while the GPU
-    runs, so the host's per-call overhead is hidden as it is in a training step); wall clock on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(per_event):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / per_event)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(per_event):
-                fn()
-            times.append(1000 * (time.perf_counter() - t0) / per_event)
-    return sorted(times)[len(times) // 2]
 
 
 PREVIOUS = (dict(BLOCK_M=64, BLOCK_N=64, num_warps=8), dict(BLOCK_M=64, BLOCK_N=32, num_warps=8))  # until 2026-11-29

@@ -1,4 +1,4 @@
-"""benchmarks/train_step.py --dry-run --profile and benchmarks/swiglu_lora_tiles.py --dry-run (tiny shapes on CPU)
+"""benchmarks/train_step.py --dry-run --profile, swiglu_lora_tiles.py and gather_tiles.py --dry-run (tiny shapes on CPU)
 run: the GPU scripts' code stays working.
 (benchmarks/lora.py's dry run: tests/recipes/test_moe_lora_finetune.py.)"""
 
@@ -46,3 +46,22 @@ def test_swiglu_lora_tiles_dry_run(tmp_path):
     assert all(c["err"] < 1e-6 and c["ms"] > 0 for c in r["forward"] + r["backward"])
     medians = r["layer"]["median_ms"]
     assert {"frozen", "default", "previous (64-row tiles)"} <= set(medians) and all(v > 0 for v in medians.values())
+
+
+GATHER = Path(__file__).resolve().parents[1] / "benchmarks" / "gather_tiles.py"
+
+
+def test_gather_tiles_dry_run(tmp_path):
+    """The row-gather / gather-sum tile sweep's dry run (CPU, tiny shapes, the torch code): every configuration timed
+    and compared with the default's output, then the layer at both shapes under the default and the best."""
+    res = subprocess.run(
+        [sys.executable, str(GATHER), "--dry-run", "--layer", "--layer-repeats", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((tmp_path / "gather_tiles.json").read_text())
+    assert r["device"] == "cpu" and r["shape"]["A"] == 128
+    assert len(r["gather_rows"]) == 13 and len(r["gather_sum"]) == 8
+    assert all(c["equal"] and c["ms"] > 0 for c in r["gather_rows"] + r["gather_sum"])
+    assert set(r["layer_ms"]) == {"qwen3", "olmoe"}
+    assert all(set(v) == {"default", "best"} and min(v.values()) > 0 for v in r["layer_ms"].values())

@@ -5,9 +5,11 @@ Used by ``train_step.py`` (full fine-tune, 4 layers), ``lora.py`` (LoRA against 
 sweeps (``swiglu_lora_tiles.py``, ``gather_tiles.py``).
 """
 
+import argparse
 import os
 import sys
 import time
+import types
 
 import torch
 
@@ -123,4 +125,27 @@ def median_ms(fn, iters: int = 15, warmup: int = 2, per_event: int = 20) -> floa
                 fn()
             times.append(1000 * (time.perf_counter() - t0) / per_event)
     return sorted(times)[len(times) // 2]
+
+
+def sweep_setup(doc: str, script: str, stand_in: dict, layer_repeats: int):
+    """The command line of a tile sweep (``--layer``, ``--layer-repeats``, ``--out``, ``--dry-run``) and what it
+    runs on: ``(args, T, dev, dtype)``, with ``T`` the Triton kernels' module whose configuration dicts the sweep
+    sets, or without Triton (a dry run on a CPU-only install) a stand-in holding ``stand_in``'s names (the
+    configurations then change nothing: the torch code runs)."""
+    from torchtune_moe.modules import _kernels
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layer", action="store_true", help="then time the layer under the default and the best")
+    p.add_argument("--layer-repeats", type=int, default=layer_repeats)
+    p.add_argument("--out", default=os.environ.get("OUT"))
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, tiny shapes, the torch code (checks the script runs; the configurations change nothing)")
+    args = p.parse_args()
+    if args.layer_repeats < 1:
+        p.error(f"--layer-repeats must be >= 1, got {args.layer_repeats}")
+    if not args.dry_run and (not torch.cuda.is_available() or not _kernels._HAS_TRITON):
+        sys.exit(f"{script} needs a CUDA GPU and Triton (or --dry-run)")
+    T = _kernels._triton or types.SimpleNamespace(**stand_in)
+    dev = torch.device("cpu" if args.dry_run else "cuda")
+    return args, T, dev, torch.float32 if args.dry_run else torch.bfloat16
 

@@ -11,17 +11,15 @@ and OLMoE shapes is timed under the default and the best configurations, the ste
     python3 benchmarks/gather_tiles.py --dry-run                    # CPU, tiny shapes, the torch code
 """
 
-import argparse
 import json
 import os
 import sys
-import types
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import median_ms  # noqa: E402
+from _models import median_ms, sweep_setup  # noqa: E402
 
 from torchtune_moe.models import moe_layer  # noqa: E402
 from torchtune_moe.modules import _kernels  # noqa: E402
@@ -63,21 +61,7 @@ def _layer_times(T, pairs, repeats, iters, dev, dt, tokens, shapes):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layer", action="store_true", help="then time moe_layer under the default and the best")
-    p.add_argument("--layer-repeats", type=int, default=5)
-    p.add_argument("--out", default=os.environ.get("OUT"))
-    p.add_argument("--dry-run", action="store_true",
-                   help="CPU, tiny shapes, the torch code (checks the script runs; the configurations change nothing)")
-    args = p.parse_args()
-    if args.layer_repeats < 1:
-        p.error(f"--layer-repeats must be >= 1, got {args.layer_repeats}")
-    if not args.dry_run and (not torch.cuda.is_available() or not _kernels._HAS_TRITON):
-        sys.exit("gather_tiles.py needs a CUDA GPU and Triton (or --dry-run)")
-    # without Triton (a dry run on a CPU-only install) the configurations go to a stand-in and change nothing
-    T = _kernels._triton or types.SimpleNamespace(_GATHER_ROWS={}, _GATHER_SUM={})
-    dev = torch.device("cpu" if args.dry_run else "cuda")
-    dt = torch.float32 if args.dry_run else torch.bfloat16
+    args, T, dev, dt = sweep_setup(__doc__, "gather_tiles.py", dict(_GATHER_ROWS={}, _GATHER_SUM={}), layer_repeats=5)
     tokens, K, D = (64, 2, 64) if args.dry_run else (8192, 8, 2048)
     A = tokens * K
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import SHAPES, build_hf, build_ours, hf_config  # noqa: E402
+from _models import SHAPES, build_hf, build_ours, hf_config, median_ms  # noqa: E402
 
 from torchtune_moe.modules import MoELinear, TokenChoiceTopKRouter, collect_aux_loss, dispatch_combine  # noqa: E402
 from torchtune_moe.modules.peft import LoRAMoELinear  # noqa: E402
@@ -49,22 +49,7 @@ GiB = 1024**3
 
 def _time(fn, iters: int, warmup: int = 3) -> float:
     """Median seconds of ``fn()`` (CUDA events; wall clock on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return median_ms(fn, iters=iters, warmup=warmup, per_event=1) / 1000
 
 
 def bench_layer(args, dev, dtype) -> dict:

@@ -14,17 +14,15 @@ the steps interleaved. ``--dry-run``: CPU, tiny shapes, the torch code (the scri
     python3 benchmarks/swiglu_lora_tiles.py --layer --out $OUT/tiles     # one GPU (CUDA and Triton)
 """
 
-import argparse
 import json
 import os
 import sys
-import types
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import median_ms as _median_ms  # noqa: E402
+from _models import median_ms as _median_ms, sweep_setup  # noqa: E402
 
 from torchtune_moe.modules import _kernels  # noqa: E402
 
@@ -46,8 +44,6 @@ def _layer_times(T, pairs, repeats: int, iters: int, dev, dt, shape: dict):
     """The frozen and the LoRA layer (benchmarks/lora.py's layer part: Qwen3-30B-A3B shape, 8192 tokens, rank 16),
     forward + backward, for each (name, forward config, backward config): the steps interleaved (frozen, then
     LoRA under each configuration, round after round) so that clock drift hits all alike; median ms each."""
-    import lora as lora_bench  # benchmarks/lora.py
-
     from torchtune_moe.modules import MoELinear, TokenChoiceTopKRouter, dispatch_combine
     from torchtune_moe.modules.peft import LoRAMoELinear
 
@@ -80,26 +76,12 @@ def _layer_times(T, pairs, repeats: int, iters: int, dev, dt, shape: dict):
             if f is not None:
                 T._SWIGLU_LORA_FWD, T._SWIGLU_LORA_BWD = dict(f), dict(b)
             experts = frozen if name == "frozen" else lora
-            times[name].append(1000 * lora_bench._time(lambda: step(experts), iters=iters, warmup=2))
+            times[name].append(_median_ms(lambda: step(experts), iters=iters, warmup=2, per_event=1))
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}, times
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layer", action="store_true", help="then time the best configurations in the whole layer")
-    p.add_argument("--layer-repeats", type=int, default=7)
-    p.add_argument("--out", default=os.environ.get("OUT"))
-    p.add_argument("--dry-run", action="store_true",
-                   help="CPU, tiny shapes, the torch code (checks the script runs; the configurations change nothing)")
-    args = p.parse_args()
-    if args.layer_repeats < 1:
-        p.error(f"--layer-repeats must be >= 1, got {args.layer_repeats}")
-    if not args.dry_run and (not torch.cuda.is_available() or not _kernels._HAS_TRITON):
-        sys.exit("swiglu_lora_tiles.py needs a CUDA GPU and Triton (or --dry-run)")
-    # without Triton (a dry run on a CPU-only install) the configurations go to a stand-in and change nothing
-    T = _kernels._triton or types.SimpleNamespace(_SWIGLU_LORA_FWD={}, _SWIGLU_LORA_BWD={})
-    dev = torch.device("cpu" if args.dry_run else "cuda")
-    dt = torch.float32 if args.dry_run else torch.bfloat16
+    args, T, dev, dt = sweep_setup(__doc__, "swiglu_lora_tiles.py", dict(_SWIGLU_LORA_FWD={}, _SWIGLU_LORA_BWD={}), layer_repeats=7)
     shape = dict(E=128, K=8, D=2048, H=768, R=16, tokens=8192)  # Qwen3-30B-A3B, 8192 tokens, rank 16
     if args.dry_run:
         shape = dict(E=8, K=2, D=64, H=64, R=16, tokens=256)

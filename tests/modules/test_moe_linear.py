@@ -239,13 +239,14 @@ def test_combine_by_segments_equals_combine_by_slots(kind):
 def test_bias_grad_leaves_out_dropped_rows():
     """Rows at or past num_valid are dropped slots, which the Triton SwiGLU backward leaves unwritten (garbage):
     the per-expert bias gradient must not sum them into the last expert (it did before num_valid was passed)."""
-    from torchtune_moe.modules.moe_linear import _bias_grad, _row_experts
+    from torchtune_moe.modules._kernels import row_experts
+    from torchtune_moe.modules.moe_linear import _bias_grad
 
     torch.manual_seed(0)
     offsets_E = torch.tensor([3, 5, 8], dtype=torch.int32)
     grad_h_AF = torch.randn(11, 4)
     grad_h_AF[8:] = 1e6  # unwritten rows
-    expert_A = _row_experts(offsets_E, 11)
+    expert_A = row_experts(offsets_E, 11)
     got = _bias_grad(grad_h_AF, expert_A, torch.Size((3, 4)), torch.float32, offsets_E[-1:])
     want = torch.stack([grad_h_AF[0:3].sum(0), grad_h_AF[3:5].sum(0), grad_h_AF[5:8].sum(0)])
     torch.testing.assert_close(got, want)

@@ -92,13 +92,6 @@ def rowwise_fp8_torch(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Te
     return to_fp8_saturated(t.to(torch.float32) * scale, _FP8), scale
 
 
-def _row_groups(offsets_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[A] expert of each row (clamped to the last) and [A] bool, whether the row is inside a group."""
-    rows_A = torch.arange(num_rows, device=offsets_E.device, dtype=offsets_E.dtype)
-    expert_A = torch.searchsorted(offsets_E, rows_A, right=True)
-    return expert_A.clamp(max=offsets_E.shape[0] - 1).long(), rows_A < offsets_E[-1]
-
-
 def per_group_colwise_fp8(t_AN: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch code for torchao's ``triton_fp8_per_group_colwise_scales`` and our
     :func:`~torchtune_moe.modules._kernels.per_group_colwise_fp8` (same scales and fp8 values): each column of each
@@ -109,8 +102,8 @@ def per_group_colwise_fp8(t_AN: torch.Tensor, offsets_E: torch.Tensor) -> tuple[
         as the kernel's). Rows past ``offsets_E[-1]`` hold unspecified values.
     """
     E, (A, N) = offsets_E.shape[0], t_AN.shape
-    expert_A, inside_A = _row_groups(offsets_E, A)
-    abs_AN = torch.where(inside_A.unsqueeze(-1), t_AN.abs(), 0)
+    expert_A = _kernels.row_experts(offsets_E, A)
+    abs_AN = torch.where(_kernels.valid_rows(A, offsets_E[-1:]), t_AN.abs(), 0)
     amax_EN = abs_AN.new_zeros(E, N).scatter_reduce_(0, expert_A.unsqueeze(-1).expand(A, N), abs_AN, "amax")
     scales_EN = amax_to_scale(amax_EN, _FP8, round_scales_to_power_of_2=True)
     return to_fp8_saturated(t_AN.to(torch.float32) * scales_EN[expert_A], _FP8), scales_EN.flatten()
@@ -199,7 +192,7 @@ class Fp8GroupedGemm:
         """``g_AN^T @ a_AK`` over each expert's rows, in fp8: both scaled per column within each expert."""
         if self.emulate:
             E = offsets_E.shape[0]
-            expert_A, _ = _row_groups(offsets_E, g_AN.shape[0])
+            expert_A = _kernels.row_experts(offsets_E, g_AN.shape[0])
             g8_AN, g_scale_EN = per_group_colwise_fp8(g_AN, offsets_E)
             a8_AK, a_scale_EK = per_group_colwise_fp8(a_AK, offsets_E)
             g_AN32 = g8_AN.float() / g_scale_EN.view(E, -1)[expert_A]

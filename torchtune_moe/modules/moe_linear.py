@@ -195,7 +195,7 @@ class MoELinear(nn.Module):
         """
         h_AH = F.grouped_mm(x_AD, _local(self.gate_up_proj).transpose(-2, -1), offs=offsets_E)
         if self.gate_up_proj_bias is not None:
-            expert_A = _row_experts(offsets_E, x_AD.shape[0])
+            expert_A = _kernels.row_experts(offsets_E, x_AD.shape[0])
             h_AH = h_AH + _local(self.gate_up_proj_bias)[expert_A]
         h_AH = _glu(h_AH, self.act) if self.gated else self.act(h_AH)
         y_AD = F.grouped_mm(h_AH, _local(self.down_proj).transpose(-2, -1), offs=offsets_E)
@@ -248,7 +248,7 @@ class MoELinear(nn.Module):
         if self.gate_up_proj_bias is not None:
             # offsets_E counts this rank's experts (all E without expert parallelism): expert_A indexes the local
             # shard of the biases, cut by expert like the weights.
-            expert_A = _row_experts(offsets_E, rows_A.shape[0])
+            expert_A = _kernels.row_experts(offsets_E, rows_A.shape[0])
             gate_up_bias = _local(self.gate_up_proj_bias)
         out_TD = _RoutedExperts.apply(
             x_TD, weights_A, _local(self.gate_up_proj), _local(self.down_proj), rows_A, offsets_E, combine_TK, index_J,
@@ -334,13 +334,6 @@ def _pad_groups(
     if index_J is not None:
         index_J = pos_A[index_J]
     return rows_P, weights_P, padded_E, combine_TK, index_J
-
-
-def _row_experts(offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """[A] int64 expert of each row sorted by expert (rows past ``offsets_E[-1]``, dropped slots: the last
-    expert, masked by the caller). No host-device sync."""
-    rows_A = torch.arange(num_rows, device=offsets_E.device, dtype=offsets_E.dtype)
-    return torch.searchsorted(offsets_E, rows_A, right=True).clamp_(max=offsets_E.shape[0] - 1)
 
 
 def _bias_grad(

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
+    "row_experts",
     "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported", "rowwise_fp8", "per_group_colwise_fp8",
     "swiglu_lora_forward", "swiglu_lora_backward", "swiglu_lora_supported",
 ]
@@ -194,6 +195,13 @@ def gather_rows(
 def valid_rows(num_rows: int, num_valid: torch.Tensor) -> torch.Tensor:
     """[num_rows, 1] bool: rows before ``num_valid`` (a 1-element tensor), i.e. not dropped slots."""
     return (torch.arange(num_rows, device=num_valid.device) < num_valid).unsqueeze(-1)
+
+
+def row_experts(offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """[num_rows] int64 expert of each row sorted by expert (``offsets_E`` [E] cumulative ends; rows past
+    ``offsets_E[-1]``, dropped slots: the last expert, masked by the caller). No host-device sync."""
+    rows_A = torch.arange(num_rows, device=offsets_E.device, dtype=offsets_E.dtype)
+    return torch.searchsorted(offsets_E, rows_A, right=True).clamp_(max=offsets_E.shape[0] - 1)
 
 
 def _swiglu_parts(h_AF: torch.Tensor):

@@ -19,7 +19,6 @@ from torchtune_moe.modules.moe_linear import (
     _combine,
     _glu,
     _local,
-    _row_experts,
     token_segments,
 )
 
@@ -209,7 +208,7 @@ class LoRAMoELinear(MoELinear, AdapterModule):
         )
         h_AF = h_AF + self.scale * delta_AF
         if self.gate_up_proj_bias is not None:
-            expert_A = _row_experts(offsets_E, x_AD.shape[0])
+            expert_A = _kernels.row_experts(offsets_E, x_AD.shape[0])
             h_AF = h_AF + self.gate_up_proj_bias[expert_A]
         h_AH = _glu(h_AF, self.act) if self.gated else self.act(h_AF)
         y_AD = F.grouped_mm(h_AH, w_d.transpose(-2, -1), offs=offsets_E)
@@ -234,7 +233,7 @@ class LoRAMoELinear(MoELinear, AdapterModule):
             index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
         expert_A = gate_up_bias = None
         if self.gate_up_proj_bias is not None:
-            expert_A = _row_experts(offsets_E, rows_A.shape[0])
+            expert_A = _kernels.row_experts(offsets_E, rows_A.shape[0])
             gate_up_bias = _local(self.gate_up_proj_bias)
         out_TD = _RoutedExpertsLoRA.apply(
             x_TD, weights_A, self.gate_up_proj, self.down_proj,
@@ -255,12 +254,12 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
     and ``scale * xa @ B^T`` added in place into the projection's output before the activation (gate/up) or the
     combine (down) (:func:`_kernels.lowrank_add_`, as are the backward's ``grad_xa @ A`` terms). With SwiGLU
     on the Triton kernels the gate/up delta is never added to ``h``: :func:`_kernels.swiglu_lora_forward` and
-    :func:`_kernels.swiglu_lora_backward` add it on the fly, and ``h`` is saved as the base GEMM wrote it. The products
-    by the first factor (``x @ A_gu^T``, ``grad_y @ B_d``, ...) are :func:`_kernels.rows_project`, fused with
-    the gather of ``x`` (forward) and of the output gradient (backward) where they read it. The adapter
+    :func:`_kernels.swiglu_lora_backward` add it on the fly, and ``h`` is saved as the base GEMM wrote it. The
+    products by the first factor (``x @ A_gu^T``, ``grad_y @ B_d``, ...) are :func:`_kernels.rows_project`, fused
+    with the gather of ``x`` (forward) and of the output gradient (backward) where they read it. The adapter
     weight gradients are per-expert outer-product sums (:func:`_kernels.expert_outer`); the one of ``A_gu``
-    reads the input rows by index, so backward gathers no copy of ``x`` unless the base trains. Frozen NF4 base weights are dequantized when used (forward, and again in
-    backward) and never kept dense. Base-weight gradients are computed only when they require grad. The gate/up
+    reads the input rows by index, so backward gathers no copy of ``x`` unless the base trains. Frozen NF4 base
+    weights are dequantized when used (forward, and again in backward) and never kept dense. Base-weight gradients are computed only when they require grad. The gate/up
     bias (GPT-OSS, ``gate_up_bias`` [E, 2H] with ``expert_A`` each row's expert) is added to ``h_AF`` as in
     ``_RoutedExperts``; the down bias is added by the caller after the combine.
     """

@@ -143,9 +143,25 @@ def sweep_setup(doc: str, script: str, stand_in: dict, layer_repeats: int):
     args = p.parse_args()
     if args.layer_repeats < 1:
         p.error(f"--layer-repeats must be >= 1, got {args.layer_repeats}")
+    prepare_out(p, args.out)
     if not args.dry_run and (not torch.cuda.is_available() or not _kernels._HAS_TRITON):
         sys.exit(f"{script} needs a CUDA GPU and Triton (or --dry-run)")
     T = _kernels._triton or types.SimpleNamespace(**stand_in)
     dev = torch.device("cpu" if args.dry_run else "cuda")
     return args, T, dev, torch.float32 if args.dry_run else torch.bfloat16
+
+
+def prepare_out(parser: argparse.ArgumentParser, out) -> None:
+    """Creates the ``--out`` directory before any work (a benchmark writes its results at the end: a path that is a
+    file, or not writable, would lose them), refusing by name a path it cannot use."""
+    if not out:
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write_check")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        parser.error(f"--out {out}: not a directory the results can be written to ({e.strerror})")
 

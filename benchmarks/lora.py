@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import SHAPES, build_hf, build_ours, hf_config, median_ms  # noqa: E402
+from _models import SHAPES, build_hf, build_ours, hf_config, median_ms, prepare_out  # noqa: E402
 
 from torchtune_moe.modules import MoELinear, TokenChoiceTopKRouter, collect_aux_loss, dispatch_combine  # noqa: E402
 from torchtune_moe.modules.peft import LoRAMoELinear  # noqa: E402
@@ -371,6 +371,7 @@ def main():
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.layers) < 1:
         p.error(f"--layers must be >= 1 each, got {args.layers}")
+    prepare_out(p, args.out)
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (or --dry-run)")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")

@@ -49,6 +49,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _models import prepare_out  # noqa: E402
+
 from torchtune_moe.models.moe import moe_layer  # noqa: E402
 from torchtune_moe.modules import moe_layer as moe_layer_module  # noqa: E402
 
@@ -558,6 +560,7 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script runs")
     args = p.parse_args()
+    prepare_out(p, args.out)
     global DEV, OUT_DIR
     OUT_DIR = args.out
     if OUT_DIR:

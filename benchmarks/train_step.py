@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import SHAPES, build_hf, build_ours, hf_config, kernel_table  # noqa: E402
+from _models import SHAPES, build_hf, build_ours, hf_config, kernel_table, prepare_out  # noqa: E402
 
 from torchtune_moe.modules import collect_aux_loss, update_routers  # noqa: E402
 
@@ -158,6 +158,7 @@ def main():
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script runs")
     args = p.parse_args()
+    prepare_out(p, args.out)
     global DEV, SEQ, BATCH
     if args.dry_run:
         DEV, SEQ, BATCH = "cpu", 32, 2

@@ -65,3 +65,17 @@ def test_gather_tiles_dry_run(tmp_path):
     assert all(c["equal"] and c["ms"] > 0 for c in r["gather_rows"] + r["gather_sum"])
     assert set(r["layer_ms"]) == {"qwen3", "olmoe"}
     assert all(set(v) == {"default", "best"} and min(v.values()) > 0 for v in r["layer_ms"].values())
+
+
+@pytest.mark.parametrize("script", ["moe_layer", "train_step", "lora", "swiglu_lora_tiles", "gather_tiles"])
+def test_out_that_is_a_file_is_refused_before_any_work(script, tmp_path):
+    """A benchmark writes its results at the end: an ``--out`` it cannot write to is refused by name up front."""
+    a_file = tmp_path / "results.json"
+    a_file.write_text("{}")
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / f"{script}.py"), "--dry-run", "--out", str(a_file)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"--out {a_file}: not a directory the results can be written to" in res.stderr
+    assert a_file.read_text() == "{}"

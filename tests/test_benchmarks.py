@@ -1,4 +1,5 @@
-"""benchmarks/train_step.py --dry-run --profile, swiglu_lora_tiles.py and gather_tiles.py --dry-run (tiny shapes on CPU)
+"""benchmarks/train_step.py --dry-run --profile, swiglu_lora_tiles.py, gather_tiles.py and fp8_quantizers.py --dry-run
+(tiny shapes on CPU)
 run: the GPU scripts' code stays working.
 (benchmarks/lora.py's dry run: tests/recipes/test_moe_lora_finetune.py.)"""
 
@@ -67,7 +68,24 @@ def test_gather_tiles_dry_run(tmp_path):
     assert all(set(v) == {"default", "best"} and min(v.values()) > 0 for v in r["layer_ms"].values())
 
 
-@pytest.mark.parametrize("script", ["moe_layer", "train_step", "lora", "swiglu_lora_tiles", "gather_tiles"])
+FP8Q = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_quantizers.py"
+
+
+def test_fp8_quantizers_dry_run(tmp_path):
+    """The fp8 quantizer timings' dry run (CPU, tiny shapes, the torch code): the three row widths and both weights."""
+    res = subprocess.run(
+        [sys.executable, str(FP8Q), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((tmp_path / "fp8_quantizers.json").read_text())
+    assert r["device"] == "cpu" and [row["K"] for row in r["rowwise"]] == [64, 96, 192]
+    assert [row["weight"] for row in r["weights"]] == ["gate_up_proj", "down_proj"]
+    assert all(row["torch_code_ms"] > 0 for row in r["rowwise"] + r["weights"])
+
+
+@pytest.mark.parametrize(
+    "script", ["moe_layer", "train_step", "lora", "swiglu_lora_tiles", "gather_tiles", "fp8_quantizers"]
+)
 def test_out_that_is_a_file_is_refused_before_any_work(script, tmp_path):
     """A benchmark writes its results at the end: an ``--out`` it cannot write to is refused by name up front."""
     a_file = tmp_path / "results.json"

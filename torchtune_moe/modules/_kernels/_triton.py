@@ -607,11 +607,11 @@ def _rowwise_fp8_kernel(
             tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Rows of up to 16384 elements are quantized in one pass, held in registers (32 fp32 values per thread: 8192
-# elements per program at 8 warps, 16384 at 16). The earlier kernel read each row twice, 4 rows x 1024 columns at a
-# time: its second read missed L2 at the Mixtral shape (2.57 ms for six calls, ~2.2G elements, about the time of
-# reading everything twice from HBM; benchmarks/NOTES.md, Issue 13). Longer rows keep the two passes.
-_ROWWISE_ONE_PASS_MAX = 16384
+# Rows of up to 32768 elements are quantized in one pass, held in registers (8192 elements per program at 8 warps,
+# 16384 or 32768 at 16: up to 64 fp32 values per thread). The earlier kernel read each row twice, 4 rows x 1024
+# columns at a time: its second read missed L2 at the Mixtral shape (2.57 ms for six calls, ~2.2G elements, about
+# the time of reading everything twice from HBM; benchmarks/NOTES.md, Issue 13). Longer rows keep the two passes.
+_ROWWISE_ONE_PASS_MAX = 32768
 
 
 def rowwise_fp8(src_AK):

@@ -5,8 +5,11 @@
   hs 14336, grad_h 28672), with rows up to ``_triton._ROWWISE_ONE_PASS_MAX`` elements held in registers (one read)
   and longer ones in two passes: timed with the limit at 16384 (grad_h in two passes, the code before 2026-11-29)
   and at 32768 (the default: every width in one pass);
-- torchao's ``triton_fp8_rowwise_3d_transpose_rhs`` on both expert weights (the input gradient's right operand,
-  one scale per (expert, k)).
+  also with a power-of-2 factor per (expert, column) (the input gradient's left operand, which carries the
+  weight's row scales since 2026-11-29);
+- the input gradient's right operand on both expert weights: ``_kernels.scaled_transpose_fp8`` (the forward's row
+  scales, one read) against what the recipe used before, torchao's ``triton_fp8_rowwise_3d_transpose_rhs`` (one
+  scale per (expert, k), two reads).
 
 Median of CUDA-event timings (10 calls per pair of events); GB/s counts one read of the bf16 input and one write.
 
@@ -64,6 +67,13 @@ def main():
                     ms=median_ms(lambda: _kernels.rowwise_fp8(x), iters=iters, per_event=10),
                     equal=_same(_kernels.rowwise_fp8(x), ref))
             T._ROWWISE_ONE_PASS_MAX = default
+            mul = torch.exp2(-torch.randint(0, 8, (E, K), device=dev).float())
+            expert = torch.arange(A, device=dev) * E // A
+            ref_mul = gg.rowwise_fp8_torch(x.float() * mul[expert], -1)
+            mul16 = mul.bfloat16()
+            row["with_factor"] = dict(
+                ms=median_ms(lambda: _kernels.rowwise_fp8(x, mul16, expert), iters=iters, per_event=10),
+                equal=_same(_kernels.rowwise_fp8(x, mul16, expert), ref_mul))
         print(f"rowwise K={K}: {row}", flush=True)
         result["rowwise"].append(row)
         del x, ref
@@ -82,6 +92,11 @@ def main():
                     w.transpose(-2, -1), output_dtype=FP8, round_scales_to_power_of_2=True)
 
             row["torchao"] = dict(ms=median_ms(torchao, iters=iters, per_event=10), equal=_same(torchao(), ref))
+            q_NK, s_N1 = _kernels.rowwise_fp8(w.reshape(E * N, K))  # the forward's quantization of w
+            s_EN = s_N1.view(E, N)
+            row["ours_forward_scales"] = dict(
+                ms=median_ms(lambda: _kernels.scaled_transpose_fp8(w, s_EN), iters=iters, per_event=10),
+                equal=_same([_kernels.scaled_transpose_fp8(w, s_EN)], [q_NK.view(E, N, K)]))
         print(f"weight {name}: {row}", flush=True)
         result["weights"].append(row)
         del w, ref

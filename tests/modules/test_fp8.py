@@ -23,10 +23,15 @@ FP8_MAX = 448.0
 D, H, E, T = 32, 48, 4, 40
 
 
-def hand_quantize(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Dequantized fp8 of ``t`` with one scale per slice along ``dim``: 2^floor(log2(448 / amax)), written out."""
+def hand_scale(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """One fp8 scale per slice along ``dim`` (kept as size 1): 2^floor(log2(448 / amax)), written out."""
     amax = t.float().abs().amax(dim=dim, keepdim=True).clamp(min=1e-12)
-    scale = torch.exp2(torch.floor(torch.log2(FP8_MAX / amax)))
+    return torch.exp2(torch.floor(torch.log2(FP8_MAX / amax)))
+
+
+def hand_quantize(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Dequantized fp8 of ``t`` with one scale per slice along ``dim`` (:func:`hand_scale`), written out."""
+    scale = hand_scale(t, dim)
     return (t.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() / scale
 
 
@@ -73,12 +78,20 @@ def test_fp8_seam_is_the_hand_quantized_product(op):
     fp8 = gg.Fp8GroupedGemm(emulate=True)
     if op == "forward":  # a [A, K] @ w[e]^T, w [E, N, K]
         a, w = torch.randn(64, 32), torch.randn(4, 48, 32)
-        got, exact = fp8.forward(a, w, offsets_E), gg.BF16.forward(a, w, offsets_E)
+        (got, w_scale_EN), exact = fp8.forward(a, w, offsets_E), gg.BF16.forward(a, w, offsets_E)[0]
         ref = torch.cat([hand_quantize(a[s:t], -1) @ hand_quantize(w[e], -1).t() for e, (s, t) in enumerate(groups(offsets_E))])
-    elif op == "input_grad":  # g [A, N] @ w[e], w [E, N, K]
-        g, w = torch.randn(64, 48), torch.randn(4, 48, 32)
+        torch.testing.assert_close(w_scale_EN, hand_scale(w, -1).squeeze(-1), rtol=0, atol=0)  # for the backward
+    elif op == "input_grad":  # g [A, N] @ w[e], w [E, N, K]; w quantized as in forward (per row n), 1 / s on g
+        g, w = torch.randn(64, 48), torch.randn(4, 48, 32) * torch.logspace(-2, 1, 48).unsqueeze(-1)
         got, exact = fp8.input_grad(g, w, offsets_E), gg.BF16.input_grad(g, w, offsets_E)
-        ref = torch.cat([hand_quantize(g[s:t], -1) @ hand_quantize(w[e], 0) for e, (s, t) in enumerate(groups(offsets_E))])
+        assert torch.equal(got, fp8.input_grad(g, w, offsets_E, fp8.forward(torch.randn(64, 32), w, offsets_E)[1]))
+        ref = []
+        for e, (s, t) in enumerate(groups(offsets_E)):
+            s_N = hand_scale(w[e], -1).squeeze(-1)
+            u = g[s:t] * (s_N.min() / s_N)  # exact: powers of 2
+            w8 = (w[e] * s_N.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+            ref.append(hand_quantize(u, -1) @ w8 / s_N.min())
+        ref = torch.cat(ref)
     else:  # g[rows of e]^T @ a[rows of e] -> [E, N, K]
         g, a = torch.randn(64, 48), torch.randn(64, 32)
         got, exact = fp8.weight_grad(g, a, offsets_E), gg.BF16.weight_grad(g, a, offsets_E)
@@ -255,6 +268,9 @@ def test_gpu_path_operands_pass_scaled_grouped_mm_checks(op):
         args = {"forward": (a, w), "input_grad": (g, w), "weight_grad": (g, a)}[op]
         out = getattr(gg.Fp8GroupedGemm(), op)(*args, offsets_E)
         want = getattr(gg.BF16, op)(*args, offsets_E)
+        if op == "forward":  # (product, the weight's row scales for input_grad)
+            (out, w_scale_EN), want = out, want[0]
+            assert w_scale_EN.shape == (4, N) and w_scale_EN.dtype == torch.float32
     assert out.shape == want.shape and out.dtype == torch.bfloat16
 
 

@@ -136,6 +136,33 @@ def test_forward_weight_quantization_equals_torchao_kernel():
     assert torch.equal(q.view(torch.uint8), q_k.view(torch.uint8))
 
 
+def test_input_grad_quantizers_equal_torch_code():
+    """The input gradient's two quantizers: the weight as the forward quantizes it (per row n) written column-major
+    in one pass, and g's rows times a power of 2 per (expert, n) quantized per row: the bytes of the torch code."""
+    from torchtune_moe.modules import _kernels
+
+    torch.manual_seed(0)
+    E, N, K = 3, 1040, 272  # N past the 128-row tiles and not a multiple of them, K not a multiple of 64
+    w = (torch.randn(E, N, K, device="cuda") * torch.logspace(-3, 3, N, device="cuda").unsqueeze(-1)).bfloat16()
+    w[1, 5] = 0  # a zero row
+    q_NK, s_N1 = _kernels.rowwise_fp8(w.reshape(E * N, K))  # what the forward computes
+    q = _kernels.scaled_transpose_fp8(w, s_N1.view(E, N))
+    assert q.shape == (E, N, K) and q.stride() == (N * K, 1, N)
+    assert torch.equal(q.view(torch.uint8), q_NK.view(E, N, K).view(torch.uint8))
+    offsets_E = _offsets([96, 0, 205])
+    for width in (N, 20000, 40000):  # one pass (up to 32768) and two
+        g = torch.randn(301, width, device="cuda") * torch.logspace(-3, 3, 301, device="cuda").unsqueeze(-1)
+        g = g.bfloat16()
+        mul = torch.exp2(-torch.randint(0, 20, (E, width), device="cuda").float())
+        expert = _kernels.row_experts(offsets_E, 301)
+        u8, s = _kernels.rowwise_fp8(g, mul.bfloat16(), expert)
+        u8_t, s_t = gg.rowwise_fp8_torch(g.float() * mul[expert], -1)
+        assert torch.equal(s, s_t) and torch.equal(u8.view(torch.uint8), u8_t.view(torch.uint8))
+    torch.library.opcheck(
+        _kernels._scaled_transpose_fp8_op, (w, s_N1.view(E, N)), test_utils=("test_schema", "test_faketensor")
+    )
+
+
 @pytest.mark.parametrize("op", ["forward", "input_grad", "weight_grad"])
 def test_fp8_gemms_against_emulation_and_bf16(op):
     torch.manual_seed(0)
@@ -152,6 +179,9 @@ def test_fp8_gemms_against_emulation_and_bf16(op):
     got = getattr(real, op)(*args)
     emulated = getattr(emul, op)(*[a.cpu() for a in args[:2]], args[2].cpu())
     exact = getattr(gg.BF16, op)(*args)
+    if op == "forward":  # (product, the weight's row scales): the same scales on both paths
+        (got, scale), (emulated, scale_emul), exact = got, emulated, exact[0]
+        assert torch.equal(scale.cpu(), scale_emul)
     assert got.dtype == torch.bfloat16 and got.shape == exact.shape
     assert _rel(got, emulated) < 1e-2
     assert _rel(got, exact) < 0.06

@@ -20,7 +20,14 @@ copy, a kernel of ours stands in, as listed):
 - weight gradients: both operands scaled per column within each expert's rows (the values of torchao's
   ``triton_fp8_per_group_colwise_scales``, which wants column-major inputs; our kernel
   :func:`~torchtune_moe.modules._kernels.per_group_colwise_fp8` reads the row-major ones without a transpose
-  copy); the input gradient's weights transposed and scaled by ``triton_fp8_rowwise_3d_transpose_rhs``;
+  copy);
+- the input gradient ``g @ w[e]``, the one place we depart from torchao's recipe: w enters as the forward quantized
+  it (one scale per row n, the axis this GEMM sums over), written column-major in one pass
+  (:func:`~torchtune_moe.modules._kernels.scaled_transpose_fp8`), and the row scales move onto g's columns as exact
+  powers of 2 before g's row quantization (:func:`~torchtune_moe.modules._kernels.rowwise_fp8` with a factor).
+  torchao's ``triton_fp8_rowwise_3d_transpose_rhs`` scales w per column k instead, which needs two reads of w each
+  backward (1.8 of the 22 ms of Mixtral's fp8 layer; ours 1.05 ms; benchmarks/NOTES.md). Measured: the layer's
+  largest error against fp32 and a 336-step training loss unchanged;
 - activation rows, and the forward's ``w^T`` (column-major with one scale per output column: the rows of ``w``
   as they lie, scaled per row): one pass of our Triton kernel (:func:`~torchtune_moe.modules._kernels.rowwise_fp8`),
   the values of torchao's ``tensor_to_scale`` + ``to_fp8_saturated`` (and of
@@ -33,6 +40,7 @@ multiplies with ``F.grouped_mm`` in fp32: it runs on CPU, for tests.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +60,15 @@ class GroupedGemm:
     """bf16 (any dtype): torch's grouped GEMM, exactly as autograd runs it."""
 
     @staticmethod
-    def forward(a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        """``a_AK @ w_ENK[e]^T`` for each expert's rows: [A, K], [E, N, K] -> [A, N]."""
-        return F.grouped_mm(a_AK, w_ENK.transpose(-2, -1), offs=offsets_E)
+    def forward(a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """``a_AK @ w_ENK[e]^T`` for each expert's rows: [A, K], [E, N, K] -> [A, N]; and what :meth:`input_grad`
+        takes from the forward (nothing here; the fp8 GEMMs' weight scales)."""
+        return F.grouped_mm(a_AK, w_ENK.transpose(-2, -1), offs=offsets_E), None
 
     @staticmethod
-    def input_grad(g_AN: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        """``g_AN @ w_ENK[e]`` for each expert's rows: [A, N], [E, N, K] -> [A, K]."""
+    def input_grad(g_AN: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor, w_state=None) -> torch.Tensor:
+        """``g_AN @ w_ENK[e]`` for each expert's rows: [A, N], [E, N, K] -> [A, K] (``w_state``: the forward's
+        second output)."""
         return F.grouped_mm(g_AN, w_ENK, offs=offsets_E)
 
     @staticmethod
@@ -138,7 +148,8 @@ def pad_offsets(offsets_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, t
 
 @dataclass(frozen=True)
 class Fp8GroupedGemm:
-    """Rowwise-scaled float8 (e4m3) grouped GEMMs, torchao's recipe (see the module doc). Inputs bf16 (or fp32),
+    """Rowwise-scaled float8 (e4m3) grouped GEMMs, torchao's recipe but for the input gradient's weight (see the
+    module doc). Inputs bf16 (or fp32),
     outputs in the input's dtype (computed as bf16 on the GPU). Every expert's row count must be a multiple of
     :data:`FP8_ALIGN`; ``K`` and ``N`` multiples of 16.
 
@@ -149,14 +160,17 @@ class Fp8GroupedGemm:
 
     emulate: bool = False
 
-    def forward(self, a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        """``a_AK @ w_ENK[e]^T`` per expert, in fp8: a per row, w per output row n."""
+    def forward(
+        self, a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a_AK @ w_ENK[e]^T`` per expert, in fp8: a per row, w per output row n. Returns the product and the
+        weight's row scales [E, N] (fp32), which :meth:`input_grad` takes to quantize the weight again in one pass."""
         a8_AK, a_scale_A1 = rowwise_fp8(a_AK, dim=-1)
         if self.emulate:
             w8_EKN, w_scale_EN = transpose_rhs_fp8(w_ENK)
             a_AK32 = a8_AK.float() / a_scale_A1
             w_EKN32 = w8_EKN.float() / w_scale_EN.unsqueeze(1)
-            return F.grouped_mm(a_AK32, w_EKN32, offs=offsets_E).to(a_AK.dtype)
+            return F.grouped_mm(a_AK32, w_EKN32, offs=offsets_E).to(a_AK.dtype), w_scale_EN
         # torchao's _Float8GroupedMM quantizes the forward's weight with tensor_to_scale (several passes in eager).
         # w^T column-major with one scale per n is w's own layout scaled per row: the rows of w [E * N, K] through
         # our one-pass kernel, the values of triton_fp8_rowwise_3d_transpose_rhs(w_ENK) without its second read.
@@ -167,24 +181,43 @@ class Fp8GroupedGemm:
             a8_AK, w8_EKN, a_scale_A1.squeeze(-1).reciprocal(), w_scale_EN.reciprocal(), offsets_E,
             out_dtype=torch.bfloat16, use_fast_accum=True,
         )
-        return out.to(a_AK.dtype)
+        return out.to(a_AK.dtype), w_scale_EN
 
-    def input_grad(self, g_AN: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        """``g_AN @ w_ENK[e]`` per expert, in fp8: g per row, w per column k (within each expert)."""
-        g8_AN, g_scale_A1 = rowwise_fp8(g_AN, dim=-1)
+    def input_grad(
+        self,
+        g_AN: torch.Tensor,
+        w_ENK: torch.Tensor,
+        offsets_E: torch.Tensor,
+        w_scale_EN: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``g_AN @ w_ENK[e]`` per expert, in fp8, reusing the forward's quantization of w (``w_scale_EN``, its row
+        scales; computed here when None): ``sum_n g[a, n] w[n, k] = sum_n (g[a, n] / s[n]) (w[n, k] s[n])``.
+
+        The weight is the forward's fp8 ``w * s`` (scaled per row n, the reduction axis here), written column-major
+        in one pass; the factor ``1 / s[e, n]`` moves to g, exactly (powers of 2), normalized by the expert's
+        smallest scale ``m[e]`` so that it is at most 1: g's rows are quantized as ``g[a] * m[e] / s[e]`` (one scale per row),
+        and ``1 / m[e]`` is the right operand's scale. torchao's recipe instead quantizes w per column k (amax over
+        n), which takes two reads of w each backward (1.8 ms at Mixtral's two weights, benchmarks/NOTES.md)."""
+        E, N, K = w_ENK.shape
+        if w_scale_EN is None and self.emulate:
+            w_scale_EN = transpose_rhs_fp8(w_ENK)[1]
+        elif w_scale_EN is None:
+            w_scale_EN = _kernels.rowwise_fp8(w_ENK.reshape(E * N, K))[1].view(E, N)
+        m_E = w_scale_EN.amin(dim=-1)
+        mul_EN = m_E.unsqueeze(-1) / w_scale_EN  # powers of 2, <= 1
+        expert_A = _kernels.row_experts(offsets_E, g_AN.shape[0])
         if self.emulate:
-            w8_ENK, w_scale_EK = transpose_rhs_fp8(w_ENK.transpose(-2, -1))
-            g_AN32 = g8_AN.float() / g_scale_A1
-            w_ENK32 = w8_ENK.float() / w_scale_EK.unsqueeze(1)
-            return F.grouped_mm(g_AN32, w_ENK32, offs=offsets_E).to(g_AN.dtype)
-        from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_3d_transpose_rhs
-
-        w8_ENK, w_scale_EK = triton_fp8_rowwise_3d_transpose_rhs(
-            w_ENK.transpose(-2, -1), output_dtype=_FP8, round_scales_to_power_of_2=True
-        )
+            u8_AN, u_scale_A1 = rowwise_fp8_torch(g_AN.float() * mul_EN[expert_A], dim=-1)
+            w8_ENK = to_fp8_saturated(w_ENK.float() * w_scale_EN.unsqueeze(-1), _FP8)
+            u_AN32 = u8_AN.float() / u_scale_A1
+            w_ENK32 = w8_ENK.float() / m_E.view(E, 1, 1)
+            return F.grouped_mm(u_AN32, w_ENK32, offs=offsets_E).to(g_AN.dtype)
+        u8_AN, u_scale_A1 = _kernels.rowwise_fp8(g_AN, mul_EN.to(torch.bfloat16), expert_A)  # bf16: exact for 2^k
+        w8_ENK = _kernels.scaled_transpose_fp8(w_ENK, w_scale_EN)
         out = torch._scaled_grouped_mm(
-            g8_AN, w8_ENK, g_scale_A1.squeeze(-1).reciprocal(), w_scale_EK.reciprocal(), offsets_E,
-            out_dtype=torch.bfloat16, use_fast_accum=True,
+            u8_AN, w8_ENK, u_scale_A1.squeeze(-1).reciprocal(),
+            m_E.reciprocal().unsqueeze(-1).expand(E, K).contiguous(), offsets_E, out_dtype=torch.bfloat16,
+            use_fast_accum=True,
         )
         return out.to(g_AN.dtype)
 

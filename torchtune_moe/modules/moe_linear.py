@@ -102,10 +102,10 @@ class MoELinear(nn.Module):
         bias (bool): per-expert biases ``gate_up_proj_bias`` [E, 2H] (or [E, H]) and ``down_proj_bias`` [E, D]
             (GPT-OSS; sharded by expert like the weights under expert parallelism). Default False.
         expert_fp8 (bool): run the six grouped GEMMs of :meth:`routed` (forward, input and weight gradients) in
-            rowwise-scaled float8, torchao's recipe (:mod:`~torchtune_moe.modules._grouped_gemm`); weights and
-            activations stay in their dtype (bf16), only the GEMM operands are quantized, per step. Needs a CUDA GPU
-            of compute capability 9.0+ (H100, H200) and ``dim``, ``hidden_dim`` multiples of 16; each expert's
-            rows are padded to a multiple of 16 inside :meth:`routed`. Default False.
+            rowwise-scaled float8, torchao's recipe with one change (:mod:`~torchtune_moe.modules._grouped_gemm`);
+            weights and activations stay in their dtype (bf16), only the GEMM operands are quantized, per step.
+            Needs a CUDA GPU of compute capability 9.0+ (H100, H200) and ``dim``, ``hidden_dim`` multiples of 16;
+            each expert's rows are padded to a multiple of 16 inside :meth:`routed`. Default False.
     """
 
     def __init__(
@@ -452,14 +452,15 @@ class _RoutedExperts(torch.autograd.Function):
     ):
         num_valid = offsets_E[-1:]
         x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, may_drop)
-        h_AF = gemm.forward(x_AD, gate_up_proj, offsets_E)
+        h_AF, gate_up_state = gemm.forward(x_AD, gate_up_proj, offsets_E)
         if gate_up_bias is not None:
             h_AF = h_AF + gate_up_bias[expert_A]
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
-        y_AD = gemm.forward(hs_AH, down_proj, offsets_E)
+        y_AD, down_state = gemm.forward(hs_AH, down_proj, offsets_E)
         out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
-            x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, expert_A
+            x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, expert_A,
+            gate_up_state, down_state,
         )
         ctx.may_drop, ctx.act, ctx.gated, ctx.gemm = may_drop, act, gated, gemm
         ctx.bias_shape = None if gate_up_bias is None else (gate_up_bias.shape, gate_up_bias.dtype)
@@ -467,13 +468,14 @@ class _RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out_TD):
-        x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, expert_A = (
-            ctx.saved_tensors
-        )
+        (
+            x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, expert_A,
+            gate_up_state, down_state,
+        ) = ctx.saved_tensors
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
         num_valid = offsets_E[-1:]
         grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A, num_valid, ctx.may_drop)
-        grad_hs_AH = ctx.gemm.input_grad(grad_y_AD, down_proj, offsets_E)
+        grad_hs_AH = ctx.gemm.input_grad(grad_y_AD, down_proj, offsets_E, down_state)
         grad_h_AF, grad_w_A, hs_AH = _activate_backward(
             h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
         )
@@ -482,7 +484,7 @@ class _RoutedExperts(torch.autograd.Function):
         del grad_y_AD, hs_AH
         grad_x_TD = grad_gate_up = None
         if need_x:
-            grad_x_AD = ctx.gemm.input_grad(grad_h_AF, gate_up_proj, offsets_E)
+            grad_x_AD = ctx.gemm.input_grad(grad_h_AF, gate_up_proj, offsets_E, gate_up_state)
             grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, ctx.may_drop)
             del grad_x_AD
         if need_gate_up:

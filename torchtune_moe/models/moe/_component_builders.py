@@ -137,8 +137,8 @@ def moe_layer(
         gated (bool): GLU experts (SwiGLU with silu).
         expert_linear_bias (bool): biases on each routed expert's projections (GPT-OSS; see
             :class:`~torchtune_moe.modules.MoELinear`).
-        expert_fp8 (bool): the routed experts' grouped GEMMs in rowwise-scaled float8 (torchao's recipe; CUDA GPUs
-            of compute capability 9.0+; ``dim`` and ``moe_hidden_dim`` multiples of 16; see
+        expert_fp8 (bool): the routed experts' grouped GEMMs in rowwise-scaled float8 (torchao's recipe with one
+            change; CUDA GPUs of compute capability 9.0+; ``dim`` and ``moe_hidden_dim`` multiples of 16; see
             :class:`~torchtune_moe.modules.MoELinear`).
         shared_expert_hidden_dim (int): hidden dim of the shared expert FFN, 0 for none (N shared experts of
             hidden h are one FFN of hidden N*h).

@@ -33,6 +33,7 @@ __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
     "row_experts",
     "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported", "rowwise_fp8", "per_group_colwise_fp8",
+    "scaled_transpose_fp8",
     "swiglu_lora_forward", "swiglu_lora_backward", "swiglu_lora_supported",
 ]
 
@@ -151,11 +152,11 @@ if _HAS_TRITON:
         return h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2))
 
     @torch.library.custom_op("torchtune_moe::rowwise_fp8", mutates_args=())
-    def _rowwise_fp8_op(src_AK: Tensor) -> tuple[Tensor, Tensor]:
-        return _triton.rowwise_fp8(src_AK)
+    def _rowwise_fp8_op(src_AK: Tensor, mul_EK: Optional[Tensor], expert_A: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return _triton.rowwise_fp8(src_AK, mul_EK, expert_A)
 
     @_rowwise_fp8_op.register_fake
-    def _(src_AK):
+    def _(src_AK, mul_EK, expert_A):
         A, K = src_AK.shape
         return src_AK.new_empty((A, K), dtype=torch.float8_e4m3fn), src_AK.new_empty((A, 1), dtype=torch.float32)
 
@@ -168,6 +169,16 @@ if _HAS_TRITON:
         A, N = src_AN.shape
         q_AN = src_AN.new_empty_strided((A, N), (1, A), dtype=torch.float8_e4m3fn)
         return q_AN, src_AN.new_empty((offsets_E.shape[0] * N,), dtype=torch.float32)
+
+
+    @torch.library.custom_op("torchtune_moe::scaled_transpose_fp8", mutates_args=())
+    def _scaled_transpose_fp8_op(w_ENK: Tensor, scale_EN: Tensor) -> Tensor:
+        return _triton.scaled_transpose_fp8(w_ENK, scale_EN)
+
+    @_scaled_transpose_fp8_op.register_fake
+    def _(w_ENK, scale_EN):
+        E, N, K = w_ENK.shape
+        return w_ENK.new_empty_strided((E, N, K), (N * K, 1, N), dtype=torch.float8_e4m3fn)
 
 
 def gather_rows(
@@ -505,7 +516,9 @@ def swiglu_lora_backward(
     return swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
 
 
-def rowwise_fp8(src_AK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rowwise_fp8(
+    src_AK: torch.Tensor, mul_EK: Optional[torch.Tensor] = None, expert_A: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 e4m3 rows with one power-of-2 scale per row, in one pass (CUDA with Triton only: check
     :func:`use_triton`). The definition is torchao's ``tensor_to_scale`` + ``to_fp8_saturated``
     (:func:`torchtune_moe.modules._grouped_gemm.rowwise_fp8_torch`), which makes about five passes over memory in
@@ -513,11 +526,30 @@ def rowwise_fp8(src_AK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Args:
         src_AK (torch.Tensor): [A, K] rows (bf16 or fp32).
+        mul_EK (Optional[torch.Tensor]): [E, K] powers of 2 (bf16 or fp32): row a is quantized as
+            ``src[a] * mul_EK[expert_A[a]]`` (exact: a power-of-2 factor changes only the exponent).
+        expert_A (Optional[torch.Tensor]): [A] int, each row's expert (with ``mul_EK``).
 
     Returns:
         tuple: ``q_AK`` [A, K] float8_e4m3fn row-major (``src * scale`` saturated) and ``scale_A1`` [A, 1] fp32.
     """
-    return _rowwise_fp8_op(src_AK)
+    return _rowwise_fp8_op(src_AK, mul_EK, expert_A)
+
+
+def scaled_transpose_fp8(w_ENK: torch.Tensor, scale_EN: torch.Tensor) -> torch.Tensor:
+    """fp8 e4m3 ``w[e, n, :] * scale[e, n]`` saturated (the bytes :func:`rowwise_fp8` gives ``w``'s rows with these
+    scales), stored column-major per expert: [E, N, K] with strides (N * K, 1, N), the layout
+    ``torch._scaled_grouped_mm`` wants for a right operand reduced over n. One read of ``w``, one write (CUDA with
+    Triton only).
+
+    Args:
+        w_ENK (torch.Tensor): [E, N, K] (bf16 or fp32).
+        scale_EN (torch.Tensor): [E, N] fp32, the power-of-2 row scales (the forward's, from :func:`rowwise_fp8`).
+
+    Returns:
+        torch.Tensor: [E, N, K] float8_e4m3fn, strides (N * K, 1, N).
+    """
+    return _scaled_transpose_fp8_op(w_ENK, scale_EN)
 
 
 def per_group_colwise_fp8(src_AN: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -575,17 +575,22 @@ def _pow2_fp8_scale(amax, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
 
 @triton.jit
 def _rowwise_fp8_kernel(
-    src_ptr, out_ptr, scale_ptr, A, stride_src, stride_out,
-    K: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, ONE_PASS: tl.constexpr,
+    src_ptr, out_ptr, scale_ptr, mul_ptr, expert_ptr, A, stride_src, stride_out, stride_mul,
+    K: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, ONE_PASS: tl.constexpr, HAS_MUL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # with HAS_MUL, each row a is first multiplied by mul[expert[a], :] (powers of 2: exact)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_in = rows < A
     rows64 = rows.to(tl.int64)
+    if HAS_MUL:
+        mul_rows = mul_ptr + tl.load(expert_ptr + rows, mask=rows_in, other=0).to(tl.int64) * stride_mul
     if ONE_PASS:  # BLOCK_K >= K: the rows are read once and held in registers
         cols = tl.arange(0, BLOCK_K)
         mask = rows_in[:, None] & (cols < K)[None, :]
         x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_MUL:
+            x = x * tl.load(mul_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         scale = _pow2_fp8_scale(tl.max(tl.abs(x), axis=1), FP8_MAX, EPS)
         tl.store(scale_ptr + rows, scale, mask=rows_in)
         q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)
@@ -595,14 +600,18 @@ def _rowwise_fp8_kernel(
         for start in range(0, K, BLOCK_K):  # pass 1: the row's amax
             cols = start + tl.arange(0, BLOCK_K)
             mask = rows_in[:, None] & (cols < K)[None, :]
-            x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+            x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_MUL:
+                x = x * tl.load(mul_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = _pow2_fp8_scale(amax, FP8_MAX, EPS)
         tl.store(scale_ptr + rows, scale, mask=rows_in)
         for start in range(0, K, BLOCK_K):  # pass 2: scale, saturate, cast (the rows read again)
             cols = start + tl.arange(0, BLOCK_K)
             mask = rows_in[:, None] & (cols < K)[None, :]
             x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_MUL:
+                x = x * tl.load(mul_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)
             tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -614,10 +623,11 @@ def _rowwise_fp8_kernel(
 _ROWWISE_ONE_PASS_MAX = 32768
 
 
-def rowwise_fp8(src_AK):
+def rowwise_fp8(src_AK, mul_EK=None, expert_A=None):
     """[A, K] -> fp8 e4m3 [A, K] row-major and fp32 scales [A, 1]: one power-of-2 scale per row, exactly as
     torchao's ``tensor_to_scale(..., AXISWISE, axiswise_dim=-1, round_scales_to_power_of_2=True)`` and
-    ``to_fp8_saturated`` compute them, in one kernel (the torch code makes ~5 passes over memory)."""
+    ``to_fp8_saturated`` compute them, in one kernel (the torch code makes ~5 passes over memory). With ``mul_EK``
+    (powers of 2) and ``expert_A``, row a is first multiplied by ``mul_EK[expert_A[a]]``."""
     src_AK = _rows_contiguous(src_AK)
     A, K = src_AK.shape
     out_AK = torch.empty((A, K), dtype=torch.float8_e4m3fn, device=src_AK.device)
@@ -629,11 +639,46 @@ def rowwise_fp8(src_AK):
         num_warps = 16 if BLOCK_M * BLOCK_K > 8192 else 8
     else:
         BLOCK_M, BLOCK_K, num_warps = 4, 1024, 4
+    has_mul = mul_EK is not None
+    if has_mul:
+        mul_EK = _rows_contiguous(mul_EK)
     _rowwise_fp8_kernel[(triton.cdiv(A, BLOCK_M),)](
-        src_AK, out_AK, scale_A1, A, src_AK.stride(0), out_AK.stride(0),
-        K=K, FP8_MAX=448.0, EPS=1e-12, ONE_PASS=one_pass, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=num_warps,
+        src_AK, out_AK, scale_A1, mul_EK if has_mul else src_AK, expert_A if has_mul else src_AK, A,
+        src_AK.stride(0), out_AK.stride(0), mul_EK.stride(0) if has_mul else 0,
+        K=K, FP8_MAX=448.0, EPS=1e-12, ONE_PASS=one_pass, HAS_MUL=has_mul, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        num_warps=num_warps,
     )
     return out_AK, scale_A1
+
+
+@triton.jit
+def _scaled_transpose_fp8_kernel(
+    w_ptr, scale_ptr, out_ptr, N, K, FP8_MAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # out[e, k, n] = fp8(w[e, n, k] * scale[e, n]): tiles read along w's rows, stored along the output's (Triton's
+    # coalescing pass transposes the tile through shared memory)
+    e = tl.program_id(2).to(tl.int64)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (ns < N)[:, None] & (ks < K)[None, :]
+    base = e * N * K
+    x = tl.load(w_ptr + base + ns.to(tl.int64)[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + e * N + ns, mask=ns < N, other=0.0)
+    q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + base + ks.to(tl.int64)[None, :] * N + ns[:, None], q, mask=mask)
+
+
+def scaled_transpose_fp8(w_ENK, scale_EN):
+    """[E, N, K], [E, N] fp32 -> fp8 e4m3 ``w * scale`` per row, saturated, as [E, N] x K with strides
+    (N * K, 1, N) (column-major per expert: one read of w, one fp8 write)."""
+    w_ENK = w_ENK.contiguous()
+    E, N, K = w_ENK.shape
+    out_ENK = torch.empty_strided((E, N, K), (N * K, 1, N), dtype=torch.float8_e4m3fn, device=w_ENK.device)
+    BLOCK_N, BLOCK_K = 128, 64  # 128-byte segments of the fp8 columns written and of the bf16 rows read
+    _scaled_transpose_fp8_kernel[(triton.cdiv(K, BLOCK_K), triton.cdiv(N, BLOCK_N), E)](
+        w_ENK, scale_EN.contiguous(), out_ENK, N, K, FP8_MAX=448.0, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4,
+    )
+    return out_ENK
 
 
 @triton.jit

@@ -149,9 +149,8 @@ def pad_offsets(offsets_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, t
 @dataclass(frozen=True)
 class Fp8GroupedGemm:
     """Rowwise-scaled float8 (e4m3) grouped GEMMs, torchao's recipe but for the input gradient's weight (see the
-    module doc). Inputs bf16 (or fp32),
-    outputs in the input's dtype (computed as bf16 on the GPU). Every expert's row count must be a multiple of
-    :data:`FP8_ALIGN`; ``K`` and ``N`` multiples of 16.
+    module doc). Inputs bf16 (or fp32), outputs in the input's dtype (computed as bf16 on the GPU). Every expert's
+    row count must be a multiple of :data:`FP8_ALIGN`; ``K`` and ``N`` multiples of 16.
 
     Args:
         emulate (bool): quantize as the GPU path, then dequantize and multiply in fp32 with ``F.grouped_mm``
@@ -195,9 +194,10 @@ class Fp8GroupedGemm:
 
         The weight is the forward's fp8 ``w * s`` (scaled per row n, the reduction axis here), written column-major
         in one pass; the factor ``1 / s[e, n]`` moves to g, exactly (powers of 2), normalized by the expert's
-        smallest scale ``m[e]`` so that it is at most 1: g's rows are quantized as ``g[a] * m[e] / s[e]`` (one scale per row),
-        and ``1 / m[e]`` is the right operand's scale. torchao's recipe instead quantizes w per column k (amax over
-        n), which takes two reads of w each backward (1.8 ms at Mixtral's two weights, benchmarks/NOTES.md)."""
+        smallest scale ``m[e]`` so that it is at most 1: g's rows are quantized as ``g[a] * m[e] / s[e]`` (one
+        scale per row), and ``1 / m[e]`` is the right operand's scale. torchao's recipe instead quantizes w per
+        column k (amax over n), which takes two reads of w each backward (1.8 ms at Mixtral's two weights; 1.05 ms
+        this way, benchmarks/NOTES.md)."""
         E, N, K = w_ENK.shape
         if w_scale_EN is None and self.emulate:
             w_scale_EN = transpose_rhs_fp8(w_ENK)[1]

@@ -152,7 +152,9 @@ if _HAS_TRITON:
         return h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2))
 
     @torch.library.custom_op("torchtune_moe::rowwise_fp8", mutates_args=())
-    def _rowwise_fp8_op(src_AK: Tensor, mul_EK: Optional[Tensor], expert_A: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def _rowwise_fp8_op(
+        src_AK: Tensor, mul_EK: Optional[Tensor], expert_A: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor]:
         return _triton.rowwise_fp8(src_AK, mul_EK, expert_A)
 
     @_rowwise_fp8_op.register_fake
@@ -169,7 +171,6 @@ if _HAS_TRITON:
         A, N = src_AN.shape
         q_AN = src_AN.new_empty_strided((A, N), (1, A), dtype=torch.float8_e4m3fn)
         return q_AN, src_AN.new_empty((offsets_E.shape[0] * N,), dtype=torch.float32)
-
 
     @torch.library.custom_op("torchtune_moe::scaled_transpose_fp8", mutates_args=())
     def _scaled_transpose_fp8_op(w_ENK: Tensor, scale_EN: Tensor) -> Tensor:

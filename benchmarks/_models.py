@@ -6,6 +6,7 @@ sweeps (``swiglu_lora_tiles.py``, ``gather_tiles.py``).
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -149,6 +150,14 @@ def sweep_setup(doc: str, script: str, stand_in: dict, layer_repeats: int):
     T = _kernels._triton or types.SimpleNamespace(**stand_in)
     dev = torch.device("cpu" if args.dry_run else "cuda")
     return args, T, dev, torch.float32 if args.dry_run else torch.bfloat16
+
+
+def save_json(out, name: str, result) -> None:
+    """Writes ``result`` to ``out/name`` (the directory :func:`prepare_out` checked); nothing without ``--out``."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def prepare_out(parser: argparse.ArgumentParser, out) -> None:

@@ -18,7 +18,6 @@ Median of CUDA-event timings (10 calls per pair of events); GB/s counts one read
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import median_ms, prepare_out  # noqa: E402
+from _models import median_ms, prepare_out, save_json  # noqa: E402
 
 from torchtune_moe.modules import _grouped_gemm as gg, _kernels  # noqa: E402
 
@@ -100,9 +99,7 @@ def main():
         print(f"weight {name}: {row}", flush=True)
         result["weights"].append(row)
         del w, ref
-    if args.out:
-        with open(os.path.join(args.out, "fp8_quantizers.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.out, "fp8_quantizers.json", result)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ and OLMoE shapes is timed under the default and the best configurations, the ste
     python3 benchmarks/gather_tiles.py --dry-run                    # CPU, tiny shapes, the torch code
 """
 
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import median_ms, sweep_setup  # noqa: E402
+from _models import median_ms, save_json, sweep_setup  # noqa: E402
 
 from torchtune_moe.models import moe_layer  # noqa: E402
 from torchtune_moe.modules import _kernels  # noqa: E402
@@ -107,10 +106,7 @@ def main():
         for shape, ms in result["layer_ms"].items():
             print(f"layer {shape}: default {ms['default']:.3f} ms, best {ms['best']:.3f} ms", flush=True)
         T._GATHER_ROWS, T._GATHER_SUM = dict(default[0]), dict(default[1])
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gather_tiles.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.out, "gather_tiles.json", result)
 
 
 if __name__ == "__main__":

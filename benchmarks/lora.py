@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import SHAPES, build_hf, build_ours, hf_config, median_ms, prepare_out  # noqa: E402
+from _models import SHAPES, build_hf, build_ours, hf_config, median_ms, prepare_out, save_json  # noqa: E402
 
 from torchtune_moe.modules import MoELinear, TokenChoiceTopKRouter, collect_aux_loss, dispatch_combine  # noqa: E402
 from torchtune_moe.modules.peft import LoRAMoELinear  # noqa: E402
@@ -391,11 +391,8 @@ def main():
         for layers in args.layers if not args.dry_run else [2]:
             results["hf"].append(bench_hf(args, dev, dtype, layers))
             print(_hf_table(results["hf"][-1]), flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "lora.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        if "hf" in results:
+    save_json(args.out, "lora.json", results)
+    if args.out and "hf" in results:
             with open(os.path.join(args.out, "lora_vs_peft.md"), "w") as f:
                 f.write("\n\n".join(_hf_table(r) for r in results["hf"]) + "\n")
 

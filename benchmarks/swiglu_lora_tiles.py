@@ -14,7 +14,6 @@ the steps interleaved. ``--dry-run``: CPU, tiny shapes, the torch code (the scri
     python3 benchmarks/swiglu_lora_tiles.py --layer --out $OUT/tiles     # one GPU (CUDA and Triton)
 """
 
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import median_ms as _median_ms, sweep_setup  # noqa: E402
+from _models import median_ms as _median_ms, save_json, sweep_setup  # noqa: E402
 
 from torchtune_moe.modules import _kernels  # noqa: E402
 
@@ -150,10 +149,7 @@ def main():
         for name, ms in medians.items():
             print(f"layer {name}: {ms:.3f} ms, {ms / medians['frozen']:.3f}x frozen", flush=True)
         T._SWIGLU_LORA_FWD, T._SWIGLU_LORA_BWD = default
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "swiglu_lora_tiles.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.out, "swiglu_lora_tiles.json", result)
 
 
 if __name__ == "__main__":

@@ -33,15 +33,20 @@ def test_train_step_dry_run_with_profile(tmp_path):
 TILES = Path(__file__).resolve().parents[1] / "benchmarks" / "swiglu_lora_tiles.py"
 
 
+def _dry_run(script: Path, out: Path, *args: str) -> dict:
+    """Runs ``script --dry-run --out out *args`` (CPU, tiny shapes) and returns the JSON it wrote there."""
+    res = subprocess.run(
+        [sys.executable, str(script), "--dry-run", "--out", str(out), *args], capture_output=True, text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((out / f"{script.stem}.json").read_text())
+
+
 def test_swiglu_lora_tiles_dry_run(tmp_path):
     """The SwiGLU-LoRA tile sweep's dry run (CPU, tiny shapes, the torch code): every configuration timed and
     checked, then the layer timed under the default, the previous default and the best."""
-    res = subprocess.run(
-        [sys.executable, str(TILES), "--dry-run", "--layer", "--layer-repeats", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    r = json.loads((tmp_path / "swiglu_lora_tiles.json").read_text())
+    r = _dry_run(TILES, tmp_path, "--layer", "--layer-repeats", "1")
     assert r["device"] == "cpu" and r["shape"]["A"] == 512
     assert len(r["forward"]) == 8 and len(r["backward"]) == 9
     assert all(c["err"] < 1e-6 and c["ms"] > 0 for c in r["forward"] + r["backward"])
@@ -55,12 +60,7 @@ GATHER = Path(__file__).resolve().parents[1] / "benchmarks" / "gather_tiles.py"
 def test_gather_tiles_dry_run(tmp_path):
     """The row-gather / gather-sum tile sweep's dry run (CPU, tiny shapes, the torch code): every configuration timed
     and compared with the default's output, then the layer at both shapes under the default and the best."""
-    res = subprocess.run(
-        [sys.executable, str(GATHER), "--dry-run", "--layer", "--layer-repeats", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    r = json.loads((tmp_path / "gather_tiles.json").read_text())
+    r = _dry_run(GATHER, tmp_path, "--layer", "--layer-repeats", "1")
     assert r["device"] == "cpu" and r["shape"]["A"] == 128
     assert len(r["gather_rows"]) == 13 and len(r["gather_sum"]) == 8
     assert all(c["equal"] and c["ms"] > 0 for c in r["gather_rows"] + r["gather_sum"])
@@ -73,11 +73,7 @@ FP8Q = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_quantizers.py"
 
 def test_fp8_quantizers_dry_run(tmp_path):
     """The fp8 quantizer timings' dry run (CPU, tiny shapes, the torch code): the three row widths and both weights."""
-    res = subprocess.run(
-        [sys.executable, str(FP8Q), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    r = json.loads((tmp_path / "fp8_quantizers.json").read_text())
+    r = _dry_run(FP8Q, tmp_path)
     assert r["device"] == "cpu" and [row["K"] for row in r["rowwise"]] == [64, 96, 192]
     assert [row["weight"] for row in r["weights"]] == ["gate_up_proj", "down_proj"]
     assert all(row["torch_code_ms"] > 0 for row in r["rowwise"] + r["weights"])

@@ -259,9 +259,10 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
     with the gather of ``x`` (forward) and of the output gradient (backward) where they read it. The adapter
     weight gradients are per-expert outer-product sums (:func:`_kernels.expert_outer`); the one of ``A_gu``
     reads the input rows by index, so backward gathers no copy of ``x`` unless the base trains. Frozen NF4 base
-    weights are dequantized when used (forward, and again in backward) and never kept dense. Base-weight gradients are computed only when they require grad. The gate/up
-    bias (GPT-OSS, ``gate_up_bias`` [E, 2H] with ``expert_A`` each row's expert) is added to ``h_AF`` as in
-    ``_RoutedExperts``; the down bias is added by the caller after the combine.
+    weights are dequantized when used (forward, and again in backward) and never kept dense. Base-weight gradients
+    are computed only when they require grad. The gate/up bias (GPT-OSS, ``gate_up_bias`` [E, 2H] with
+    ``expert_A`` each row's expert) is added to ``h_AF`` as in ``_RoutedExperts``; the down bias is added by the
+    caller after the combine.
     """
 
     @staticmethod

@@ -1,5 +1,6 @@
-"""MoE components: experts, routers, the MoE layer and its auxiliary losses."""
+"""MoE components: experts, routers, the MoE layer, its auxiliary losses and the output cross-entropy."""
 
+from torchtune_moe.modules.linear_cross_entropy import LinearCrossEntropyLoss
 from torchtune_moe.modules.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from torchtune_moe.modules.moe_layer import MoE, collect_aux_loss, dispatch_combine, moe_layers, update_routers
 from torchtune_moe.modules.moe_linear import MoELinear
@@ -29,6 +30,7 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "sequence_balance_loss",
+    "LinearCrossEntropyLoss",
     "RoutingRecord",
     "capture_routing",
     "replay_routing",

@@ -1,4 +1,4 @@
-"""torchtune's ``TransformerDecoder`` with a check of its input tokens."""
+"""torchtune's ``TransformerDecoder`` with a check of its input tokens and an output that can be left to the loss."""
 
 from typing import Union
 
@@ -18,11 +18,17 @@ class MoETransformerDecoder(TransformerDecoder):
     The shape checks are free. The id range needs the values: on the CPU it is checked on every call (no device
     sync there); on an accelerator reading ``min``/``max`` back would stall the host every step, so it is
     checked on the first call only (one sync, which catches a tokenizer / vocab mismatch before training) —
-    set ``check_token_ids = True`` to check every call. Everything else is torchtune's ``TransformerDecoder``.
+    set ``check_token_ids = True`` to check every call.
+
+    ``skip_output_layer = True`` (set by :meth:`~torchtune_moe.modules.LinearCrossEntropyLoss.set_model_output`)
+    makes ``forward`` return the final normed hidden states ``[B, S, D]`` instead of logits: the loss applies the
+    output projection itself, as in later torchtune releases. Everything else is torchtune's ``TransformerDecoder``.
     """
 
     #: Check the id range of every forward on accelerators too (costs one host sync per call).
     check_token_ids: bool = False
+    #: Return the normed hidden states, not logits (the loss owns the output projection).
+    skip_output_layer: bool = False
 
     def forward(self, tokens: torch.Tensor, **kwargs) -> Union[torch.Tensor, list[torch.Tensor]]:
         """
@@ -31,13 +37,20 @@ class MoETransformerDecoder(TransformerDecoder):
             **kwargs: ``mask``, ``input_pos``, ... of torchtune's ``TransformerDecoder.forward``.
 
         Returns:
-            torch.Tensor: [B, S, vocab_size] logits (a list with chunked output, as torchtune's).
+            torch.Tensor: [B, S, vocab_size] logits (a list with chunked output, as torchtune's), or [B, S, D]
+            normed hidden states with ``skip_output_layer``.
 
         Raises:
             ValueError: tokens of the wrong rank or dtype, an empty batch or sequence, or ids out of range.
         """
         self._check_tokens(tokens)
         return super().forward(tokens, **kwargs)
+
+    def unembed(self, h: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """The final norm, then the output projection unless ``skip_output_layer`` is set."""
+        if self.skip_output_layer:
+            return self.norm(h)
+        return super().unembed(h)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:

@@ -1,0 +1,165 @@
+"""LinearCrossEntropyLoss against F.cross_entropy on the full logits: loss and both gradients, masked labels,
+chunk counts, tied and frozen weights, the model's ``skip_output_layer`` and refused inputs. The CUDA path (fp32
+GEMM outputs, the compiled softmax) is the ``gpu``-marked test at the end."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtune.modules import TiedLinear
+from torchtune.modules.peft import LoRALinear
+
+from torchtune_moe.models import moe
+from torchtune_moe.modules import LinearCrossEntropyLoss
+
+
+class _Head(nn.Module):
+    def __init__(self, dim, vocab, dtype=torch.float32, tied=False):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, dim, dtype=dtype)
+        self.output = TiedLinear(self.tok_embeddings) if tied else nn.Linear(dim, vocab, bias=False, dtype=dtype)
+
+    @property
+    def weight(self):
+        return self.tok_embeddings.weight if isinstance(self.output, TiedLinear) else self.output.weight
+
+
+def _reference(h, w, labels):
+    """Mean cross-entropy of the full fp32-upcast logits (the plain path)."""
+    return F.cross_entropy((h @ w.t()).float().reshape(-1, w.shape[0]), labels.reshape(-1))
+
+
+def _grads(fn, h, w):
+    h.grad = w.grad = None
+    loss = fn()
+    (loss * 3.0).backward()  # a grad_output other than 1
+    return loss.detach(), h.grad.clone(), w.grad.clone()
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 8, 100])
+@pytest.mark.parametrize("mask", [True, False])
+@pytest.mark.parametrize("tied", [False, True])
+def test_matches_full_logits_fp32(chunks, mask, tied):
+    torch.manual_seed(0)
+    head = _Head(16, 37, tied=tied)
+    loss_fn = LinearCrossEntropyLoss(num_output_chunks=chunks, mask_ignored_tokens=mask)
+    loss_fn.set_model_output(head)
+    h = torch.randn(3, 11, 16, requires_grad=True)
+    labels = torch.randint(0, 37, (3, 11))
+    labels[0, :4] = -100  # masked prompt tokens
+    labels[2, -1] = -100
+    got = _grads(lambda: loss_fn(h, labels), h, head.weight)
+    ref = _grads(lambda: _reference(h, head.weight, labels), h, head.weight)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert got[1][0, :4].abs().max() == 0  # no gradient into masked positions
+
+
+def test_matches_full_logits_bf16():
+    """bf16: the same roundings as the plain path up to the fp32 accumulation order (one bf16 ulp)."""
+    torch.manual_seed(0)
+    head = _Head(64, 301, dtype=torch.bfloat16)
+    loss_fn = LinearCrossEntropyLoss(num_output_chunks=4)
+    loss_fn.set_model_output(head)
+    h = torch.randn(4, 32, 64, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 301, (4, 32))
+    got = _grads(lambda: loss_fn(h, labels), h, head.weight)
+    ref = _grads(lambda: _reference(h, head.weight, labels), h, head.weight)
+    assert got[1].dtype == got[2].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    _assert_as_close_to_fp32(got, ref, h, head.weight, labels)
+
+
+def _assert_as_close_to_fp32(got, ref, h, w, labels):
+    """The bf16 gradients against the fp32 math: the hidden states' within the plain path's distance (ours rounds
+    once, after an fp32 GEMM output), the weight's within 3x it (summed over the chunks in bf16, as autograd sums
+    CEWithChunkedOutputLoss's chunks; the plain path is one GEMM)."""
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref32 = _grads(lambda: _reference(h32, w32, labels), h32, w32)
+    for i, slack in ((1, 1.01), (2, 3.0)):
+        err_ours = (got[i].float() - ref32[i]).abs().max().item()
+        err_plain = (ref[i].float() - ref32[i]).abs().max().item()
+        assert err_ours <= slack * err_plain + 1e-7, (i, err_ours, err_plain)
+
+
+def test_frozen_weight_no_grad_and_eval():
+    torch.manual_seed(0)
+    head = _Head(8, 20)
+    head.output.weight.requires_grad_(False)
+    loss_fn = LinearCrossEntropyLoss(num_output_chunks=2)
+    loss_fn.set_model_output(head)
+    h = torch.randn(10, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (10,))
+    loss_fn(h, labels).backward()
+    assert head.output.weight.grad is None and h.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(loss_fn(h, labels), _reference(h, head.output.weight, labels))
+
+
+def test_all_labels_ignored_gives_zero():
+    head = _Head(8, 20)
+    loss_fn = LinearCrossEntropyLoss()
+    loss_fn.set_model_output(head)
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    loss = loss_fn(h, torch.full((2, 5), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().max() == 0 and head.output.weight.grad.abs().max() == 0
+
+
+def test_moe_model_skip_output_layer():
+    """The loss on the model's hidden states equals the cross-entropy of the model's own logits."""
+    torch.manual_seed(0)
+    kw = dict(vocab_size=50, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32, max_seq_len=16,
+              num_experts=4, experts_per_token=2, moe_hidden_dim=16)
+    model = moe(**kw)
+    tokens = torch.randint(0, 50, (2, 12))
+    labels = torch.randint(0, 50, (2, 12))
+    ref = _reference(model(tokens), torch.eye(50), labels)  # logits @ I.T: the logits themselves
+    loss_fn = LinearCrossEntropyLoss(num_output_chunks=3)
+    loss_fn.set_model_output(model)
+    assert model.skip_output_layer
+    hidden = model(tokens)
+    assert hidden.shape == (2, 12, 32)
+    torch.testing.assert_close(loss_fn(hidden, labels), ref)
+
+
+def test_refused():
+    with pytest.raises(ValueError, match="num_output_chunks must be an integer >= 1"):
+        LinearCrossEntropyLoss(num_output_chunks=0)
+    loss_fn = LinearCrossEntropyLoss()
+    with pytest.raises(RuntimeError, match="set_model_output"):
+        loss_fn(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))
+    head = _Head(8, 20)
+    head.output = LoRALinear(8, 20, rank=2, alpha=4)
+    with pytest.raises(ValueError, match="apply_lora_to_output use torchtune.modules.loss.CEWithChunkedOutputLoss"):
+        loss_fn.set_model_output(head)
+    head.output = nn.Linear(8, 20)
+    with pytest.raises(ValueError, match="bias-free nn.Linear or a TiedLinear, got Linear with a bias"):
+        loss_fn.set_model_output(head)
+    head = _Head(8, 20)
+    loss_fn.set_model_output(head)
+    with pytest.raises(ValueError, match=r"do not match labels \[3\] and the output weight \[20, 8\]"):
+        loss_fn(torch.randn(2, 8), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="is model.skip_output_layer set"):
+        loss_fn(torch.randn(2, 20), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_bf16_matches_full_logits(compiled):
+    """CUDA: the hidden-state GEMM writes fp32 (``out_dtype``), ``addmm`` sums the weight gradient in its
+    epilogue, the softmax compiled or eager; against the plain path and the fp32 math."""
+    torch.manual_seed(0)
+    head = _Head(512, 5003, dtype=torch.bfloat16).cuda()
+    loss_fn = LinearCrossEntropyLoss(num_output_chunks=8)
+    loss_fn.set_model_output(head)
+    if compiled:
+        loss_fn.apply_compile_strategy()
+    h = torch.randn(4, 300, 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 5003, (4, 300), device="cuda")
+    labels[:, :50] = -100
+    got = _grads(lambda: loss_fn(h, labels), h, head.weight)
+    ref = _grads(lambda: _reference(h, head.weight, labels), h, head.weight)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
+    _assert_as_close_to_fp32(got, ref, h, head.weight, labels)

@@ -1,0 +1,221 @@
+"""Token cross-entropy over the output projection that never holds the [tokens, vocab] logits.
+
+:class:`LinearCrossEntropyLoss` takes the model's final hidden states (the model built with
+``skip_output_layer = True``) and applies the output projection itself, a chunk of tokens at a time. Each chunk's
+gradients (with respect to the hidden states and the projection's weight) are computed in the forward, right after
+its logits, so the logits and their gradient are freed before the next chunk: the backward only scales the two
+stored gradients. Against torchtune's ``CEWithChunkedOutputLoss`` this saves
+
+- the logits kept for the backward (all chunks, in bf16: 2.5 GB for 8192 tokens of Qwen3's 151936-word vocab) and
+  their fp32 upcasts;
+- the adds that sum the weight gradient over chunks (autograd adds one [vocab, dim] gradient per chunk): here the
+  chunks accumulate inside the GEMM's epilogue (``addmm``, beta = 1);
+- the cross-entropy's second pass over the logits in the backward.
+
+Why written here: torchtune 0.6.1 has no such loss (its later ``LinearCrossEntropyLoss`` applies the projection per
+chunk but leaves the gradients to autograd, so it keeps the logits); Liger-Kernel has one but is a Triton-only
+package that the CPU install and the tests cannot run. The arithmetic is torch's: the GEMMs are ``torch.mm`` /
+``torch.addmm``, the per-chunk softmax gradient is plain torch code that ``torch.compile`` fuses
+(:meth:`LinearCrossEntropyLoss.apply_compile_strategy`).
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torchtune.modules import TiedLinear
+
+__all__ = ["LinearCrossEntropyLoss"]
+
+
+def _mm_fp32(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` written in fp32 for bf16/fp16 ``a``, ``b`` (on CUDA the GEMM writes fp32 itself through
+    ``out_dtype``; torch's CPU GEMMs have no ``out_dtype``, so there the operands are upcast)."""
+    if a_MK.is_cuda and a_MK.dtype != torch.float32:
+        return torch.mm(a_MK, b_KN, out_dtype=torch.float32)
+    return a_MK.float() @ b_KN.float()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of ``cross_entropy(h_ND @ w_VD.T, labels_N)`` with both gradients made in the forward."""
+
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, labels_N, num_chunks, ce_and_grad):
+        N, D = h_ND.shape
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+        # [N, D] in fp32 (small): the hidden-state gradient is rounded once, after the backward's scaling.
+        grad_h_ND = torch.empty(N, D, dtype=torch.float32, device=h_ND.device) if need_h else None
+        grad_w_VD = None
+        rows = max(1, -(-N // num_chunks))
+        for start in range(0, N, rows):
+            h_CD = h_ND[start : start + rows]
+            logits_CV = h_CD @ w_VD.t()
+            loss_c, grad_CV = ce_and_grad(logits_CV, labels_N[start : start + rows])
+            del logits_CV
+            loss = loss + loss_c
+            if need_h:
+                grad_h_ND[start : start + rows] = _mm_fp32(grad_CV, w_VD)
+            if need_w:  # summed over chunks in the weight's dtype, in the GEMM's epilogue (beta = 1)
+                if grad_w_VD is None:
+                    grad_w_VD = grad_CV.t() @ h_CD
+                else:
+                    torch.addmm(grad_w_VD, grad_CV.t(), h_CD, out=grad_w_VD)
+        if need_w and grad_w_VD is None:  # no rows
+            grad_w_VD = torch.zeros_like(w_VD)
+        ctx.save_for_backward(grad_h_ND, grad_w_VD)
+        ctx.h_dtype = h_ND.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h_ND, grad_w_VD = ctx.saved_tensors
+        dh = (grad_h_ND * grad_loss).to(ctx.h_dtype) if grad_h_ND is not None else None
+        # The fp32 scalar times the bf16 [V, D]: torch's `*` takes its slow dtype-casting kernel for this mix (4x
+        # the time at Qwen3's vocab); the foreach kernel scales in fp32 and stays vectorized.
+        dw = torch._foreach_mul([grad_w_VD], grad_loss)[0] if grad_w_VD is not None else None
+        return dh, dw, None, None, None
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Mean token cross-entropy of ``hidden @ output.weight.T`` against ``labels``, computed a chunk of tokens at a
+    time without keeping any logits (see the module docstring). A drop-in for torchtune's
+    ``CEWithChunkedOutputLoss`` in the recipes: the recipe sets ``model.skip_output_layer = True`` and calls
+    :meth:`set_model_output`, so the model returns its normed hidden states and this loss owns the projection.
+
+    The numbers are the chunked path's: logits in the model's dtype (GEMMs accumulate in fp32), the softmax in
+    fp32, the logits' gradient rounded to the model's dtype, the weight gradient summed over chunks in the
+    weight's dtype (as autograd sums CEWithChunkedOutputLoss's chunks); the hidden-state gradient is kept in fp32
+    and rounded once.
+
+    Memory: one chunk's logits and their gradient at a time ([tokens / num_output_chunks, vocab] each), plus the
+    [vocab, dim] weight gradient and an fp32 [tokens, dim] hidden-state gradient, held from the forward to the
+    backward.
+
+    Args:
+        num_output_chunks (int): chunks the label tokens are split into (torchtune's key). Default 8.
+        ignore_index (int): label of positions without a loss. Default -100.
+        mask_ignored_tokens (bool): drop the ignored positions before the projection, so that masked prompt
+            tokens cost no GEMM work (one host sync per call to count them). Default True.
+
+    Raises:
+        ValueError: ``num_output_chunks`` below 1.
+    """
+
+    def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, mask_ignored_tokens: bool = True):
+        super().__init__()
+        if not isinstance(num_output_chunks, int) or isinstance(num_output_chunks, bool) or num_output_chunks < 1:
+            raise ValueError(f"loss.num_output_chunks must be an integer >= 1, got {num_output_chunks!r}")
+        self.num_output_chunks = num_output_chunks
+        self.ignore_index = ignore_index
+        self.mask_ignored_tokens = mask_ignored_tokens
+        self._output = None
+
+    def set_model_output(self, model: nn.Module) -> None:
+        """Takes the projection from ``model.output`` (a bias-free ``nn.Linear`` or torchtune's ``TiedLinear``)
+        and sets ``model.skip_output_layer = True`` so that the model returns hidden states.
+
+        Raises:
+            ValueError: an output projection of another kind (a LoRA-adapted one: use ``CEWithChunkedOutputLoss``),
+                or one sharded as an FSDP unit of its own.
+        """
+        output = getattr(model, "output", None)
+        if isinstance(output, FSDPModule) or (isinstance(output, TiedLinear) and isinstance(output.tied_module, FSDPModule)):
+            raise ValueError(
+                "loss: LinearCrossEntropyLoss cannot take an output projection that is an FSDP unit of its own "
+                "(custom_sharded_layers names it): its weight is gathered only inside that module's forward"
+            )
+        if isinstance(output, TiedLinear):
+            pass
+        elif type(output) is not nn.Linear or output.bias is not None:
+            raise ValueError(
+                f"loss: LinearCrossEntropyLoss needs the model's output projection as a bias-free nn.Linear or a "
+                f"TiedLinear, got {type(output).__name__}{' with a bias' if isinstance(output, nn.Linear) else ''} "
+                f"(with apply_lora_to_output use torchtune.modules.loss.CEWithChunkedOutputLoss)"
+            )
+        self._output = output
+        model.skip_output_layer = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[V, D] the output projection's current weight (read at each call: FSDP2 swaps the tensor)."""
+        if self._output is None:
+            raise RuntimeError("LinearCrossEntropyLoss: call set_model_output(model) before computing the loss")
+        if isinstance(self._output, TiedLinear):
+            return self._output.tied_module.weight
+        return self._output.weight
+
+    def apply_compile_strategy(self) -> "LinearCrossEntropyLoss":
+        """Compiles the per-chunk softmax and gradient (:meth:`compute_cross_entropy`) with ``torch.compile``; the
+        chunk loop and the GEMMs stay eager. Returns self.
+
+        Compiled for any number of rows at once (``dynamic=True``): the label tokens per step, hence the chunk
+        rows, change from step to step, and a shape-specialised compile would compile again."""
+        self.compute_cross_entropy = torch.compile(self.compute_cross_entropy, dynamic=True)
+        return self
+
+    def compute_cross_entropy(self, logits_CV: torch.Tensor, labels_C: torch.Tensor):
+        """One chunk's summed cross-entropy and its gradient with respect to the logits.
+
+        Args:
+            logits_CV (torch.Tensor): [C, V] logits (any float dtype; the math is fp32).
+            labels_C (torch.Tensor): [C] target ids, ``ignore_index`` for none.
+
+        Returns:
+            tuple: fp32 scalar loss sum, [C, V] gradient of that sum in the logits' dtype.
+        """
+        logits = logits_CV.float()
+        valid_C = labels_C != self.ignore_index
+        target_C = torch.where(valid_C, labels_C, 0)
+        lse_C = torch.logsumexp(logits, dim=-1)
+        loss = torch.where(valid_C, lse_C - logits.gather(1, target_C[:, None]).squeeze(1), 0.0).sum()
+        cols_V = torch.arange(logits.shape[1], device=logits.device)
+        onehot_CV = (cols_V[None, :] == target_C[:, None]).to(logits.dtype)
+        grad_CV = (torch.exp(logits - lse_C[:, None]) - onehot_CV) * valid_C[:, None]
+        return loss, grad_CV.to(logits_CV.dtype)
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            hidden (torch.Tensor): [B, S, D] or [N, D] final (normed) hidden states.
+            labels (torch.Tensor): [B, S] or [N] target ids, ``ignore_index`` where there is no loss.
+
+        Returns:
+            torch.Tensor: fp32 scalar, the mean cross-entropy over the non-ignored labels (0 if there are none).
+
+        Raises:
+            ValueError: hidden states and labels of mismatched shapes, or a width other than the projection's.
+        """
+        w_VD = self.weight
+        if isinstance(w_VD, DTensor):
+            raise RuntimeError(
+                "LinearCrossEntropyLoss: the output weight is still sharded after the model's forward; with FSDP2 "
+                "keep the root unit's weights gathered until the backward: model.set_reshard_after_forward(False, "
+                "recurse=False) after fully_shard(model) (the recipes do this)"
+            )
+        h_ND = hidden.reshape(-1, hidden.shape[-1])
+        labels_N = labels.reshape(-1)
+        if h_ND.shape[0] != labels_N.shape[0] or h_ND.shape[-1] != w_VD.shape[1]:
+            raise ValueError(
+                f"LinearCrossEntropyLoss: hidden states {list(hidden.shape)} do not match labels {list(labels.shape)}"
+                f" and the output weight {list(w_VD.shape)} (expected [..., {w_VD.shape[1]}] hidden states with one"
+                f" label each; is model.skip_output_layer set?)"
+            )
+        valid_N = labels_N != self.ignore_index
+        total = valid_N.sum()
+        if self.mask_ignored_tokens:
+            keep = valid_N.nonzero().squeeze(1)
+            h_ND, labels_N = h_ND.index_select(0, keep), labels_N.index_select(0, keep)
+        if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
+            loss_sum = _LinearCrossEntropy.apply(h_ND, w_VD, labels_N, self.num_output_chunks,
+                                                 self.compute_cross_entropy)
+        else:
+            loss_sum = sum(
+                (F.cross_entropy((h_CD @ w_VD.t()).float(), l_C, ignore_index=self.ignore_index, reduction="sum")
+                 for h_CD, l_C in zip(h_ND.chunk(self.num_output_chunks), labels_N.chunk(self.num_output_chunks))),
+                torch.zeros((), dtype=torch.float32, device=h_ND.device),
+            )
+        return loss_sum / total.clamp(min=1)

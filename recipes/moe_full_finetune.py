@@ -240,6 +240,16 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         self._loss_fn = instantiate("loss", cfg.loss)
         if not hasattr(self._loss_fn, "ignore_index"):
             raise ValueError(f"loss: {type(self._loss_fn).__name__} has no ignore_index (use a cross-entropy loss)")
+        if hasattr(self._loss_fn, "set_model_output"):  # LinearCrossEntropyLoss: the loss owns the output projection
+            self._loss_fn.set_model_output(self._model)  # refuses an output it cannot take (LoRA-adapted, biased)
+            tied = not isinstance(self._model.output, torch.nn.Module)  # torchtune's TiedLinear is no module
+            named = {"tok_embeddings" if tied else "output"} & set(cfg.get("custom_sharded_layers") or [])
+            if named:
+                raise ValueError(
+                    f"custom_sharded_layers: {sorted(named)} cannot be an FSDP unit of its own with loss "
+                    f"{type(self._loss_fn).__name__} (the loss applies the output projection outside the model's "
+                    f"forward); remove it, or use torchtune.modules.loss.CEWithChunkedOutputLoss"
+                )
         self._sampler, self._dataloader = self._setup_data(
             cfg_dataset=cfg.dataset,
             shuffle=cfg.get("shuffle", True),
@@ -283,6 +293,11 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         del model_state_dict
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        if self._compile:  # as torchtune's recipes: LinearCrossEntropyLoss compiles its per-chunk softmax
+            if hasattr(self._loss_fn, "apply_compile_strategy"):
+                self._loss_fn = self._loss_fn.apply_compile_strategy()
+            else:
+                self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
         # recipe_state.pt holds the optimizer state only when resume_model_from_step_dir is False.
         self._optimizer = self._setup_optimizer(cfg.optimizer, recipe_state.get("optimizer") if recipe_state else None)
         if recipe_state is not None and self.resume_model_from_step_dir:
@@ -583,6 +598,11 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 reshard_after_forward=reshard_after_forward,
                 dp_mesh=dp_mesh,
             )
+            if hasattr(self._loss_fn, "set_model_output"):
+                # LinearCrossEntropyLoss applies the output projection after the model's forward: the root unit
+                # (embeddings, final norm, output) keeps its gathered weights until the backward, which needs them
+                # at once anyway (FSDP2's own default for the root, which torchtune's explicit flag overrides).
+                model.set_reshard_after_forward(False, recurse=False)
 
         if model_state_dict is not None:
             with training.set_default_dtype(self._dtype), self._device:
@@ -712,12 +732,12 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         if routing_BSLK is not None:
             replay = replay_routing(self._model, RoutingRecord.from_array(routing_BSLK.flatten(0, 1)))
         with replay:
-            logits = self._model(**batch)
-        if not isinstance(logits, list):  # CEWithChunkedOutputLoss takes the list of chunks
-            logits = logits.reshape(-1, logits.size(-1))
+            outputs = self._model(**batch)  # logits, their chunks, or hidden states (LinearCrossEntropyLoss)
+        if not isinstance(outputs, list):  # CEWithChunkedOutputLoss takes the list of chunks
+            outputs = outputs.reshape(-1, outputs.size(-1))
             labels = labels.reshape(-1)
-        ce_loss = self._loss_fn(logits, labels)
-        del logits
+        ce_loss = self._loss_fn(outputs, labels)
+        del outputs
         aux_loss = collect_aux_loss(self._model).to(ce_loss.dtype)
         # Both terms weighted by this micro-batch's label tokens; _finish_accumulation divides the gradients by
         # the step's total, as torchtune does for the cross-entropy.
@@ -1039,9 +1059,10 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         prompts = instantiate("samples.prompts", self._samples_cfg.prompts)
         max_new_tokens = self._samples_cfg.get("max_new_tokens", 32)
         self._model.eval()
-        chunked = hasattr(self._loss_fn, "num_output_chunks")
-        if chunked:  # generation needs plain logits, not the chunked loss's list of chunks
-            self._model.set_num_output_chunks(0)
+        # Generation needs plain logits, not the chunked loss's list of chunks nor the hidden states.
+        chunks, skip = self._model.num_output_chunks, getattr(self._model, "skip_output_layer", False)
+        self._model.set_num_output_chunks(0)
+        self._model.skip_output_layer = False
         rows = []
         rng = torch.Generator(device=self._device).manual_seed(0)
         stops = set(self._tokenizer.stop_tokens)
@@ -1063,8 +1084,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             cut = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
             rows.append((prompt, self._tokenizer.decode(new_ids[:cut]), expected))
         self._model.train()
-        if chunked:
-            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        self._model.set_num_output_chunks(chunks)
+        self._model.skip_output_layer = skip
         if self._is_rank_zero:
             print(samples_table(rows), flush=True)
 

@@ -126,12 +126,18 @@ def _tune_run_2(output_dir, *overrides):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
 
 
+LCE = "loss._component_=torchtune_moe.modules.LinearCrossEntropyLoss"
+
+
 def test_two_processes_fsdp2_match_one_process_and_resume(tmp_path):
     """`tune run --nproc_per_node 2` (gloo, FSDP2) with batch_size B per rank == one process with 2B; and a
-    2-process resume (weights loaded into the sharded model from the meta device) continues exactly."""
+    2-process resume (weights loaded into the sharded model from the meta device) continues exactly. The two
+    processes train with LinearCrossEntropyLoss (the shipped configs' loss: the output projection applied by the
+    loss, outside the sharded model's forward), the one process with torch's CrossEntropyLoss."""
     common = ["max_steps_per_epoch=5", "save_every_n_steps=3", "model.expert_bias_update_rate=0.01"]
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     run_recipe(one, overrides=["batch_size=16", *common])
+    common.append(LCE)
     _tune_run_2(two, "batch_size=8", *FAST, *common)
     l1, l2 = losses(one, "ce_loss"), losses(two, "ce_loss")
     assert [s for s, _ in l2] == [1, 2, 3, 4, 5]
@@ -154,6 +160,26 @@ def test_two_processes_fsdp2_match_one_process_and_resume(tmp_path):
     assert losses(resumed) == losses(two)[3:]
     c = load_file(resumed / "step_5" / "model.safetensors")
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_linear_cross_entropy_trains_as_cross_entropy(tmp_path):
+    """tiny/full (fp32) with LinearCrossEntropyLoss: the loss curve of torch's CrossEntropyLoss to fp32 noise,
+    and the greedy samples at the end (generation switches the model back to logits, then back again)."""
+    common = ["max_steps_per_epoch=4", "batch_size=8"]
+    run_recipe(tmp_path / "ce", overrides=common)
+    recipe = run_recipe(tmp_path / "lce", overrides=[*common, LCE], fast=[f for f in FAST if f != "samples=null"])
+    assert recipe._model.skip_output_layer and recipe._model.num_output_chunks == 0
+    ce, lce = losses(tmp_path / "ce", "ce_loss"), losses(tmp_path / "lce", "ce_loss")
+    assert [s for s, _ in lce] == [1, 2, 3, 4]
+    assert [v for _, v in lce] == pytest.approx([v for _, v in ce], rel=1e-5)
+
+
+def test_linear_cross_entropy_refuses_an_output_sharded_on_its_own(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"custom_sharded_layers: \['output'\] cannot be an FSDP unit of its own "
+                                         r"with loss LinearCrossEntropyLoss"):
+        make_recipe(out, overrides=[LCE, "custom_sharded_layers=[output]"])
+    assert not out.exists()
 
 
 def test_activation_checkpointing_changes_nothing(tmp_path):

@@ -77,6 +77,17 @@ def test_lora_recipe_refuses_a_model_without_adapters(tmp_path):
         MoELoRAFinetuneRecipe(cfg)
 
 
+def test_lora_recipe_refuses_linear_cross_entropy_with_an_adapted_output(tmp_path):
+    from moe_lora_finetune import MoELoRAFinetuneRecipe
+
+    cfg = load_config("tiny/lora", [f"output_dir={tmp_path / 'out'}", *FAST, "model.apply_lora_to_output=true",
+                                    "loss._component_=torchtune_moe.modules.LinearCrossEntropyLoss"])
+    recipe = MoELoRAFinetuneRecipe(cfg)
+    with pytest.raises(ValueError, match="got LoRALinear .*with apply_lora_to_output use torchtune.modules.loss.CEWith"):
+        recipe.setup(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_lora_recipe_on_a_hub_checkpoint_writes_a_peft_adapter_and_merged_hub_weights(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -148,14 +159,16 @@ def test_every_packaged_lora_config_builds_a_lora_model():
 
 def test_two_processes_fsdp2_lora(tmp_path):
     """`tune run --nproc_per_node 2 moe_lora_finetune --config tiny/lora` (gloo, FSDP2): trains, writes adapter-only
-    intermediate checkpoints and a merged final one; its losses match one process with the same global batch."""
+    intermediate checkpoints and a merged final one; its losses match one process with the same global batch.
+    The two processes use LinearCrossEntropyLoss (the shipped configs' loss; here with a frozen output weight),
+    the one process torch's CrossEntropyLoss."""
     import subprocess
 
     common = ["max_steps_per_epoch=4", "save_every_n_steps=2", *FAST]
     one, two = tmp_path / "one", tmp_path / "two"
     _run(one, overrides=["batch_size=16", *common[:2]])
     cmd = ["tune", "run", "--nproc_per_node", "2", "moe_lora_finetune", "--config", "tiny/lora",
-           f"output_dir={two}", "batch_size=8", *common]
+           f"output_dir={two}", "batch_size=8", *common, "loss._component_=torchtune_moe.modules.LinearCrossEntropyLoss"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert sorted(p.name for p in (two / "step_2").iterdir()) == ["adapter", "recipe_state.pt"]

@@ -2,12 +2,14 @@
 
     python benchmarks/train_step.py [--shapes qwen3 olmoe] [--variants ours ours_compile hf] [--out DIR]
     python benchmarks/train_step.py --profile --shapes qwen3 --out DIR   # also where each step's GPU time goes
+    python benchmarks/train_step.py --prompt-frac 0.5 ...   # SFT-like labels: the first half of each sample masked
 
 Needs a CUDA GPU. Each model: bf16 weights, batch 4 x 2048 random tokens, next-token cross-entropy on the
 full logits plus the load-balancing aux loss, ``torch.optim.AdamW(fused=True)`` (the same optimizer for
 every variant), ``zero_grad(set_to_none=True)``. Reports tokens/s (median step time over the timed steps,
 CUDA events) and peak memory (``torch.cuda.max_memory_allocated`` over the timed steps: weights, gradients,
-optimizer state and activations). ``--profile``: after the timed steps, ``--profile-steps`` more steps under
+optimizer state and activations). ``--prompt-frac F``: the labels of the first F of each sample are
+-100 (a masked prompt, as SFT datasets give; every variant gets the same labels). ``--profile``: after the timed steps, ``--profile-steps`` more steps under
 ``torch.profiler``; the top 25 GPU kernels by total time (ms per step, share, calls) of each shape and variant go
 to ``OUT/profile_<shape>_<variant>.txt``.
 
@@ -18,6 +20,9 @@ Variants:
                 chunks: logits upcast one chunk at a time), as torchtune's recipes train.
   ours_compile  ours_chunked with each decoder layer compiled (``torchtune.training.compile_model``) and the
                 loss compiled (``torchtune.training.compile_loss``).
+  ours_linear_ce  ours_compile with ``torchtune_moe.modules.LinearCrossEntropyLoss`` (8 chunks, its per-chunk
+                softmax compiled): the model returns hidden states, the loss applies the output projection and
+                makes its gradients chunk by chunk, keeping no logits (as the shipped configs train).
   hf            transformers ``*ForCausalLM`` from the config, ``experts_implementation="grouped_mm"``, sdpa
                 attention, ``output_router_logits=True`` (its loss adds the aux loss).
 """
@@ -42,8 +47,16 @@ from torchtune_moe.modules import collect_aux_loss, update_routers  # noqa: E402
 
 SEQ, BATCH = 2048, 4
 DEV = "cuda"
+PROMPT_FRAC = 0.0  # --prompt-frac
 
 LAYERS = 4
+
+
+def _mask_prompt(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, S] labels before the shift: the tokens, -100 over the first PROMPT_FRAC of each sample."""
+    labels = tokens.clone()
+    labels[:, : int(PROMPT_FRAC * tokens.shape[1])] = -100
+    return labels
 
 
 def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0, out: str = None) -> dict:
@@ -54,7 +67,7 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
         model = build_hf(config, DEV)
 
         def loss_fn(tokens):
-            return model(input_ids=tokens, labels=tokens).loss
+            return model(input_ids=tokens, labels=_mask_prompt(tokens)).loss  # transformers shifts the labels
 
     else:
         model = build_ours(config, DEV)
@@ -62,8 +75,22 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
 
             def loss_fn(tokens):
                 logits = model(tokens)
-                ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tokens[:, 1:].reshape(-1))
+                ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), _mask_prompt(tokens)[:, 1:].reshape(-1))
                 return ce + collect_aux_loss(model)
+
+        elif variant == "ours_linear_ce":
+            from torchtune import training
+
+            from torchtune_moe.modules import LinearCrossEntropyLoss
+
+            lce = LinearCrossEntropyLoss(num_output_chunks=8)
+            lce.set_model_output(model)
+            training.compile_model(model, verbose=False)
+            lce.apply_compile_strategy()
+
+            def loss_fn(tokens):
+                labels = F.pad(_mask_prompt(tokens)[:, 1:], (0, 1), value=-100)
+                return lce(model(tokens), labels) + collect_aux_loss(model)
 
         else:
             from torchtune import training
@@ -76,7 +103,7 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
                 chunked = training.compile_loss(chunked, verbose=False)
 
             def loss_fn(tokens):
-                labels = F.pad(tokens[:, 1:], (0, 1), value=-100)
+                labels = F.pad(_mask_prompt(tokens)[:, 1:], (0, 1), value=-100)
                 return chunked(model(tokens), labels) + collect_aux_loss(model)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -147,8 +174,8 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--variants", nargs="+", default=["hf", "ours", "ours_chunked", "ours_compile"],
-                   choices=["hf", "ours", "ours_chunked", "ours_compile"])
+    p.add_argument("--variants", nargs="+", default=["hf", "ours", "ours_chunked", "ours_compile", "ours_linear_ce"],
+                   choices=["hf", "ours", "ours_chunked", "ours_compile", "ours_linear_ce"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=os.environ.get("OUT"))
@@ -156,17 +183,23 @@ def main():
                    help="also profile --profile-steps steps after the timed ones: the top 25 GPU kernels by total "
                         "time of each shape and variant, into OUT/profile_<shape>_<variant>.txt (and printed)")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--prompt-frac", type=float, default=0.0,
+                   help="fraction of each sample's labels masked (-100) as a prompt, in [0, 1)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script runs")
     args = p.parse_args()
     prepare_out(p, args.out)
-    global DEV, SEQ, BATCH
+    if not 0.0 <= args.prompt_frac < 1.0:
+        p.error(f"--prompt-frac must be in [0, 1), got {args.prompt_frac}")
+    global DEV, SEQ, BATCH, PROMPT_FRAC
+    PROMPT_FRAC = args.prompt_frac
     if args.dry_run:
         DEV, SEQ, BATCH = "cpu", 32, 2
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/train_step.py needs a CUDA GPU")
     import transformers
 
-    env = dict(gpu=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", torch=torch.__version__, transformers=transformers.__version__)
+    env = dict(gpu=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", torch=torch.__version__,
+               transformers=transformers.__version__, prompt_frac=PROMPT_FRAC)
     print(env, flush=True)
     results = {}
     for name in args.shapes:
@@ -190,7 +223,8 @@ def main():
                 with open(os.path.join(args.out, "train_step.json"), "w") as f:
                     json.dump(dict(env=env, results=results), f, indent=1)
     lines = [
-        f"Training step, 4 layers, batch {BATCH} x {SEQ}, bf16, AdamW, aux loss on, {env['gpu']}, torch {env['torch']}",
+        f"Training step, 4 layers, batch {BATCH} x {SEQ}, bf16, AdamW, aux loss on, prompt masked over "
+        f"{PROMPT_FRAC:.0%} of each sample, {env['gpu']}, torch {env['torch']}",
         "| shape | variant | tokens/s | vs hf | step ms | peak GiB |",
         "|---|---|---|---|---|---|",
     ]

@@ -17,13 +17,15 @@ def test_train_step_dry_run_with_profile(tmp_path):
     pytest.importorskip("transformers")
     res = subprocess.run(
         [sys.executable, str(SCRIPT), "--dry-run", "--profile", "--profile-steps", "1", "--warmup", "1", "--shapes",
-         "qwen3", "--variants", "hf", "ours", "--out", str(tmp_path)],
+         "qwen3", "--variants", "hf", "ours", "ours_linear_ce", "--prompt-frac", "0.25", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "train_step.json").read_text())["results"]["qwen3"]
-    assert set(results) == {"hf", "ours"} and not any("error" in r for r in results.values()), results
-    for variant in ("hf", "ours"):
+    assert set(results) == {"hf", "ours", "ours_linear_ce"} and not any("error" in r for r in results.values())
+    # The same labels (a quarter of each sample masked) and the same init: the same loss, whichever the loss path.
+    assert results["ours_linear_ce"]["loss"] == pytest.approx(results["ours"]["loss"], rel=1e-4)
+    for variant in ("hf", "ours", "ours_linear_ce"):
         table = (tmp_path / f"profile_qwen3_{variant}.txt").read_text().splitlines()
         assert table[0].startswith(f"qwen3 {variant}: 4 layers")
         assert "top 25 CPU operators" in table[1]  # on a GPU: the top 25 GPU kernels

@@ -28,8 +28,10 @@ def test_expert_parallel_equals_fsdp_only_and_resumes(tmp_path):
     sharded checkpoint resumes with expert parallelism off, and the FSDP2-only run's with EP=2 (DCP reshards the
     experts between the expert mesh and the dp mesh), to the same step 3, and both epoch-end checkpoints load in one
     process to the same weights and Adam state. The EP run also checkpoints activations (recomputing the forward's
-    all-to-alls in backward)."""
-    common = ["max_steps_per_epoch=3", "save_every_n_steps=2", "batch_size=4", "model.expert_bias_update_rate=0.01"]
+    all-to-alls in backward). Both train with LinearCrossEntropyLoss, the model configs' loss (the output
+    projection applied by the loss, after the sharded model's forward)."""
+    common = ["max_steps_per_epoch=3", "save_every_n_steps=2", "batch_size=4", "model.expert_bias_update_rate=0.01",
+              "loss._component_=torchtune_moe.modules.LinearCrossEntropyLoss"]
     off, ep = tmp_path / "off", tmp_path / "ep"
     _tune_run_2(off, *common)
     # EP with activation checkpointing: the recompute in backward runs the dispatch's collectives again.

@@ -6,7 +6,9 @@ layer (``--size``: 30b_a3b, default, or 235b_a22b; the numbers come from torchtu
 depths given, randomly initialised, with real (unforced) routing. For each depth it builds the model on the meta
 device, shards every decoder layer and the root with FSDP2 (torchtune's ``training.shard_model``, as the recipe
 does; with ``--expert-parallel-degree`` the experts first, by expert), initialises the local shards, and runs
-training steps (bf16, activation checkpointing, chunked cross-entropy, as configs/qwen3_moe/30b_a3b_full.yaml):
+training steps (bf16, activation checkpointing, the output cross-entropy of ``--loss``: ``linear``,
+LinearCrossEntropyLoss with 8 chunks, as configs/qwen3_moe/30b_a3b_full.yaml, or ``chunked``, torchtune's
+CEWithChunkedOutputLoss with 8 chunks, the configs' loss before 2026-11-29 and of the figures recorded before then):
 ``--warmup-steps`` unmeasured ones first (kernel selection, compilation, allocator growth, the optimizer states'
 creation), then ``--steps`` measured ones, for which it reports the peak allocated and reserved memory per GPU,
 the time per step, tokens/s/GPU, model TFLOP/s/GPU (:func:`flop_per_token`) and MFU against the 989 TFLOP/s
@@ -40,7 +42,7 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from torchtune_moe.models._hf_config import published_kwargs
 from torchtune_moe.models.qwen3_moe import QWEN3_MOE_30B_A3B, QWEN3_MOE_235B_A22B, qwen3_moe
 from torchtune_moe.models.qwen3_moe._hf_config import qwen3_moe_hf_config_to_kwargs
-from torchtune_moe.modules import Router, collect_aux_loss, update_routers
+from torchtune_moe.modules import LinearCrossEntropyLoss, Router, collect_aux_loss, update_routers
 from torchtune_moe.modules.expert_parallel import check_expert_parallel_degree
 from torchtune_moe.training import end_distributed_process, init_meshes, scale_expert_grads, shard_experts
 
@@ -116,8 +118,13 @@ def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, exper
     peak memory over the measured steps (GiB) and their mean time."""
     model = build_sharded(dims, num_layers, args.seq_len, device, mesh, expert_mesh, cpu_offload=args.cpu_offload,
                           compile=args.compile)
-    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
-    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    if args.loss == "linear":  # as the recipe: the loss owns the projection, the root stays gathered until backward
+        loss_fn = LinearCrossEntropyLoss(num_output_chunks=8)
+        loss_fn.set_model_output(model)
+        model.set_reshard_after_forward(False, recurse=False)
+    else:
+        loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
+        model.set_num_output_chunks(loss_fn.num_output_chunks)
     fused = device.type == "cuda" and not args.cpu_offload  # offloaded states step on the CPU
     if args.optimizer == "adamw8bit":
         from torchao.optim import AdamW8bit
@@ -182,6 +189,8 @@ def main() -> None:
                         help="torch AdamW (bf16 states) or torchao.optim.AdamW8bit")
     parser.add_argument("--compile", action="store_true", help="per-layer torch.compile (the recipe's compile: true)")
     parser.add_argument("--expert-parallel-degree", type=int, default=1, help="split experts over this many ranks")
+    parser.add_argument("--loss", choices=["linear", "chunked"], default="linear",
+                        help="linear: LinearCrossEntropyLoss (the configs'); chunked: CEWithChunkedOutputLoss")
     parser.add_argument("--out", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args()
     if args.warmup_steps < 1:
@@ -226,6 +235,7 @@ def main() -> None:
             expert_parallel_degree=args.expert_parallel_degree,
             optimizer=args.optimizer,
             compile=args.compile,
+            loss=args.loss,
             tokens_per_second_per_gpu=round(
                 args.batch_size * args.seq_len / max(r["seconds_per_step"] for r in everyone)
             ),

@@ -83,8 +83,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 class LinearCrossEntropyLoss(nn.Module):
     """Mean token cross-entropy of ``hidden @ output.weight.T`` against ``labels``, computed a chunk of tokens at a
     time without keeping any logits (see the module docstring). A drop-in for torchtune's
-    ``CEWithChunkedOutputLoss`` in the recipes: the recipe sets ``model.skip_output_layer = True`` and calls
-    :meth:`set_model_output`, so the model returns its normed hidden states and this loss owns the projection.
+    ``CEWithChunkedOutputLoss`` in the recipes: the recipe calls :meth:`set_model_output`, which sets
+    ``model.skip_output_layer = True``, so the model returns its normed hidden states and this loss owns the
+    projection.
 
     The numbers are the chunked path's: logits in the model's dtype (GEMMs accumulate in fp32), the softmax in
     fp32, the logits' gradient rounded to the model's dtype, the weight gradient summed over chunks in the

@@ -29,10 +29,11 @@ def _reference(h, w, labels):
     return F.cross_entropy((h @ w.t()).float().reshape(-1, w.shape[0]), labels.reshape(-1))
 
 
-def _grads(fn, h, w):
+def _grads(fn, h, w, times=3.0):
+    """loss, and the gradients of ``loss * times`` (3: a grad_output other than 1)."""
     h.grad = w.grad = None
     loss = fn()
-    (loss * 3.0).backward()  # a grad_output other than 1
+    (loss * times).backward()
     return loss.detach(), h.grad.clone(), w.grad.clone()
 
 
@@ -48,11 +49,13 @@ def test_matches_full_logits_fp32(chunks, mask, tied):
     labels = torch.randint(0, 37, (3, 11))
     labels[0, :4] = -100  # masked prompt tokens
     labels[2, -1] = -100
-    got = _grads(lambda: loss_fn(h, labels), h, head.weight)
-    ref = _grads(lambda: _reference(h, head.weight, labels), h, head.weight)
-    for g, r in zip(got, ref):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
-    assert got[1][0, :4].abs().max() == 0  # no gradient into masked positions
+    # times 3, and times the label count as the recipes do (the summed loss's gradient scale is then exactly 1)
+    for times in (3.0, float((labels != -100).sum())):
+        got = _grads(lambda: loss_fn(h, labels), h, head.weight, times)
+        ref = _grads(lambda: _reference(h, head.weight, labels), h, head.weight, times)
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+        assert got[1][0, :4].abs().max() == 0  # no gradient into masked positions
 
 
 def test_matches_full_logits_bf16():

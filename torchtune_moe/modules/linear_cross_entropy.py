@@ -28,6 +28,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torchtune.modules import TiedLinear
 
+from torchtune_moe.modules._kernels import use_triton
+
 __all__ = ["LinearCrossEntropyLoss"]
 
 
@@ -73,17 +75,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h_ND, grad_w_VD = ctx.saved_tensors
-        # One host sync: with the scale as a Python number the multiplies below stay vectorized (a 0-dim CUDA
-        # tensor operand makes torch take its slow broadcasting kernel: 1.2 ms at Qwen3's [151936, 2048]) and
-        # compute in fp32; the recipes' scale is exactly 1 (each micro-batch's mean is multiplied back by its
-        # label count), which skips the pass over [V, D] altogether.
-        scale = float(grad_loss)
-        dh = dw = None
-        if grad_h_ND is not None:
-            dh = (grad_h_ND if scale == 1.0 else grad_h_ND * scale).to(ctx.h_dtype)
+        dh = (grad_h_ND * grad_loss).to(ctx.h_dtype) if grad_h_ND is not None else None
+        dw = None
         if grad_w_VD is not None:
-            dw = grad_w_VD if scale == 1.0 else grad_w_VD * scale
+            dw = (_scaled_compiled if use_triton(grad_w_VD) else _scaled)(grad_w_VD, grad_loss)
         return dh, dw, None, None, None
+
+
+def _scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``t * scale`` in fp32, rounded once to ``t``'s dtype, for a 0-dim ``scale`` on ``t``'s device.
+
+    On CUDA it runs compiled (:data:`_scaled_compiled`): torch's eager multiply by a 0-dim CUDA tensor takes its
+    non-vectorised broadcasting kernel (1.2 ms for Qwen3's [151936, 2048] bf16 weight gradient on an H200, 0.3 ms
+    compiled), and reading the scale to the host instead (a Python number) costs a host sync that measured
+    slower still in the training step (benchmarks/NOTES.md)."""
+    return (t.float() * scale).to(t.dtype)
+
+
+_scaled_compiled = torch.compile(_scaled, dynamic=False)  # compiled at its first call
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -106,8 +115,7 @@ class LinearCrossEntropyLoss(nn.Module):
         num_output_chunks (int): chunks the label tokens are split into (torchtune's key). Default 8.
         ignore_index (int): label of positions without a loss. Default -100.
         mask_ignored_tokens (bool): drop the ignored positions before the projection, so that masked prompt
-            tokens cost no GEMM work (one host sync per call to count them). Default True. (The backward reads
-            the gradient's scale with one host sync too.)
+            tokens cost no GEMM work (one host sync per call to count them). Default True.
 
     Raises:
         ValueError: ``num_output_chunks`` below 1.

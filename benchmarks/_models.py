@@ -105,6 +105,18 @@ def kernel_table(prof, steps: int, rows: int = 25) -> str:
     return "\n".join(lines)
 
 
+def routed_batch(E: int, K: int, D: int, T: int, dev, dtype) -> tuple:
+    """T random tokens of width D routed by a token-choice router (top-K of E experts, normalised weights), and
+    an output gradient: ``(x_TD, routing, grad_TD)``, the inputs of a layer timing."""
+    from torchtune_moe.modules import TokenChoiceTopKRouter
+
+    router = TokenChoiceTopKRouter(D, E, K, norm_topk_prob=True).to(dev, dtype)
+    x_TD = torch.randn(T, D, device=dev, dtype=dtype)
+    with torch.no_grad():
+        routing = router(x_TD)
+    return x_TD, routing, torch.randn(T, D, device=dev, dtype=dtype)
+
+
 def median_ms(fn, iters: int = 15, warmup: int = 2, per_event: int = 20) -> float:
     """Median ms per call of ``fn``, ``per_event`` calls between two CUDA events (the launches queue while the GPU
     runs, so the host's per-call overhead is hidden as it is in a training step); wall clock on CPU."""

@@ -39,9 +39,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import SHAPES, build_hf, build_ours, hf_config, median_ms, prepare_out, save_json  # noqa: E402
+from _models import (  # noqa: E402
+    SHAPES, build_hf, build_ours, hf_config, median_ms, prepare_out, routed_batch, save_json,
+)
 
-from torchtune_moe.modules import MoELinear, TokenChoiceTopKRouter, collect_aux_loss, dispatch_combine  # noqa: E402
+from torchtune_moe.modules import MoELinear, collect_aux_loss, dispatch_combine  # noqa: E402
 from torchtune_moe.modules.peft import LoRAMoELinear  # noqa: E402
 
 GiB = 1024**3
@@ -56,11 +58,7 @@ def bench_layer(args, dev, dtype) -> dict:
     E, K, D, H = (128, 8, 2048, 768) if not args.dry_run else (8, 2, 64, 32)
     T = args.tokens if not args.dry_run else 256
     torch.manual_seed(0)
-    router = TokenChoiceTopKRouter(D, E, K, norm_topk_prob=True).to(dev, dtype)
-    x = torch.randn(T, D, device=dev, dtype=dtype)
-    with torch.no_grad():
-        routing = router(x)
-    grad = torch.randn(T, D, device=dev, dtype=dtype)
+    x, routing, grad = routed_batch(E, K, D, T, dev, dtype)
 
     def variant(name):
         torch.manual_seed(1)  # the same weights in every variant (lora and lora_torch are compared below)
@@ -393,8 +391,8 @@ def main():
             print(_hf_table(results["hf"][-1]), flush=True)
     save_json(args.out, "lora.json", results)
     if args.out and "hf" in results:
-            with open(os.path.join(args.out, "lora_vs_peft.md"), "w") as f:
-                f.write("\n\n".join(_hf_table(r) for r in results["hf"]) + "\n")
+        with open(os.path.join(args.out, "lora_vs_peft.md"), "w") as f:
+            f.write("\n\n".join(_hf_table(r) for r in results["hf"]) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import median_ms as _median_ms, save_json, sweep_setup  # noqa: E402
+from _models import median_ms as _median_ms, routed_batch, save_json, sweep_setup  # noqa: E402
 
 from torchtune_moe.modules import _kernels  # noqa: E402
 
@@ -43,16 +43,12 @@ def _layer_times(T, pairs, repeats: int, iters: int, dev, dt, shape: dict):
     """The frozen and the LoRA layer (benchmarks/lora.py's layer part: Qwen3-30B-A3B shape, 8192 tokens, rank 16),
     forward + backward, for each (name, forward config, backward config): the steps interleaved (frozen, then
     LoRA under each configuration, round after round) so that clock drift hits all alike; median ms each."""
-    from torchtune_moe.modules import MoELinear, TokenChoiceTopKRouter, dispatch_combine
+    from torchtune_moe.modules import MoELinear, dispatch_combine
     from torchtune_moe.modules.peft import LoRAMoELinear
 
     E, K, D, H, tokens = (shape[k] for k in ("E", "K", "D", "H", "tokens"))
     torch.manual_seed(0)
-    router = TokenChoiceTopKRouter(D, E, K, norm_topk_prob=True).to(dev, dt)
-    x = torch.randn(tokens, D, device=dev, dtype=dt)
-    with torch.no_grad():
-        routing = router(x)
-    grad = torch.randn(tokens, D, device=dev, dtype=dt)
+    x, routing, grad = routed_batch(E, K, D, tokens, dev, dt)
     torch.manual_seed(1)
     frozen = MoELinear(E, D, H).to(dev, dt).requires_grad_(False)
     lora = LoRAMoELinear.from_moe_linear(frozen, rank=16, alpha=32.0)

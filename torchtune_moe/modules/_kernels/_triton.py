@@ -574,6 +574,16 @@ def _pow2_fp8_scale(amax, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
+def _load_rows_fp32(src_ptr, mul_rows, rows64, rows_in, cols, stride_src, K, HAS_MUL: tl.constexpr):
+    # the [BLOCK_M, BLOCK_K] tile of rows x cols in fp32 (0 outside), times mul[expert[row], col] with HAS_MUL
+    mask = rows_in[:, None] & (cols < K)[None, :]
+    x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_MUL:
+        x = x * tl.load(mul_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x, mask
+
+
+@triton.jit
 def _rowwise_fp8_kernel(
     src_ptr, out_ptr, scale_ptr, mul_ptr, expert_ptr, A, stride_src, stride_out, stride_mul,
     K: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, ONE_PASS: tl.constexpr, HAS_MUL: tl.constexpr,
@@ -583,14 +593,12 @@ def _rowwise_fp8_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_in = rows < A
     rows64 = rows.to(tl.int64)
+    mul_rows = mul_ptr
     if HAS_MUL:
         mul_rows = mul_ptr + tl.load(expert_ptr + rows, mask=rows_in, other=0).to(tl.int64) * stride_mul
     if ONE_PASS:  # BLOCK_K >= K: the rows are read once and held in registers
         cols = tl.arange(0, BLOCK_K)
-        mask = rows_in[:, None] & (cols < K)[None, :]
-        x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_MUL:
-            x = x * tl.load(mul_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, mask = _load_rows_fp32(src_ptr, mul_rows, rows64, rows_in, cols, stride_src, K, HAS_MUL)
         scale = _pow2_fp8_scale(tl.max(tl.abs(x), axis=1), FP8_MAX, EPS)
         tl.store(scale_ptr + rows, scale, mask=rows_in)
         q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)
@@ -598,20 +606,14 @@ def _rowwise_fp8_kernel(
     else:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, K, BLOCK_K):  # pass 1: the row's amax
-            cols = start + tl.arange(0, BLOCK_K)
-            mask = rows_in[:, None] & (cols < K)[None, :]
-            x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_MUL:
-                x = x * tl.load(mul_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x, mask = _load_rows_fp32(src_ptr, mul_rows, rows64, rows_in, start + tl.arange(0, BLOCK_K), stride_src,
+                                      K, HAS_MUL)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = _pow2_fp8_scale(amax, FP8_MAX, EPS)
         tl.store(scale_ptr + rows, scale, mask=rows_in)
         for start in range(0, K, BLOCK_K):  # pass 2: scale, saturate, cast (the rows read again)
             cols = start + tl.arange(0, BLOCK_K)
-            mask = rows_in[:, None] & (cols < K)[None, :]
-            x = tl.load(src_ptr + rows64[:, None] * stride_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_MUL:
-                x = x * tl.load(mul_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x, mask = _load_rows_fp32(src_ptr, mul_rows, rows64, rows_in, cols, stride_src, K, HAS_MUL)
             q = tl.clamp(x * scale[:, None], -FP8_MAX, FP8_MAX)
             tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
 

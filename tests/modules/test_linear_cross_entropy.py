@@ -127,8 +127,12 @@ def test_moe_model_skip_output_layer():
 
 
 def test_refused():
-    with pytest.raises(ValueError, match="num_output_chunks must be an integer >= 1"):
+    with pytest.raises(ValueError, match="num_output_chunks must be an integer >= 1, got 0"):
         LinearCrossEntropyLoss(num_output_chunks=0)
+    with pytest.raises(ValueError, match="mask_ignored_tokens must be true or false, got 'yes'"):
+        LinearCrossEntropyLoss(mask_ignored_tokens="yes")
+    with pytest.raises(ValueError, match="ignore_index must be an integer, got 1.5"):
+        LinearCrossEntropyLoss(ignore_index=1.5)
     loss_fn = LinearCrossEntropyLoss()
     with pytest.raises(RuntimeError, match="set_model_output"):
         loss_fn(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))

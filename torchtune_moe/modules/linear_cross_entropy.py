@@ -118,13 +118,18 @@ class LinearCrossEntropyLoss(nn.Module):
             tokens cost no GEMM work (one host sync per call to count them). Default True.
 
     Raises:
-        ValueError: ``num_output_chunks`` below 1.
+        ValueError: ``num_output_chunks`` not an integer >= 1, ``ignore_index`` not an integer,
+            ``mask_ignored_tokens`` not a bool.
     """
 
     def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, mask_ignored_tokens: bool = True):
         super().__init__()
         if not isinstance(num_output_chunks, int) or isinstance(num_output_chunks, bool) or num_output_chunks < 1:
-            raise ValueError(f"loss.num_output_chunks must be an integer >= 1, got {num_output_chunks!r}")
+            raise ValueError(f"num_output_chunks must be an integer >= 1, got {num_output_chunks!r}")
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+        if not isinstance(mask_ignored_tokens, bool):
+            raise ValueError(f"mask_ignored_tokens must be true or false, got {mask_ignored_tokens!r}")
         self.num_output_chunks = num_output_chunks
         self.ignore_index = ignore_index
         self.mask_ignored_tokens = mask_ignored_tokens

@@ -253,3 +253,26 @@ def test_bias_grad_leaves_out_dropped_rows():
     # without num_valid (routings that drop nothing) every row counts
     full = _bias_grad(grad_h_AF[:8], expert_A[:8], torch.Size((3, 4)), torch.float32)
     torch.testing.assert_close(full, want)
+
+
+def test_grouped_gemm_choice(monkeypatch):
+    """The routed GEMMs: torch's off Hopper or in fp32; the environment variable checked by name."""
+    from torchtune_moe.modules import _cute_gemm
+    from torchtune_moe.modules._grouped_gemm import BF16
+
+    x = torch.zeros(4, D, dtype=torch.bfloat16)
+    monkeypatch.delenv(_cute_gemm.ENV_VAR, raising=False)
+    assert _cute_gemm.bf16_gemm(x, 8, H) is BF16  # CPU tokens
+    monkeypatch.setenv(_cute_gemm.ENV_VAR, "torch")
+    assert _cute_gemm.bf16_gemm(x, 8, H) is BF16
+    monkeypatch.setenv(_cute_gemm.ENV_VAR, "quack")
+    with pytest.raises(ValueError, match="TORCHTUNE_MOE_GROUPED_GEMM must be one of auto, torch, cute; got 'quack'"):
+        _cute_gemm.bf16_gemm(x, 8, H)
+    monkeypatch.setenv(_cute_gemm.ENV_VAR, "cute")
+    with pytest.raises(RuntimeError, match="TORCHTUNE_MOE_GROUPED_GEMM=cute"):
+        _cute_gemm.bf16_gemm(x, 8, H)  # no quack here, or CPU tokens: refused by name either way
+    # The layer reads it on each call: a bad value stops the forward before any GEMM runs.
+    experts = MoELinear(E, D, H)
+    monkeypatch.setenv(_cute_gemm.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="TORCHTUNE_MOE_GROUPED_GEMM"):
+        experts.routed(torch.randn(3, D), torch.tensor([0, 1, 2]), torch.ones(3), torch.tensor([1, 2, 3, 3], dtype=torch.int32))

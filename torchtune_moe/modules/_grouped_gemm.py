@@ -2,7 +2,8 @@
 
 Every grouped GEMM of :class:`~torchtune_moe.modules.moe_linear._RoutedExperts` is one of three operations on
 rows sorted by expert (``offsets_E`` [E] int32, cumulative rows per expert; rows past ``offsets_E[-1]`` are not
-computed):
+computed). A row operand may be a :class:`Rows`, a dispatch gather not yet made: a GEMM that gathers as it loads
+(:mod:`~torchtune_moe.modules._cute_gemm`) reads the source rows directly, the others call :meth:`Rows.gather`.
 
 - :meth:`~GroupedGemm.forward`: ``a_AK @ w_ENK^T`` per expert -> [A, N] (the two projections);
 - :meth:`~GroupedGemm.input_grad`: ``g_AN @ w_ENK`` per expert -> [A, K] (gradients of their inputs);
@@ -49,32 +50,62 @@ from torchao.float8.float8_utils import amax_to_scale, tensor_to_scale, to_fp8_s
 
 from torchtune_moe.modules import _kernels
 
-__all__ = ["GroupedGemm", "BF16", "Fp8GroupedGemm", "FP8_ALIGN", "pad_offsets"]
+__all__ = ["GroupedGemm", "BF16", "Fp8GroupedGemm", "FP8_ALIGN", "Rows", "pad_offsets"]
 
 #: Rows per expert must be a multiple of this for the fp8 grouped GEMMs (as torchtitan pads token groups).
 FP8_ALIGN = 16
 _FP8 = torch.float8_e4m3fn
 
 
+class Rows:
+    """The rows ``src_TK[index_A]`` [A, K] of a dispatch gather, made only if a GEMM asks (:meth:`gather`, once).
+
+    Args:
+        src_TK (torch.Tensor): [T, K] source rows (tokens, or their gradients).
+        index_A (torch.Tensor): [A] int64, source row of each routed row.
+        num_valid (torch.Tensor): [1] int32; rows at or past it are dropped slots (read only with ``may_drop``).
+        may_drop (bool): some rows are dropped slots (their values are unspecified once gathered).
+    """
+
+    def __init__(self, src_TK: torch.Tensor, index_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool):
+        self.src_TK, self.index_A, self.num_valid, self.may_drop = src_TK, index_A, num_valid, may_drop
+        self._gathered: Optional[torch.Tensor] = None
+
+    def gather(self) -> torch.Tensor:
+        """[A, K]: the gathered rows (:func:`~torchtune_moe.modules._kernels.gather_rows`), made on the first call."""
+        if self._gathered is None:
+            self._gathered = _kernels.gather_rows(self.src_TK, self.index_A, self.num_valid, self.may_drop)
+        return self._gathered
+
+
+def gathered(a: "torch.Tensor | Rows") -> torch.Tensor:
+    """``a`` itself, or the rows a :class:`Rows` stands for."""
+    return a.gather() if isinstance(a, Rows) else a
+
+
 class GroupedGemm:
     """bf16 (any dtype): torch's grouped GEMM, exactly as autograd runs it."""
 
     @staticmethod
-    def forward(a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward(a_AK: "torch.Tensor | Rows", w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, None]:
         """``a_AK @ w_ENK[e]^T`` for each expert's rows: [A, K], [E, N, K] -> [A, N]; and what :meth:`input_grad`
         takes from the forward (nothing here; the fp8 GEMMs' weight scales)."""
-        return F.grouped_mm(a_AK, w_ENK.transpose(-2, -1), offs=offsets_E), None
+        return F.grouped_mm(gathered(a_AK), w_ENK.transpose(-2, -1), offs=offsets_E), None
 
     @staticmethod
-    def input_grad(g_AN: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor, w_state=None) -> torch.Tensor:
+    def input_grad(
+        g_AN: "torch.Tensor | Rows", w_ENK: torch.Tensor, offsets_E: torch.Tensor, w_state=None
+    ) -> torch.Tensor:
         """``g_AN @ w_ENK[e]`` for each expert's rows: [A, N], [E, N, K] -> [A, K] (``w_state``: the forward's
         second output)."""
-        return F.grouped_mm(g_AN, w_ENK, offs=offsets_E)
+        return F.grouped_mm(gathered(g_AN), w_ENK, offs=offsets_E)
 
     @staticmethod
-    def weight_grad(g_AN: torch.Tensor, a_AK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    def weight_grad(
+        g_AN: "torch.Tensor | Rows", a_AK: "torch.Tensor | Rows", offsets_E: torch.Tensor
+    ) -> torch.Tensor:
         """``g_AN[rows of e]^T @ a_AK[rows of e]`` for each expert: [A, N], [A, K] -> [E, N, K]."""
-        return F.grouped_mm(g_AN.t(), a_AK, offs=offsets_E)
+        return F.grouped_mm(gathered(g_AN).t(), gathered(a_AK), offs=offsets_E)
 
 
 BF16 = GroupedGemm()
@@ -164,6 +195,7 @@ class Fp8GroupedGemm:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``a_AK @ w_ENK[e]^T`` per expert, in fp8: a per row, w per output row n. Returns the product and the
         weight's row scales [E, N] (fp32), which :meth:`input_grad` takes to quantize the weight again in one pass."""
+        a_AK = gathered(a_AK)
         a8_AK, a_scale_A1 = rowwise_fp8(a_AK, dim=-1)
         if self.emulate:
             w8_EKN, w_scale_EN = transpose_rhs_fp8(w_ENK)
@@ -198,6 +230,7 @@ class Fp8GroupedGemm:
         scale per row), and ``1 / m[e]`` is the right operand's scale. torchao's recipe instead quantizes w per
         column k (amax over n), which takes two reads of w each backward (1.8 ms at Mixtral's two weights; 1.05 ms
         this way, benchmarks/NOTES.md)."""
+        g_AN = gathered(g_AN)
         E, N, K = w_ENK.shape
         if w_scale_EN is None and self.emulate:
             w_scale_EN = transpose_rhs_fp8(w_ENK)[1]
@@ -223,6 +256,7 @@ class Fp8GroupedGemm:
 
     def weight_grad(self, g_AN: torch.Tensor, a_AK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """``g_AN^T @ a_AK`` over each expert's rows, in fp8: both scaled per column within each expert."""
+        g_AN, a_AK = gathered(g_AN), gathered(a_AK)
         if self.emulate:
             E = offsets_E.shape[0]
             expert_A = _kernels.row_experts(offsets_E, g_AN.shape[0])

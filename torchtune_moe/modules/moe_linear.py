@@ -10,7 +10,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtune_moe.modules import _kernels
-from torchtune_moe.modules._grouped_gemm import BF16, FP8_ALIGN, Fp8GroupedGemm, GroupedGemm, pad_offsets
+from torchtune_moe.modules._cute_gemm import bf16_gemm
+from torchtune_moe.modules._grouped_gemm import BF16, FP8_ALIGN, Fp8GroupedGemm, GroupedGemm, Rows, pad_offsets
 from torchtune_moe.modules.dispatch import dispatch_combine
 from torchtune_moe.modules.routers import RouterOutput
 
@@ -238,7 +239,7 @@ class MoELinear(nn.Module):
         index_J = offsets_T = None
         if combine_TK is None:
             index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
-        gemm = BF16
+        gemm = bf16_gemm(x_TD, rows_A.shape[0], self.hidden_dim)
         if self.expert_fp8 and rows_A.shape[0] > 0:  # no rows (no tokens here): nothing to quantize or pad
             gemm = self._fp8_gemm(x_TD)
             rows_A, weights_A, offsets_E, combine_TK, index_J = _pad_groups(
@@ -442,7 +443,10 @@ class _RoutedExperts(torch.autograd.Function):
     exactly as autograd's (``grouped_mm(a.t(), b, offs)`` for weight gradients). With ``gate_up_bias`` [E, 2H]
     (GPT-OSS), ``expert_A`` gives each row's expert: the bias is added to ``h_AF`` and its gradient is the sum of
     ``grad_h_AF`` over each expert's rows (dropped rows have zero gradient). ``gemm`` runs the six grouped GEMMs
-    (:data:`~torchtune_moe.modules._grouped_gemm.BF16`, torch's ``F.grouped_mm``; or fp8).
+    (:data:`~torchtune_moe.modules._grouped_gemm.BF16`, torch's ``F.grouped_mm``; quack's on Hopper,
+    :mod:`~torchtune_moe.modules._cute_gemm`; or fp8). The gathered operands reach it as
+    :class:`~torchtune_moe.modules._grouped_gemm.Rows`: quack's GEMMs gather them as they load, the others
+    gather them first (once each).
     """
 
     @staticmethod
@@ -451,8 +455,7 @@ class _RoutedExperts(torch.autograd.Function):
         act, gated, gate_up_bias=None, expert_A=None, gemm: GroupedGemm = BF16,
     ):
         num_valid = offsets_E[-1:]
-        x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, may_drop)
-        h_AF, gate_up_state = gemm.forward(x_AD, gate_up_proj, offsets_E)
+        h_AF, gate_up_state = gemm.forward(Rows(x_TD, rows_A, num_valid, may_drop), gate_up_proj, offsets_E)
         if gate_up_bias is not None:
             h_AF = h_AF + gate_up_bias[expert_A]
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
@@ -474,7 +477,7 @@ class _RoutedExperts(torch.autograd.Function):
         ) = ctx.saved_tensors
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
         num_valid = offsets_E[-1:]
-        grad_y_AD = _kernels.gather_rows(grad_out_TD, rows_A, num_valid, ctx.may_drop)
+        grad_y_AD = Rows(grad_out_TD, rows_A, num_valid, ctx.may_drop)  # gathered at most once, by the GEMMs
         grad_hs_AH = ctx.gemm.input_grad(grad_y_AD, down_proj, offsets_E, down_state)
         grad_h_AF, grad_w_A, hs_AH = _activate_backward(
             h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
@@ -488,7 +491,7 @@ class _RoutedExperts(torch.autograd.Function):
             grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, ctx.may_drop)
             del grad_x_AD
         if need_gate_up:
-            x_AD = _kernels.gather_rows(x_TD, rows_A, num_valid, ctx.may_drop)
+            x_AD = Rows(x_TD, rows_A, num_valid, ctx.may_drop)
             grad_gate_up = ctx.gemm.weight_grad(grad_h_AF, x_AD, offsets_E)
         grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
         grad_bias = None

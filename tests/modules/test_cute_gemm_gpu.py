@@ -1,0 +1,104 @@
+"""quack's grouped GEMMs (``_cute_gemm``) against torch's ``F.grouped_mm``, each GEMM and the whole layer.
+
+Marked ``gpu`` and skipped unless quack-kernels imports and a compute-capability 9.x GPU is present. Run on
+an H100/H200 with ``pip install '.[cute]'`` and ``python -m pytest -m gpu tests/modules/test_cute_gemm_gpu.py``.
+"""
+
+import pytest
+import torch
+
+from torchtune_moe.models import moe_layer
+from torchtune_moe.modules import _cute_gemm
+from torchtune_moe.modules._grouped_gemm import BF16, Rows
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and _cute_gemm.cute_available()),
+        reason="needs quack-kernels and a compute-capability 9.x GPU",
+    ),
+]
+
+T, K, D, H = 1024, 4, 256, 384
+
+
+def _routing(E: int, empty_expert: bool, drop: int):
+    """Rows sorted by expert for T tokens x K slots over E experts (expert 1 given no rows with ``empty_expert``);
+    the last ``drop`` rows are dropped slots (past ``offsets_E[-1]``)."""
+    experts_TK = torch.randint(0, E, (T, K), device="cuda")
+    if empty_expert:
+        experts_TK[experts_TK == 1] = 0
+    order_A = torch.argsort(experts_TK.flatten(), stable=True)
+    rows_A = order_A // K
+    counts_E = torch.bincount(experts_TK.flatten(), minlength=E)
+    offsets_E = counts_E.cumsum(0).to(torch.int32)
+    if drop:
+        offsets_E = offsets_E.clamp(max=T * K - drop)
+    return rows_A, offsets_E
+
+
+def _rand(*shape):
+    return torch.randn(*shape, device="cuda").to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("empty_expert,drop", [(False, 0), (True, 0), (True, 300)])
+def test_each_gemm_matches_torch(empty_expert, drop):
+    E = 8
+    rows_A, offsets_E = _routing(E, empty_expert, drop)
+    A, n = rows_A.shape[0], int(offsets_E[-1])
+    num_valid = offsets_E[-1:]
+    x_TD, g_TD = _rand(T, D), _rand(T, D)
+    w_EFD, w_EDH = _rand(E, 2 * H, D) / 16, _rand(E, D, H) / 16
+    h_AH, gh_AF = _rand(A, H), _rand(A, 2 * H)
+    x_rows, g_rows = Rows(x_TD, rows_A, num_valid, drop > 0), Rows(g_TD, rows_A, num_valid, drop > 0)
+    x_AD, g_AD = x_TD[rows_A], g_TD[rows_A]
+    cute, ref = _cute_gemm.CUTE, BF16
+    pairs = [
+        (cute.forward(x_rows, w_EFD, offsets_E)[0], ref.forward(x_AD, w_EFD, offsets_E)[0]),
+        (cute.forward(h_AH, w_EDH, offsets_E)[0], ref.forward(h_AH, w_EDH, offsets_E)[0]),
+        (cute.input_grad(g_rows, w_EDH, offsets_E), ref.input_grad(g_AD, w_EDH, offsets_E)),
+        (cute.input_grad(gh_AF, w_EFD, offsets_E), ref.input_grad(gh_AF, w_EFD, offsets_E)),
+    ]
+    for got, want in pairs:  # rows past offsets_E[-1] are unspecified in both
+        torch.testing.assert_close(got[:n], want[:n], rtol=1e-2, atol=1e-2)
+    wgrads = [
+        (cute.weight_grad(g_rows, h_AH, offsets_E), ref.weight_grad(g_AD, h_AH, offsets_E)),
+        (cute.weight_grad(gh_AF, x_rows, offsets_E), ref.weight_grad(gh_AF, x_AD, offsets_E)),
+        (cute.weight_grad(gh_AF, x_AD, offsets_E), ref.weight_grad(gh_AF, x_AD, offsets_E)),
+    ]
+    for got, want in wgrads:
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=5e-2)
+    if empty_expert:  # an expert with no rows gets a zero weight gradient, written (not left as garbage)
+        assert wgrads[0][0][1].abs().max() == 0 and wgrads[1][0][1].abs().max() == 0
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_layer_uses_quack_and_matches_torch(monkeypatch, compile):
+    torch.manual_seed(0)
+    layer = moe_layer(dim=D, hidden_dim=H, num_experts=16, experts_per_token=K).cuda().to(torch.bfloat16)
+    x = _rand(2, T // 2, D)
+    assert _cute_gemm.bf16_gemm(x, 1, H) is _cute_gemm.CUTE
+
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+
+    def run(choice):
+        monkeypatch.setenv(_cute_gemm.ENV_VAR, choice)
+        torch._dynamo.reset()
+        counters.clear()
+        fn = torch.compile(layer) if compile else layer
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.float().square().mean().backward()
+        graphs[choice] = (counters["stats"]["unique_graphs"], dict(counters["graph_break"]))
+        return out, xi.grad, [p.grad for p in layer.parameters()]
+
+    got, want = run("cute"), run("torch")
+    assert graphs["cute"] == graphs["torch"]  # quack's GEMMs are opaque nodes: no graph break of their own
+    torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-2, atol=1e-3)
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=1e-3)

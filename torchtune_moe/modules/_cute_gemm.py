@@ -1,0 +1,208 @@
+"""The routed experts' grouped GEMMs through quack-kernels (CuTe-DSL, Hopper), with the dispatch gathers fused.
+
+:func:`bf16_gemm` picks the grouped GEMMs of :class:`~torchtune_moe.modules.moe_linear._RoutedExperts`:
+:data:`CUTE` when ``quack-kernels`` is installed (``pip install ".[cute]"``), the tokens are bf16 on a
+compute-capability 9.x GPU (H100, H200) and the environment does not say otherwise; else torch's
+``F.grouped_mm`` (:data:`~torchtune_moe.modules._grouped_gemm.BF16`). The environment variable
+``TORCHTUNE_MOE_GROUPED_GEMM`` is ``auto`` (the default), ``torch`` (never quack) or ``cute`` (quack or an error).
+
+Why not torch's: quack's persistent Hopper GEMMs read a gathered operand's rows by index as they load them, so
+the dispatch gathers of ``x`` (forward and up weight gradient) and of the output gradient (down input and weight
+gradients) are never written out, and at 128 x 256 tiles they run the experts' GEMMs a little faster than
+``F.grouped_mm``. Measured on one H200, compiled layer: OLMoE 5.08 -> 4.94 ms, Qwen3-30B-A3B 4.52 -> 4.29 ms, 256
+MiB less peak memory per layer (benchmarks/NOTES.md, "quack's grouped GEMMs"). quack is a maintained package
+(the kernels of sonic-moe). We call its GEMM entry point with a fixed tile configuration; its autotuner would
+compile dozens of kernels on the first step. The call goes through a torch custom op, so torch.compile treats
+each GEMM as one opaque node.
+
+Costs:
+- The first call of each GEMM kind in a process JIT-compiles it (2-4 s each). quack keeps the compiled kernels on
+  disk (``QUACK_CACHE_DIR``, default a directory under the system's temp dir), so later processes load them in
+  milliseconds.
+- Each call takes about 150 µs of host time (torch's grouped GEMM: 26 µs). Compiled, the host runs ahead of the
+  GPU. Eager, a small layer can wait on it (Qwen3's eager layer was no faster).
+
+Results: the same fp32-accumulated bf16 GEMMs as torch's (GPU tests in ``tests/modules/test_cute_gemm_gpu.py``).
+"""
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from torchtune_moe.modules._grouped_gemm import BF16, GroupedGemm, Rows, gathered
+
+__all__ = ["CUTE", "CuteGroupedGemm", "ENV_VAR", "bf16_gemm", "cute_available"]
+
+ENV_VAR = "TORCHTUNE_MOE_GROUPED_GEMM"
+_CHOICES = ("auto", "torch", "cute")
+
+# The tile configuration of all six GEMMs [tile_m, tile_n, cluster_m, pingpong]: 128 x 256, cooperative (two warp
+# groups on one tile), no cluster. Chosen in the compiled layer on one H200 (benchmarks/NOTES.md, "quack's grouped
+# GEMMs"): 2-3% faster per layer at OLMoE and Qwen3 than quack's default (128 x 192, a cluster of two, ping-pong);
+# 256 x 128, 128 x 128 and no-cluster ping-pong were slower.
+_TILE = [128, 256, 1, 0]
+# ``auto`` takes quack's GEMMs for experts up to this hidden dim: measured faster at 768 and 1024; at Mixtral's
+# 14336 the eager layer was 1% slower with quack's default tile (the current tile not timed there); between
+# them untested.
+_MAX_HIDDEN = 4096
+
+
+@functools.cache
+def _quack_gemm():
+    """quack's untuned GEMM and its config class, or None when quack (or its CUTLASS DSL) cannot be imported."""
+    try:
+        from quack.gemm_config import GemmConfig
+        from quack.gemm_interface import gemm_tuned
+    except Exception:  # ImportError, or the DSL failing to load its native libraries
+        return None
+    return gemm_tuned.fn, GemmConfig
+
+
+def cute_available() -> bool:
+    """Whether quack-kernels can be imported here."""
+    return _quack_gemm() is not None
+
+
+# The choice below is a constant for torch.compile (assume_constant_result): traced, the import and the
+# device query would each break the graph.
+@torch.compiler.assume_constant_result
+def _choice(device_type: str, device_index: int, dtype: torch.dtype, hidden_dim: int) -> bool:
+    """True: quack's GEMMs; False: torch's. Raises on a bad ``TORCHTUNE_MOE_GROUPED_GEMM``."""
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{ENV_VAR} must be one of {', '.join(_CHOICES)}; got {os.environ[ENV_VAR]!r}")
+    if choice == "torch":
+        return False
+    usable = (
+        device_type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device_index)[0] == 9
+    )
+    if choice == "cute":
+        if not cute_available():
+            raise RuntimeError(
+                f"{ENV_VAR}=cute needs quack-kernels (pip install '.[cute]'), which could not be imported here; "
+                f"allowed without it: {ENV_VAR}=auto or torch"
+            )
+        if not usable:
+            raise RuntimeError(
+                f"{ENV_VAR}=cute runs bf16 tokens on a compute-capability 9.x GPU (H100, H200); got {dtype} "
+                f"tokens on {device_type} (allowed there: {ENV_VAR}=auto or torch)"
+            )
+        return True
+    return usable and hidden_dim <= _MAX_HIDDEN and cute_available()
+
+
+def bf16_gemm(x_TD: torch.Tensor, num_rows: int, hidden_dim: int) -> GroupedGemm:
+    """The grouped GEMMs for routed rows of ``x_TD`` (see the module doc): :data:`CUTE` or torch's.
+
+    Args:
+        x_TD (torch.Tensor): [T, D] the layer's tokens (their device and dtype decide).
+        num_rows (int): A, the routed rows (none: torch's, nothing to run).
+        hidden_dim (int): H, the experts' hidden dim (``auto`` takes quack's up to :data:`_MAX_HIDDEN`).
+    """
+    if num_rows == 0:
+        return BF16
+    index = x_TD.device.index if x_TD.device.index is not None else 0
+    return CUTE if _choice(x_TD.device.type, index, x_TD.dtype, hidden_dim) else BF16
+
+
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if quack can load it by TMA (unit stride in its last dim, 16-byte aligned rows and start), else a
+    copy. Compiled, the start is not checked (``storage_offset`` would break the graph): Inductor's buffers and
+    the layer's inputs start aligned."""
+    aligned = t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1])
+    if aligned and not torch.compiler.is_compiling():
+        aligned = t.storage_offset() % 8 == 0
+    return t if aligned else t.contiguous()
+
+
+@torch.library.custom_op("torchtune_moe::cute_grouped_mm", mutates_args=(), device_types="cuda")
+def _cute_grouped_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    a_idx: Optional[torch.Tensor],
+    varlen_k: bool,
+    transpose_out: bool,
+    tile: list[int],
+) -> torch.Tensor:
+    """quack's grouped GEMM ``a @ b`` over segments of ``cu_seqlens`` [L + 1] (int32, from 0): of a's rows
+    (``varlen_k`` False: a [M or T, K], b [L, K, N] -> [M, N]) or of the reduction axis (True: a [M, K or T],
+    b [K, N] -> [L, M, N], or [L, N, M] stored transposed with ``transpose_out``). ``a_idx`` [M] (or [K]) int32
+    gathers a's rows (or columns) as they load. ``tile``: tile_m, tile_n, cluster_m, pingpong."""
+    gemm_fn, GemmConfig = _quack_gemm()
+    tile_m, tile_n, cluster_m, pingpong = tile
+    config = GemmConfig(
+        tile_m=tile_m, tile_n=tile_n, cluster_m=cluster_m, cluster_n=1, pingpong=bool(pingpong),
+        is_dynamic_persistent=False,
+    )
+    out = _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out)
+    target = out.transpose(-2, -1) if transpose_out else out
+    gemm_fn(
+        a, b, target, config=config, cu_seqlens_m=None if varlen_k else cu_seqlens,
+        cu_seqlens_k=cu_seqlens if varlen_k else None, A_idx=a_idx,
+    )
+    return out
+
+
+def _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out) -> torch.Tensor:
+    if not varlen_k:
+        rows = a_idx.shape[0] if a_idx is not None else a.shape[0]
+        return a.new_empty(rows, b.shape[-1])
+    L = cu_seqlens.shape[0] - 1
+    return a.new_empty((L, b.shape[-1], a.shape[0]) if transpose_out else (L, a.shape[0], b.shape[-1]))
+
+
+@_cute_grouped_mm.register_fake
+def _(a, b, cu_seqlens, a_idx, varlen_k, transpose_out, tile):
+    return _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out)
+
+
+def _cu_seqlens(offsets_E: torch.Tensor) -> torch.Tensor:
+    """[E] cumulative ends -> [E + 1] int32 from 0, quack's segment bounds."""
+    return torch.cat([offsets_E.new_zeros(1), offsets_E]).to(torch.int32)
+
+
+def _source(a: "torch.Tensor | Rows") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A row operand as quack loads it: (rows, None), or (source rows, int32 index) for a :class:`Rows`."""
+    if isinstance(a, Rows):
+        return _operand(a.src_TK), a.index_A.to(torch.int32)
+    return _operand(a), None
+
+
+class CuteGroupedGemm(GroupedGemm):
+    """quack's grouped GEMMs (bf16, compute capability 9.x), gathering :class:`Rows` operands as they load.
+    Same operations and shapes as :class:`~torchtune_moe.modules._grouped_gemm.GroupedGemm`."""
+
+    @staticmethod
+    def forward(a_AK: "torch.Tensor | Rows", w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """``a_AK @ w_ENK[e]^T`` per expert: [A, K], [E, N, K] -> [A, N]."""
+        src, idx = _source(a_AK)
+        out = _cute_grouped_mm(src, w_ENK.transpose(-2, -1), _cu_seqlens(offsets_E), idx, False, False, _TILE)
+        return out, None
+
+    @staticmethod
+    def input_grad(
+        g_AN: "torch.Tensor | Rows", w_ENK: torch.Tensor, offsets_E: torch.Tensor, w_state=None
+    ) -> torch.Tensor:
+        """``g_AN @ w_ENK[e]`` per expert: [A, N], [E, N, K] -> [A, K]."""
+        src, idx = _source(g_AN)
+        return _cute_grouped_mm(src, w_ENK, _cu_seqlens(offsets_E), idx, False, False, _TILE)
+
+    @staticmethod
+    def weight_grad(
+        g_AN: "torch.Tensor | Rows", a_AK: "torch.Tensor | Rows", offsets_E: torch.Tensor
+    ) -> torch.Tensor:
+        """``g_AN[rows of e]^T @ a_AK[rows of e]`` per expert: [A, N], [A, K] -> [E, N, K]. quack gathers its
+        left operand only: with ``a_AK`` a :class:`Rows`, it computes ``a^T g`` [E, K, N] into the transposed
+        output."""
+        cu = _cu_seqlens(offsets_E)
+        if isinstance(a_AK, Rows) and not isinstance(g_AN, Rows):
+            src, idx = _source(a_AK)
+            return _cute_grouped_mm(src.t(), _operand(g_AN), cu, idx, True, True, _TILE)
+        src, idx = _source(g_AN)
+        return _cute_grouped_mm(src.t(), _operand(gathered(a_AK)), cu, idx, True, False, _TILE)
+
+
+CUTE = CuteGroupedGemm()

@@ -107,3 +107,19 @@ def test_validate_config_names_the_key(values, message):
     }
     with pytest.raises(ValueError, match=message):
         validate_config(OmegaConf.create(values), spec)
+
+
+def test_grouped_gemm_environment_is_checked_with_the_config(monkeypatch):
+    """TORCHTUNE_MOE_GROUPED_GEMM (the experts' grouped GEMMs) is refused by name before any work."""
+    from torchtune_moe.training import validate_recipe_config
+
+    cfg = load_config("tiny/full")
+    for ok in ("auto", "torch", "Torch", ""):
+        monkeypatch.setenv("TORCHTUNE_MOE_GROUPED_GEMM", ok)
+        validate_recipe_config(cfg)
+    monkeypatch.setenv("TORCHTUNE_MOE_GROUPED_GEMM", "fast")
+    with pytest.raises(ValueError, match="must be one of auto, torch, cute; got 'fast'"):
+        validate_recipe_config(cfg)
+    monkeypatch.setenv("TORCHTUNE_MOE_GROUPED_GEMM", "cute")  # no quack or no Hopper GPU in the CPU tests
+    with pytest.raises(ValueError, match="TORCHTUNE_MOE_GROUPED_GEMM=cute"):
+        validate_recipe_config(cfg)

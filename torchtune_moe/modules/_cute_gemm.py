@@ -33,7 +33,7 @@ import torch
 
 from torchtune_moe.modules._grouped_gemm import BF16, GroupedGemm, Rows, gathered
 
-__all__ = ["CUTE", "CuteGroupedGemm", "ENV_VAR", "bf16_gemm", "cute_available"]
+__all__ = ["CUTE", "CuteGroupedGemm", "ENV_VAR", "bf16_gemm", "check_grouped_gemm_env", "cute_available"]
 
 ENV_VAR = "TORCHTUNE_MOE_GROUPED_GEMM"
 _CHOICES = ("auto", "torch", "cute")
@@ -91,6 +91,21 @@ def _choice(device_type: str, device_index: int, dtype: torch.dtype, hidden_dim:
             )
         return True
     return usable and hidden_dim <= _MAX_HIDDEN and cute_available()
+
+
+def check_grouped_gemm_env(device: torch.device, dtype: torch.dtype) -> bool:
+    """Checks ``TORCHTUNE_MOE_GROUPED_GEMM`` for tokens of ``dtype`` on ``device`` before any work (recipes call it
+    at setup): whether quack's GEMMs can run there (for hidden dims up to :data:`_MAX_HIDDEN`).
+
+    Raises:
+        ValueError: the variable's value is not one of ``auto``, ``torch``, ``cute``; or it is ``cute`` and quack
+            is missing, or the tokens are not bf16 on a compute-capability 9.x GPU.
+    """
+    index = device.index if device.index is not None else 0
+    try:
+        return _choice(device.type, index, dtype, 0)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from e
 
 
 def bf16_gemm(x_TD: torch.Tensor, num_rows: int, hidden_dim: int) -> GroupedGemm:

@@ -16,6 +16,7 @@ from torchtune import config, utils
 
 from torchtune_moe.config import Key, boolean, component, integer, number, one_of, section, string, validate_config
 from torchtune_moe.modules import moe_layers
+from torchtune_moe.modules._cute_gemm import check_grouped_gemm_env
 from torchtune_moe.modules.expert_parallel import check_expert_parallel_degree
 
 __all__ = [
@@ -121,11 +122,13 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
         raise ValueError("compile: true needs dtype: bf16 (torch.compile of the grouped-GEMM experts is bf16-only)")
     _check_cpu_offload(cfg)
     _check_expert_fp8(cfg)
+    device = utils.get_device(device=cfg.get("device", None))
+    # The environment's choice of the experts' grouped GEMMs (TORCHTUNE_MOE_GROUPED_GEMM, modules/_cute_gemm.py).
+    check_grouped_gemm_env(device, torch.bfloat16 if cfg.get("dtype", "fp32") == "bf16" else torch.float32)
     tok_len = cfg.tokenizer.get("max_seq_len", None)
     model_len = cfg.model.get("max_seq_len", None)
     if isinstance(tok_len, int) and isinstance(model_len, int) and tok_len > model_len:
         raise ValueError(_seq_len_message(tok_len, model_len))
-    device = utils.get_device(device=cfg.get("device", None))
     dummy = [torch.nn.Parameter(torch.zeros(1, device=device))]
     optimizer = instantiate("optimizer", cfg.optimizer, dummy)
     if cfg.get("lr_scheduler", None) is not None:

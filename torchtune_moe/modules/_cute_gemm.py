@@ -154,10 +154,15 @@ def _cute_grouped_mm(
     )
     out = _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out)
     target = out.transpose(-2, -1) if transpose_out else out
-    gemm_fn(
-        a, b, target, config=config, cu_seqlens_m=None if varlen_k else cu_seqlens,
-        cu_seqlens_k=cu_seqlens if varlen_k else None, A_idx=a_idx,
-    )
+    try:
+        gemm_fn(
+            a, b, target, config=config, cu_seqlens_m=None if varlen_k else cu_seqlens,
+            cu_seqlens_k=cu_seqlens if varlen_k else None, A_idx=a_idx,
+        )
+    except Exception as e:  # e.g. the DSL's JIT failing on this driver: say how to run without quack
+        raise RuntimeError(
+            f"quack's grouped GEMM failed ({type(e).__name__}: {e}); {ENV_VAR}=torch runs torch's grouped GEMM instead"
+        ) from e
     return out
 
 

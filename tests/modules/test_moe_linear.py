@@ -276,3 +276,34 @@ def test_grouped_gemm_choice(monkeypatch):
     monkeypatch.setenv(_cute_gemm.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="TORCHTUNE_MOE_GROUPED_GEMM"):
         experts.routed(torch.randn(3, D), torch.tensor([0, 1, 2]), torch.ones(3), torch.tensor([1, 2, 3, 3], dtype=torch.int32))
+
+
+def test_quack_gemms_give_torchs_shapes_and_layouts():
+    """quack's three GEMM kinds (through the custom op's fake, on meta tensors: no quack or GPU needed) return
+    what torch's do for the same operands, gathered (Rows) or not: shapes, and contiguous outputs."""
+    from torchtune_moe.modules._cute_gemm import CUTE
+    from torchtune_moe.modules._grouped_gemm import BF16, Rows
+
+    T, A = 32, 64
+
+    def m(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+    offsets_E = torch.empty(E, device="meta", dtype=torch.int32)
+    rows_A = torch.empty(A, device="meta", dtype=torch.long)
+
+    def rows(width):
+        return Rows(m(T, width), rows_A, offsets_E[-1:], False)
+
+    w_up, w_down = m(E, 2 * H, D), m(E, D, H)
+    pairs = [
+        (CUTE.forward(rows(D), w_up, offsets_E)[0], BF16.forward(m(A, D), w_up, offsets_E)[0]),
+        (CUTE.forward(m(A, H), w_down, offsets_E)[0], BF16.forward(m(A, H), w_down, offsets_E)[0]),
+        (CUTE.input_grad(rows(D), w_down, offsets_E), BF16.input_grad(m(A, D), w_down, offsets_E)),
+        (CUTE.input_grad(m(A, 2 * H), w_up, offsets_E), BF16.input_grad(m(A, 2 * H), w_up, offsets_E)),
+        (CUTE.weight_grad(rows(D), m(A, H), offsets_E), BF16.weight_grad(m(A, D), m(A, H), offsets_E)),
+        (CUTE.weight_grad(m(A, 2 * H), rows(D), offsets_E), BF16.weight_grad(m(A, 2 * H), m(A, D), offsets_E)),
+        (CUTE.weight_grad(m(A, 2 * H), m(A, D), offsets_E), BF16.weight_grad(m(A, 2 * H), m(A, D), offsets_E)),
+    ]
+    for got, want in pairs:
+        assert got.shape == want.shape and got.is_contiguous(), (got.shape, want.shape)

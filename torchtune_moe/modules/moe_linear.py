@@ -239,12 +239,13 @@ class MoELinear(nn.Module):
         index_J = offsets_T = None
         if combine_TK is None:
             index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
-        gemm = bf16_gemm(x_TD, rows_A.shape[0], self.hidden_dim)
         if self.expert_fp8 and rows_A.shape[0] > 0:  # no rows (no tokens here): nothing to quantize or pad
             gemm = self._fp8_gemm(x_TD)
             rows_A, weights_A, offsets_E, combine_TK, index_J = _pad_groups(
                 rows_A, weights_A, offsets_E, combine_TK, index_J
             )
+        else:
+            gemm = bf16_gemm(x_TD, rows_A.shape[0], self.hidden_dim)
         expert_A = gate_up_bias = None
         if self.gate_up_proj_bias is not None:
             # offsets_E counts this rank's experts (all E without expert parallelism): expert_A indexes the local

@@ -131,13 +131,13 @@ def check_custom_ops(device: str) -> None:
     y, z, w, x_TN = rnd(A, N), rnd(A, 2 * R), rnd(E, N, R), rnd(T, N)
     index = torch.randint(0, T, (A,), device=device)
     for op, args in [
-        (_kernels._lowrank_add_op, (y.clone(), z, w, offsets_E, 0.5, 2)),
-        (_kernels._expert_outer_op, (x_TN, z, offsets_E, index, 0.5, 1, True)),
-        (_kernels._expert_outer_op, (y, z, offsets_E, None, 0.5, 2, False)),
-        (_kernels._rows_project_op, (x_TN, w, offsets_E, index, 0.5, 1, True)),
-        (_kernels._rows_project_op, (y, w, offsets_E, None, 1.0, 2, False)),
-        (_kernels._swiglu_lora_forward_op, (y, rnd(A), rnd(A, 2 * R), w, offsets_E, 0.5)),
-        (_kernels._swiglu_lora_backward_op, (y, rnd(A), rnd(A, N // 2), rnd(A, 2 * R), w, offsets_E, 0.5)),
+        (_kernels._lowrank_add_op.op, (y.clone(), z, w, offsets_E, 0.5, 2)),
+        (_kernels._expert_outer_op.op, (x_TN, z, offsets_E, index, 0.5, 1, True)),
+        (_kernels._expert_outer_op.op, (y, z, offsets_E, None, 0.5, 2, False)),
+        (_kernels._rows_project_op.op, (x_TN, w, offsets_E, index, 0.5, 1, True)),
+        (_kernels._rows_project_op.op, (y, w, offsets_E, None, 1.0, 2, False)),
+        (_kernels._swiglu_lora_forward_op.op, (y, rnd(A), rnd(A, 2 * R), w, offsets_E, 0.5)),
+        (_kernels._swiglu_lora_backward_op.op, (y, rnd(A), rnd(A, N // 2), rnd(A, 2 * R), w, offsets_E, 0.5)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 

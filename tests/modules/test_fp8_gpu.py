@@ -118,7 +118,9 @@ def test_per_group_colwise_kernel_equals_torchao_kernel(counts, pad_rows, N):
     assert torch.equal(q[:L].view(torch.uint8), q_t[:L].view(torch.uint8))
     # the fake's shapes and strides against the kernel's (not the compiled-graph checks: rows past offsets_E[-1]
     # are left unwritten, so two calls need not agree there)
-    torch.library.opcheck(_kernels._per_group_colwise_fp8_op, (t, offsets_E), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        _kernels._per_group_colwise_fp8_op.op, (t, offsets_E), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_forward_weight_quantization_equals_torchao_kernel():
@@ -159,7 +161,7 @@ def test_input_grad_quantizers_equal_torch_code():
         u8_t, s_t = gg.rowwise_fp8_torch(g.float() * mul[expert], -1)
         assert torch.equal(s, s_t) and torch.equal(u8.view(torch.uint8), u8_t.view(torch.uint8))
     torch.library.opcheck(
-        _kernels._scaled_transpose_fp8_op, (w, s_N1.view(E, N)), test_utils=("test_schema", "test_faketensor")
+        _kernels._scaled_transpose_fp8_op.op, (w, s_N1.view(E, N)), test_utils=("test_schema", "test_faketensor")
     )
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from torchtune_moe.modules._custom_op import custom_op
 from torchtune_moe.modules.routers import RouterOutput
 
 __all__ = ["dispatch_combine", "sort_by_expert"]
@@ -22,7 +23,7 @@ __all__ = ["dispatch_combine", "sort_by_expert"]
 _PENDING_HOST_COPIES: dict[int, "torch.cuda.Event"] = {}
 
 
-@torch.library.custom_op("torchtune_moe::copy_to_host", mutates_args=())
+@custom_op("copy_to_host", mutates_args=())
 def _copy_to_host(t: torch.Tensor) -> torch.Tensor:
     """Starts copying ``t`` to host memory and returns the host tensor without waiting (CUDA: pinned memory,
     ``non_blocking``, a CUDA event recorded for :func:`_kept_prefix` to wait on). Elsewhere a plain copy."""
@@ -41,7 +42,7 @@ def _(t):
     return torch.empty(t.shape, dtype=t.dtype, device="cpu")
 
 
-@torch.library.custom_op("torchtune_moe::kept_prefix", mutates_args=())
+@custom_op("kept_prefix", mutates_args=())
 def _kept_prefix(src_A: torch.Tensor, num_kept: torch.Tensor) -> torch.Tensor:
     """``src_A[:max(num_kept, 1)]`` (a copy): the one host-device sync of :func:`dispatch_combine`. Waits for
     the copy of ``num_kept`` ([] host tensor from :func:`_copy_to_host`) to land, not for the whole stream."""

@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from torchtune_moe.modules._custom_op import custom_op
+
 __all__ = [
     "RouterOutput",
     "Router",
@@ -403,7 +405,7 @@ class ExpertChoiceTopKRouter(_CapacityRouter):
         return f"num_experts={self.num_experts}, experts_per_token={self.experts_per_token}, capacity_factor={self.capacity_factor}"
 
 
-@torch.library.custom_op("torchtune_moe::accumulate_batch_thresholds", mutates_args=("thr_sum_E", "thr_count"))
+@custom_op("accumulate_batch_thresholds", mutates_args=("thr_sum_E", "thr_count"))
 def _accumulate_batch_thresholds(
     thr_sum_E: torch.Tensor, thr_count: torch.Tensor, scores_TE: torch.Tensor, capacity: int
 ) -> None:

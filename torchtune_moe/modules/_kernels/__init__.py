@@ -6,7 +6,8 @@ Each function has one definition of what it computes (the pure-torch code below,
 Triton is missing) and, on CUDA, a Triton kernel that computes the same thing in one pass over memory.
 The kernels are registered as custom ops (``torch.ops.torchtune_moe.*``) so that ``torch.compile`` keeps
 them as they are rather than tracing into them: Inductor's own fusion of the torch code measured slower
-(benchmarks/NOTES.md). Why hand-written: no library we
+(benchmarks/NOTES.md). Eager, each is launched directly, without the op's dispatch
+(:mod:`~torchtune_moe.modules._custom_op`). Why hand-written: no library we
 depend on fuses "SwiGLU times a per-row weight" with its backward (recomputing the output instead of
 saving it), or sums a token's gathered rows (K of them, or a variable number) without materialising the
 gather or accumulating with atomics.
@@ -20,6 +21,8 @@ stop at the last expert's offset, the combines skip them); the torch code writes
 from typing import Optional
 
 import torch
+
+from torchtune_moe.modules._custom_op import custom_op
 
 try:  # Triton comes with CUDA builds of torch; CPU-only installs use the torch code.
     from torchtune_moe.modules._kernels import _triton
@@ -47,7 +50,7 @@ if _HAS_TRITON:
     # Custom ops around the kernels: opaque to torch.compile (a fake implementation gives output shapes).
     Tensor = torch.Tensor
 
-    @torch.library.custom_op("torchtune_moe::gather_rows", mutates_args=())
+    @custom_op("gather_rows", mutates_args=())
     def _gather_rows_op(src_TD: Tensor, index_A: Tensor, num_valid: Tensor, may_drop: bool) -> Tensor:
         return _triton.gather_rows(src_TD, index_A, num_valid, may_drop)
 
@@ -55,7 +58,7 @@ if _HAS_TRITON:
     def _(src_TD, index_A, num_valid, may_drop):
         return src_TD.new_empty((index_A.shape[0], src_TD.shape[1]))
 
-    @torch.library.custom_op("torchtune_moe::swiglu_forward", mutates_args=())
+    @custom_op("swiglu_forward", mutates_args=())
     def _swiglu_forward_op(h_AF: Tensor, weights_A: Tensor, num_valid: Tensor, may_drop: bool) -> Tensor:
         return _triton.swiglu_forward(h_AF, weights_A, num_valid, may_drop)
 
@@ -63,7 +66,7 @@ if _HAS_TRITON:
     def _(h_AF, weights_A, num_valid, may_drop):
         return h_AF.new_empty((h_AF.shape[0], h_AF.shape[1] // 2))
 
-    @torch.library.custom_op("torchtune_moe::swiglu_backward", mutates_args=())
+    @custom_op("swiglu_backward", mutates_args=())
     def _swiglu_backward_op(
         h_AF: Tensor, weights_A: Tensor, grad_hs_AH: Tensor, num_valid: Tensor, may_drop: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -74,7 +77,7 @@ if _HAS_TRITON:
         A, F2 = h_AF.shape
         return h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2))
 
-    @torch.library.custom_op("torchtune_moe::gather_sum", mutates_args=())
+    @custom_op("gather_sum", mutates_args=())
     def _gather_sum_op(src_AD: Tensor, index_TK: Tensor, num_valid: Tensor, may_drop: bool) -> Tensor:
         return _triton.gather_sum(src_AD, index_TK, num_valid, may_drop)
 
@@ -82,7 +85,7 @@ if _HAS_TRITON:
     def _(src_AD, index_TK, num_valid, may_drop):
         return src_AD.new_empty((index_TK.shape[0], src_AD.shape[1]))
 
-    @torch.library.custom_op("torchtune_moe::segment_sum", mutates_args=())
+    @custom_op("segment_sum", mutates_args=())
     def _segment_sum_op(src_AD: Tensor, index_J: Tensor, offsets_T: Tensor) -> Tensor:
         return _triton.segment_sum(src_AD, index_J, offsets_T)
 
@@ -90,7 +93,7 @@ if _HAS_TRITON:
     def _(src_AD, index_J, offsets_T):
         return src_AD.new_empty((offsets_T.shape[0], src_AD.shape[1]))
 
-    @torch.library.custom_op("torchtune_moe::lowrank_add_", mutates_args=("y_AN",))
+    @custom_op("lowrank_add_", mutates_args=("y_AN",))
     def _lowrank_add_op(
         y_AN: Tensor, z_AP: Tensor, w_ENR: Tensor, offsets_E: Tensor, scale: float, parts: int
     ) -> None:
@@ -100,7 +103,7 @@ if _HAS_TRITON:
     def _(y_AN, z_AP, w_ENR, offsets_E, scale, parts):
         return None
 
-    @torch.library.custom_op("torchtune_moe::expert_outer", mutates_args=())
+    @custom_op("expert_outer", mutates_args=())
     def _expert_outer_op(
         big_XN: Tensor, small_AP: Tensor, offsets_E: Tensor, index_A: Optional[Tensor], scale: float, parts: int,
         transposed: bool,
@@ -112,7 +115,7 @@ if _HAS_TRITON:
             return out
         return _triton.expert_outer(big_XN, small_AP, offsets_E, index_A, scale, parts, big_XN.new_empty((E, N, R)))
 
-    @torch.library.custom_op("torchtune_moe::rows_project", mutates_args=())
+    @custom_op("rows_project", mutates_args=())
     def _rows_project_op(
         y_XN: Tensor, w_ENR: Tensor, offsets_E: Tensor, index_A: Optional[Tensor], scale: float, parts: int,
         copy: bool,
@@ -129,7 +132,7 @@ if _HAS_TRITON:
         E, N, R = offsets_E.shape[0], big_XN.shape[1], small_AP.shape[1] // parts
         return big_XN.new_empty((E, R, N) if transposed else (E, N, R))
 
-    @torch.library.custom_op("torchtune_moe::swiglu_lora_forward", mutates_args=())
+    @custom_op("swiglu_lora_forward", mutates_args=())
     def _swiglu_lora_forward_op(
         h_AF: Tensor, weights_A: Tensor, xa_AP: Tensor, b_ENR: Tensor, offsets_E: Tensor, scale: float
     ) -> Tensor:
@@ -139,7 +142,7 @@ if _HAS_TRITON:
     def _(h_AF, weights_A, xa_AP, b_ENR, offsets_E, scale):
         return h_AF.new_empty((h_AF.shape[0], h_AF.shape[1] // 2))
 
-    @torch.library.custom_op("torchtune_moe::swiglu_lora_backward", mutates_args=())
+    @custom_op("swiglu_lora_backward", mutates_args=())
     def _swiglu_lora_backward_op(
         h_AF: Tensor, weights_A: Tensor, grad_hs_AH: Tensor, xa_AP: Tensor, b_ENR: Tensor, offsets_E: Tensor,
         scale: float,
@@ -151,7 +154,7 @@ if _HAS_TRITON:
         A, F2 = h_AF.shape
         return h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2))
 
-    @torch.library.custom_op("torchtune_moe::rowwise_fp8", mutates_args=())
+    @custom_op("rowwise_fp8", mutates_args=())
     def _rowwise_fp8_op(
         src_AK: Tensor, mul_EK: Optional[Tensor], expert_A: Optional[Tensor]
     ) -> tuple[Tensor, Tensor]:
@@ -162,7 +165,7 @@ if _HAS_TRITON:
         A, K = src_AK.shape
         return src_AK.new_empty((A, K), dtype=torch.float8_e4m3fn), src_AK.new_empty((A, 1), dtype=torch.float32)
 
-    @torch.library.custom_op("torchtune_moe::per_group_colwise_fp8", mutates_args=())
+    @custom_op("per_group_colwise_fp8", mutates_args=())
     def _per_group_colwise_fp8_op(src_AN: Tensor, offsets_E: Tensor) -> tuple[Tensor, Tensor]:
         return _triton.per_group_colwise_fp8(src_AN, offsets_E)
 
@@ -172,7 +175,7 @@ if _HAS_TRITON:
         q_AN = src_AN.new_empty_strided((A, N), (1, A), dtype=torch.float8_e4m3fn)
         return q_AN, src_AN.new_empty((offsets_E.shape[0] * N,), dtype=torch.float32)
 
-    @torch.library.custom_op("torchtune_moe::scaled_transpose_fp8", mutates_args=())
+    @custom_op("scaled_transpose_fp8", mutates_args=())
     def _scaled_transpose_fp8_op(w_ENK: Tensor, scale_EN: Tensor) -> Tensor:
         return _triton.scaled_transpose_fp8(w_ENK, scale_EN)
 

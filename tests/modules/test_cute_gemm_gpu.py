@@ -53,18 +53,19 @@ def test_each_gemm_matches_torch(empty_expert, drop):
     x_rows, g_rows = Rows(x_TD, rows_A, num_valid, drop > 0), Rows(g_TD, rows_A, num_valid, drop > 0)
     x_AD, g_AD = x_TD[rows_A], g_TD[rows_A]
     cute, ref = _cute_gemm.CUTE, BF16
+    cu_E1 = cute.segments(offsets_E)  # quack's segment bounds [E + 1]
     pairs = [
-        (cute.forward(x_rows, w_EFD, offsets_E)[0], ref.forward(x_AD, w_EFD, offsets_E)[0]),
-        (cute.forward(h_AH, w_EDH, offsets_E)[0], ref.forward(h_AH, w_EDH, offsets_E)[0]),
-        (cute.input_grad(g_rows, w_EDH, offsets_E), ref.input_grad(g_AD, w_EDH, offsets_E)),
-        (cute.input_grad(gh_AF, w_EFD, offsets_E), ref.input_grad(gh_AF, w_EFD, offsets_E)),
+        (cute.forward(x_rows, w_EFD, cu_E1)[0], ref.forward(x_AD, w_EFD, offsets_E)[0]),
+        (cute.forward(h_AH, w_EDH, cu_E1)[0], ref.forward(h_AH, w_EDH, offsets_E)[0]),
+        (cute.input_grad(g_rows, w_EDH, cu_E1), ref.input_grad(g_AD, w_EDH, offsets_E)),
+        (cute.input_grad(gh_AF, w_EFD, cu_E1), ref.input_grad(gh_AF, w_EFD, offsets_E)),
     ]
     for got, want in pairs:  # rows past offsets_E[-1] are unspecified in both
         torch.testing.assert_close(got[:n], want[:n], rtol=1e-2, atol=1e-2)
     wgrads = [
-        (cute.weight_grad(g_rows, h_AH, offsets_E), ref.weight_grad(g_AD, h_AH, offsets_E)),
-        (cute.weight_grad(gh_AF, x_rows, offsets_E), ref.weight_grad(gh_AF, x_AD, offsets_E)),
-        (cute.weight_grad(gh_AF, x_AD, offsets_E), ref.weight_grad(gh_AF, x_AD, offsets_E)),
+        (cute.weight_grad(g_rows, h_AH, cu_E1), ref.weight_grad(g_AD, h_AH, offsets_E)),
+        (cute.weight_grad(gh_AF, x_rows, cu_E1), ref.weight_grad(gh_AF, x_AD, offsets_E)),
+        (cute.weight_grad(gh_AF, x_AD, cu_E1), ref.weight_grad(gh_AF, x_AD, offsets_E)),
     ]
     for got, want in wgrads:
         assert got.shape == want.shape and got.is_contiguous()

@@ -290,6 +290,7 @@ def test_quack_gemms_give_torchs_shapes_and_layouts():
         return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
 
     offsets_E = torch.empty(E, device="meta", dtype=torch.int32)
+    cu_E1 = CUTE.segments(offsets_E)
     rows_A = torch.empty(A, device="meta", dtype=torch.long)
 
     def rows(width):
@@ -297,13 +298,13 @@ def test_quack_gemms_give_torchs_shapes_and_layouts():
 
     w_up, w_down = m(E, 2 * H, D), m(E, D, H)
     pairs = [
-        (CUTE.forward(rows(D), w_up, offsets_E)[0], BF16.forward(m(A, D), w_up, offsets_E)[0]),
-        (CUTE.forward(m(A, H), w_down, offsets_E)[0], BF16.forward(m(A, H), w_down, offsets_E)[0]),
-        (CUTE.input_grad(rows(D), w_down, offsets_E), BF16.input_grad(m(A, D), w_down, offsets_E)),
-        (CUTE.input_grad(m(A, 2 * H), w_up, offsets_E), BF16.input_grad(m(A, 2 * H), w_up, offsets_E)),
-        (CUTE.weight_grad(rows(D), m(A, H), offsets_E), BF16.weight_grad(m(A, D), m(A, H), offsets_E)),
-        (CUTE.weight_grad(m(A, 2 * H), rows(D), offsets_E), BF16.weight_grad(m(A, 2 * H), m(A, D), offsets_E)),
-        (CUTE.weight_grad(m(A, 2 * H), m(A, D), offsets_E), BF16.weight_grad(m(A, 2 * H), m(A, D), offsets_E)),
+        (CUTE.forward(rows(D), w_up, cu_E1)[0], BF16.forward(m(A, D), w_up, offsets_E)[0]),
+        (CUTE.forward(m(A, H), w_down, cu_E1)[0], BF16.forward(m(A, H), w_down, offsets_E)[0]),
+        (CUTE.input_grad(rows(D), w_down, cu_E1), BF16.input_grad(m(A, D), w_down, offsets_E)),
+        (CUTE.input_grad(m(A, 2 * H), w_up, cu_E1), BF16.input_grad(m(A, 2 * H), w_up, offsets_E)),
+        (CUTE.weight_grad(rows(D), m(A, H), cu_E1), BF16.weight_grad(m(A, D), m(A, H), offsets_E)),
+        (CUTE.weight_grad(m(A, 2 * H), rows(D), cu_E1), BF16.weight_grad(m(A, 2 * H), m(A, D), offsets_E)),
+        (CUTE.weight_grad(m(A, 2 * H), m(A, D), cu_E1), BF16.weight_grad(m(A, 2 * H), m(A, D), offsets_E)),
     ]
     for got, want in pairs:
         assert got.shape == want.shape and got.is_contiguous(), (got.shape, want.shape)

@@ -12,15 +12,16 @@ gradients) are never written out, and at 128 x 256 tiles they run the experts' G
 ``F.grouped_mm``. Measured on one H200, compiled layer: OLMoE 5.08 -> 4.94 ms, Qwen3-30B-A3B 4.52 -> 4.29 ms, 256
 MiB less peak memory per layer (benchmarks/NOTES.md, "quack's grouped GEMMs"). quack is a maintained package
 (the kernels of sonic-moe). We call its GEMM entry point with a fixed tile configuration; its autotuner would
-compile dozens of kernels on the first step. The call goes through a torch custom op, so torch.compile treats
-each GEMM as one opaque node.
+compile dozens of kernels on the first step. Compiled, the call is a torch custom op, so torch.compile treats each
+GEMM as one opaque node; eager, the op's function is called directly (:mod:`~torchtune_moe.modules._custom_op`).
 
 Costs:
 - The first call of each GEMM kind in a process JIT-compiles it (2-4 s each). quack keeps the compiled kernels on
   disk (``QUACK_CACHE_DIR``, default a directory under the system's temp dir), so later processes load them in
   milliseconds.
-- Each call takes about 150 µs of host time (torch's grouped GEMM: 26 µs). Compiled, the host runs ahead of the
-  GPU. Eager, a small layer can wait on it (Qwen3's eager layer was no faster).
+- Each GEMM takes about 73 µs of host time from the layer (quack's entry point ~35 µs of it; torch's grouped GEMM:
+  26-30 µs). The eager layer at the Qwen3-30B-A3B shape runs about as fast as the host issues it; through the
+  custom op (~150 µs per GEMM) it was slower than with torch's GEMMs.
 
 Results: the same fp32-accumulated bf16 GEMMs as torch's (GPU tests in ``tests/modules/test_cute_gemm_gpu.py``).
 """
@@ -30,7 +31,9 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
+from torchtune_moe.modules._custom_op import custom_op
 from torchtune_moe.modules._grouped_gemm import BF16, GroupedGemm, Rows, gathered
 
 __all__ = ["CUTE", "CuteGroupedGemm", "ENV_VAR", "bf16_gemm", "check_grouped_gemm_env", "cute_available"]
@@ -132,7 +135,17 @@ def _operand(t: torch.Tensor) -> torch.Tensor:
     return t if aligned else t.contiguous()
 
 
-@torch.library.custom_op("torchtune_moe::cute_grouped_mm", mutates_args=(), device_types="cuda")
+@functools.cache
+def _config(tile: tuple[int, ...]):
+    """quack's ``GemmConfig`` for ``tile`` (tile_m, tile_n, cluster_m, pingpong), made once."""
+    tile_m, tile_n, cluster_m, pingpong = tile
+    return _quack_gemm()[1](
+        tile_m=tile_m, tile_n=tile_n, cluster_m=cluster_m, cluster_n=1, pingpong=bool(pingpong),
+        is_dynamic_persistent=False,
+    )
+
+
+@custom_op("cute_grouped_mm", device_types="cuda")
 def _cute_grouped_mm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -146,17 +159,11 @@ def _cute_grouped_mm(
     (``varlen_k`` False: a [M or T, K], b [L, K, N] -> [M, N]) or of the reduction axis (True: a [M, K or T],
     b [K, N] -> [L, M, N], or [L, N, M] stored transposed with ``transpose_out``). ``a_idx`` [M] (or [K]) int32
     gathers a's rows (or columns) as they load. ``tile``: tile_m, tile_n, cluster_m, pingpong."""
-    gemm_fn, GemmConfig = _quack_gemm()
-    tile_m, tile_n, cluster_m, pingpong = tile
-    config = GemmConfig(
-        tile_m=tile_m, tile_n=tile_n, cluster_m=cluster_m, cluster_n=1, pingpong=bool(pingpong),
-        is_dynamic_persistent=False,
-    )
     out = _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out)
     target = out.transpose(-2, -1) if transpose_out else out
     try:
-        gemm_fn(
-            a, b, target, config=config, cu_seqlens_m=None if varlen_k else cu_seqlens,
+        _quack_gemm()[0](
+            a, b, target, config=_config(tuple(tile)), cu_seqlens_m=None if varlen_k else cu_seqlens,
             cu_seqlens_k=cu_seqlens if varlen_k else None, A_idx=a_idx,
         )
     except Exception as e:  # e.g. the DSL's JIT failing on this driver: say how to run without quack
@@ -179,50 +186,52 @@ def _(a, b, cu_seqlens, a_idx, varlen_k, transpose_out, tile):
     return _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out)
 
 
-def _cu_seqlens(offsets_E: torch.Tensor) -> torch.Tensor:
-    """[E] cumulative ends -> [E + 1] int32 from 0, quack's segment bounds."""
-    return torch.cat([offsets_E.new_zeros(1), offsets_E]).to(torch.int32)
-
-
 def _source(a: "torch.Tensor | Rows") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """A row operand as quack loads it: (rows, None), or (source rows, int32 index) for a :class:`Rows`."""
     if isinstance(a, Rows):
-        return _operand(a.src_TK), a.index_A.to(torch.int32)
+        return _operand(a.src_TK), a.index_int32()
     return _operand(a), None
 
 
 class CuteGroupedGemm(GroupedGemm):
     """quack's grouped GEMMs (bf16, compute capability 9.x), gathering :class:`Rows` operands as they load.
-    Same operations and shapes as :class:`~torchtune_moe.modules._grouped_gemm.GroupedGemm`."""
+    Same operations and shapes as :class:`~torchtune_moe.modules._grouped_gemm.GroupedGemm`; the segments are
+    ``cu_E1`` [E + 1] int32 bounds from 0 (:meth:`segments`)."""
+
+    loads_rows = True
 
     @staticmethod
-    def forward(a_AK: "torch.Tensor | Rows", w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def segments(offsets_E: torch.Tensor) -> torch.Tensor:
+        """[E] int32 cumulative row ends -> ``cu_E1`` [E + 1] int32 from 0, quack's segment bounds (one kernel)."""
+        return F.pad(offsets_E, (1, 0))
+
+    @staticmethod
+    def forward(a_AK: "torch.Tensor | Rows", w_ENK: torch.Tensor, cu_E1: torch.Tensor) -> tuple[torch.Tensor, None]:
         """``a_AK @ w_ENK[e]^T`` per expert: [A, K], [E, N, K] -> [A, N]."""
         src, idx = _source(a_AK)
-        out = _cute_grouped_mm(src, w_ENK.transpose(-2, -1), _cu_seqlens(offsets_E), idx, False, False, _TILE)
+        out = _cute_grouped_mm(src, w_ENK.transpose(-2, -1), cu_E1, idx, False, False, _TILE)
         return out, None
 
     @staticmethod
     def input_grad(
-        g_AN: "torch.Tensor | Rows", w_ENK: torch.Tensor, offsets_E: torch.Tensor, w_state=None
+        g_AN: "torch.Tensor | Rows", w_ENK: torch.Tensor, cu_E1: torch.Tensor, w_state=None
     ) -> torch.Tensor:
         """``g_AN @ w_ENK[e]`` per expert: [A, N], [E, N, K] -> [A, K]."""
         src, idx = _source(g_AN)
-        return _cute_grouped_mm(src, w_ENK, _cu_seqlens(offsets_E), idx, False, False, _TILE)
+        return _cute_grouped_mm(src, w_ENK, cu_E1, idx, False, False, _TILE)
 
     @staticmethod
     def weight_grad(
-        g_AN: "torch.Tensor | Rows", a_AK: "torch.Tensor | Rows", offsets_E: torch.Tensor
+        g_AN: "torch.Tensor | Rows", a_AK: "torch.Tensor | Rows", cu_E1: torch.Tensor
     ) -> torch.Tensor:
         """``g_AN[rows of e]^T @ a_AK[rows of e]`` per expert: [A, N], [A, K] -> [E, N, K]. quack gathers its
         left operand only: with ``a_AK`` a :class:`Rows`, it computes ``a^T g`` [E, K, N] into the transposed
         output."""
-        cu = _cu_seqlens(offsets_E)
         if isinstance(a_AK, Rows) and not isinstance(g_AN, Rows):
             src, idx = _source(a_AK)
-            return _cute_grouped_mm(src.t(), _operand(g_AN), cu, idx, True, True, _TILE)
+            return _cute_grouped_mm(src.t(), _operand(g_AN), cu_E1, idx, True, True, _TILE)
         src, idx = _source(g_AN)
-        return _cute_grouped_mm(src.t(), _operand(gathered(a_AK)), cu, idx, True, False, _TILE)
+        return _cute_grouped_mm(src.t(), _operand(gathered(a_AK)), cu_E1, idx, True, False, _TILE)
 
 
 CUTE = CuteGroupedGemm()

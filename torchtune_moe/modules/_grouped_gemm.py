@@ -65,17 +65,30 @@ class Rows:
         index_A (torch.Tensor): [A] int64, source row of each routed row.
         num_valid (torch.Tensor): [1] int32; rows at or past it are dropped slots (read only with ``may_drop``).
         may_drop (bool): some rows are dropped slots (their values are unspecified once gathered).
+        gathered_AK (Optional[torch.Tensor]): [A, K] the gathered rows when the caller already has them (a kernel
+            that gathers and projects in one pass), returned by :meth:`gather`.
     """
 
-    def __init__(self, src_TK: torch.Tensor, index_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool):
+    def __init__(
+        self, src_TK: torch.Tensor, index_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool,
+        gathered_AK: Optional[torch.Tensor] = None,
+    ):
         self.src_TK, self.index_A, self.num_valid, self.may_drop = src_TK, index_A, num_valid, may_drop
-        self._gathered: Optional[torch.Tensor] = None
+        self._gathered: Optional[torch.Tensor] = gathered_AK
+        self._index_int32: Optional[torch.Tensor] = None
 
     def gather(self) -> torch.Tensor:
         """[A, K]: the gathered rows (:func:`~torchtune_moe.modules._kernels.gather_rows`), made on the first call."""
         if self._gathered is None:
             self._gathered = _kernels.gather_rows(self.src_TK, self.index_A, self.num_valid, self.may_drop)
         return self._gathered
+
+    def index_int32(self) -> torch.Tensor:
+        """[A] int32: ``index_A`` as quack's GEMMs load it (:mod:`~torchtune_moe.modules._cute_gemm`), made on the
+        first call (the output gradient's rows feed two GEMMs)."""
+        if self._index_int32 is None:
+            self._index_int32 = self.index_A.to(torch.int32)
+        return self._index_int32
 
 
 def gathered(a: "torch.Tensor | Rows") -> torch.Tensor:
@@ -85,6 +98,16 @@ def gathered(a: "torch.Tensor | Rows") -> torch.Tensor:
 
 class GroupedGemm:
     """bf16 (any dtype): torch's grouped GEMM, exactly as autograd runs it."""
+
+    #: Whether :class:`Rows` operands are read by index inside the GEMMs' loads (quack's) rather than gathered
+    #: first: a caller that could produce the gathered copy for free need not.
+    loads_rows: bool = False
+
+    @staticmethod
+    def segments(offsets_E: torch.Tensor) -> torch.Tensor:
+        """The expert segments as this class's GEMMs take them, made once per pass from ``offsets_E`` [E] int32
+        cumulative row ends: ``offsets_E`` itself (quack's GEMMs take [E + 1] bounds from 0)."""
+        return offsets_E
 
     @staticmethod
     def forward(a_AK: "torch.Tensor | Rows", w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -189,6 +212,9 @@ class Fp8GroupedGemm:
     """
 
     emulate: bool = False
+
+    segments = staticmethod(GroupedGemm.segments)
+    loads_rows = False
 
     def forward(
         self, a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor

@@ -455,12 +455,12 @@ class _RoutedExperts(torch.autograd.Function):
         ctx, x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, may_drop,
         act, gated, gate_up_bias=None, expert_A=None, gemm: GroupedGemm = BF16,
     ):
-        num_valid = offsets_E[-1:]
-        h_AF, gate_up_state = gemm.forward(Rows(x_TD, rows_A, num_valid, may_drop), gate_up_proj, offsets_E)
+        num_valid, seg_E = offsets_E[-1:], gemm.segments(offsets_E)
+        h_AF, gate_up_state = gemm.forward(Rows(x_TD, rows_A, num_valid, may_drop), gate_up_proj, seg_E)
         if gate_up_bias is not None:
             h_AF = h_AF + gate_up_bias[expert_A]
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
-        y_AD, down_state = gemm.forward(hs_AH, down_proj, offsets_E)
+        y_AD, down_state = gemm.forward(hs_AH, down_proj, seg_E)
         out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
             x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, expert_A,
@@ -477,23 +477,23 @@ class _RoutedExperts(torch.autograd.Function):
             gate_up_state, down_state,
         ) = ctx.saved_tensors
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
-        num_valid = offsets_E[-1:]
+        num_valid, seg_E = offsets_E[-1:], ctx.gemm.segments(offsets_E)
         grad_y_AD = Rows(grad_out_TD, rows_A, num_valid, ctx.may_drop)  # gathered at most once, by the GEMMs
-        grad_hs_AH = ctx.gemm.input_grad(grad_y_AD, down_proj, offsets_E, down_state)
+        grad_hs_AH = ctx.gemm.input_grad(grad_y_AD, down_proj, seg_E, down_state)
         grad_h_AF, grad_w_A, hs_AH = _activate_backward(
             h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
         )
         del grad_hs_AH
-        grad_down = ctx.gemm.weight_grad(grad_y_AD, hs_AH, offsets_E) if need_down else None
+        grad_down = ctx.gemm.weight_grad(grad_y_AD, hs_AH, seg_E) if need_down else None
         del grad_y_AD, hs_AH
         grad_x_TD = grad_gate_up = None
         if need_x:
-            grad_x_AD = ctx.gemm.input_grad(grad_h_AF, gate_up_proj, offsets_E, gate_up_state)
+            grad_x_AD = ctx.gemm.input_grad(grad_h_AF, gate_up_proj, seg_E, gate_up_state)
             grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, ctx.may_drop)
             del grad_x_AD
         if need_gate_up:
             x_AD = Rows(x_TD, rows_A, num_valid, ctx.may_drop)
-            grad_gate_up = ctx.gemm.weight_grad(grad_h_AF, x_AD, offsets_E)
+            grad_gate_up = ctx.gemm.weight_grad(grad_h_AF, x_AD, seg_E)
         grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
         grad_bias = None
         if ctx.bias_shape is not None and ctx.needs_input_grad[12]:

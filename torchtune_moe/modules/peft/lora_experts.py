@@ -10,6 +10,8 @@ from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 from torchtune.modules.peft import AdapterModule
 
 from torchtune_moe.modules import _kernels
+from torchtune_moe.modules._cute_gemm import bf16_gemm
+from torchtune_moe.modules._grouped_gemm import BF16, Rows
 from torchtune_moe.modules.moe_linear import (
     ClampedSwiGLU,
     MoELinear,
@@ -256,7 +258,9 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
     on the Triton kernels the gate/up delta is never added to ``h``: :func:`_kernels.swiglu_lora_forward` and
     :func:`_kernels.swiglu_lora_backward` add it on the fly, and ``h`` is saved as the base GEMM wrote it. The
     products by the first factor (``x @ A_gu^T``, ``grad_y @ B_d``, ...) are :func:`_kernels.rows_project`, fused
-    with the gather of ``x`` (forward) and of the output gradient (backward) where they read it. The adapter
+    with the gather of ``x`` (forward) and of the output gradient (backward) where they read it, unless the base
+    GEMMs read those rows by index themselves (quack's on Hopper: the same ``GroupedGemm`` choice as
+    ``_RoutedExperts``, :func:`~torchtune_moe.modules._cute_gemm.bf16_gemm`; torch's without the kernels). The adapter
     weight gradients are per-expert outer-product sums (:func:`_kernels.expert_outer`); the one of ``A_gu``
     reads the input rows by index, so backward gathers no copy of ``x`` unless the base trains. Frozen NF4 base
     weights are dequantized when used (forward, and again in backward) and never kept dense. Base-weight gradients
@@ -274,11 +278,15 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         kern = mod.lora_kernels
         shapes = mod.base_shapes
         num_valid = offsets_E[-1:]
-        # the dispatch gather and x @ A_gu^T in one pass over the rows
+        # the base GEMMs: quack's on Hopper (they read x's rows by index), else torch's (as _RoutedExperts)
+        gemm = bf16_gemm(x_TD, rows_A.shape[0], mod.hidden_dim) if kern else BF16
+        seg_E = gemm.segments(offsets_E)
+        # x @ A_gu^T, in the same pass over the rows as the dispatch gather when the base GEMM needs that copy
         xa_AR, x_AD = _kernels.rows_project(
-            x_TD, a_gu.transpose(-2, -1), offsets_E, index_A=rows_A, copy=True, triton=kern
+            x_TD, a_gu.transpose(-2, -1), offsets_E, index_A=rows_A, copy=not gemm.loads_rows, triton=kern
         )
-        h_AF = F.grouped_mm(x_AD, dequantize(gate_up, shapes["gate_up_proj"]).transpose(-2, -1), offs=offsets_E)
+        x_rows = Rows(x_TD, rows_A, num_valid, may_drop, x_AD)
+        h_AF, _ = gemm.forward(x_rows, dequantize(gate_up, shapes["gate_up_proj"]), seg_E)
         # SwiGLU with the Triton kernels: h_AF is kept without the adapter, whose delta the SwiGLU kernels add
         # on the fly (forward and backward); otherwise it is added in place before the activation.
         fused = kern and mod.gated and mod.act is F.silu and _kernels.swiglu_lora_supported(h_AF, b_gu)
@@ -286,12 +294,12 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
             _kernels.lowrank_add_(h_AF, xa_AR, b_gu, offsets_E, s, P, triton=kern)
         if gate_up_bias is not None:
             h_AF.add_(gate_up_bias[expert_A])
-        del x_AD
+        del x_AD, x_rows
         if fused:
             hs_AH = _kernels.swiglu_lora_forward(h_AF, weights_A, xa_AR, b_gu, offsets_E, s, num_valid, may_drop)
         else:
             hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, mod.act, mod.gated)
-        y_AD = F.grouped_mm(hs_AH, dequantize(down, shapes["down_proj"]).transpose(-2, -1), offs=offsets_E)
+        y_AD, _ = gemm.forward(hs_AH, dequantize(down, shapes["down_proj"]), seg_E)
         ha_AR, _ = _kernels.rows_project(hs_AH, a_d.transpose(-2, -1), offsets_E, triton=kern)
         _kernels.lowrank_add_(y_AD, ha_AR, b_d, offsets_E, s, triton=kern)
         out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
@@ -302,7 +310,7 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         ctx.bias_like = None if gate_up_bias is None else (gate_up_bias.shape, gate_up_bias.dtype)
         # Base weights by reference (NF4 subclasses included): parameters, alive as long as the module.
         ctx.gate_up, ctx.down = gate_up, down
-        ctx.may_drop, ctx.mod, ctx.fused = may_drop, mod, fused
+        ctx.may_drop, ctx.mod, ctx.fused, ctx.gemm = may_drop, mod, fused, gemm
         return out_TD
 
     @staticmethod
@@ -318,19 +326,21 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_x, need_w, need_gate_up, need_down = need[:4]
         need_a_gu, need_b_gu, need_a_d, need_b_d = need[4:8]
-        num_valid = offsets_E[-1:]
+        num_valid, gemm = offsets_E[-1:], ctx.gemm
+        seg_E = gemm.segments(offsets_E)
         w_down = dequantize(ctx.down, shapes["down_proj"])
 
         # down: y = hs @ Wd^T + s * (hs @ Ad^T) @ Bd^T
         # Rows past offsets_E[-1] (dropped slots) belong to no group: the grouped GEMMs leave them out of every
         # weight gradient, and the activation backward and the combine mask them.
         grad_ha_AR, grad_y_AD = _kernels.rows_project(
-            grad_out_TD, b_d, offsets_E, scale=s, index_A=rows_A, copy=True, triton=kern
+            grad_out_TD, b_d, offsets_E, scale=s, index_A=rows_A, copy=not gemm.loads_rows, triton=kern
         )
+        grad_y_AD = Rows(grad_out_TD, rows_A, num_valid, may_drop, grad_y_AD)  # gathered at most once
         grad_b_d = None
         if need_b_d:  # reads grad_out's rows by index ([T, D], mostly in L2) rather than their gathered copy
             grad_b_d = _kernels.expert_outer(grad_out_TD, ha_AR, offsets_E, scale=s, index_A=rows_A, triton=kern)
-        grad_hs_AH = F.grouped_mm(grad_y_AD, w_down, offs=offsets_E)
+        grad_hs_AH = gemm.input_grad(grad_y_AD, w_down, seg_E)
         _kernels.lowrank_add_(grad_hs_AH, grad_ha_AR, a_d.transpose(-2, -1), offsets_E, 1.0, triton=kern)
         del w_down
         if ctx.fused:  # h_AF without the adapter: grad_h_AF is w.r.t. the whole h, hs includes the delta
@@ -345,7 +355,7 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         grad_a_d = None
         if need_a_d:
             grad_a_d = _kernels.expert_outer(hs_AH, grad_ha_AR, offsets_E, transposed=True, triton=kern)
-        grad_down = F.grouped_mm(grad_y_AD.t(), hs_AH, offs=offsets_E) if need_down else None
+        grad_down = gemm.weight_grad(grad_y_AD, hs_AH, seg_E) if need_down else None
         del grad_y_AD, hs_AH, grad_ha_AR
 
         # gate_up: h = x @ Wgu^T + s * [(x @ Agu_p^T) @ Bgu_p^T]_p
@@ -361,11 +371,11 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
             )
         grad_gate_up = None
         if need_gate_up:
-            grad_gate_up = F.grouped_mm(grad_h_AF.t(), _kernels.gather_rows(x_TD, rows_A), offs=offsets_E)
+            grad_gate_up = gemm.weight_grad(grad_h_AF, Rows(x_TD, rows_A, num_valid, may_drop), seg_E)
         grad_x_TD = None
         if need_x:
             w_gu = dequantize(ctx.gate_up, shapes["gate_up_proj"])
-            grad_x_AD = F.grouped_mm(grad_h_AF, w_gu, offs=offsets_E)
+            grad_x_AD = gemm.input_grad(grad_h_AF, w_gu, seg_E)
             _kernels.lowrank_add_(grad_x_AD, grad_xa_AR, a_gu.transpose(-2, -1), offsets_E, 1.0, triton=kern)
             grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None

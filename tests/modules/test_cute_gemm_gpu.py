@@ -50,10 +50,10 @@ def test_each_gemm_matches_torch(empty_expert, drop):
     x_TD, g_TD = _rand(T, D), _rand(T, D)
     w_EFD, w_EDH = _rand(E, 2 * H, D) / 16, _rand(E, D, H) / 16
     h_AH, gh_AF = _rand(A, H), _rand(A, 2 * H)
-    x_rows, g_rows = Rows(x_TD, rows_A, num_valid, drop > 0), Rows(g_TD, rows_A, num_valid, drop > 0)
-    x_AD, g_AD = x_TD[rows_A], g_TD[rows_A]
     cute, ref = _cute_gemm.CUTE, BF16
-    cu_E1 = cute.segments(offsets_E)  # quack's segment bounds [E + 1]
+    cu_E1, idx_A = cute.prepare(offsets_E, rows_A)  # quack's segment bounds [E + 1], int32 index
+    x_rows, g_rows = Rows(x_TD, idx_A, num_valid, drop > 0), Rows(g_TD, idx_A, num_valid, drop > 0)
+    x_AD, g_AD = x_TD[rows_A], g_TD[rows_A]
     pairs = [
         (cute.forward(x_rows, w_EFD, cu_E1)[0], ref.forward(x_AD, w_EFD, offsets_E)[0]),
         (cute.forward(h_AH, w_EDH, cu_E1)[0], ref.forward(h_AH, w_EDH, offsets_E)[0]),

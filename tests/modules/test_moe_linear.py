@@ -290,11 +290,11 @@ def test_quack_gemms_give_torchs_shapes_and_layouts():
         return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
 
     offsets_E = torch.empty(E, device="meta", dtype=torch.int32)
-    cu_E1 = CUTE.segments(offsets_E)
-    rows_A = torch.empty(A, device="meta", dtype=torch.long)
+    cu_E1, idx_A = CUTE.prepare(offsets_E, torch.empty(A, device="meta", dtype=torch.long))
+    assert cu_E1.shape == (E + 1,) and cu_E1.dtype == idx_A.dtype == torch.int32
 
     def rows(width):
-        return Rows(m(T, width), rows_A, offsets_E[-1:], False)
+        return Rows(m(T, width), idx_A, offsets_E[-1:], False)
 
     w_up, w_down = m(E, 2 * H, D), m(E, D, H)
     pairs = [
@@ -308,3 +308,86 @@ def test_quack_gemms_give_torchs_shapes_and_layouts():
     ]
     for got, want in pairs:
         assert got.shape == want.shape and got.is_contiguous(), (got.shape, want.shape)
+    with pytest.raises(ValueError, match="int32 index"):  # an index not made by CuteGroupedGemm.prepare
+        CUTE.forward(Rows(m(T, D), torch.empty(A, device="meta", dtype=torch.long), offsets_E[-1:], False), w_up, cu_E1)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("kind", ["moe_linear", "lora"])
+def test_gemms_that_load_rows_by_index(monkeypatch, kind, drop):
+    """The routed experts (and the LoRA experts' frozen base) with GEMMs that read the routed rows by index, as
+    quack's do (stood in for by torch code here): the segments and index are prepared once per step, no gathered
+    copy of x or of the output gradient is asked for, and output and every gradient equal torch's GEMMs', with
+    dropped slots too."""
+    from torchtune_moe.modules import CausalExpertChoiceRouter, TokenChoiceTopKRouter, dispatch_combine
+    from torchtune_moe.modules import moe_linear as moe_linear_module
+    from torchtune_moe.modules._grouped_gemm import GroupedGemm, Rows
+    from torchtune_moe.modules.peft import LoRAMoELinear
+    from torchtune_moe.modules.peft import lora_experts
+
+    prepared, asked = [], []
+
+    def rows(a):
+        if isinstance(a, Rows):
+            asked.append(a._gathered is None and a.index_A.dtype == torch.int32)
+            return a.src_TK[a.index_A]
+        return a
+
+    class LoadsRows(GroupedGemm):
+        loads_rows = True
+
+        @staticmethod
+        def prepare(offsets_E, rows_A):
+            prepared.append(1)
+            return offsets_E, rows_A.to(torch.int32)
+
+        @staticmethod
+        def forward(a_AK, w_ENK, offsets_E):
+            return F.grouped_mm(rows(a_AK), w_ENK.transpose(-2, -1), offs=offsets_E), None
+
+        @staticmethod
+        def input_grad(g_AN, w_ENK, offsets_E, w_state=None):
+            return F.grouped_mm(rows(g_AN), w_ENK, offs=offsets_E)
+
+        @staticmethod
+        def weight_grad(g_AN, a_AK, offsets_E):
+            return F.grouped_mm(rows(g_AN).t(), rows(a_AK), offs=offsets_E)
+
+    torch.manual_seed(0)
+    T = 16
+    if drop:  # a capacity router that drops slots (and gives tokens any number of rows)
+        router = CausalExpertChoiceRouter(D, E, 2, capacity_factor=0.5).train()
+    else:
+        router = TokenChoiceTopKRouter(D, E, 2)
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        routing = router(x)
+    assert (routing.expert_ids_A == E).any() == drop
+
+    def experts():
+        torch.manual_seed(1)
+        if kind == "moe_linear":
+            return MoELinear(E, D, H)
+        mod = LoRAMoELinear(E, D, H, rank=8, alpha=16.0)
+        with torch.no_grad():  # non-zero B so that the adapters contribute
+            mod.lora_gate_up_b.normal_(0, 0.1)
+            mod.lora_down_b.normal_(0, 0.1)
+        for p in (mod.gate_up_proj, mod.down_proj):
+            p.requires_grad_(True)
+        return mod
+
+    results = []
+    for stand_in in (False, True):
+        if stand_in:
+            module = moe_linear_module if kind == "moe_linear" else lora_experts
+            monkeypatch.setattr(module, "bf16_gemm", lambda *a: LoadsRows())
+        mod = experts()
+        xi = x.clone().requires_grad_(True)
+        out, _ = dispatch_combine(xi, routing, mod)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        results.append([out, xi.grad] + [p.grad for p in mod.parameters() if p.grad is not None])
+    assert prepared == [1]  # once, in the forward: the backward reuses what it made
+    assert asked == [True] * 4  # x (forward), the output gradient (two GEMMs), x (gate/up weight gradient)
+    assert len(results[1]) == len(results[0]) == 2 + (2 if kind == "moe_linear" else 6)
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

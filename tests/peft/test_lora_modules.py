@@ -67,67 +67,6 @@ def test_routed_matches_reference_and_merged(gated):
     torch.testing.assert_close(out.detach(), merged, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("drop", [False, True])
-def test_base_gemms_that_load_rows_get_no_gathered_copy(monkeypatch, drop):
-    """The base GEMMs go through the same choice as MoELinear's (quack's on Hopper, which read the routed rows by
-    index): with such a GEMM (stood in for by torch code here) the LoRA path skips the gathered copies of x and of
-    the output gradient, and computes the same output and gradients, base weights training too."""
-    import torch.nn.functional as F
-
-    from torchtune_moe.modules._grouped_gemm import GroupedGemm, Rows
-    from torchtune_moe.modules.peft import lora_experts
-
-    asked = []
-
-    def rows(a):
-        if isinstance(a, Rows):
-            asked.append(a._gathered is None)
-            return a.src_TK[a.index_A]
-        return a
-
-    class LoadsRows(GroupedGemm):
-        loads_rows = True
-
-        @staticmethod
-        def forward(a_AK, w_ENK, offsets_E):
-            return F.grouped_mm(rows(a_AK), w_ENK.transpose(-2, -1), offs=offsets_E), None
-
-        @staticmethod
-        def input_grad(g_AN, w_ENK, offsets_E, w_state=None):
-            return F.grouped_mm(rows(g_AN), w_ENK, offs=offsets_E)
-
-        @staticmethod
-        def weight_grad(g_AN, a_AK, offsets_E):
-            return F.grouped_mm(rows(g_AN).t(), rows(a_AK), offs=offsets_E)
-
-    if drop:  # a capacity router that drops slots (and gives tokens any number of rows)
-        from torchtune_moe.modules import CausalExpertChoiceRouter
-
-        torch.manual_seed(0)
-        router = CausalExpertChoiceRouter(D, E, 2, capacity_factor=0.5).train()
-        x = torch.randn(16, D)
-        with torch.no_grad():
-            routing = router(x)
-        assert (routing.expert_ids_A == E).any()
-    else:
-        x, routing = _routing()
-    results = []
-    for gemm in [None, LoadsRows()]:
-        if gemm is not None:
-            monkeypatch.setattr(lora_experts, "bf16_gemm", lambda *a: gemm)
-        lora = _lora_experts()
-        for p in (lora.gate_up_proj, lora.down_proj):
-            p.requires_grad_(True)
-        xi = x.clone().requires_grad_(True)
-        out, _ = dispatch_combine(xi, routing, lora)
-        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-        results.append([out, xi.grad] + [p.grad for p in lora.parameters() if p.grad is not None])
-    assert asked == [True] * 4  # x (forward), the output gradient (two GEMMs), x (gate/up weight gradient)
-    assert len(results[1]) == len(results[0]) == 2 + 6
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
 def test_adapter_starts_at_zero_and_only_adapters_train():
     torch.manual_seed(0)
     base = MoELinear(E, D, H)

@@ -174,6 +174,9 @@ def _cute_grouped_mm(
 
 
 def _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out) -> torch.Tensor:
+    """The GEMM's output, made empty (the op and its fake); refuses an index quack would misread."""
+    if a_idx is not None and a_idx.dtype != torch.int32:
+        raise ValueError(f"quack's grouped GEMM gathers by an int32 index (CuteGroupedGemm.prepare), got {a_idx.dtype}")
     if not varlen_k:
         rows = a_idx.shape[0] if a_idx is not None else a.shape[0]
         return a.new_empty(rows, b.shape[-1])
@@ -189,21 +192,22 @@ def _(a, b, cu_seqlens, a_idx, varlen_k, transpose_out, tile):
 def _source(a: "torch.Tensor | Rows") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """A row operand as quack loads it: (rows, None), or (source rows, int32 index) for a :class:`Rows`."""
     if isinstance(a, Rows):
-        return _operand(a.src_TK), a.index_int32()
+        return _operand(a.src_TK), a.index_A
     return _operand(a), None
 
 
 class CuteGroupedGemm(GroupedGemm):
     """quack's grouped GEMMs (bf16, compute capability 9.x), gathering :class:`Rows` operands as they load.
     Same operations and shapes as :class:`~torchtune_moe.modules._grouped_gemm.GroupedGemm`; the segments are
-    ``cu_E1`` [E + 1] int32 bounds from 0 (:meth:`segments`)."""
+    ``cu_E1`` [E + 1] int32 bounds from 0 and :class:`Rows` index int32 (:meth:`prepare`)."""
 
     loads_rows = True
 
     @staticmethod
-    def segments(offsets_E: torch.Tensor) -> torch.Tensor:
-        """[E] int32 cumulative row ends -> ``cu_E1`` [E + 1] int32 from 0, quack's segment bounds (one kernel)."""
-        return F.pad(offsets_E, (1, 0))
+    def prepare(offsets_E: torch.Tensor, rows_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``offsets_E`` [E] int32 cumulative row ends -> ``cu_E1`` [E + 1] int32 from 0 (quack's segment bounds),
+        and ``rows_A`` [A] as the int32 index quack's loads read."""
+        return F.pad(offsets_E, (1, 0)), rows_A.to(torch.int32)
 
     @staticmethod
     def forward(a_AK: "torch.Tensor | Rows", w_ENK: torch.Tensor, cu_E1: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -62,7 +62,8 @@ class Rows:
 
     Args:
         src_TK (torch.Tensor): [T, K] source rows (tokens, or their gradients).
-        index_A (torch.Tensor): [A] int64, source row of each routed row.
+        index_A (torch.Tensor): [A] source row of each routed row, as the GEMMs take it
+            (:meth:`GroupedGemm.prepare`: int64, or int32 for quack's).
         num_valid (torch.Tensor): [1] int32; rows at or past it are dropped slots (read only with ``may_drop``).
         may_drop (bool): some rows are dropped slots (their values are unspecified once gathered).
         gathered_AK (Optional[torch.Tensor]): [A, K] the gathered rows when the caller already has them (a kernel
@@ -75,20 +76,12 @@ class Rows:
     ):
         self.src_TK, self.index_A, self.num_valid, self.may_drop = src_TK, index_A, num_valid, may_drop
         self._gathered: Optional[torch.Tensor] = gathered_AK
-        self._index_int32: Optional[torch.Tensor] = None
 
     def gather(self) -> torch.Tensor:
         """[A, K]: the gathered rows (:func:`~torchtune_moe.modules._kernels.gather_rows`), made on the first call."""
         if self._gathered is None:
             self._gathered = _kernels.gather_rows(self.src_TK, self.index_A, self.num_valid, self.may_drop)
         return self._gathered
-
-    def index_int32(self) -> torch.Tensor:
-        """[A] int32: ``index_A`` as quack's GEMMs load it (:mod:`~torchtune_moe.modules._cute_gemm`), made on the
-        first call (the output gradient's rows feed two GEMMs)."""
-        if self._index_int32 is None:
-            self._index_int32 = self.index_A.to(torch.int32)
-        return self._index_int32
 
 
 def gathered(a: "torch.Tensor | Rows") -> torch.Tensor:
@@ -104,10 +97,11 @@ class GroupedGemm:
     loads_rows: bool = False
 
     @staticmethod
-    def segments(offsets_E: torch.Tensor) -> torch.Tensor:
-        """The expert segments as this class's GEMMs take them, made once per pass from ``offsets_E`` [E] int32
-        cumulative row ends: ``offsets_E`` itself (quack's GEMMs take [E + 1] bounds from 0)."""
-        return offsets_E
+    def prepare(offsets_E: torch.Tensor, rows_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert segments and the routed rows' source index as this class's GEMMs take them, made once per
+        step (the forward keeps them for the backward): ``offsets_E`` [E] int32 cumulative row ends and ``rows_A``
+        [A] int64 as they are (quack's GEMMs take [E + 1] bounds from 0 and an int32 index)."""
+        return offsets_E, rows_A
 
     @staticmethod
     def forward(a_AK: "torch.Tensor | Rows", w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -213,7 +207,7 @@ class Fp8GroupedGemm:
 
     emulate: bool = False
 
-    segments = staticmethod(GroupedGemm.segments)
+    prepare = staticmethod(GroupedGemm.prepare)
     loads_rows = False
 
     def forward(

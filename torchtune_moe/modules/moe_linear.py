@@ -455,16 +455,17 @@ class _RoutedExperts(torch.autograd.Function):
         ctx, x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, may_drop,
         act, gated, gate_up_bias=None, expert_A=None, gemm: GroupedGemm = BF16,
     ):
-        num_valid, seg_E = offsets_E[-1:], gemm.segments(offsets_E)
-        h_AF, gate_up_state = gemm.forward(Rows(x_TD, rows_A, num_valid, may_drop), gate_up_proj, seg_E)
+        num_valid = offsets_E[-1:]
+        seg_E, index_A = gemm.prepare(offsets_E, rows_A)  # in the GEMMs' form, once; kept for the backward
+        h_AF, gate_up_state = gemm.forward(Rows(x_TD, index_A, num_valid, may_drop), gate_up_proj, seg_E)
         if gate_up_bias is not None:
             h_AF = h_AF + gate_up_bias[expert_A]
         hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
         y_AD, down_state = gemm.forward(hs_AH, down_proj, seg_E)
         out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
-            x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, expert_A,
-            gate_up_state, down_state,
+            x_TD, weights_A, gate_up_proj, down_proj, index_A, offsets_E, seg_E, combine_TK, index_J, offsets_T, h_AF,
+            expert_A, gate_up_state, down_state,
         )
         ctx.may_drop, ctx.act, ctx.gated, ctx.gemm = may_drop, act, gated, gemm
         ctx.bias_shape = None if gate_up_bias is None else (gate_up_bias.shape, gate_up_bias.dtype)
@@ -473,12 +474,12 @@ class _RoutedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out_TD):
         (
-            x_TD, weights_A, gate_up_proj, down_proj, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, expert_A,
-            gate_up_state, down_state,
+            x_TD, weights_A, gate_up_proj, down_proj, index_A, offsets_E, seg_E, combine_TK, index_J, offsets_T, h_AF,
+            expert_A, gate_up_state, down_state,
         ) = ctx.saved_tensors
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
-        num_valid, seg_E = offsets_E[-1:], ctx.gemm.segments(offsets_E)
-        grad_y_AD = Rows(grad_out_TD, rows_A, num_valid, ctx.may_drop)  # gathered at most once, by the GEMMs
+        num_valid = offsets_E[-1:]
+        grad_y_AD = Rows(grad_out_TD, index_A, num_valid, ctx.may_drop)  # gathered at most once, by the GEMMs
         grad_hs_AH = ctx.gemm.input_grad(grad_y_AD, down_proj, seg_E, down_state)
         grad_h_AF, grad_w_A, hs_AH = _activate_backward(
             h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
@@ -492,7 +493,7 @@ class _RoutedExperts(torch.autograd.Function):
             grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, ctx.may_drop)
             del grad_x_AD
         if need_gate_up:
-            x_AD = Rows(x_TD, rows_A, num_valid, ctx.may_drop)
+            x_AD = Rows(x_TD, index_A, num_valid, ctx.may_drop)
             grad_gate_up = ctx.gemm.weight_grad(grad_h_AF, x_AD, seg_E)
         grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
         grad_bias = None

@@ -280,12 +280,12 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         num_valid = offsets_E[-1:]
         # the base GEMMs: quack's on Hopper (they read x's rows by index), else torch's (as _RoutedExperts)
         gemm = bf16_gemm(x_TD, rows_A.shape[0], mod.hidden_dim) if kern else BF16
-        seg_E = gemm.segments(offsets_E)
+        seg_E, index_A = gemm.prepare(offsets_E, rows_A)  # in the GEMMs' form, once; kept for the backward
         # x @ A_gu^T, in the same pass over the rows as the dispatch gather when the base GEMM needs that copy
         xa_AR, x_AD = _kernels.rows_project(
             x_TD, a_gu.transpose(-2, -1), offsets_E, index_A=rows_A, copy=not gemm.loads_rows, triton=kern
         )
-        x_rows = Rows(x_TD, rows_A, num_valid, may_drop, x_AD)
+        x_rows = Rows(x_TD, index_A, num_valid, may_drop, x_AD)
         h_AF, _ = gemm.forward(x_rows, dequantize(gate_up, shapes["gate_up_proj"]), seg_E)
         # SwiGLU with the Triton kernels: h_AF is kept without the adapter, whose delta the SwiGLU kernels add
         # on the fly (forward and backward); otherwise it is added in place before the activation.
@@ -305,7 +305,7 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
             x_TD, weights_A, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, xa_AR,
-            ha_AR, expert_A,
+            ha_AR, expert_A, seg_E, index_A,
         )
         ctx.bias_like = None if gate_up_bias is None else (gate_up_bias.shape, gate_up_bias.dtype)
         # Base weights by reference (NF4 subclasses included): parameters, alive as long as the module.
@@ -317,7 +317,7 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
     def backward(ctx, grad_out_TD):
         (
             x_TD, weights_A, a_gu, b_gu, a_d, b_d, rows_A, offsets_E, combine_TK, index_J, offsets_T, h_AF, xa_AR,
-            ha_AR, expert_A,
+            ha_AR, expert_A, seg_E, index_A,
         ) = ctx.saved_tensors
         mod, may_drop = ctx.mod, ctx.may_drop
         P, s = mod.parts, mod.scale
@@ -327,7 +327,6 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         need_x, need_w, need_gate_up, need_down = need[:4]
         need_a_gu, need_b_gu, need_a_d, need_b_d = need[4:8]
         num_valid, gemm = offsets_E[-1:], ctx.gemm
-        seg_E = gemm.segments(offsets_E)
         w_down = dequantize(ctx.down, shapes["down_proj"])
 
         # down: y = hs @ Wd^T + s * (hs @ Ad^T) @ Bd^T
@@ -336,7 +335,7 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
         grad_ha_AR, grad_y_AD = _kernels.rows_project(
             grad_out_TD, b_d, offsets_E, scale=s, index_A=rows_A, copy=not gemm.loads_rows, triton=kern
         )
-        grad_y_AD = Rows(grad_out_TD, rows_A, num_valid, may_drop, grad_y_AD)  # gathered at most once
+        grad_y_AD = Rows(grad_out_TD, index_A, num_valid, may_drop, grad_y_AD)  # gathered at most once
         grad_b_d = None
         if need_b_d:  # reads grad_out's rows by index ([T, D], mostly in L2) rather than their gathered copy
             grad_b_d = _kernels.expert_outer(grad_out_TD, ha_AR, offsets_E, scale=s, index_A=rows_A, triton=kern)
@@ -371,7 +370,7 @@ class _RoutedExpertsLoRA(torch.autograd.Function):
             )
         grad_gate_up = None
         if need_gate_up:
-            grad_gate_up = gemm.weight_grad(grad_h_AF, Rows(x_TD, rows_A, num_valid, may_drop), seg_E)
+            grad_gate_up = gemm.weight_grad(grad_h_AF, Rows(x_TD, index_A, num_valid, may_drop), seg_E)
         grad_x_TD = None
         if need_x:
             w_gu = dequantize(ctx.gate_up, shapes["gate_up_proj"])

@@ -391,3 +391,17 @@ def test_gemms_that_load_rows_by_index(monkeypatch, kind, drop):
     assert len(results[1]) == len(results[0]) == 2 + (2 if kind == "moe_linear" else 6)
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_quack_operands_are_copied_when_tma_cannot_load_them():
+    """What quack's GEMMs get: a 16-byte aligned row-major tensor as it is, else an aligned copy (a view starting
+    off alignment included: .contiguous() would hand it back unchanged)."""
+    from torchtune_moe.modules._cute_gemm import _operand
+
+    base = torch.randn(4 * 64 + 1, dtype=torch.bfloat16)
+    good = base[: 4 * 64].view(4, 64)
+    assert _operand(good) is good
+    assert _operand(good[:, :60]).data_ptr() == good.data_ptr()  # row stride 64: loadable as it is
+    for bad in (base[1:].view(4, 64), base[: 4 * 63].view(4, 63), good.t()):  # start, row stride, column-major
+        got = _operand(bad)
+        assert got.is_contiguous() and got.storage_offset() == 0 and torch.equal(got, bad)

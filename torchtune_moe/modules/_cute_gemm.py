@@ -47,8 +47,8 @@ _CHOICES = ("auto", "torch", "cute")
 # 256 x 128, 128 x 128 and no-cluster ping-pong were slower.
 _TILE = [128, 256, 1, 0]
 # ``auto`` takes quack's GEMMs for experts up to this hidden dim: measured faster at 768 and 1024; at Mixtral's
-# 14336 the eager layer was 1% slower with quack's default tile (the current tile not timed there); between
-# them untested.
+# 14336 no faster (compiled, within the run-to-run spread of torch's; eager 1% slower with quack's default tile);
+# between them untested.
 _MAX_HIDDEN = 4096
 
 
@@ -132,7 +132,7 @@ def _operand(t: torch.Tensor) -> torch.Tensor:
     aligned = t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1])
     if aligned and not torch.compiler.is_compiling():
         aligned = t.storage_offset() % 8 == 0
-    return t if aligned else t.contiguous()
+    return t if aligned else t.clone(memory_format=torch.contiguous_format)  # .contiguous() keeps a bad start
 
 
 @functools.cache

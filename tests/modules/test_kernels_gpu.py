@@ -61,28 +61,34 @@ def test_swiglu_forward_and_backward_match_torch_code(may_drop):
     assert torch.equal(_valid(bwd[2], num_valid, may_drop), _valid(fwd, num_valid, may_drop))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("may_drop", [False, True])
-def test_gather_rows_and_gather_sum_match_torch_code(may_drop):
+def test_gather_rows_and_gather_sum_match_torch_code(may_drop, weighted):
     src_TD = _rand(T, D)
     index_A = torch.randint(0, T, (A,), device="cuda")
     num_valid = torch.tensor([A - 300], dtype=torch.int32, device="cuda")
     got = _poisoned(_kernels.gather_rows, src_TD, index_A, num_valid, may_drop)
     assert torch.equal(_valid(got, num_valid, may_drop).cpu(), _valid(src_TD.cpu()[index_A.cpu()], num_valid, may_drop))
     src_AD = _rand(A, D)
+    weights_A = torch.rand(A, device="cuda") if weighted else None
     index_TK = torch.randperm(A, device="cuda")[: T * K].view(T, K)
-    _close(_kernels.gather_sum(src_AD, index_TK, num_valid, may_drop),
-           _kernels.gather_sum(src_AD.cpu(), index_TK.cpu(), num_valid.cpu(), may_drop), tol=5e-3)
+    cpu_w = weights_A.cpu() if weighted else None
+    _close(_kernels.gather_sum(src_AD, index_TK, num_valid, may_drop, weights_A),
+           _kernels.gather_sum(src_AD.cpu(), index_TK.cpu(), num_valid.cpu(), may_drop, cpu_w), tol=5e-3)
 
 
-def test_segment_sum_matches_torch_code():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_segment_sum_matches_torch_code(weighted):
     """Variable rows per token (some none), entries past the last segment never read."""
     src_AD = _rand(A, D)
+    weights_A = torch.rand(A, device="cuda") if weighted else None
     counts_T = torch.randint(0, 2 * K, (T,), device="cuda")
     counts_T[:5] = 0
     offsets_T = counts_T.cumsum(0).to(torch.int32)
     index_J = torch.randint(0, A, (int(offsets_T[-1]) + 50,), device="cuda")
-    got = _kernels.segment_sum(src_AD, index_J, offsets_T)
-    _close(got, _kernels.segment_sum(src_AD.cpu(), index_J.cpu(), offsets_T.cpu()), tol=5e-3)
+    got = _kernels.segment_sum(src_AD, index_J, offsets_T, weights_A)
+    cpu_w = weights_A.cpu() if weighted else None
+    _close(got, _kernels.segment_sum(src_AD.cpu(), index_J.cpu(), offsets_T.cpu(), cpu_w), tol=5e-3)
     assert got[:5].abs().max() == 0
 
 

@@ -78,19 +78,21 @@ if _HAS_TRITON:
         return h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2))
 
     @custom_op("gather_sum", mutates_args=())
-    def _gather_sum_op(src_AD: Tensor, index_TK: Tensor, num_valid: Tensor, may_drop: bool) -> Tensor:
-        return _triton.gather_sum(src_AD, index_TK, num_valid, may_drop)
+    def _gather_sum_op(
+        src_AD: Tensor, index_TK: Tensor, num_valid: Tensor, may_drop: bool, weights_A: Optional[Tensor]
+    ) -> Tensor:
+        return _triton.gather_sum(src_AD, index_TK, num_valid, may_drop, weights_A)
 
     @_gather_sum_op.register_fake
-    def _(src_AD, index_TK, num_valid, may_drop):
+    def _(src_AD, index_TK, num_valid, may_drop, weights_A):
         return src_AD.new_empty((index_TK.shape[0], src_AD.shape[1]))
 
     @custom_op("segment_sum", mutates_args=())
-    def _segment_sum_op(src_AD: Tensor, index_J: Tensor, offsets_T: Tensor) -> Tensor:
-        return _triton.segment_sum(src_AD, index_J, offsets_T)
+    def _segment_sum_op(src_AD: Tensor, index_J: Tensor, offsets_T: Tensor, weights_A: Optional[Tensor]) -> Tensor:
+        return _triton.segment_sum(src_AD, index_J, offsets_T, weights_A)
 
     @_segment_sum_op.register_fake
-    def _(src_AD, index_J, offsets_T):
+    def _(src_AD, index_J, offsets_T, weights_A):
         return src_AD.new_empty((offsets_T.shape[0], src_AD.shape[1]))
 
     @custom_op("lowrank_add_", mutates_args=("y_AN",))
@@ -290,9 +292,14 @@ def swiglu_backward(
 
 
 def gather_sum(
-    src_AD: torch.Tensor, index_TK: torch.Tensor, num_valid: torch.Tensor, may_drop: bool = False
+    src_AD: torch.Tensor,
+    index_TK: torch.Tensor,
+    num_valid: torch.Tensor,
+    may_drop: bool = False,
+    weights_A: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``out[t] = sum_k src[index[t, k]]``, accumulated in fp32, stored in ``src``'s dtype.
+    """``out[t] = sum_k src[index[t, k]]`` (times ``weights[index[t, k]]`` when given), accumulated in fp32, stored
+    in ``src``'s dtype.
 
     The combine of token-choice routing (``index`` = sorted position of each (token, k) assignment) and,
     with the same index, the backward of the dispatch gather. Deterministic: no atomics.
@@ -302,23 +309,32 @@ def gather_sum(
         index_TK (torch.Tensor): [T, K] int64 rows of ``src`` to sum per token.
         num_valid (torch.Tensor): [1] int32; with ``may_drop``, rows at or past it count as zero.
         may_drop (bool): see ``num_valid``.
+        weights_A (Optional[torch.Tensor]): [A] a factor per row of ``src`` (the routing weights, when the rows
+            are unweighted expert outputs), applied in fp32.
 
     Returns:
         torch.Tensor: [T, D]
     """
     if use_triton(src_AD):
-        return _gather_sum_op(src_AD, index_TK, num_valid, may_drop)
+        return _gather_sum_op(src_AD, index_TK, num_valid, may_drop, weights_A)
     if may_drop:  # dropped entries may point past the last row of src: read row 0 instead, then zero it
         valid_TK = index_TK < num_valid
-        rows_TKD = torch.where(valid_TK.unsqueeze(-1), src_AD[torch.where(valid_TK, index_TK, 0)], 0)
+        safe_TK = torch.where(valid_TK, index_TK, 0)
+        rows_TKD = torch.where(valid_TK.unsqueeze(-1), src_AD[safe_TK], 0).float()
+        if weights_A is not None:
+            rows_TKD = rows_TKD * torch.where(valid_TK, weights_A[safe_TK].float(), 0).unsqueeze(-1)
     else:
-        rows_TKD = src_AD[index_TK]
-    return rows_TKD.sum(dim=1, dtype=torch.float32).to(src_AD.dtype)
+        rows_TKD = src_AD[index_TK].float()
+        if weights_A is not None:
+            rows_TKD = rows_TKD * weights_A[index_TK].float().unsqueeze(-1)
+    return rows_TKD.sum(dim=1).to(src_AD.dtype)
 
 
-def segment_sum(src_AD: torch.Tensor, index_J: torch.Tensor, offsets_T: torch.Tensor) -> torch.Tensor:
-    """``out[t] = sum of src[index[j]] for j in [offsets[t-1], offsets[t])`` (``offsets[-1]`` read as 0),
-    accumulated in fp32, stored in ``src``'s dtype.
+def segment_sum(
+    src_AD: torch.Tensor, index_J: torch.Tensor, offsets_T: torch.Tensor, weights_A: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``out[t] = sum of src[index[j]] for j in [offsets[t-1], offsets[t])`` (``offsets[-1]`` read as 0; each term
+    times ``weights[index[j]]`` when given), accumulated in fp32, stored in ``src``'s dtype.
 
     The combine for any number of rows per token (expert choice, a user's router): ``index`` lists the rows
     of ``src`` token by token. Deterministic: no atomics. Entries of ``index`` past ``offsets[T-1]`` are
@@ -328,17 +344,21 @@ def segment_sum(src_AD: torch.Tensor, index_J: torch.Tensor, offsets_T: torch.Te
         src_AD (torch.Tensor): [A, D] rows.
         index_J (torch.Tensor): [J] int64, rows of ``src`` grouped by token.
         offsets_T (torch.Tensor): [T] int32, cumulative number of rows of tokens 0..t.
+        weights_A (Optional[torch.Tensor]): [A] a factor per row of ``src``, applied in fp32.
 
     Returns:
         torch.Tensor: [T, D]
     """
     if use_triton(src_AD):
-        return _segment_sum_op(src_AD, index_J, offsets_T)
+        return _segment_sum_op(src_AD, index_J, offsets_T, weights_A)
     T, J = offsets_T.shape[0], index_J.shape[0]
     # token of each entry (entries past offsets[T-1] get token T, a row that is cut off below)
     token_J = torch.searchsorted(offsets_T.long(), torch.arange(J, device=src_AD.device), right=True)
+    rows_JD = src_AD[index_J].float()
+    if weights_A is not None:
+        rows_JD = rows_JD * weights_A[index_J].float().unsqueeze(-1)
     out_TD = torch.zeros(T + 1, src_AD.shape[1], dtype=torch.float32, device=src_AD.device)
-    return out_TD.index_add_(0, token_J, src_AD[index_J].float())[:T].to(src_AD.dtype)
+    return out_TD.index_add_(0, token_J, rows_JD)[:T].to(src_AD.dtype)
 
 
 # LoRA on the routed experts. Rows are sorted by expert: expert e owns rows [offsets_E[e-1], offsets_E[e]) (0 for

@@ -89,8 +89,8 @@ def _swiglu_bwd_kernel(
 
 @triton.jit
 def _gather_sum_kernel(
-    src_ptr, index_ptr, out_ptr, num_valid_ptr, D, stride_src, stride_out,
-    K: tl.constexpr, MAY_DROP: tl.constexpr, BLOCK_D: tl.constexpr,
+    src_ptr, index_ptr, weights_ptr, out_ptr, num_valid_ptr, D, stride_src, stride_out,
+    K: tl.constexpr, MAY_DROP: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -103,13 +103,20 @@ def _gather_sum_kernel(
         mask = cols_in
         if MAY_DROP:
             mask = mask & (row < num_valid)
-        acc += tl.load(src_ptr + row.to(tl.int64) * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
+        val = tl.load(src_ptr + row.to(tl.int64) * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            if MAY_DROP:
+                val *= tl.load(weights_ptr + row, mask=row < num_valid, other=0.0).to(tl.float32)
+            else:
+                val *= tl.load(weights_ptr + row).to(tl.float32)
+        acc += val
     tl.store(out_ptr + t.to(tl.int64) * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cols_in)
 
 
 @triton.jit
 def _segment_sum_kernel(
-    src_ptr, index_ptr, offsets_ptr, out_ptr, D, stride_src, stride_out, BLOCK_D: tl.constexpr,
+    src_ptr, index_ptr, weights_ptr, offsets_ptr, out_ptr, D, stride_src, stride_out, WEIGHTED: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -119,7 +126,10 @@ def _segment_sum_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j in range(start, end):
         row = tl.load(index_ptr + j).to(tl.int64)
-        acc += tl.load(src_ptr + row * stride_src + cols, mask=cols_in, other=0.0).to(tl.float32)
+        val = tl.load(src_ptr + row * stride_src + cols, mask=cols_in, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            val *= tl.load(weights_ptr + row).to(tl.float32)
+        acc += val
     tl.store(out_ptr + t.to(tl.int64) * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cols_in)
 
 
@@ -175,7 +185,7 @@ def swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
     return grad_h_AF, grad_w_A, hs_AH
 
 
-def gather_sum(src_AD, index_TK, num_valid, may_drop):
+def gather_sum(src_AD, index_TK, num_valid, may_drop, weights_A=None):
     src_AD = _rows_contiguous(src_AD)
     index_TK = index_TK.contiguous()
     T, K = index_TK.shape
@@ -183,23 +193,26 @@ def gather_sum(src_AD, index_TK, num_valid, may_drop):
     out_TD = torch.empty((T, D), dtype=src_AD.dtype, device=src_AD.device)
     BLOCK_D = min(_GATHER_SUM["BLOCK_D"], triton.next_power_of_2(D))
     grid = (T, triton.cdiv(D, BLOCK_D))
+    weighted = weights_A is not None
     _gather_sum_kernel[grid](
-        src_AD, index_TK, out_TD, num_valid, D, src_AD.stride(0), out_TD.stride(0),
-        K=K, MAY_DROP=may_drop, BLOCK_D=BLOCK_D, num_warps=_GATHER_SUM["num_warps"],
+        src_AD, index_TK, weights_A.contiguous() if weighted else src_AD, out_TD, num_valid, D, src_AD.stride(0),
+        out_TD.stride(0), K=K, MAY_DROP=may_drop, WEIGHTED=weighted, BLOCK_D=BLOCK_D,
+        num_warps=_GATHER_SUM["num_warps"],
     )
     return out_TD
 
 
-def segment_sum(src_AD, index_J, offsets_T):
+def segment_sum(src_AD, index_J, offsets_T, weights_A=None):
     src_AD = _rows_contiguous(src_AD)
     T = offsets_T.shape[0]
     D = src_AD.shape[1]
     out_TD = torch.empty((T, D), dtype=src_AD.dtype, device=src_AD.device)
     BLOCK_D = min(1024, triton.next_power_of_2(D))
     grid = (T, triton.cdiv(D, BLOCK_D))
+    weighted = weights_A is not None
     _segment_sum_kernel[grid](
-        src_AD, index_J.contiguous(), offsets_T.contiguous(), out_TD, D, src_AD.stride(0), out_TD.stride(0),
-        BLOCK_D=BLOCK_D, num_warps=4,
+        src_AD, index_J.contiguous(), weights_A.contiguous() if weighted else src_AD, offsets_T.contiguous(), out_TD,
+        D, src_AD.stride(0), out_TD.stride(0), WEIGHTED=weighted, BLOCK_D=BLOCK_D, num_warps=4,
     )
     return out_TD
 

@@ -74,10 +74,52 @@ def test_each_gemm_matches_torch(empty_expert, drop):
         assert wgrads[0][0][1].abs().max() == 0 and wgrads[1][0][1].abs().max() == 0
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_layer_uses_quack_and_matches_torch(monkeypatch, compile):
+@pytest.mark.parametrize("empty_expert,drop", [(False, 0), (True, 0), (True, 300)])
+def test_swiglu_epilogue_gemms_match_torch_code(empty_expert, drop):
+    """quack's SwiGLU-epilogue GEMMs (CUTE.fuses_swiglu) against GroupedGemm's torch code for them."""
+    E = 8
+    rows_A, offsets_E = _routing(E, empty_expert, drop)
+    A, n = rows_A.shape[0], int(offsets_E[-1])
+    num_valid = offsets_E[-1:]
+    x_TD, g_TD = _rand(T, D), _rand(T, D)
+    w_EFD, w_EDH = _rand(E, 2 * H, D) / 16, _rand(E, D, H) / 16
+    weights_A = torch.rand(A, device="cuda")
+    cute, ref = _cute_gemm.CUTE, BF16
+    cu_E1, idx_A = cute.prepare(offsets_E, rows_A)
+    x_rows, g_rows = Rows(x_TD, idx_A, num_valid, drop > 0), Rows(g_TD, idx_A, num_valid, drop > 0)
+    x_AD, g_AD = x_TD[rows_A], g_TD[rows_A]
+    got, want = cute.swiglu_forward(x_rows, w_EFD, cu_E1), ref.swiglu_forward(x_AD, w_EFD, offsets_E)
+    h_AF = want[0]
+    got += cute.swiglu_backward(g_rows, w_EDH, h_AF, weights_A, cu_E1)
+    want += ref.swiglu_backward(g_AD, w_EDH, h_AF, weights_A, offsets_E)
+    grad_h_AF = want[2]
+    got += (cute.swiglu_input_grad(grad_h_AF, w_EFD, cu_E1),)
+    want += (ref.swiglu_input_grad(grad_h_AF, w_EFD, offsets_E),)
+    # h, a, grad_h, w * a, sum(a * d), grad_x
+    for i, (g, w) in enumerate(zip(got, want)):  # rows past offsets_E[-1] are unspecified in both
+        assert g.shape == w.shape and g.dtype == w.dtype, i
+        # sum(a * d) over H: quack's d is the fp32 accumulator, the torch code's is rounded to bf16 first (0.4%
+        # per term): compared to 1% of its largest value
+        atol = 1e-2 * w[:n].abs().max().item() if i == 4 else 1e-2
+        torch.testing.assert_close(g[:n], w[:n], rtol=2e-2, atol=atol)
+    wgrad = cute.swiglu_weight_grad(grad_h_AF, x_rows, cu_E1)
+    want_wgrad = ref.swiglu_weight_grad(grad_h_AF, x_AD, offsets_E)
+    assert wgrad.shape == want_wgrad.shape and wgrad.is_contiguous()
+    torch.testing.assert_close(wgrad, want_wgrad, rtol=1e-2, atol=5e-2)
+    if empty_expert:
+        assert wgrad[1].abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    "router,compile",
+    [("token_choice", False), ("token_choice", True), ("expert_choice", False), ("causal_expert_choice", False)],
+)
+def test_layer_uses_quack_and_matches_torch(monkeypatch, router, compile):
+    """The layer with quack's GEMMs (SwiGLU in their epilogues) against torch's, eager and compiled; expert choice
+    (any number of rows per token) and causal expert choice (dropped slots) too."""
     torch.manual_seed(0)
-    layer = moe_layer(dim=D, hidden_dim=H, num_experts=16, experts_per_token=K).cuda().to(torch.bfloat16)
+    layer = moe_layer(dim=D, hidden_dim=H, num_experts=16, experts_per_token=K, router=router)
+    layer = layer.cuda().to(torch.bfloat16)
     x = _rand(2, T // 2, D)
     assert _cute_gemm.bf16_gemm(x, 1, H) is _cute_gemm.CUTE
 
@@ -85,7 +127,10 @@ def test_layer_uses_quack_and_matches_torch(monkeypatch, compile):
 
     graphs = {}
 
+    state = {k: v.clone() for k, v in layer.state_dict().items()}  # routers' statistics: the same for both runs
+
     def run(choice):
+        layer.load_state_dict(state)
         monkeypatch.setenv(_cute_gemm.ENV_VAR, choice)
         torch._dynamo.reset()
         counters.clear()

@@ -306,19 +306,32 @@ def test_quack_gemms_give_torchs_shapes_and_layouts():
         (CUTE.weight_grad(m(A, 2 * H), rows(D), cu_E1), BF16.weight_grad(m(A, 2 * H), m(A, D), offsets_E)),
         (CUTE.weight_grad(m(A, 2 * H), m(A, D), cu_E1), BF16.weight_grad(m(A, 2 * H), m(A, D), offsets_E)),
     ]
+    # the SwiGLU-epilogue GEMMs (CUTE.fuses_swiglu) against GroupedGemm's torch code for them
+    w_A = torch.empty(A, device="meta")
+    fwd, bwd = CUTE.swiglu_forward(rows(D), w_up, cu_E1), CUTE.swiglu_backward(rows(D), w_down, m(A, 2 * H), w_A, cu_E1)
+    pairs += [
+        *zip(fwd, BF16.swiglu_forward(m(A, D), w_up, offsets_E)),
+        *zip(bwd, BF16.swiglu_backward(m(A, D), w_down, m(A, 2 * H), w_A, offsets_E)),
+        (CUTE.swiglu_input_grad(m(A, 2 * H), w_up, cu_E1), BF16.swiglu_input_grad(m(A, 2 * H), w_up, offsets_E)),
+        (CUTE.swiglu_weight_grad(m(A, 2 * H), rows(D), cu_E1), BF16.swiglu_weight_grad(m(A, 2 * H), m(A, D), offsets_E)),
+    ]
+    assert CUTE.fuses_swiglu and not BF16.fuses_swiglu and bwd[2].dtype == torch.float32
     for got, want in pairs:
-        assert got.shape == want.shape and got.is_contiguous(), (got.shape, want.shape)
+        assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous(), (got.shape, want.shape)
     with pytest.raises(ValueError, match="int32 index"):  # an index not made by CuteGroupedGemm.prepare
         CUTE.forward(Rows(m(T, D), torch.empty(A, device="meta", dtype=torch.long), offsets_E[-1:], False), w_up, cu_E1)
 
 
+@pytest.mark.parametrize("fuses_swiglu", [False, True])
 @pytest.mark.parametrize("drop", [False, True])
 @pytest.mark.parametrize("kind", ["moe_linear", "lora"])
-def test_gemms_that_load_rows_by_index(monkeypatch, kind, drop):
+def test_gemms_that_load_rows_by_index(monkeypatch, kind, drop, fuses_swiglu):
     """The routed experts (and the LoRA experts' frozen base) with GEMMs that read the routed rows by index, as
     quack's do (stood in for by torch code here): the segments and index are prepared once per step, no gathered
     copy of x or of the output gradient is asked for, and output and every gradient equal torch's GEMMs', with
-    dropped slots too."""
+    dropped slots too. With ``fuses_swiglu`` (quack's SwiGLU epilogues, stood in for by GroupedGemm's torch code
+    for them) the routed experts run SwiGLU inside the GEMMs and weight the combine instead, with the same
+    results; the LoRA experts do not use it."""
     from torchtune_moe.modules import CausalExpertChoiceRouter, TokenChoiceTopKRouter, dispatch_combine
     from torchtune_moe.modules import moe_linear as moe_linear_module
     from torchtune_moe.modules._grouped_gemm import GroupedGemm, Rows
@@ -353,6 +366,26 @@ def test_gemms_that_load_rows_by_index(monkeypatch, kind, drop):
         def weight_grad(g_AN, a_AK, offsets_E):
             return F.grouped_mm(rows(g_AN).t(), rows(a_AK), offs=offsets_E)
 
+    fused_calls = []
+
+    class FusesSwiGLU(LoadsRows):
+        fuses_swiglu = True
+
+        @staticmethod
+        def swiglu_forward(x_AD, w_EFD, offsets_E):
+            fused_calls.append("forward")
+            return GroupedGemm.swiglu_forward(rows(x_AD), w_EFD, offsets_E)
+
+        @staticmethod
+        def swiglu_backward(g_AD, w_EDH, h_AF, weights_A, offsets_E):
+            fused_calls.append("backward")
+            return GroupedGemm.swiglu_backward(rows(g_AD), w_EDH, h_AF, weights_A, offsets_E)
+
+        @staticmethod
+        def swiglu_weight_grad(grad_h_AF, x_AD, offsets_E):
+            return GroupedGemm.swiglu_weight_grad(grad_h_AF, rows(x_AD), offsets_E)
+
+    stand_in_class = FusesSwiGLU if fuses_swiglu else LoadsRows
     torch.manual_seed(0)
     T = 16
     if drop:  # a capacity router that drops slots (and gives tokens any number of rows)
@@ -380,7 +413,7 @@ def test_gemms_that_load_rows_by_index(monkeypatch, kind, drop):
     for stand_in in (False, True):
         if stand_in:
             module = moe_linear_module if kind == "moe_linear" else lora_experts
-            monkeypatch.setattr(module, "bf16_gemm", lambda *a: LoadsRows())
+            monkeypatch.setattr(module, "bf16_gemm", lambda *a: stand_in_class())
         mod = experts()
         xi = x.clone().requires_grad_(True)
         out, _ = dispatch_combine(xi, routing, mod)
@@ -388,9 +421,11 @@ def test_gemms_that_load_rows_by_index(monkeypatch, kind, drop):
         results.append([out, xi.grad] + [p.grad for p in mod.parameters() if p.grad is not None])
     assert prepared == [1]  # once, in the forward: the backward reuses what it made
     assert asked == [True] * 4  # x (forward), the output gradient (two GEMMs), x (gate/up weight gradient)
+    assert fused_calls == (["forward", "backward"] if fuses_swiglu and kind == "moe_linear" else [])
     assert len(results[1]) == len(results[0]) == 2 + (2 if kind == "moe_linear" else 6)
+    tol = 1e-4 if fused_calls else 1e-5  # the routing weight multiplies at another step: other fp32 roundings
     for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 def test_quack_operands_are_copied_when_tma_cannot_load_them():

@@ -10,8 +10,11 @@ Why not torch's: quack's persistent Hopper GEMMs read a gathered operand's rows 
 the dispatch gathers of ``x`` (forward and up weight gradient) and of the output gradient (down input and weight
 gradients) are never written out, and at 128 x 256 tiles they run the experts' GEMMs a little faster than
 ``F.grouped_mm``. Measured on one H200, compiled layer: OLMoE 5.08 -> 4.94 ms, Qwen3-30B-A3B 4.52 -> 4.29 ms, 256
-MiB less peak memory per layer (benchmarks/NOTES.md, "quack's grouped GEMMs"). quack is a maintained package
-(the kernels of sonic-moe). We call its GEMM entry point with a fixed tile configuration; its autotuner would
+MiB less peak memory per layer (benchmarks/NOTES.md, "quack's grouped GEMMs"). Two of them also run SwiGLU as they
+store their output (the up projection) and SwiGLU's backward with the routing weights' gradient (the down
+projection's input gradient), which replaces our two SwiGLU kernels (``CuteGroupedGemm.fuses_swiglu``): another
+0.07-0.08 ms per compiled layer, and a smaller error, the activation coming from the fp32 accumulator. quack is a
+maintained package (the kernels of sonic-moe). We call its GEMM entry point with a fixed tile configuration; its autotuner would
 compile dozens of kernels on the first step. Compiled, the call is a torch custom op, so torch.compile treats each
 GEMM as one opaque node; eager, the op's function is called directly (:mod:`~torchtune_moe.modules._custom_op`).
 
@@ -46,6 +49,10 @@ _CHOICES = ("auto", "torch", "cute")
 # GEMMs"): 2-3% faster per layer at OLMoE and Qwen3 than quack's default (128 x 192, a cluster of two, ping-pong);
 # 256 x 128, 128 x 128 and no-cluster ping-pong were slower.
 _TILE = [128, 256, 1, 0]
+# The two GEMMs with SwiGLU (or its backward) in the epilogue: the same tile, faster in the compiled layer than
+# 128 x 192 with a cluster of two ping-pong (sonic-moe's), 128 x 128 cluster 2 ping-pong and 256 x 128 (one H200;
+# benchmarks/NOTES.md, "SwiGLU in quack's GEMM epilogues").
+_SWIGLU_TILE = _TILE
 # ``auto`` takes quack's GEMMs for experts up to this hidden dim: measured faster at 768 and 1024; at Mixtral's
 # 14336 no faster (compiled, within the run-to-run spread of torch's; eager 1% slower with quack's default tile);
 # between them untested.
@@ -54,13 +61,14 @@ _MAX_HIDDEN = 4096
 
 @functools.cache
 def _quack_gemm():
-    """quack's untuned GEMM and its config class, or None when quack (or its CUTLASS DSL) cannot be imported."""
+    """quack's untuned GEMMs (plain, SwiGLU epilogue, SwiGLU-backward epilogue) and its config class, or None when
+    quack (or its CUTLASS DSL) cannot be imported."""
     try:
         from quack.gemm_config import GemmConfig
-        from quack.gemm_interface import gemm_tuned
+        from quack.gemm_interface import gemm_dgated_tuned, gemm_gated_tuned, gemm_tuned
     except Exception:  # ImportError, or the DSL failing to load its native libraries
         return None
-    return gemm_tuned.fn, GemmConfig
+    return gemm_tuned.fn, GemmConfig, gemm_gated_tuned.fn, gemm_dgated_tuned.fn
 
 
 def cute_available() -> bool:
@@ -126,12 +134,13 @@ def bf16_gemm(x_TD: torch.Tensor, num_rows: int, hidden_dim: int) -> GroupedGemm
 
 
 def _operand(t: torch.Tensor) -> torch.Tensor:
-    """``t`` if quack can load it by TMA (unit stride in its last dim, 16-byte aligned rows and start), else a
-    copy. Compiled, the start is not checked (``storage_offset`` would break the graph): Inductor's buffers and
+    """``t`` if quack can load it (unit stride in its last dim, 16-byte aligned rows and start, as TMA needs), else
+    a copy. Compiled, the start is not checked (``storage_offset`` would break the graph): Inductor's buffers and
     the layer's inputs start aligned."""
-    aligned = t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1])
+    per_16_bytes = 16 // t.element_size()
+    aligned = t.stride(-1) == 1 and all(s % per_16_bytes == 0 for s in t.stride()[:-1])
     if aligned and not torch.compiler.is_compiling():
-        aligned = t.storage_offset() % 8 == 0
+        aligned = t.storage_offset() % per_16_bytes == 0
     return t if aligned else t.clone(memory_format=torch.contiguous_format)  # .contiguous() keeps a bad start
 
 
@@ -145,6 +154,17 @@ def _config(tile: tuple[int, ...]):
     )
 
 
+def _run(kernel: int, *args, **kwargs):
+    """Calls quack's GEMM ``kernel`` (0 plain, 2 SwiGLU epilogue, 3 SwiGLU-backward epilogue); a failure (e.g. the
+    DSL's JIT on this driver) says how to run without quack."""
+    try:
+        return _quack_gemm()[kernel](*args, **kwargs)
+    except Exception as e:
+        raise RuntimeError(
+            f"quack's grouped GEMM failed ({type(e).__name__}: {e}); {ENV_VAR}=torch runs torch's grouped GEMM instead"
+        ) from e
+
+
 @custom_op("cute_grouped_mm", device_types="cuda")
 def _cute_grouped_mm(
     a: torch.Tensor,
@@ -154,29 +174,30 @@ def _cute_grouped_mm(
     varlen_k: bool,
     transpose_out: bool,
     tile: list[int],
+    concat: str = "",
 ) -> torch.Tensor:
     """quack's grouped GEMM ``a @ b`` over segments of ``cu_seqlens`` [L + 1] (int32, from 0): of a's rows
     (``varlen_k`` False: a [M or T, K], b [L, K, N] -> [M, N]) or of the reduction axis (True: a [M, K or T],
     b [K, N] -> [L, M, N], or [L, N, M] stored transposed with ``transpose_out``). ``a_idx`` [M] (or [K]) int32
-    gathers a's rows (or columns) as they load. ``tile``: tile_m, tile_n, cluster_m, pingpong."""
+    gathers a's rows (or columns) as they load. ``tile``: tile_m, tile_n, cluster_m, pingpong. ``concat`` "B" (or
+    "out"): b's (the output's) strided dim holds [gate; up] halves, read (written) as interleaved columns."""
     out = _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out)
     target = out.transpose(-2, -1) if transpose_out else out
-    try:
-        _quack_gemm()[0](
-            a, b, target, config=_config(tuple(tile)), cu_seqlens_m=None if varlen_k else cu_seqlens,
-            cu_seqlens_k=cu_seqlens if varlen_k else None, A_idx=a_idx,
-        )
-    except Exception as e:  # e.g. the DSL's JIT failing on this driver: say how to run without quack
-        raise RuntimeError(
-            f"quack's grouped GEMM failed ({type(e).__name__}: {e}); {ENV_VAR}=torch runs torch's grouped GEMM instead"
-        ) from e
+    _run(
+        0, a, b, target, config=_config(tuple(tile)), cu_seqlens_m=None if varlen_k else cu_seqlens,
+        cu_seqlens_k=cu_seqlens if varlen_k else None, A_idx=a_idx, concat_layout=(concat,) if concat else None,
+    )
     return out
+
+
+def _check_index(a_idx: Optional[torch.Tensor]) -> None:
+    if a_idx is not None and a_idx.dtype != torch.int32:
+        raise ValueError(f"quack's grouped GEMM gathers by an int32 index (CuteGroupedGemm.prepare), got {a_idx.dtype}")
 
 
 def _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out) -> torch.Tensor:
     """The GEMM's output, made empty (the op and its fake); refuses an index quack would misread."""
-    if a_idx is not None and a_idx.dtype != torch.int32:
-        raise ValueError(f"quack's grouped GEMM gathers by an int32 index (CuteGroupedGemm.prepare), got {a_idx.dtype}")
+    _check_index(a_idx)
     if not varlen_k:
         rows = a_idx.shape[0] if a_idx is not None else a.shape[0]
         return a.new_empty(rows, b.shape[-1])
@@ -185,8 +206,64 @@ def _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out) -> torch.Tensor
 
 
 @_cute_grouped_mm.register_fake
-def _(a, b, cu_seqlens, a_idx, varlen_k, transpose_out, tile):
+def _(a, b, cu_seqlens, a_idx, varlen_k, transpose_out, tile, concat=""):
     return _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out)
+
+
+@custom_op("cute_swiglu_mm", device_types="cuda")
+def _cute_swiglu_mm(
+    a: torch.Tensor, b: torch.Tensor, cu_seqlens: torch.Tensor, a_idx: Optional[torch.Tensor], tile: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quack's grouped GEMM with SwiGLU in its epilogue: ``h = a @ b`` over segments of a's rows (a [M or T, K],
+    ``a_idx`` as in :func:`_cute_grouped_mm`; b [L, K, 2H], its 2H columns [gate; up]), stored as [M, 2H] with gate
+    and up interleaved, and ``silu(gate) * up`` [M, H] from the fp32 accumulator."""
+    h, act = _empty_swiglu(a, b, a_idx)
+    _run(2, a, b, h, act, None, None, "swiglu", cu_seqlens, a_idx, False, config=_config(tuple(tile)),
+         concat_layout=("B",))
+    return h, act
+
+
+def _empty_swiglu(a, b, a_idx) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_index(a_idx)
+    rows = a_idx.shape[0] if a_idx is not None else a.shape[0]
+    return a.new_empty(rows, b.shape[-1]), a.new_empty(rows, b.shape[-1] // 2)
+
+
+@_cute_swiglu_mm.register_fake
+def _(a, b, cu_seqlens, a_idx, tile):
+    return _empty_swiglu(a, b, a_idx)
+
+
+@custom_op("cute_dswiglu_mm", device_types="cuda")
+def _cute_dswiglu_mm(
+    g: torch.Tensor,
+    b: torch.Tensor,
+    h: torch.Tensor,
+    scale: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    g_idx: Optional[torch.Tensor],
+    tile: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quack's grouped GEMM with SwiGLU's backward in its epilogue: ``d = g @ b`` over segments of g's rows (g
+    [M or T, K], ``g_idx`` as ``a_idx`` of :func:`_cute_grouped_mm`; b [L, K, H]) and, with ``h`` [M, 2H] gate and
+    up interleaved, ``a = silu(gate) * up`` and ``scale`` [M] fp32: the gradient of h for ``scale * d`` [M, 2H]
+    (interleaved), ``scale * a`` [M, H], and ``sum(a * d)`` per row [M] fp32."""
+    grad_h, scaled_act = _empty_dswiglu(h, g_idx)
+    reduced = _run(  # quack sums the epilogue's per-tile partial sums into a new [M] fp32 tensor
+        3, g, b, h, grad_h, scaled_act, colvec_scale=scale, activation="swiglu", colvec_reduce=True,
+        cu_seqlens_m=cu_seqlens, A_idx=g_idx, dynamic_scheduler=False, config=_config(tuple(tile)),
+    )
+    return grad_h, scaled_act, reduced
+
+
+def _empty_dswiglu(h, g_idx) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_index(g_idx)
+    return torch.empty_like(h), h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+@_cute_dswiglu_mm.register_fake
+def _(g, b, h, scale, cu_seqlens, g_idx, tile):
+    return (*_empty_dswiglu(h, g_idx), h.new_empty(h.shape[0], dtype=torch.float32))
 
 
 def _source(a: "torch.Tensor | Rows") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -236,6 +313,41 @@ class CuteGroupedGemm(GroupedGemm):
             return _cute_grouped_mm(src.t(), _operand(g_AN), cu_E1, idx, True, True, _TILE)
         src, idx = _source(g_AN)
         return _cute_grouped_mm(src.t(), _operand(gathered(a_AK)), cu_E1, idx, True, False, _TILE)
+
+
+    fuses_swiglu = True
+
+    @staticmethod
+    def swiglu_forward(
+        x_AD: "torch.Tensor | Rows", w_EFD: torch.Tensor, cu_E1: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`GroupedGemm.swiglu_forward`: one GEMM, SwiGLU in its epilogue."""
+        src, idx = _source(x_AD)
+        return _cute_swiglu_mm(src, w_EFD.transpose(-2, -1), cu_E1, idx, _SWIGLU_TILE)
+
+    @staticmethod
+    def swiglu_backward(
+        g_AD: "torch.Tensor | Rows", w_EDH: torch.Tensor, h_AF: torch.Tensor, weights_A: torch.Tensor,
+        cu_E1: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """See :meth:`GroupedGemm.swiglu_backward`: one GEMM, SwiGLU's backward and the weights' gradient in its
+        epilogue."""
+        src, idx = _source(g_AD)
+        return _cute_dswiglu_mm(src, w_EDH, _operand(h_AF), _operand(weights_A.float()), cu_E1, idx, _SWIGLU_TILE)
+
+    @staticmethod
+    def swiglu_input_grad(grad_h_AF: torch.Tensor, w_EFD: torch.Tensor, cu_E1: torch.Tensor) -> torch.Tensor:
+        """See :meth:`GroupedGemm.swiglu_input_grad`: the weight's [gate; up] rows read interleaved."""
+        return _cute_grouped_mm(_operand(grad_h_AF), w_EFD, cu_E1, None, False, False, _TILE, "B")
+
+    @staticmethod
+    def swiglu_weight_grad(
+        grad_h_AF: torch.Tensor, x_AD: "torch.Tensor | Rows", cu_E1: torch.Tensor
+    ) -> torch.Tensor:
+        """See :meth:`GroupedGemm.swiglu_weight_grad`: ``x^T grad_h`` (x gathered as it loads) into the transposed
+        output, its interleaved columns written as [gate; up] rows."""
+        src, idx = _source(x_AD)
+        return _cute_grouped_mm(src.t(), _operand(grad_h_AF), cu_E1, idx, True, True, _TILE, "out")
 
 
 CUTE = CuteGroupedGemm()

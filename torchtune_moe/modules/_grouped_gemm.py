@@ -124,6 +124,73 @@ class GroupedGemm:
         """``g_AN[rows of e]^T @ a_AK[rows of e]`` for each expert: [A, N], [A, K] -> [E, N, K]."""
         return F.grouped_mm(gathered(g_AN).t(), gathered(a_AK), offs=offsets_E)
 
+    # SwiGLU in the GEMMs' epilogues. A class with ``fuses_swiglu`` (quack's) runs the up projection with SwiGLU
+    # applied as its output tiles are stored, and the down projection's input gradient with SwiGLU's backward
+    # applied the same way; the routed experts then call the four methods below in place of the up projection's
+    # GEMMs and the separate SwiGLU kernels, and the routing weight moves from the activation into the combine.
+    # The epilogues pair neighbouring columns, so the up projection's output ``h`` [A, 2H] and its gradient hold
+    # gate and up interleaved (columns 0::2 the gate, 1::2 the up projection); the weights keep their [gate; up]
+    # rows. The torch code here defines what each computes (CPU tests run the routed experts through it).
+
+    #: Whether the routed experts use the four methods below (torch's GEMMs do not: the separate SwiGLU kernels
+    #: cost no more than this code's extra passes).
+    fuses_swiglu: bool = False
+
+    @staticmethod
+    def swiglu_forward(
+        x_AD: "torch.Tensor | Rows", w_EFD: torch.Tensor, offsets_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The up projection and SwiGLU: ``h = x_AD @ w_EFD[e]^T`` per expert ([A, D], [E, 2H, D] with rows
+        [gate; up]) and ``silu(gate) * up`` [A, H] in fp32, stored in x's dtype. Returns ``h_AF`` [A, 2H] with gate
+        and up interleaved, and the activation."""
+        h_AF = F.grouped_mm(gathered(x_AD), _interleave_rows(w_EFD).transpose(-2, -1), offs=offsets_E)
+        h32_AF = h_AF.float()
+        return h_AF, (F.silu(h32_AF[:, 0::2]) * h32_AF[:, 1::2]).to(h_AF.dtype)
+
+    @staticmethod
+    def swiglu_backward(
+        g_AD: "torch.Tensor | Rows", w_EDH: torch.Tensor, h_AF: torch.Tensor, weights_A: torch.Tensor,
+        offsets_E: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The down projection's input gradient and SwiGLU's backward, for ``y = w * (silu(gate) * up) @ w_EDH[e]^T``
+        per row (w the routing weight), given the unweighted output gradient ``g_AD`` [A, D], ``w_EDH``
+        [E, D, H], :meth:`swiglu_forward`'s ``h_AF`` and ``weights_A`` [A] (fp32). With ``d = g @ w_EDH[e]`` [A, H]
+        and ``a = silu(gate) * up`` (fp32): returns the gradient of ``h`` (``w * d`` through SwiGLU, [A, 2H]
+        interleaved as ``h_AF``), ``w * a`` [A, H] (the down projection's input, for its weight gradient) and
+        ``sum(a * d)`` per row [A] fp32 (the routing weight's gradient). Rows past ``offsets_E[-1]`` are
+        unspecified."""
+        d_AH = F.grouped_mm(gathered(g_AD), w_EDH, offs=offsets_E).float()
+        gate_AH, up_AH = h_AF[:, 0::2].float(), h_AF[:, 1::2].float()
+        w_A1 = weights_A.float().unsqueeze(-1)
+        sig_AH = torch.sigmoid(gate_AH)
+        a_AH = gate_AH * sig_AH * up_AH
+        wd_AH = w_A1 * d_AH
+        grad_gate_AH = wd_AH * up_AH * sig_AH * (1 + gate_AH * (1 - sig_AH))
+        grad_h_AF = torch.stack((grad_gate_AH, wd_AH * gate_AH * sig_AH), dim=-1).flatten(1).to(h_AF.dtype)
+        return grad_h_AF, (w_A1 * a_AH).to(h_AF.dtype), (a_AH * d_AH).sum(-1)
+
+    @staticmethod
+    def swiglu_input_grad(grad_h_AF: torch.Tensor, w_EFD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """``grad_h_AF @ w_EFD[e]`` per expert, the gradient interleaved as :meth:`swiglu_forward`'s ``h``: [A, 2H],
+        [E, 2H, D] -> [A, D]."""
+        return F.grouped_mm(grad_h_AF, _interleave_rows(w_EFD), offs=offsets_E)
+
+    @staticmethod
+    def swiglu_weight_grad(
+        grad_h_AF: torch.Tensor, x_AD: "torch.Tensor | Rows", offsets_E: torch.Tensor
+    ) -> torch.Tensor:
+        """The up projection's weight gradient ``grad_h^T @ x`` over each expert's rows, the gradient interleaved as
+        :meth:`swiglu_forward`'s ``h``: [A, 2H], [A, D] -> [E, 2H, D] with rows [gate; up]."""
+        grad_EFD = F.grouped_mm(grad_h_AF.t(), gathered(x_AD), offs=offsets_E)
+        E, F2, D = grad_EFD.shape
+        return grad_EFD.view(E, F2 // 2, 2, D).transpose(1, 2).reshape(E, F2, D)
+
+
+def _interleave_rows(w_EFD: torch.Tensor) -> torch.Tensor:
+    """[E, 2H, D] with rows [gate; up] -> rows gate_0, up_0, gate_1, up_1, ... (a copy)."""
+    E, F2, D = w_EFD.shape
+    return w_EFD.view(E, 2, F2 // 2, D).transpose(1, 2).reshape(E, F2, D)
+
 
 BF16 = GroupedGemm()
 
@@ -208,7 +275,7 @@ class Fp8GroupedGemm:
     emulate: bool = False
 
     prepare = staticmethod(GroupedGemm.prepare)
-    loads_rows = False
+    loads_rows = fuses_swiglu = False
 
     def forward(
         self, a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor

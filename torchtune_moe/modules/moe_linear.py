@@ -424,12 +424,14 @@ def _combine(
     offsets_T: Optional[torch.Tensor],
     num_valid: torch.Tensor,
     may_drop: bool,
+    weights_A: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``out[t] = sum of the rows of y that belong to token t`` (fp32 accumulation), [A, D] -> [T, D]: a
-    gather-sum over the S slots of ``combine_TK``, else over the segments ``(index_J, offsets_T)``."""
+    """``out[t] = sum of the rows of y that belong to token t`` (each times its ``weights_A`` when given; fp32
+    accumulation), [A, D] -> [T, D]: a gather-sum over the S slots of ``combine_TK``, else over the segments
+    ``(index_J, offsets_T)``."""
     if combine_TK is not None:
-        return _kernels.gather_sum(y_AD, combine_TK, num_valid, may_drop)
-    return _kernels.segment_sum(y_AD, index_J, offsets_T)
+        return _kernels.gather_sum(y_AD, combine_TK, num_valid, may_drop, weights_A)
+    return _kernels.segment_sum(y_AD, index_J, offsets_T, weights_A)
 
 
 class _RoutedExperts(torch.autograd.Function):
@@ -448,6 +450,13 @@ class _RoutedExperts(torch.autograd.Function):
     :mod:`~torchtune_moe.modules._cute_gemm`; or fp8). The gathered operands reach it as
     :class:`~torchtune_moe.modules._grouped_gemm.Rows`: quack's GEMMs gather them as they load, the others
     gather them first (once each).
+
+    With a ``gemm`` that ``fuses_swiglu`` (quack's), SiLU experts without biases run SwiGLU in the GEMMs'
+    epilogues instead (:meth:`~torchtune_moe.modules._grouped_gemm.GroupedGemm.swiglu_forward` and
+    ``swiglu_backward``): the activation ``a`` is not weighted, the combine weights each row's output instead
+    (``sum_k w_k * (a_k @ down^T)``, the same value), the down projection's input gradient comes out of its GEMM
+    already through SwiGLU's backward, with the routing weights' gradient ``sum(a * d)`` reduced in the same
+    epilogue, and ``h_AF`` holds gate and up interleaved. No separate SwiGLU pass in either direction.
     """
 
     @staticmethod
@@ -457,17 +466,25 @@ class _RoutedExperts(torch.autograd.Function):
     ):
         num_valid = offsets_E[-1:]
         seg_E, index_A = gemm.prepare(offsets_E, rows_A)  # in the GEMMs' form, once; kept for the backward
-        h_AF, gate_up_state = gemm.forward(Rows(x_TD, index_A, num_valid, may_drop), gate_up_proj, seg_E)
-        if gate_up_bias is not None:
-            h_AF = h_AF + gate_up_bias[expert_A]
-        hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
-        y_AD, down_state = gemm.forward(hs_AH, down_proj, seg_E)
-        out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
+        x_AD = Rows(x_TD, index_A, num_valid, may_drop)
+        fused = gemm.fuses_swiglu and gated and act is F.silu and gate_up_bias is None
+        if fused:  # SwiGLU in the epilogue; the routing weight in the combine
+            h_AF, a_AH = gemm.swiglu_forward(x_AD, gate_up_proj, seg_E)
+            y_AD, down_state = gemm.forward(a_AH, down_proj, seg_E)
+            out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop, weights_A)
+            gate_up_state = None
+        else:
+            h_AF, gate_up_state = gemm.forward(x_AD, gate_up_proj, seg_E)
+            if gate_up_bias is not None:
+                h_AF = h_AF + gate_up_bias[expert_A]
+            hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
+            y_AD, down_state = gemm.forward(hs_AH, down_proj, seg_E)
+            out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
             x_TD, weights_A, gate_up_proj, down_proj, index_A, offsets_E, seg_E, combine_TK, index_J, offsets_T, h_AF,
             expert_A, gate_up_state, down_state,
         )
-        ctx.may_drop, ctx.act, ctx.gated, ctx.gemm = may_drop, act, gated, gemm
+        ctx.may_drop, ctx.act, ctx.gated, ctx.gemm, ctx.fused = may_drop, act, gated, gemm, fused
         ctx.bias_shape = None if gate_up_bias is None else (gate_up_bias.shape, gate_up_bias.dtype)
         return out_TD
 
@@ -480,21 +497,31 @@ class _RoutedExperts(torch.autograd.Function):
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
         num_valid = offsets_E[-1:]
         grad_y_AD = Rows(grad_out_TD, index_A, num_valid, ctx.may_drop)  # gathered at most once, by the GEMMs
-        grad_hs_AH = ctx.gemm.input_grad(grad_y_AD, down_proj, seg_E, down_state)
-        grad_h_AF, grad_w_A, hs_AH = _activate_backward(
-            h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
-        )
-        del grad_hs_AH
-        grad_down = ctx.gemm.weight_grad(grad_y_AD, hs_AH, seg_E) if need_down else None
+        gemm = ctx.gemm
+        if ctx.fused:
+            grad_h_AF, hs_AH, grad_w_A = gemm.swiglu_backward(grad_y_AD, down_proj, h_AF, weights_A, seg_E)
+            if ctx.may_drop:  # dropped rows: no gradient (the epilogue's sums there are unspecified)
+                grad_w_A = torch.where(_kernels.valid_rows(h_AF.shape[0], num_valid).squeeze(-1), grad_w_A, 0.0)
+        else:
+            grad_hs_AH = gemm.input_grad(grad_y_AD, down_proj, seg_E, down_state)
+            grad_h_AF, grad_w_A, hs_AH = _activate_backward(
+                h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
+            )
+            del grad_hs_AH
+        grad_down = gemm.weight_grad(grad_y_AD, hs_AH, seg_E) if need_down else None
         del grad_y_AD, hs_AH
         grad_x_TD = grad_gate_up = None
         if need_x:
-            grad_x_AD = ctx.gemm.input_grad(grad_h_AF, gate_up_proj, seg_E, gate_up_state)
+            if ctx.fused:
+                grad_x_AD = gemm.swiglu_input_grad(grad_h_AF, gate_up_proj, seg_E)
+            else:
+                grad_x_AD = gemm.input_grad(grad_h_AF, gate_up_proj, seg_E, gate_up_state)
             grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, ctx.may_drop)
             del grad_x_AD
         if need_gate_up:
             x_AD = Rows(x_TD, index_A, num_valid, ctx.may_drop)
-            grad_gate_up = ctx.gemm.weight_grad(grad_h_AF, x_AD, seg_E)
+            weight_grad = gemm.swiglu_weight_grad if ctx.fused else gemm.weight_grad
+            grad_gate_up = weight_grad(grad_h_AF, x_AD, seg_E)
         grad_w_A = grad_w_A.to(weights_A.dtype) if need_w else None
         grad_bias = None
         if ctx.bias_shape is not None and ctx.needs_input_grad[12]:

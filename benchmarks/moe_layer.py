@@ -19,6 +19,10 @@ Variants:
   ours         torchtune_moe's MoE layer (router with aux loss, dispatch_combine), eager.
   ours_compile the same, under torch.compile.
   ours_compile_max  the same, torch.compile mode="max-autotune-no-cudagraphs" (experiment; not the default).
+  ours_sep_swiglu  ours with SwiGLU in our own kernels rather than in quack's GEMM epilogues
+               (``CuteGroupedGemm.fuses_swiglu`` off for the variant): the A/B of that fusion. The same as ours
+               where quack's GEMMs are not used.
+  ours_sep_swiglu_compile  the same, under torch.compile.
   ours_fp8     ours with expert_fp8=True (the six expert GEMMs in rowwise fp8, torchao's recipe), eager; its
                errors are fp8's against the fp32 reference. Needs compute capability 9.0+ (skipped otherwise,
                and in --dry-run, with the reason printed).
@@ -27,7 +31,8 @@ Variants:
   gmm_only     only the six grouped GEMMs of forward + backward on pre-sorted rows (no routing, no
                activation): what grouped_mm itself reaches.
 
-Routers (``--routers``): the variants ours, ours_again, ours_compile, ours_compile_max, parts and profile run
+Routers (``--routers``): the variants ours, ours_again, ours_compile, ours_compile_max, ours_sep_swiglu(_compile),
+parts and profile run
 once per router kind of ``moe_layer(..., router=...)``, rows named ``ours`` (token choice), ``ours/ec``
 (expert_choice, capacity factor 1) and ``ours/cec`` (causal_expert_choice); every other variant runs with
 token choice. Causal expert choice is timed with its thresholds on: one training forward on the benchmark's
@@ -221,14 +226,15 @@ def gmm_only_fn(layer, x_TD, routing):
 
 VARIANTS = [
     "dense", "ours", "v0", "hf_grouped", "hf_eager", "gmm_only", "kernels", "parts", "profile", "ours_compile",
-    "ours_again", "ours_fp8", "ours_fp8_compile", "profile_fp8", "ours_compile_max",
+    "ours_again", "ours_fp8", "ours_fp8_compile", "profile_fp8", "ours_sep_swiglu", "ours_sep_swiglu_compile",
+    "ours_compile_max",
 ]
 
 
 ROUTER_TAGS = {"token_choice": "", "expert_choice": "/ec", "causal_expert_choice": "/cec"}
 ROUTER_VARIANTS = (
     "ours", "ours_again", "ours_compile", "ours_fp8", "ours_fp8_compile", "ours_compile_max", "parts", "profile",
-    "profile_fp8"
+    "profile_fp8", "ours_sep_swiglu", "ours_sep_swiglu_compile",
 )
 
 
@@ -310,7 +316,7 @@ def run_router(name, T, variants, rows, router):
         return fn
 
     # ours, eager
-    def v_ours():
+    def v_ours(label="ours"):
         errs = check_dispatch(moe_layer_module.dispatch_combine, layer, x_TD, routing)
         if router == "token_choice":  # an expert that gets no token: its weight gradients must be exactly zero
             scores = layer.router.scores(x_TD)[1].detach().clone()
@@ -320,7 +326,7 @@ def run_router(name, T, variants, rows, router):
             errs0 = check_dispatch(moe_layer_module.dispatch_combine, layer, x_TD, r0, empty_expert=0)
             errs.update({f"empty_expert_{k}": v for k, v in errs0.items()})
         ms, peak = bench(layer_fn(layer), params + [x])
-        record("ours", ms, peak, errs)
+        record(label, ms, peak, errs)
 
     attempt("ours", v_ours)
 
@@ -539,6 +545,21 @@ def run_router(name, T, variants, rows, router):
     attempt("ours_fp8_compile", with_fp8(lambda: v_compile("ours_fp8_compile")))
     attempt("profile_fp8", with_fp8(lambda: fp8_ok("profile_fp8") and v_profile("profile_fp8")))
 
+    def with_separate_swiglu(f):  # runs f with quack's SwiGLU epilogues off (SwiGLU in our kernels), then on
+        def run():
+            from torchtune_moe.modules._cute_gemm import CuteGroupedGemm
+
+            CuteGroupedGemm.fuses_swiglu = False
+            try:
+                f()
+            finally:
+                CuteGroupedGemm.fuses_swiglu = True
+
+        return run
+
+    attempt("ours_sep_swiglu", with_separate_swiglu(lambda: v_ours("ours_sep_swiglu")))
+    attempt("ours_sep_swiglu_compile", with_separate_swiglu(lambda: v_compile("ours_sep_swiglu_compile")))
+
     # the same variant again: the spread between the two is the noise
     def v_again():
         ms, peak = bench(layer_fn(layer), params + [x])
@@ -581,7 +602,10 @@ def main():
     results = {}
     for name in args.shapes:
         run_shape(name, args.tokens, set(args.variants), results, args.routers)
-    ours = ["ours", "ours_again", "ours_compile", "ours_fp8", "ours_fp8_compile", "ours_compile_max"]
+    ours = [
+        "ours", "ours_again", "ours_compile", "ours_sep_swiglu", "ours_sep_swiglu_compile", "ours_fp8",
+        "ours_fp8_compile", "ours_compile_max",
+    ]
     order = ["dense"] + [v + ROUTER_TAGS[r] for r in args.routers for v in ["dense_again"] + ours]
     order += ["v0", "hf_grouped", "hf_eager", "gmm_only"]
     lines = [

@@ -1,5 +1,5 @@
-"""benchmarks/train_step.py --dry-run --profile, swiglu_lora_tiles.py, gather_tiles.py and fp8_quantizers.py --dry-run
-(tiny shapes on CPU)
+"""benchmarks/train_step.py --dry-run --profile, moe_layer.py, swiglu_lora_tiles.py, gather_tiles.py and
+fp8_quantizers.py --dry-run (tiny shapes on CPU)
 run: the GPU scripts' code stays working.
 (benchmarks/lora.py's dry run: tests/recipes/test_moe_lora_finetune.py.)"""
 
@@ -33,6 +33,18 @@ def test_train_step_dry_run_with_profile(tmp_path):
 
 
 TILES = Path(__file__).resolve().parents[1] / "benchmarks" / "swiglu_lora_tiles.py"
+LAYER = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_layer.py"
+
+
+def test_moe_layer_dry_run_with_the_separate_swiglu_variant(tmp_path):
+    """The layer benchmark's dry run with the A/B of quack's SwiGLU epilogues (on CPU both rows are torch's path):
+    both timed and checked against the fp32 loop."""
+    pytest.importorskip("transformers")
+    r = _dry_run(LAYER, tmp_path, "--shapes", "olmoe", "--variants", "dense", "ours", "ours_sep_swiglu")
+    rows = r["results"]["olmoe"]["rows"]
+    assert {"dense", "ours", "ours_sep_swiglu"} <= set(rows) and not any("error" in v for v in rows.values())
+    for variant in ("ours", "ours_sep_swiglu"):
+        assert rows[variant]["ms"] > 0 and 0 < max(rows[variant]["errs"].values()) < 1e-2
 
 
 def _dry_run(script: Path, out: Path, *args: str) -> dict:

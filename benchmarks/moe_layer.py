@@ -67,6 +67,7 @@ SHAPES = {
     "olmoe": (64, 8, 2048, 1024, False),
     "qwen3": (128, 8, 2048, 768, True),
     "mixtral": (8, 2, 4096, 14336, True),
+    "small": (16, 2, 768, 768, False),  # configs/small/full.yaml's experts (its steps hold 16384 tokens: --tokens)
 }
 
 

@@ -41,19 +41,24 @@ def _rand(*shape):
     return torch.randn(*shape, device="cuda").to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("empty_expert,drop", [(False, 0), (True, 0), (True, 300)])
-def test_each_gemm_matches_torch(empty_expert, drop):
+def _operands(empty_expert: bool, drop: int):
+    """E = 8 experts' weights, and tokens and output gradients routed to them (:func:`_routing`), in both forms:
+    quack's (segment bounds, :class:`Rows` with the int32 index) and torch's (offsets, rows gathered)."""
     E = 8
     rows_A, offsets_E = _routing(E, empty_expert, drop)
-    A, n = rows_A.shape[0], int(offsets_E[-1])
-    num_valid = offsets_E[-1:]
-    x_TD, g_TD = _rand(T, D), _rand(T, D)
-    w_EFD, w_EDH = _rand(E, 2 * H, D) / 16, _rand(E, D, H) / 16
+    x_TD, g_TD, num_valid = _rand(T, D), _rand(T, D), offsets_E[-1:]
+    cu_E1, idx_A = _cute_gemm.CUTE.prepare(offsets_E, rows_A)  # quack's segment bounds [E + 1], int32 index
+    return (
+        rows_A.shape[0], int(offsets_E[-1]), offsets_E, cu_E1, _rand(E, 2 * H, D) / 16, _rand(E, D, H) / 16,
+        Rows(x_TD, idx_A, num_valid, drop > 0), Rows(g_TD, idx_A, num_valid, drop > 0), x_TD[rows_A], g_TD[rows_A],
+    )
+
+
+@pytest.mark.parametrize("empty_expert,drop", [(False, 0), (True, 0), (True, 300)])
+def test_each_gemm_matches_torch(empty_expert, drop):
+    A, n, offsets_E, cu_E1, w_EFD, w_EDH, x_rows, g_rows, x_AD, g_AD = _operands(empty_expert, drop)
     h_AH, gh_AF = _rand(A, H), _rand(A, 2 * H)
     cute, ref = _cute_gemm.CUTE, BF16
-    cu_E1, idx_A = cute.prepare(offsets_E, rows_A)  # quack's segment bounds [E + 1], int32 index
-    x_rows, g_rows = Rows(x_TD, idx_A, num_valid, drop > 0), Rows(g_TD, idx_A, num_valid, drop > 0)
-    x_AD, g_AD = x_TD[rows_A], g_TD[rows_A]
     pairs = [
         (cute.forward(x_rows, w_EFD, cu_E1)[0], ref.forward(x_AD, w_EFD, offsets_E)[0]),
         (cute.forward(h_AH, w_EDH, cu_E1)[0], ref.forward(h_AH, w_EDH, offsets_E)[0]),
@@ -77,17 +82,9 @@ def test_each_gemm_matches_torch(empty_expert, drop):
 @pytest.mark.parametrize("empty_expert,drop", [(False, 0), (True, 0), (True, 300)])
 def test_swiglu_epilogue_gemms_match_torch_code(empty_expert, drop):
     """quack's SwiGLU-epilogue GEMMs (CUTE.fuses_swiglu) against GroupedGemm's torch code for them."""
-    E = 8
-    rows_A, offsets_E = _routing(E, empty_expert, drop)
-    A, n = rows_A.shape[0], int(offsets_E[-1])
-    num_valid = offsets_E[-1:]
-    x_TD, g_TD = _rand(T, D), _rand(T, D)
-    w_EFD, w_EDH = _rand(E, 2 * H, D) / 16, _rand(E, D, H) / 16
+    A, n, offsets_E, cu_E1, w_EFD, w_EDH, x_rows, g_rows, x_AD, g_AD = _operands(empty_expert, drop)
     weights_A = torch.rand(A, device="cuda")
     cute, ref = _cute_gemm.CUTE, BF16
-    cu_E1, idx_A = cute.prepare(offsets_E, rows_A)
-    x_rows, g_rows = Rows(x_TD, idx_A, num_valid, drop > 0), Rows(g_TD, idx_A, num_valid, drop > 0)
-    x_AD, g_AD = x_TD[rows_A], g_TD[rows_A]
     got, want = cute.swiglu_forward(x_rows, w_EFD, cu_E1), ref.swiglu_forward(x_AD, w_EFD, offsets_E)
     h_AF = want[0]
     got += cute.swiglu_backward(g_rows, w_EDH, h_AF, weights_A, cu_E1)

@@ -313,7 +313,10 @@ def test_quack_gemms_give_torchs_shapes_and_layouts():
         *zip(fwd, BF16.swiglu_forward(m(A, D), w_up, offsets_E)),
         *zip(bwd, BF16.swiglu_backward(m(A, D), w_down, m(A, 2 * H), w_A, offsets_E)),
         (CUTE.swiglu_input_grad(m(A, 2 * H), w_up, cu_E1), BF16.swiglu_input_grad(m(A, 2 * H), w_up, offsets_E)),
-        (CUTE.swiglu_weight_grad(m(A, 2 * H), rows(D), cu_E1), BF16.swiglu_weight_grad(m(A, 2 * H), m(A, D), offsets_E)),
+        (
+            CUTE.swiglu_weight_grad(m(A, 2 * H), rows(D), cu_E1),
+            BF16.swiglu_weight_grad(m(A, 2 * H), m(A, D), offsets_E),
+        ),
     ]
     assert CUTE.fuses_swiglu and not BF16.fuses_swiglu and bwd[2].dtype == torch.float32
     for got, want in pairs:

@@ -13,10 +13,11 @@ gradients) are never written out, and at 128 x 256 tiles they run the experts' G
 MiB less peak memory per layer (benchmarks/NOTES.md, "quack's grouped GEMMs"). Two of them also run SwiGLU as they
 store their output (the up projection) and SwiGLU's backward with the routing weights' gradient (the down
 projection's input gradient), which replaces our two SwiGLU kernels (``CuteGroupedGemm.fuses_swiglu``): another
-0.07-0.08 ms per compiled layer, and a smaller error, the activation coming from the fp32 accumulator. quack is a
-maintained package (the kernels of sonic-moe). We call its GEMM entry point with a fixed tile configuration; its autotuner would
-compile dozens of kernels on the first step. Compiled, the call is a torch custom op, so torch.compile treats each
-GEMM as one opaque node; eager, the op's function is called directly (:mod:`~torchtune_moe.modules._custom_op`).
+0.05-0.13 ms per compiled layer at OLMoE and Qwen3, and a smaller error, the activation coming from the fp32
+accumulator. quack is a maintained package (the kernels of sonic-moe). We call its GEMM entry points with a fixed
+tile configuration; its autotuner would compile dozens of kernels on the first step. Compiled, each call is a torch
+custom op, so torch.compile treats each GEMM as one opaque node; eager, the op's function is called directly
+(:mod:`~torchtune_moe.modules._custom_op`).
 
 Costs:
 - The first call of each GEMM kind in a process JIT-compiles it (2-4 s each). quack keeps the compiled kernels on

@@ -326,16 +326,19 @@ def test_quack_gemms_give_torchs_shapes_and_layouts():
 
 
 @pytest.mark.parametrize("fuses_swiglu", [False, True])
-@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("router_kind", ["token_choice", "causal_expert_choice", "expert_choice"])
 @pytest.mark.parametrize("kind", ["moe_linear", "lora"])
-def test_gemms_that_load_rows_by_index(monkeypatch, kind, drop, fuses_swiglu):
+def test_gemms_that_load_rows_by_index(monkeypatch, kind, router_kind, fuses_swiglu):
     """The routed experts (and the LoRA experts' frozen base) with GEMMs that read the routed rows by index, as
     quack's do (stood in for by torch code here): the segments and index are prepared once per step, no gathered
     copy of x or of the output gradient is asked for, and output and every gradient equal torch's GEMMs', with
-    dropped slots too. With ``fuses_swiglu`` (quack's SwiGLU epilogues, stood in for by GroupedGemm's torch code
-    for them) the routed experts run SwiGLU inside the GEMMs and weight the combine instead, with the same
-    results; the LoRA experts do not use it."""
-    from torchtune_moe.modules import CausalExpertChoiceRouter, TokenChoiceTopKRouter, dispatch_combine
+    dropped slots too (causal expert choice) and with any number of rows per token (expert choice: the segment
+    combine). With ``fuses_swiglu`` (quack's SwiGLU epilogues, stood in for by GroupedGemm's torch code for them)
+    the routed experts run SwiGLU inside the GEMMs and weight the combine instead, with the same results; the LoRA
+    experts do not use it."""
+    from torchtune_moe.modules import (
+        CausalExpertChoiceRouter, ExpertChoiceTopKRouter, TokenChoiceTopKRouter, dispatch_combine,
+    )
     from torchtune_moe.modules import moe_linear as moe_linear_module
     from torchtune_moe.modules._grouped_gemm import GroupedGemm, Rows
     from torchtune_moe.modules.peft import LoRAMoELinear
@@ -391,14 +394,18 @@ def test_gemms_that_load_rows_by_index(monkeypatch, kind, drop, fuses_swiglu):
     stand_in_class = FusesSwiGLU if fuses_swiglu else LoadsRows
     torch.manual_seed(0)
     T = 16
-    if drop:  # a capacity router that drops slots (and gives tokens any number of rows)
+    drop = router_kind == "causal_expert_choice"
+    if drop:  # a capacity router that drops slots
         router = CausalExpertChoiceRouter(D, E, 2, capacity_factor=0.5).train()
+    elif router_kind == "expert_choice":  # tokens get any number of rows: the combine sums segments
+        router = ExpertChoiceTopKRouter(D, E, 2)
     else:
         router = TokenChoiceTopKRouter(D, E, 2)
     x = torch.randn(T, D)
     with torch.no_grad():
         routing = router(x)
     assert (routing.expert_ids_A == E).any() == drop
+    assert (routing.slots_per_token is None) == (router_kind == "expert_choice")
 
     def experts():
         torch.manual_seed(1)

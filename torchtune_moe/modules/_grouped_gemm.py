@@ -143,7 +143,7 @@ class GroupedGemm:
         """The up projection and SwiGLU: ``h = x_AD @ w_EFD[e]^T`` per expert ([A, D], [E, 2H, D] with rows
         [gate; up]) and ``silu(gate) * up`` [A, H] in fp32, stored in x's dtype. Returns ``h_AF`` [A, 2H] with gate
         and up interleaved, and the activation."""
-        h_AF = F.grouped_mm(gathered(x_AD), _interleave_rows(w_EFD).transpose(-2, -1), offs=offsets_E)
+        h_AF = F.grouped_mm(gathered(x_AD), _interleave(w_EFD, 1).transpose(-2, -1), offs=offsets_E)
         h32_AF = h_AF.float()
         return h_AF, (F.silu(h32_AF[:, 0::2]) * h32_AF[:, 1::2]).to(h_AF.dtype)
 
@@ -159,21 +159,16 @@ class GroupedGemm:
         interleaved as ``h_AF``), ``w * a`` [A, H] (the down projection's input, for its weight gradient) and
         ``sum(a * d)`` per row [A] fp32 (the routing weight's gradient). Rows past ``offsets_E[-1]`` are
         unspecified."""
-        d_AH = F.grouped_mm(gathered(g_AD), w_EDH, offs=offsets_E).float()
-        gate_AH, up_AH = h_AF[:, 0::2].float(), h_AF[:, 1::2].float()
-        w_A1 = weights_A.float().unsqueeze(-1)
-        sig_AH = torch.sigmoid(gate_AH)
-        a_AH = gate_AH * sig_AH * up_AH
-        wd_AH = w_A1 * d_AH
-        grad_gate_AH = wd_AH * up_AH * sig_AH * (1 + gate_AH * (1 - sig_AH))
-        grad_h_AF = torch.stack((grad_gate_AH, wd_AH * gate_AH * sig_AH), dim=-1).flatten(1).to(h_AF.dtype)
-        return grad_h_AF, (w_A1 * a_AH).to(h_AF.dtype), (a_AH * d_AH).sum(-1)
+        d_AH = F.grouped_mm(gathered(g_AD), w_EDH, offs=offsets_E)
+        # SwiGLU x weight's backward as the separate kernels compute it, on h with its halves put back together
+        grad_h_AF, grad_w_A, hs_AH = _kernels.swiglu_backward(_deinterleave(h_AF, 1), weights_A, d_AH, offsets_E[-1:])
+        return _interleave(grad_h_AF, 1), hs_AH, grad_w_A
 
     @staticmethod
     def swiglu_input_grad(grad_h_AF: torch.Tensor, w_EFD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """``grad_h_AF @ w_EFD[e]`` per expert, the gradient interleaved as :meth:`swiglu_forward`'s ``h``: [A, 2H],
         [E, 2H, D] -> [A, D]."""
-        return F.grouped_mm(grad_h_AF, _interleave_rows(w_EFD), offs=offsets_E)
+        return F.grouped_mm(grad_h_AF, _interleave(w_EFD, 1), offs=offsets_E)
 
     @staticmethod
     def swiglu_weight_grad(
@@ -181,15 +176,17 @@ class GroupedGemm:
     ) -> torch.Tensor:
         """The up projection's weight gradient ``grad_h^T @ x`` over each expert's rows, the gradient interleaved as
         :meth:`swiglu_forward`'s ``h``: [A, 2H], [A, D] -> [E, 2H, D] with rows [gate; up]."""
-        grad_EFD = F.grouped_mm(grad_h_AF.t(), gathered(x_AD), offs=offsets_E)
-        E, F2, D = grad_EFD.shape
-        return grad_EFD.view(E, F2 // 2, 2, D).transpose(1, 2).reshape(E, F2, D)
+        return _deinterleave(F.grouped_mm(grad_h_AF.t(), gathered(x_AD), offs=offsets_E), 1)
 
 
-def _interleave_rows(w_EFD: torch.Tensor) -> torch.Tensor:
-    """[E, 2H, D] with rows [gate; up] -> rows gate_0, up_0, gate_1, up_1, ... (a copy)."""
-    E, F2, D = w_EFD.shape
-    return w_EFD.view(E, 2, F2 // 2, D).transpose(1, 2).reshape(E, F2, D)
+def _interleave(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Halves [gate; up] along ``dim`` -> gate_0, up_0, gate_1, up_1, ... (a copy)."""
+    return t.unflatten(dim, (2, -1)).transpose(dim, dim + 1).flatten(dim, dim + 1)
+
+
+def _deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of :func:`_interleave`: gate_0, up_0, ... along ``dim`` -> halves [gate; up] (a copy)."""
+    return t.unflatten(dim, (-1, 2)).transpose(dim, dim + 1).flatten(dim, dim + 1)
 
 
 BF16 = GroupedGemm()

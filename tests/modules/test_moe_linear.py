@@ -438,6 +438,62 @@ def test_gemms_that_load_rows_by_index(monkeypatch, kind, router_kind, fuses_swi
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+def test_quack_entry_points_get_each_ops_arguments(monkeypatch):
+    """With a stand-in quack (no GPU needed): each of the three ops calls its own quack entry point with the config
+    of its tile and its operand layout, and a failure inside quack is re-raised saying how to run without it."""
+    import sys
+    import types
+
+    from torchtune_moe.modules import _cute_gemm
+
+    calls = []
+
+    def entry(name):
+        def fn(*args, **kwargs):
+            if name == "gemm" and args[0].shape[0] == 0:
+                raise ValueError("JIT failed")
+            calls.append((name, kwargs["config"].kw, kwargs.get("concat_layout")))
+            return torch.zeros(args[2].shape[0]) if name == "dgated" else None
+
+        return types.SimpleNamespace(fn=fn)
+
+    interface = types.ModuleType("quack.gemm_interface")
+    interface.gemm_tuned, interface.gemm_gated_tuned, interface.gemm_dgated_tuned = map(
+        entry, ("gemm", "gated", "dgated")
+    )
+    config = types.ModuleType("quack.gemm_config")
+    config.GemmConfig = type("GemmConfig", (), {"__init__": lambda self, **kw: setattr(self, "kw", kw)})
+    for name, module in (("quack", types.ModuleType("quack")), ("quack.gemm_interface", interface),
+                         ("quack.gemm_config", config)):
+        monkeypatch.setitem(sys.modules, name, module)
+    _cute_gemm._quack_gemm.cache_clear()
+    _cute_gemm._config.cache_clear()
+    try:
+        A, T = 12, 6
+        cu_E1, idx_A = torch.tensor([0, 5, A], dtype=torch.int32), torch.randint(0, T, (A,), dtype=torch.int32)
+        x_TD, w_EDF, w_EDH = torch.randn(T, D), torch.randn(2, D, 2 * H), torch.randn(2, D, H)
+        h_AF, a_AH = _cute_gemm._cute_swiglu_mm.fn(x_TD, w_EDF, cu_E1, idx_A, [128, 256, 1, 0])
+        assert h_AF.shape == (A, 2 * H) and a_AH.shape == (A, H)
+        grad_h, scaled, reduced = _cute_gemm._cute_dswiglu_mm.fn(
+            x_TD, w_EDH, h_AF, torch.rand(A), cu_E1, idx_A, [128, 192, 2, 1]
+        )
+        assert grad_h.shape == h_AF.shape and scaled.shape == (A, H) and reduced.shape == (A,)
+        grad_h_AF, w_EFD = torch.randn(A, 2 * H), w_EDF.transpose(-2, -1)  # swiglu_input_grad's operands
+        out = _cute_gemm._cute_grouped_mm.fn(grad_h_AF, w_EFD, cu_E1, None, False, False, [128, 256, 1, 0], "B")
+        assert out.shape == (A, D)
+        tile = dict(tile_m=128, tile_n=256, cluster_m=1, cluster_n=1, pingpong=False, is_dynamic_persistent=False)
+        assert calls == [
+            ("gated", tile, ("B",)),
+            ("dgated", dict(tile, tile_n=192, cluster_m=2, pingpong=True), None),
+            ("gemm", tile, ("B",)),
+        ]
+        with pytest.raises(RuntimeError, match="TORCHTUNE_MOE_GROUPED_GEMM=torch runs torch's grouped GEMM instead"):
+            _cute_gemm._cute_grouped_mm.fn(x_TD[:0], w_EDH, cu_E1, None, False, False, [128, 256, 1, 0], "")
+    finally:
+        _cute_gemm._quack_gemm.cache_clear()
+        _cute_gemm._config.cache_clear()
+
+
 def test_quack_operands_are_copied_when_tma_cannot_load_them():
     """What quack's GEMMs get: a 16-byte aligned row-major tensor as it is, else an aligned copy (a view starting
     off alignment included: .contiguous() would hand it back unchanged)."""

@@ -32,7 +32,7 @@ Results: the same fp32-accumulated bf16 GEMMs as torch's (GPU tests in ``tests/m
 
 import functools
 import os
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,16 +60,22 @@ _SWIGLU_TILE = _TILE
 _MAX_HIDDEN = 4096
 
 
+class _Quack(NamedTuple):
+    gemm: Callable  # quack's untuned GEMM entry points: plain,
+    gated: Callable  # with SwiGLU in the epilogue,
+    dgated: Callable  # with SwiGLU's backward in the epilogue
+    config: type  # quack's GemmConfig
+
+
 @functools.cache
-def _quack_gemm():
-    """quack's untuned GEMMs (plain, SwiGLU epilogue, SwiGLU-backward epilogue) and its config class, or None when
-    quack (or its CUTLASS DSL) cannot be imported."""
+def _quack_gemm() -> Optional[_Quack]:
+    """quack's GEMMs and config class, or None when quack (or its CUTLASS DSL) cannot be imported."""
     try:
         from quack.gemm_config import GemmConfig
         from quack.gemm_interface import gemm_dgated_tuned, gemm_gated_tuned, gemm_tuned
     except Exception:  # ImportError, or the DSL failing to load its native libraries
         return None
-    return gemm_tuned.fn, GemmConfig, gemm_gated_tuned.fn, gemm_dgated_tuned.fn
+    return _Quack(gemm_tuned.fn, gemm_gated_tuned.fn, gemm_dgated_tuned.fn, GemmConfig)
 
 
 def cute_available() -> bool:
@@ -149,17 +155,17 @@ def _operand(t: torch.Tensor) -> torch.Tensor:
 def _config(tile: tuple[int, ...]):
     """quack's ``GemmConfig`` for ``tile`` (tile_m, tile_n, cluster_m, pingpong), made once."""
     tile_m, tile_n, cluster_m, pingpong = tile
-    return _quack_gemm()[1](
+    return _quack_gemm().config(
         tile_m=tile_m, tile_n=tile_n, cluster_m=cluster_m, cluster_n=1, pingpong=bool(pingpong),
         is_dynamic_persistent=False,
     )
 
 
-def _run(kernel: int, *args, **kwargs):
-    """Calls quack's GEMM ``kernel`` (0 plain, 2 SwiGLU epilogue, 3 SwiGLU-backward epilogue); a failure (e.g. the
-    DSL's JIT on this driver) says how to run without quack."""
+def _run(kernel: str, *args, **kwargs):
+    """Calls quack's GEMM ``kernel`` (a field of :class:`_Quack`); a failure (e.g. the DSL's JIT on this driver)
+    says how to run without quack."""
     try:
-        return _quack_gemm()[kernel](*args, **kwargs)
+        return getattr(_quack_gemm(), kernel)(*args, **kwargs)
     except Exception as e:
         raise RuntimeError(
             f"quack's grouped GEMM failed ({type(e).__name__}: {e}); {ENV_VAR}=torch runs torch's grouped GEMM instead"
@@ -185,7 +191,7 @@ def _cute_grouped_mm(
     out = _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out)
     target = out.transpose(-2, -1) if transpose_out else out
     _run(
-        0, a, b, target, config=_config(tuple(tile)), cu_seqlens_m=None if varlen_k else cu_seqlens,
+        "gemm", a, b, target, config=_config(tuple(tile)), cu_seqlens_m=None if varlen_k else cu_seqlens,
         cu_seqlens_k=cu_seqlens if varlen_k else None, A_idx=a_idx, concat_layout=(concat,) if concat else None,
     )
     return out
@@ -219,7 +225,7 @@ def _cute_swiglu_mm(
     ``a_idx`` as in :func:`_cute_grouped_mm`; b [L, K, 2H], its 2H columns [gate; up]), stored as [M, 2H] with gate
     and up interleaved, and ``silu(gate) * up`` [M, H] from the fp32 accumulator."""
     h, act = _empty_swiglu(a, b, a_idx)
-    _run(2, a, b, h, act, None, None, "swiglu", cu_seqlens, a_idx, False, config=_config(tuple(tile)),
+    _run("gated", a, b, h, act, None, None, "swiglu", cu_seqlens, a_idx, False, config=_config(tuple(tile)),
          concat_layout=("B",))
     return h, act
 
@@ -251,7 +257,7 @@ def _cute_dswiglu_mm(
     (interleaved), ``scale * a`` [M, H], and ``sum(a * d)`` per row [M] fp32."""
     grad_h, scaled_act = _empty_dswiglu(h, g_idx)
     reduced = _run(  # quack sums the epilogue's per-tile partial sums into a new [M] fp32 tensor
-        3, g, b, h, grad_h, scaled_act, colvec_scale=scale, activation="swiglu", colvec_reduce=True,
+        "dgated", g, b, h, grad_h, scaled_act, colvec_scale=scale, activation="swiglu", colvec_reduce=True,
         cu_seqlens_m=cu_seqlens, A_idx=g_idx, dynamic_scheduler=False, config=_config(tuple(tile)),
     )
     return grad_h, scaled_act, reduced

@@ -582,6 +582,8 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script runs")
     args = p.parse_args()
+    if args.tokens < 1:
+        p.error(f"--tokens must be at least 1, got {args.tokens}")
     prepare_out(p, args.out)
     global DEV, OUT_DIR
     OUT_DIR = args.out

@@ -47,6 +47,15 @@ def test_moe_layer_dry_run_with_the_separate_swiglu_variant(tmp_path):
         assert rows[variant]["ms"] > 0 and 0 < max(rows[variant]["errs"].values()) < 1e-2
 
 
+def test_moe_layer_refuses_no_tokens_by_name(tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(LAYER), "--dry-run", "--tokens", "0", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 2 and "--tokens must be at least 1, got 0" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 def _dry_run(script: Path, out: Path, *args: str) -> dict:
     """Runs ``script --dry-run --out out *args`` (CPU, tiny shapes) and returns the JSON it wrote there."""
     res = subprocess.run(

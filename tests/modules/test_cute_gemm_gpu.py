@@ -1,7 +1,8 @@
 """quack's grouped GEMMs (``_cute_gemm``) against torch's ``F.grouped_mm``, each GEMM and the whole layer.
 
 Marked ``gpu`` and skipped unless quack-kernels imports and a compute-capability 9.x GPU is present. Run on
-an H100/H200 with ``pip install '.[cute]'`` and ``python -m pytest -m gpu tests/modules/test_cute_gemm_gpu.py``.
+an H100/H200 (quack-kernels installs with the package on Linux) with
+``python -m pytest -m gpu tests/modules/test_cute_gemm_gpu.py``.
 """
 
 import pytest
@@ -141,6 +142,40 @@ def test_layer_uses_quack_and_matches_torch(monkeypatch, router, compile):
 
     got, want = run("cute"), run("torch")
     assert graphs["cute"] == graphs["torch"]  # quack's GEMMs are opaque nodes: no graph break of their own
+    torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-2, atol=1e-3)
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_fallback_after_a_quack_failure_matches_torch(monkeypatch, compile):
+    """After a quack GEMM failed in this process (``auto``), layers already built on quack's ops (a compiled graph
+    holds them) compute each op with torch's GEMMs, in bf16 on the GPU, with the layouts the ops receive there;
+    the results match torch's path, dropped slots included."""
+    from torchtune_moe.modules import moe_linear as moe_linear_module
+
+    torch.manual_seed(0)
+    layer = moe_layer(dim=D, hidden_dim=H, num_experts=16, experts_per_token=K, router="causal_expert_choice")
+    layer = layer.cuda().to(torch.bfloat16)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = _rand(2, T // 2, D)
+    monkeypatch.delenv(_cute_gemm.ENV_VAR, raising=False)
+
+    def run(fallback):
+        layer.load_state_dict(state)
+        if fallback:  # quack's ops, each of them failed before: their fallback computes
+            monkeypatch.setattr(_cute_gemm, "_failed", ["a failure before"])
+            monkeypatch.setattr(moe_linear_module, "bf16_gemm", lambda *a: _cute_gemm.CUTE)
+        torch._dynamo.reset()
+        fn = torch.compile(layer) if compile else layer
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.float().square().mean().backward()
+        return out, xi.grad, [p.grad for p in layer.parameters()]
+
+    want, got = run(False), run(True)
     torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(got[1], want[1], rtol=1e-2, atol=1e-3)
     for g, w in zip(got[2], want[2]):

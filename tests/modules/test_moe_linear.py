@@ -440,8 +440,8 @@ def test_gemms_that_load_rows_by_index(monkeypatch, kind, router_kind, fuses_swi
 
 def test_quack_entry_points_get_each_ops_arguments(monkeypatch):
     """With a stand-in quack (no GPU needed): each of the three ops calls its own quack entry point with the config
-    of its tile and its operand layout, and a failure inside quack is re-raised saying how to run without it."""
-    import sys
+    of its tile and its operand layout, and under ``cute`` a failure inside quack is re-raised saying how to run
+    without it."""
     import types
 
     from torchtune_moe.modules import _cute_gemm
@@ -457,17 +457,7 @@ def test_quack_entry_points_get_each_ops_arguments(monkeypatch):
 
         return types.SimpleNamespace(fn=fn)
 
-    interface = types.ModuleType("quack.gemm_interface")
-    interface.gemm_tuned, interface.gemm_gated_tuned, interface.gemm_dgated_tuned = map(
-        entry, ("gemm", "gated", "dgated")
-    )
-    config = types.ModuleType("quack.gemm_config")
-    config.GemmConfig = type("GemmConfig", (), {"__init__": lambda self, **kw: setattr(self, "kw", kw)})
-    for name, module in (("quack", types.ModuleType("quack")), ("quack.gemm_interface", interface),
-                         ("quack.gemm_config", config)):
-        monkeypatch.setitem(sys.modules, name, module)
-    _cute_gemm._quack_gemm.cache_clear()
-    _cute_gemm._config.cache_clear()
+    _stand_in_quack(monkeypatch, entry)
     try:
         A, T = 12, 6
         cu_E1, idx_A = torch.tensor([0, 5, A], dtype=torch.int32), torch.randint(0, T, (A,), dtype=torch.int32)
@@ -487,8 +477,90 @@ def test_quack_entry_points_get_each_ops_arguments(monkeypatch):
             ("dgated", dict(tile, tile_n=192, cluster_m=2, pingpong=True), None),
             ("gemm", tile, ("B",)),
         ]
+        monkeypatch.setenv(_cute_gemm.ENV_VAR, "cute")  # under auto a failure falls back (the test below)
         with pytest.raises(RuntimeError, match="TORCHTUNE_MOE_GROUPED_GEMM=torch runs torch's grouped GEMM instead"):
             _cute_gemm._cute_grouped_mm.fn(x_TD[:0], w_EDH, cu_E1, None, False, False, [128, 256, 1, 0], "")
+    finally:
+        _cute_gemm._quack_gemm.cache_clear()
+        _cute_gemm._config.cache_clear()
+
+
+def _stand_in_quack(monkeypatch, entry):
+    """Installs a stand-in quack package whose three GEMM entry points are ``entry(name)``."""
+    import sys
+    import types
+
+    from torchtune_moe.modules import _cute_gemm
+
+    interface = types.ModuleType("quack.gemm_interface")
+    interface.gemm_tuned, interface.gemm_gated_tuned, interface.gemm_dgated_tuned = map(
+        entry, ("gemm", "gated", "dgated")
+    )
+    config = types.ModuleType("quack.gemm_config")
+    config.GemmConfig = type("GemmConfig", (), {"__init__": lambda self, **kw: setattr(self, "kw", kw)})
+    for name, module in (("quack", types.ModuleType("quack")), ("quack.gemm_interface", interface),
+                         ("quack.gemm_config", config)):
+        monkeypatch.setitem(sys.modules, name, module)
+    _cute_gemm._quack_gemm.cache_clear()
+    _cute_gemm._config.cache_clear()
+
+
+@pytest.mark.parametrize("router_kind", ["token_choice", "causal_expert_choice"])
+def test_quack_failing_here_falls_back_to_torchs_gemms(monkeypatch, router_kind):
+    """Under ``TORCHTUNE_MOE_GROUPED_GEMM=auto`` (the default; quack installs with the package), a quack GEMM
+    that fails here (its JIT on this driver, say) costs a warning, not the run: that call and every later one
+    computes with torch's GEMMs what quack's would (each op's fallback, with its operand layouts: gathered rows,
+    the reduction-axis GEMMs, the interleaved SwiGLU halves), so the routed experts' output and gradients equal
+    torch's path, dropped slots included; the choice for new layers turns to torch's. Under ``cute`` quack is
+    tried again and its failure raised."""
+    import types
+
+    from torchtune_moe.modules import _cute_gemm
+    from torchtune_moe.modules import moe_linear as moe_linear_module
+
+    def entry(name):
+        def fn(*args, **kwargs):
+            raise OSError("libcuda: no such symbol")
+
+        return types.SimpleNamespace(fn=fn)
+
+    _stand_in_quack(monkeypatch, entry)
+    monkeypatch.setattr(_cute_gemm, "_failed", [])
+    monkeypatch.delenv(_cute_gemm.ENV_VAR, raising=False)
+    torch.manual_seed(0)
+    T = 16
+    if router_kind == "causal_expert_choice":  # drops slots
+        router = CausalExpertChoiceRouter(D, E, 2, capacity_factor=0.5).train()
+    else:
+        router = TokenChoiceTopKRouter(D, E, 2)
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        routing = router(x)
+    results = []
+    try:
+        for quack in (False, True):
+            if quack:
+                monkeypatch.setattr(moe_linear_module, "bf16_gemm", lambda *a: _cute_gemm.CUTE)
+            torch.manual_seed(1)
+            mod = MoELinear(E, D, H)
+            xi = x.clone().requires_grad_(True)
+            if quack:
+                with pytest.warns(UserWarning, match="quack's grouped GEMM failed .OSError: libcuda: no such "
+                                  "symbol.; the MoE layers use torch's grouped GEMMs from now on"):
+                    out, _ = dispatch_combine(xi, routing, mod)
+            else:
+                out, _ = dispatch_combine(xi, routing, mod)
+            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+            results.append([out, xi.grad, mod.gate_up_proj.grad, mod.down_proj.grad])
+        assert len(_cute_gemm._failed) == 1  # warned once: the other GEMMs went straight to torch's
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # the routing weight enters at another step
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+        assert not _cute_gemm._choice("cuda", 0, torch.bfloat16, H)  # new layers and traces take torch's
+        monkeypatch.setenv(_cute_gemm.ENV_VAR, "cute")  # asked for quack: tried again, its failure raised
+        assert _cute_gemm._choice("cuda", 0, torch.bfloat16, H)
+        with pytest.raises(RuntimeError, match="OSError: libcuda: no such symbol.; TORCHTUNE_MOE_GROUPED_GEMM=torch"):
+            dispatch_combine(x, routing, MoELinear(E, D, H))
     finally:
         _cute_gemm._quack_gemm.cache_clear()
         _cute_gemm._config.cache_clear()

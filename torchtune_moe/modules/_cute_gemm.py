@@ -1,10 +1,13 @@
 """The routed experts' grouped GEMMs through quack-kernels (CuTe-DSL, Hopper), with the dispatch gathers fused.
 
 :func:`bf16_gemm` picks the grouped GEMMs of :class:`~torchtune_moe.modules.moe_linear._RoutedExperts`:
-:data:`CUTE` when ``quack-kernels`` is installed (``pip install ".[cute]"``), the tokens are bf16 on a
-compute-capability 9.x GPU (H100, H200) and the environment does not say otherwise; else torch's
-``F.grouped_mm`` (:data:`~torchtune_moe.modules._grouped_gemm.BF16`). The environment variable
-``TORCHTUNE_MOE_GROUPED_GEMM`` is ``auto`` (the default), ``torch`` (never quack) or ``cute`` (quack or an error).
+:data:`CUTE` when ``quack-kernels`` imports (a dependency of the package on Linux; a CPU install has no Triton,
+so it does not import there), the tokens are bf16 on a compute-capability 9.x GPU (H100, H200) and the
+environment does not say otherwise; else torch's ``F.grouped_mm``
+(:data:`~torchtune_moe.modules._grouped_gemm.BF16`). The environment variable ``TORCHTUNE_MOE_GROUPED_GEMM`` is
+``auto`` (the default), ``torch`` (never quack) or ``cute`` (quack or an error). Under ``auto`` a quack GEMM that
+fails at run time (say the DSL's JIT on an unsupported driver) costs one warning: that call and every later one
+compute the same result with torch's GEMMs (each op's fallback), and new layers take torch's path.
 
 Why not torch's: quack's persistent Hopper GEMMs read a gathered operand's rows by index as they load them, so
 the dispatch gathers of ``x`` (forward and up weight gradient) and of the output gradient (down input and weight
@@ -32,13 +35,14 @@ Results: the same fp32-accumulated bf16 GEMMs as torch's (GPU tests in ``tests/m
 
 import functools
 import os
+import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from torchtune_moe.modules._custom_op import custom_op
-from torchtune_moe.modules._grouped_gemm import BF16, GroupedGemm, Rows, gathered
+from torchtune_moe.modules._grouped_gemm import BF16, GroupedGemm, Rows, _deinterleave, _interleave, gathered
 
 __all__ = ["CUTE", "CuteGroupedGemm", "ENV_VAR", "bf16_gemm", "check_grouped_gemm_env", "cute_available"]
 
@@ -68,19 +72,27 @@ class _Quack(NamedTuple):
 
 
 @functools.cache
-def _quack_gemm() -> Optional[_Quack]:
-    """quack's GEMMs and config class, or None when quack (or its CUTLASS DSL) cannot be imported."""
+def _quack_gemm() -> "_Quack | str":
+    """quack's GEMMs and config class, or why quack (or its CUTLASS DSL, or Triton) cannot be imported here."""
     try:
         from quack.gemm_config import GemmConfig
         from quack.gemm_interface import gemm_dgated_tuned, gemm_gated_tuned, gemm_tuned
-    except Exception:  # ImportError, or the DSL failing to load its native libraries
-        return None
+    except Exception as e:  # ImportError (no Triton in a CPU install), or the DSL failing to load its libraries
+        return f"{type(e).__name__}: {e}"
     return _Quack(gemm_tuned.fn, gemm_gated_tuned.fn, gemm_dgated_tuned.fn, GemmConfig)
 
 
 def cute_available() -> bool:
     """Whether quack-kernels can be imported here."""
-    return _quack_gemm() is not None
+    return not isinstance(_quack_gemm(), str)
+
+
+def _env_choice() -> str:
+    """``TORCHTUNE_MOE_GROUPED_GEMM`` (lower case; unset or empty: ``auto``), refused by name unless allowed."""
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{ENV_VAR} must be one of {', '.join(_CHOICES)}; got {os.environ[ENV_VAR]!r}")
+    return choice
 
 
 # The choice below is a constant for torch.compile (assume_constant_result): traced, the import and the
@@ -88,10 +100,8 @@ def cute_available() -> bool:
 @torch.compiler.assume_constant_result
 def _choice(device_type: str, device_index: int, dtype: torch.dtype, hidden_dim: int) -> bool:
     """True: quack's GEMMs; False: torch's. Raises on a bad ``TORCHTUNE_MOE_GROUPED_GEMM``."""
-    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise ValueError(f"{ENV_VAR} must be one of {', '.join(_CHOICES)}; got {os.environ[ENV_VAR]!r}")
-    if choice == "torch":
+    choice = _env_choice()
+    if choice == "torch" or (choice == "auto" and _failed):
         return False
     usable = (
         device_type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device_index)[0] == 9
@@ -99,8 +109,8 @@ def _choice(device_type: str, device_index: int, dtype: torch.dtype, hidden_dim:
     if choice == "cute":
         if not cute_available():
             raise RuntimeError(
-                f"{ENV_VAR}=cute needs quack-kernels (pip install '.[cute]'), which could not be imported here; "
-                f"allowed without it: {ENV_VAR}=auto or torch"
+                f"{ENV_VAR}=cute needs quack-kernels (installed with torchtune-moe on Linux), which could not be "
+                f"imported here ({_quack_gemm()}); allowed without it: {ENV_VAR}=auto or torch"
             )
         if not usable:
             raise RuntimeError(
@@ -161,15 +171,41 @@ def _config(tile: tuple[int, ...]):
     )
 
 
-def _run(kernel: str, *args, **kwargs):
-    """Calls quack's GEMM ``kernel`` (a field of :class:`_Quack`); a failure (e.g. the DSL's JIT on this driver)
-    says how to run without quack."""
-    try:
-        return getattr(_quack_gemm(), kernel)(*args, **kwargs)
-    except Exception as e:
-        raise RuntimeError(
-            f"quack's grouped GEMM failed ({type(e).__name__}: {e}); {ENV_VAR}=torch runs torch's grouped GEMM instead"
-        ) from e
+# Set when a quack call failed in this process under ``auto``: from then on the ops compute with torch's grouped
+# GEMMs (each op's fallback) and :func:`_choice` picks torch's for new layers and traces.
+_failed: list[str] = []
+
+
+def _run(kernel: str, fallback: Callable, *args, **kwargs):
+    """Calls quack's GEMM ``kernel`` (a field of :class:`_Quack`). If it fails (e.g. the DSL's JIT on this driver):
+    under ``TORCHTUNE_MOE_GROUPED_GEMM=cute`` an error that says how to run without quack; under ``auto`` a warning
+    (once) and ``fallback()``, torch's grouped GEMMs for the same result, for this and every later call."""
+    if not _failed or _env_choice() == "cute":
+        try:
+            return getattr(_quack_gemm(), kernel)(*args, **kwargs)
+        except Exception as e:
+            why = f"quack's grouped GEMM failed ({type(e).__name__}: {e})"
+            if _env_choice() == "cute":
+                raise RuntimeError(f"{why}; {ENV_VAR}=torch runs torch's grouped GEMM instead") from e
+            _failed.append(why)
+            warnings.warn(f"{why}; the MoE layers use torch's grouped GEMMs from now on in this process "
+                          f"({ENV_VAR}=torch skips quack, {ENV_VAR}=cute makes this an error)")
+    return fallback()
+
+
+def _concat_dim(t: torch.Tensor) -> int:
+    """The strided one of ``t``'s last two dims (the one quack's ``concat_layout`` reads or writes interleaved)."""
+    return t.dim() - 2 if t.stride(-1) == 1 else t.dim() - 1
+
+
+def _torch_grouped_mm(a, b, cu_seqlens, a_idx, varlen_k, target, concat) -> torch.Tensor:
+    """What :func:`_cute_grouped_mm` computes into ``target``, with torch's grouped GEMM (its fallback)."""
+    if a_idx is not None:
+        a = a.index_select(1 if varlen_k else 0, a_idx)
+    if concat == "B":
+        b = _interleave(b, _concat_dim(b))
+    out = F.grouped_mm(a, b, offs=cu_seqlens[1:])
+    return _deinterleave(out, _concat_dim(target)) if concat == "out" else out
 
 
 @custom_op("cute_grouped_mm", device_types="cuda")
@@ -191,7 +227,8 @@ def _cute_grouped_mm(
     out = _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out)
     target = out.transpose(-2, -1) if transpose_out else out
     _run(
-        "gemm", a, b, target, config=_config(tuple(tile)), cu_seqlens_m=None if varlen_k else cu_seqlens,
+        "gemm", lambda: target.copy_(_torch_grouped_mm(a, b, cu_seqlens, a_idx, varlen_k, target, concat)),
+        a, b, target, config=_config(tuple(tile)), cu_seqlens_m=None if varlen_k else cu_seqlens,
         cu_seqlens_k=cu_seqlens if varlen_k else None, A_idx=a_idx, concat_layout=(concat,) if concat else None,
     )
     return out
@@ -225,8 +262,14 @@ def _cute_swiglu_mm(
     ``a_idx`` as in :func:`_cute_grouped_mm`; b [L, K, 2H], its 2H columns [gate; up]), stored as [M, 2H] with gate
     and up interleaved, and ``silu(gate) * up`` [M, H] from the fp32 accumulator."""
     h, act = _empty_swiglu(a, b, a_idx)
-    _run("gated", a, b, h, act, None, None, "swiglu", cu_seqlens, a_idx, False, config=_config(tuple(tile)),
-         concat_layout=("B",))
+
+    def fallback():
+        rows = a if a_idx is None else a.index_select(0, a_idx)
+        for t, r in zip((h, act), GroupedGemm.swiglu_forward(rows, b.transpose(-2, -1), cu_seqlens[1:])):
+            t.copy_(r)
+
+    _run("gated", fallback, a, b, h, act, None, None, "swiglu", cu_seqlens, a_idx, False,
+         config=_config(tuple(tile)), concat_layout=("B",))
     return h, act
 
 
@@ -256,9 +299,17 @@ def _cute_dswiglu_mm(
     up interleaved, ``a = silu(gate) * up`` and ``scale`` [M] fp32: the gradient of h for ``scale * d`` [M, 2H]
     (interleaved), ``scale * a`` [M, H], and ``sum(a * d)`` per row [M] fp32."""
     grad_h, scaled_act = _empty_dswiglu(h, g_idx)
+
+    def fallback():
+        rows = g if g_idx is None else g.index_select(0, g_idx)
+        d_h, d_scaled, d_reduced = GroupedGemm.swiglu_backward(rows, b, h, scale, cu_seqlens[1:])
+        grad_h.copy_(d_h), scaled_act.copy_(d_scaled)
+        return d_reduced.float()
+
     reduced = _run(  # quack sums the epilogue's per-tile partial sums into a new [M] fp32 tensor
-        "dgated", g, b, h, grad_h, scaled_act, colvec_scale=scale, activation="swiglu", colvec_reduce=True,
-        cu_seqlens_m=cu_seqlens, A_idx=g_idx, dynamic_scheduler=False, config=_config(tuple(tile)),
+        "dgated", fallback, g, b, h, grad_h, scaled_act, colvec_scale=scale, activation="swiglu",
+        colvec_reduce=True, cu_seqlens_m=cu_seqlens, A_idx=g_idx, dynamic_scheduler=False,
+        config=_config(tuple(tile)),
     )
     return grad_h, scaled_act, reduced
 

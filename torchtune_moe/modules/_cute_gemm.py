@@ -200,8 +200,9 @@ def _concat_dim(t: torch.Tensor) -> int:
 
 def _torch_grouped_mm(a, b, cu_seqlens, a_idx, varlen_k, target, concat) -> torch.Tensor:
     """What :func:`_cute_grouped_mm` computes into ``target``, with torch's grouped GEMM (its fallback)."""
-    if a_idx is not None:
-        a = a.index_select(1 if varlen_k else 0, a_idx)
+    if a_idx is not None:  # varlen_k: a is [K, T], gathered as [A, K] rows and viewed back (a [K, A] copy would
+        # need A to be a multiple of 8: torch's grouped GEMM wants 16-byte aligned strides)
+        a = a.t().index_select(0, a_idx).t() if varlen_k else a.index_select(0, a_idx)
     if concat == "B":
         b = _interleave(b, _concat_dim(b))
     out = F.grouped_mm(a, b, offs=cu_seqlens[1:])

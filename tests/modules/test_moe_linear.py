@@ -566,6 +566,43 @@ def test_quack_failing_here_falls_back_to_torchs_gemms(monkeypatch, router_kind)
         _cute_gemm._config.cache_clear()
 
 
+def test_quack_fallbacks_pass_torchs_cuda_grouped_gemm_checks(monkeypatch):
+    """The fallbacks hand torch's grouped GEMM operands its CUDA kernel accepts (bf16, 16-byte aligned strides),
+    for every GEMM of the routed experts, with A = 13 routed rows (not a multiple of 8, as causal expert choice's
+    kept slots often are). Run on meta tensors, whose grouped GEMM makes the CUDA kernel's checks, so no GPU is
+    needed (a [D, A] copy of gathered columns failed them, as it failed on the GPU)."""
+    from torchtune_moe.modules import _custom_op, _cute_gemm
+    from torchtune_moe.modules._grouped_gemm import Rows
+
+    monkeypatch.setattr(_cute_gemm, "_failed", ["a failure before"])  # every op takes its fallback
+    monkeypatch.delenv(_cute_gemm.ENV_VAR, raising=False)
+    monkeypatch.setattr(_custom_op, "_direct", lambda args: True)  # the ops' functions, not their fakes
+    A, T, Hd = 13, 6, 32
+    m = dict(device="meta", dtype=torch.bfloat16)
+    cute = _cute_gemm.CUTE
+    cu_E1, idx_A = cute.prepare(torch.empty(E, dtype=torch.int32, device="meta"),
+                                torch.empty(A, dtype=torch.int64, device="meta"))
+    num_valid = torch.empty(1, dtype=torch.int32, device="meta")
+
+    def rows(src):
+        return Rows(src, idx_A, num_valid, may_drop=True)
+
+    x_TD, gy_TD = torch.empty(T, D, **m), torch.empty(T, D, **m)
+    w_EFD, w_EDH = torch.empty(E, 2 * Hd, D, **m), torch.empty(E, D, Hd, **m)
+    h_AF, a_AH, g_AH = torch.empty(A, 2 * Hd, **m), torch.empty(A, Hd, **m), torch.empty(A, Hd, **m)
+    assert cute.forward(rows(x_TD), w_EFD, cu_E1)[0].shape == (A, 2 * Hd)
+    assert cute.input_grad(rows(gy_TD), w_EDH, cu_E1).shape == (A, Hd)
+    assert cute.weight_grad(g_AH, rows(x_TD), cu_E1).shape == (E, Hd, D)
+    assert cute.weight_grad(rows(gy_TD), a_AH, cu_E1).shape == (E, D, Hd)
+    h, act = cute.swiglu_forward(rows(x_TD), w_EFD, cu_E1)
+    assert h.shape == (A, 2 * Hd) and act.shape == (A, Hd)
+    grad_h, scaled, grad_w = cute.swiglu_backward(
+        rows(gy_TD), w_EDH, h_AF, torch.empty(A, device="meta"), cu_E1
+    )
+    assert grad_h.shape == (A, 2 * Hd) and scaled.shape == (A, Hd) and grad_w.shape == (A,)
+    assert cute.swiglu_input_grad(h_AF, w_EFD, cu_E1).shape == (A, D)
+    assert cute.swiglu_weight_grad(h_AF, rows(x_TD), cu_E1).shape == (E, 2 * Hd, D)
+
 def test_quack_operands_are_copied_when_tma_cannot_load_them():
     """What quack's GEMMs get: a 16-byte aligned row-major tensor as it is, else an aligned copy (a view starting
     off alignment included: .contiguous() would hand it back unchanged)."""

@@ -176,13 +176,13 @@ def _config(tile: tuple[int, ...]):
 _failed: list[str] = []
 
 
-def _run(kernel: str, fallback: Callable, *args, **kwargs):
-    """Calls quack's GEMM ``kernel`` (a field of :class:`_Quack`). If it fails (e.g. the DSL's JIT on this driver):
+def _run(kernel: str, fallback: Callable, tile: list[int], *args, **kwargs):
+    """Calls quack's GEMM ``kernel`` (a field of :class:`_Quack`) with the config of ``tile``. If it fails (e.g. the DSL's JIT on this driver):
     under ``TORCHTUNE_MOE_GROUPED_GEMM=cute`` an error that says how to run without quack; under ``auto`` a warning
     (once) and ``fallback()``, torch's grouped GEMMs for the same result, for this and every later call."""
     if not _failed or _env_choice() == "cute":
         try:
-            return getattr(_quack_gemm(), kernel)(*args, **kwargs)
+            return getattr(_quack_gemm(), kernel)(*args, config=_config(tuple(tile)), **kwargs)
         except Exception as e:
             why = f"quack's grouped GEMM failed ({type(e).__name__}: {e})"
             if _env_choice() == "cute":
@@ -228,8 +228,8 @@ def _cute_grouped_mm(
     out = _empty_out(a, b, cu_seqlens, a_idx, varlen_k, transpose_out)
     target = out.transpose(-2, -1) if transpose_out else out
     _run(
-        "gemm", lambda: target.copy_(_torch_grouped_mm(a, b, cu_seqlens, a_idx, varlen_k, target, concat)),
-        a, b, target, config=_config(tuple(tile)), cu_seqlens_m=None if varlen_k else cu_seqlens,
+        "gemm", lambda: target.copy_(_torch_grouped_mm(a, b, cu_seqlens, a_idx, varlen_k, target, concat)), tile,
+        a, b, target, cu_seqlens_m=None if varlen_k else cu_seqlens,
         cu_seqlens_k=cu_seqlens if varlen_k else None, A_idx=a_idx, concat_layout=(concat,) if concat else None,
     )
     return out
@@ -269,8 +269,8 @@ def _cute_swiglu_mm(
         for t, r in zip((h, act), GroupedGemm.swiglu_forward(rows, b.transpose(-2, -1), cu_seqlens[1:])):
             t.copy_(r)
 
-    _run("gated", fallback, a, b, h, act, None, None, "swiglu", cu_seqlens, a_idx, False,
-         config=_config(tuple(tile)), concat_layout=("B",))
+    _run("gated", fallback, tile, a, b, h, act, None, None, "swiglu", cu_seqlens, a_idx, False,
+         concat_layout=("B",))
     return h, act
 
 
@@ -308,9 +308,8 @@ def _cute_dswiglu_mm(
         return d_reduced.float()
 
     reduced = _run(  # quack sums the epilogue's per-tile partial sums into a new [M] fp32 tensor
-        "dgated", fallback, g, b, h, grad_h, scaled_act, colvec_scale=scale, activation="swiglu",
+        "dgated", fallback, tile, g, b, h, grad_h, scaled_act, colvec_scale=scale, activation="swiglu",
         colvec_reduce=True, cu_seqlens_m=cu_seqlens, A_idx=g_idx, dynamic_scheduler=False,
-        config=_config(tuple(tile)),
     )
     return grad_h, scaled_act, reduced
 

@@ -23,6 +23,9 @@ Variants:
   ours_linear_ce  ours_compile with ``torchtune_moe.modules.LinearCrossEntropyLoss`` (8 chunks, its per-chunk
                 softmax compiled): the model returns hidden states, the loss applies the output projection and
                 makes its gradients chunk by chunk, keeping no logits (as the shipped configs train).
+  ours_fp8_dense  ours_linear_ce with ``enable_fp8_training`` (the recipe's option): the attention projections
+                and dense MLPs through torchao's ``Float8Linear``, tensorwise scales (not a default variant: an
+                fp8 step against transformers' bf16 one).
   hf            transformers ``*ForCausalLM`` from the config, ``experts_implementation="grouped_mm"``, sdpa
                 attention, ``output_router_logits=True`` (its loss adds the aux loss).
 """
@@ -78,11 +81,14 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
                 ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), _mask_prompt(tokens)[:, 1:].reshape(-1))
                 return ce + collect_aux_loss(model)
 
-        elif variant == "ours_linear_ce":
+        elif variant in ("ours_linear_ce", "ours_fp8_dense"):
             from torchtune import training
 
             from torchtune_moe.modules import LinearCrossEntropyLoss
+            from torchtune_moe.training import convert_to_float8_training
 
+            if variant == "ours_fp8_dense":  # before compiling, as the recipe does (emulated on the dry run's CPU)
+                convert_to_float8_training(model, "tensorwise", emulate=DEV == "cpu")
             lce = LinearCrossEntropyLoss(num_output_chunks=8)
             lce.set_model_output(model)
             training.compile_model(model, verbose=False)
@@ -175,7 +181,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--variants", nargs="+", default=["hf", "ours", "ours_chunked", "ours_compile", "ours_linear_ce"],
-                   choices=["hf", "ours", "ours_chunked", "ours_compile", "ours_linear_ce"])
+                   choices=["hf", "ours", "ours_chunked", "ours_compile", "ours_linear_ce", "ours_fp8_dense"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=os.environ.get("OUT"))

@@ -78,6 +78,7 @@ from torchtune_moe.training import (
     clear_previous_run,
     clip_and_total_grad_norm,
     config_changes,
+    convert_to_float8_training,
     end_distributed_process,
     find_latest_checkpoint,
     format_rate,
@@ -190,6 +191,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         self._max_skipped_nonfinite = cfg.get("max_skipped_nonfinite_steps", 0)
         self._enable_activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
         self._compile = cfg.get("compile", False)
+        self._enable_fp8_training = cfg.get("enable_fp8_training", False)
+        self._fp8_recipe_name = cfg.get("fp8_recipe_name", None)
         self._freeze_router = cfg.get("freeze_router", False)
         self._fsdp_cpu_offload = cfg.get("fsdp_cpu_offload", False)
         if self._fsdp_cpu_offload and not self._distributed:
@@ -580,6 +583,10 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 if isinstance(module, Router):
                     module.requires_grad_(False)
 
+        if self._enable_fp8_training:  # before compile and FSDP2, as torchao requires
+            converted = convert_to_float8_training(model, self._fp8_recipe_name)
+            recipe = self._fp8_recipe_name or "tensorwise"
+            utils.log_rank_zero(log, f"enable_fp8_training: {converted} dense linear layers in fp8 ({recipe})")
         if self._compile:
             # Lets dynamo trace ops whose output size depends on data, as causal expert choice's kept rows
             # (torchtune_moe.modules.dispatch_combine): each layer then stays one graph instead of breaking there.

@@ -17,14 +17,18 @@ def test_train_step_dry_run_with_profile(tmp_path):
     pytest.importorskip("transformers")
     res = subprocess.run(
         [sys.executable, str(SCRIPT), "--dry-run", "--profile", "--profile-steps", "1", "--warmup", "1", "--shapes",
-         "qwen3", "--variants", "hf", "ours", "ours_linear_ce", "--prompt-frac", "0.25", "--out", str(tmp_path)],
+         "qwen3", "--variants", "hf", "ours", "ours_linear_ce", "ours_fp8_dense", "--prompt-frac", "0.25", "--out",
+         str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "train_step.json").read_text())["results"]["qwen3"]
-    assert set(results) == {"hf", "ours", "ours_linear_ce"} and not any("error" in r for r in results.values())
-    # The same labels (a quarter of each sample masked) and the same init: the same loss, whichever the loss path.
+    assert set(results) == {"hf", "ours", "ours_linear_ce", "ours_fp8_dense"}
+    assert not any("error" in r for r in results.values())
+    # The same labels (a quarter of each sample masked) and the same init: the same loss, whichever the loss path;
+    # fp8 dense layers (emulated here) round the GEMMs' operands.
     assert results["ours_linear_ce"]["loss"] == pytest.approx(results["ours"]["loss"], rel=1e-4)
+    assert results["ours_fp8_dense"]["loss"] == pytest.approx(results["ours"]["loss"], rel=2e-2)
     for variant in ("hf", "ours", "ours_linear_ce"):
         table = (tmp_path / f"profile_qwen3_{variant}.txt").read_text().splitlines()
         assert table[0].startswith(f"qwen3 {variant}: 4 layers")

@@ -18,6 +18,7 @@ from torchtune_moe.config import Key, boolean, component, integer, number, one_o
 from torchtune_moe.modules import moe_layers
 from torchtune_moe.modules._cute_gemm import check_grouped_gemm_env
 from torchtune_moe.modules.expert_parallel import check_expert_parallel_degree
+from torchtune_moe.training._fp8 import FP8_RECIPES
 
 __all__ = [
     "FULL_FINETUNE_CONFIG_SPEC",
@@ -52,6 +53,8 @@ FULL_FINETUNE_CONFIG_SPEC: dict[str, Key] = {
     "max_skipped_nonfinite_steps": Key(integer(0)),
     "enable_activation_checkpointing": Key(boolean()),
     "compile": Key(boolean()),
+    "enable_fp8_training": Key(boolean(), doc="the dense linear layers in fp8 (torchao's Float8Linear)"),
+    "fp8_recipe_name": Key(one_of(*FP8_RECIPES), nullable=True, doc="torchao's fp8 recipe (null: tensorwise)"),
     "freeze_router": Key(boolean()),
     "fsdp_reshard_after_forward": Key(boolean()),
     "expert_parallel_degree": Key(integer(1), doc="ranks each MoE layer's routed experts are split over (1 = off)"),
@@ -108,6 +111,7 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
     """Checks a recipe config before any work: known keys, value types and ranges (nested sections included),
     components and their arguments (``validate_config``); then the cross-key rules (``compile`` needs bf16,
     ``fsdp_cpu_offload`` needs a GPU and an unfused optimizer, ``model.expert_fp8`` an sm90+ GPU and no LoRA,
+    ``enable_fp8_training`` an sm89+ GPU, bf16 and no LoRA,
     ``tokenizer.max_seq_len`` within ``model.max_seq_len``), and builds the optimizer and lr scheduler on a
     dummy parameter so that their arguments (``optimizer.lr=abc``) are refused with the key named.
 
@@ -122,6 +126,7 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
         raise ValueError("compile: true needs dtype: bf16 (torch.compile of the grouped-GEMM experts is bf16-only)")
     _check_cpu_offload(cfg)
     _check_expert_fp8(cfg)
+    _check_fp8_training(cfg)
     device = utils.get_device(device=cfg.get("device", None))
     # The environment's choice of the experts' grouped GEMMs (TORCHTUNE_MOE_GROUPED_GEMM, modules/_cute_gemm.py).
     check_grouped_gemm_env(device, torch.bfloat16 if cfg.get("dtype", "fp32") == "bf16" else torch.float32)
@@ -166,18 +171,12 @@ def _check_expert_fp8(cfg: DictConfig) -> None:
     recipe."""
     if cfg.model.get("expert_fp8", False) is not True:
         return
-    if str(cfg.model.get("_component_", "")).rsplit(".", 1)[-1] == "lora_model":
+    if _is_lora(cfg):
         raise ValueError(
             "model.expert_fp8: true is not supported with LoRA (the adapted experts run their own fused node, in "
             "bf16); allowed: model.expert_fp8=false"
         )
-    device = utils.get_device(device=cfg.get("device", None))
-    got = None
-    if device.type != "cuda":
-        got = f"device {device.type}"
-    elif torch.cuda.get_device_capability(device) < (9, 0):
-        major, minor = torch.cuda.get_device_capability(device)
-        got = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    got = _below_capability(cfg, (9, 0))
     if got is not None:
         raise ValueError(
             f"model.expert_fp8: true needs a CUDA GPU of compute capability 9.0+ (H100, H200: "
@@ -195,6 +194,46 @@ def _check_expert_fp8(cfg: DictConfig) -> None:
                 f"model.expert_fp8: true needs model.{key} a multiple of 16 (fp8 grouped GEMM rows are 16-byte "
                 f"aligned), got {value}"
             )
+
+
+def _check_fp8_training(cfg: DictConfig) -> None:
+    """``enable_fp8_training: true`` (the dense linear layers through torchao's ``Float8Linear``,
+    :func:`~torchtune_moe.training.convert_to_float8_training`) needs a CUDA GPU of compute capability 8.9+
+    (``torch._scaled_mm``), ``dtype: bf16`` and the full recipe."""
+    if cfg.get("enable_fp8_training", False) is not True:
+        return
+    if _is_lora(cfg):
+        raise ValueError(
+            "enable_fp8_training: true is not supported with LoRA (the adapted layers are LoRA modules, the frozen "
+            "base is not trained); allowed: enable_fp8_training=false"
+        )
+    got = _below_capability(cfg, (8, 9))
+    if got is not None:
+        raise ValueError(
+            f"enable_fp8_training: true needs a CUDA GPU of compute capability 8.9+ (H100, H200, L40S: "
+            f"torch._scaled_mm), got {got}; allowed here: enable_fp8_training=false"
+        )
+    if cfg.get("dtype", "fp32") != "bf16":
+        raise ValueError(
+            f"enable_fp8_training: true needs dtype: bf16 (the fp8 GEMMs take and give bf16), got dtype: "
+            f"{cfg.get('dtype', 'fp32')}"
+        )
+
+
+def _is_lora(cfg: DictConfig) -> bool:
+    return str(cfg.model.get("_component_", "")).rsplit(".", 1)[-1] == "lora_model"
+
+
+def _below_capability(cfg: DictConfig, minimum: tuple[int, int]) -> Optional[str]:
+    """What the config's device is when it is not a CUDA GPU of compute capability ``minimum`` or above (None
+    when it is)."""
+    device = utils.get_device(device=cfg.get("device", None))
+    if device.type != "cuda":
+        return f"device {device.type}"
+    if torch.cuda.get_device_capability(device) < minimum:
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return None
 
 
 def _seq_len_message(tok_len: int, model_len: int) -> str:

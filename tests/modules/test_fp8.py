@@ -226,9 +226,17 @@ def test_expert_fp8_reaches_every_moe_layer():
         ("tiny/full", ["model.expert_fp8=true"], r"model\.expert_fp8: true needs a CUDA GPU of compute capability "
                                                  r"9\.0\+ .*got device cpu"),
         ("tiny/lora", ["model.expert_fp8=true"], r"model\.expert_fp8: true is not supported with LoRA"),
+        # the dense layers' option (tests/training/test_fp8_training.py)
+        ("tiny/full", ["enable_fp8_training=true"], r"enable_fp8_training: true needs a CUDA GPU of compute capability "
+                                                     r"8\.9\+ .*got device cpu; allowed here: enable_fp8_training=false"),
+        ("tiny/full", ["enable_fp8_training=yes"], r"enable_fp8_training"),
+        ("tiny/full", ["fp8_recipe_name=blockwise"], r"fp8_recipe_name.*tensorwise.*rowwise.*rowwise_with_gw_hp"),
+        ("tiny/lora", ["enable_fp8_training=true"], r"enable_fp8_training: true is not supported with LoRA"),
     ],
 )
-def test_recipe_refuses_expert_fp8_by_name(config, overrides, message):
+def test_recipe_refuses_fp8_options_by_name(config, overrides, message):
+    """``model.expert_fp8`` and ``enable_fp8_training``, before any work: on a CPU, a non-boolean, an unknown fp8
+    recipe name, with LoRA."""
     from torchtune_moe.config import load_config
     from torchtune_moe.training import FULL_FINETUNE_CONFIG_SPEC, LORA_FINETUNE_CONFIG_SPEC, validate_recipe_config
 

@@ -111,26 +111,6 @@ def test_recipe_trains_with_fp8_dense_layers_on_gpu(tmp_path):
     assert abs(fp8[-1] - bf16[-1]) < 0.1 * bf16[-1] + 0.05
 
 
-@pytest.mark.parametrize(
-    "config, overrides, message",
-    [
-        ("tiny/full", ["enable_fp8_training=true"], r"enable_fp8_training: true needs a CUDA GPU of compute capability "
-                                                     r"8\.9\+ .*got device cpu; allowed here: enable_fp8_training=false"),
-        ("tiny/full", ["enable_fp8_training=yes"], r"enable_fp8_training"),
-        ("tiny/full", ["fp8_recipe_name=blockwise"], r"fp8_recipe_name.*tensorwise.*rowwise.*rowwise_with_gw_hp"),
-        ("tiny/lora", ["enable_fp8_training=true"], r"enable_fp8_training: true is not supported with LoRA"),
-    ],
-)
-def test_recipe_refuses_bad_fp8_training_config_by_name(config, overrides, message):
-    """Before any work: on a CPU, a non-boolean, an unknown recipe name, with LoRA."""
-    from torchtune_moe.config import load_config
-    from torchtune_moe.training import FULL_FINETUNE_CONFIG_SPEC, LORA_FINETUNE_CONFIG_SPEC, validate_recipe_config
-
-    spec = LORA_FINETUNE_CONFIG_SPEC if "lora" in config else FULL_FINETUNE_CONFIG_SPEC
-    with pytest.raises(ValueError, match=message):
-        validate_recipe_config(load_config(config, ["device=cpu", *overrides]), spec)
-
-
 def test_recipe_checks_gpu_and_dtype_for_fp8_training(monkeypatch):
     """On a GPU (faked here): compute capability 8.9 is the least (``torch._scaled_mm``), then dtype bf16."""
     from torchtune_moe.config import load_config

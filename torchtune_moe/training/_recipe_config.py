@@ -171,22 +171,10 @@ def _check_expert_fp8(cfg: DictConfig) -> None:
     recipe."""
     if cfg.model.get("expert_fp8", False) is not True:
         return
-    if _is_lora(cfg):
-        raise ValueError(
-            "model.expert_fp8: true is not supported with LoRA (the adapted experts run their own fused node, in "
-            "bf16); allowed: model.expert_fp8=false"
-        )
-    got = _below_capability(cfg, (9, 0))
-    if got is not None:
-        raise ValueError(
-            f"model.expert_fp8: true needs a CUDA GPU of compute capability 9.0+ (H100, H200: "
-            f"torch._scaled_grouped_mm), got {got}; allowed here: model.expert_fp8=false"
-        )
-    if cfg.get("dtype", "fp32") != "bf16":
-        raise ValueError(
-            f"model.expert_fp8: true needs dtype: bf16 (the fp8 grouped GEMMs take and give bf16), got dtype: "
-            f"{cfg.get('dtype', 'fp32')}"
-        )
+    _check_fp8_option(
+        cfg, "model.expert_fp8", (9, 0), "H100, H200: torch._scaled_grouped_mm",
+        lora_why="the adapted experts run their own fused node, in bf16",
+    )
     for key in ("embed_dim", "moe_hidden_dim"):
         value = cfg.model.get(key, None)
         if isinstance(value, int) and value % 16:
@@ -202,21 +190,26 @@ def _check_fp8_training(cfg: DictConfig) -> None:
     (``torch._scaled_mm``), ``dtype: bf16`` and the full recipe."""
     if cfg.get("enable_fp8_training", False) is not True:
         return
+    _check_fp8_option(
+        cfg, "enable_fp8_training", (8, 9), "H100, H200, L40S: torch._scaled_mm",
+        lora_why="the adapted layers are LoRA modules, the frozen base is not trained",
+    )
+
+
+def _check_fp8_option(cfg: DictConfig, key: str, minimum: tuple[int, int], gpus: str, lora_why: str) -> None:
+    """What both fp8 options need: the full recipe, a CUDA GPU of compute capability ``minimum`` or above (``gpus``
+    names some and the op), ``dtype: bf16``."""
     if _is_lora(cfg):
-        raise ValueError(
-            "enable_fp8_training: true is not supported with LoRA (the adapted layers are LoRA modules, the frozen "
-            "base is not trained); allowed: enable_fp8_training=false"
-        )
-    got = _below_capability(cfg, (8, 9))
+        raise ValueError(f"{key}: true is not supported with LoRA ({lora_why}); allowed: {key}=false")
+    got = _below_capability(cfg, minimum)
     if got is not None:
         raise ValueError(
-            f"enable_fp8_training: true needs a CUDA GPU of compute capability 8.9+ (H100, H200, L40S: "
-            f"torch._scaled_mm), got {got}; allowed here: enable_fp8_training=false"
+            f"{key}: true needs a CUDA GPU of compute capability {minimum[0]}.{minimum[1]}+ ({gpus}), got {got}; "
+            f"allowed here: {key}=false"
         )
     if cfg.get("dtype", "fp32") != "bf16":
         raise ValueError(
-            f"enable_fp8_training: true needs dtype: bf16 (the fp8 GEMMs take and give bf16), got dtype: "
-            f"{cfg.get('dtype', 'fp32')}"
+            f"{key}: true needs dtype: bf16 (the fp8 GEMMs take and give bf16), got dtype: {cfg.get('dtype', 'fp32')}"
         )
 
 

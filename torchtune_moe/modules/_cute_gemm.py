@@ -177,9 +177,10 @@ _failed: list[str] = []
 
 
 def _run(kernel: str, fallback: Callable, tile: list[int], *args, **kwargs):
-    """Calls quack's GEMM ``kernel`` (a field of :class:`_Quack`) with the config of ``tile``. If it fails (e.g. the DSL's JIT on this driver):
-    under ``TORCHTUNE_MOE_GROUPED_GEMM=cute`` an error that says how to run without quack; under ``auto`` a warning
-    (once) and ``fallback()``, torch's grouped GEMMs for the same result, for this and every later call."""
+    """Calls quack's GEMM ``kernel`` (a field of :class:`_Quack`) with the config of ``tile``. If it fails (e.g. the
+    DSL's JIT on this driver): under ``TORCHTUNE_MOE_GROUPED_GEMM=cute`` an error that says how to run without
+    quack; under ``auto`` a warning (once) and ``fallback()``, torch's grouped GEMMs for the same result, for this
+    and every later call."""
     if not _failed or _env_choice() == "cute":
         try:
             return getattr(_quack_gemm(), kernel)(*args, config=_config(tuple(tile)), **kwargs)
@@ -304,7 +305,8 @@ def _cute_dswiglu_mm(
     def fallback():
         rows = g if g_idx is None else g.index_select(0, g_idx)
         d_h, d_scaled, d_reduced = GroupedGemm.swiglu_backward(rows, b, h, scale, cu_seqlens[1:])
-        grad_h.copy_(d_h), scaled_act.copy_(d_scaled)
+        grad_h.copy_(d_h)
+        scaled_act.copy_(d_scaled)
         return d_reduced.float()
 
     reduced = _run(  # quack sums the epilogue's per-tile partial sums into a new [M] fp32 tensor

@@ -1,8 +1,8 @@
 """Training utilities for the MoE recipes: checkpointing (interface, native checkpointer, Hugging Face checkpoints
 and ``from_hf_pretrained``, atomic saves, integrity checks), expert-load metrics, the recipes' config schema and
-validation, fp8 training of the dense layers, state-dict plumbing, RNG save/restore, console output, and the safety checks that keep a run from
-losing work. Sharded checkpoints (``torch.distributed.checkpoint``), slice-wise loading and the layer-by-layer
-export: ``_sharded_checkpoint``."""
+validation, fp8 training of the dense layers, state-dict plumbing, RNG save/restore, console output, and the
+safety checks that keep a run from losing work. Sharded checkpoints (``torch.distributed.checkpoint``), slice-wise
+loading and the layer-by-layer export: ``_sharded_checkpoint``."""
 
 from torchtune_moe.training._checkpointing import (
     MODEL_KEY,
@@ -17,8 +17,8 @@ from torchtune_moe.training._checkpointing import (
     list_checkpoints,
     remove_stale_temporaries,
 )
-from torchtune_moe.training._fp8 import FP8_RECIPES, convert_to_float8_training
 from torchtune_moe.training._console import LogWindow, format_rate, prompt_and_expected, samples_table
+from torchtune_moe.training._fp8 import FP8_RECIPES, convert_to_float8_training
 from torchtune_moe.training._hf_checkpointer import HFMoECheckpointer, from_hf_pretrained
 from torchtune_moe.training._metrics import (
     EXPERT_LOAD_FILENAME,

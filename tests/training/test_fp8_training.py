@@ -107,8 +107,10 @@ def test_recipe_trains_with_fp8_dense_layers_on_gpu(tmp_path):
     run_recipe(tmp_path / "fp8", overrides=[*common, "enable_fp8_training=true"])
     run_recipe(tmp_path / "bf16", overrides=common)
     fp8, bf16 = [v for _, v in losses(tmp_path / "fp8")], [v for _, v in losses(tmp_path / "bf16")]
-    assert fp8[-1] < 0.5 * fp8[0]
-    assert abs(fp8[-1] - bf16[-1]) < 0.1 * bf16[-1] + 0.05
+    assert len(fp8) == len(bf16) == 60
+    last_fp8, last_bf16 = sum(fp8[-10:]) / 10, sum(bf16[-10:]) / 10  # the mean of the last 10 steps: less noise
+    assert last_fp8 < 0.5 * fp8[0]
+    assert abs(last_fp8 - last_bf16) < 0.1 * last_bf16 + 0.05
 
 
 def test_recipe_checks_gpu_and_dtype_for_fp8_training(monkeypatch):

@@ -199,11 +199,16 @@ def _concat_dim(t: torch.Tensor) -> int:
     return t.dim() - 2 if t.stride(-1) == 1 else t.dim() - 1
 
 
+def _rows(a: torch.Tensor, a_idx: Optional[torch.Tensor]) -> torch.Tensor:
+    """``a``, or its rows ``a_idx`` (the gather quack's loads make; the fallbacks' copy of it)."""
+    return a if a_idx is None else a.index_select(0, a_idx)
+
+
 def _torch_grouped_mm(a, b, cu_seqlens, a_idx, varlen_k, target, concat) -> torch.Tensor:
     """What :func:`_cute_grouped_mm` computes into ``target``, with torch's grouped GEMM (its fallback)."""
-    if a_idx is not None:  # varlen_k: a is [K, T], gathered as [A, K] rows and viewed back (a [K, A] copy would
-        # need A to be a multiple of 8: torch's grouped GEMM wants 16-byte aligned strides)
-        a = a.t().index_select(0, a_idx).t() if varlen_k else a.index_select(0, a_idx)
+    # varlen_k: a is [K, T], gathered as [A, K] rows and viewed back (a [K, A] copy would need A to be a multiple
+    # of 8: torch's grouped GEMM wants 16-byte aligned strides)
+    a = _rows(a.t(), a_idx).t() if varlen_k else _rows(a, a_idx)
     if concat == "B":
         b = _interleave(b, _concat_dim(b))
     out = F.grouped_mm(a, b, offs=cu_seqlens[1:])
@@ -266,8 +271,7 @@ def _cute_swiglu_mm(
     h, act = _empty_swiglu(a, b, a_idx)
 
     def fallback():
-        rows = a if a_idx is None else a.index_select(0, a_idx)
-        for t, r in zip((h, act), GroupedGemm.swiglu_forward(rows, b.transpose(-2, -1), cu_seqlens[1:])):
+        for t, r in zip((h, act), GroupedGemm.swiglu_forward(_rows(a, a_idx), b.transpose(-2, -1), cu_seqlens[1:])):
             t.copy_(r)
 
     _run("gated", fallback, tile, a, b, h, act, None, None, "swiglu", cu_seqlens, a_idx, False,
@@ -303,8 +307,7 @@ def _cute_dswiglu_mm(
     grad_h, scaled_act = _empty_dswiglu(h, g_idx)
 
     def fallback():
-        rows = g if g_idx is None else g.index_select(0, g_idx)
-        d_h, d_scaled, d_reduced = GroupedGemm.swiglu_backward(rows, b, h, scale, cu_seqlens[1:])
+        d_h, d_scaled, d_reduced = GroupedGemm.swiglu_backward(_rows(g, g_idx), b, h, scale, cu_seqlens[1:])
         grad_h.copy_(d_h)
         scaled_act.copy_(d_scaled)
         return d_reduced.float()

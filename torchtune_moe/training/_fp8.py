@@ -18,12 +18,15 @@ import dataclasses
 from typing import Optional
 
 from torch import nn
+from torchao.float8 import Float8LinearConfig, convert_to_float8_training as _convert
+from torchao.float8.config import Float8LinearRecipeName
+from torchao.float8.float8_linear import Float8Linear
 
 __all__ = ["FP8_RECIPES", "convert_to_float8_training"]
 
-#: torchao's recipe names (``Float8LinearConfig.from_recipe_name``): one scale per tensor (the fastest), per row,
-#: or per row with the weight gradient in bf16.
-FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+#: torchao's recipe names (``Float8LinearConfig.from_recipe_name``; in torchao 0.15: one scale per tensor, the
+#: fastest, per row, or per row with the weight gradient in bf16).
+FP8_RECIPES = tuple(r.value for r in Float8LinearRecipeName)
 
 
 def _converts(module: nn.Module, fqn: str) -> bool:
@@ -51,9 +54,6 @@ def convert_to_float8_training(
     Raises:
         ValueError: ``fp8_recipe_name`` is not one of :data:`FP8_RECIPES`.
     """
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training as _convert
-    from torchao.float8.float8_linear import Float8Linear
-
     name = fp8_recipe_name or "tensorwise"
     if name not in FP8_RECIPES:
         raise ValueError(f"fp8_recipe_name must be one of {', '.join(FP8_RECIPES)} (or null), got {fp8_recipe_name!r}")

@@ -59,6 +59,7 @@ from torchtune_moe.data import RawColumn, RowErrors, build_dataset, check_datase
 from torchtune_moe.modules import Router, RoutingRecord, collect_aux_loss, moe_layers, replay_routing, update_routers
 from torchtune_moe.training import (
     DCP_DIRNAME,
+    DEFAULT_FP8_RECIPE,
     FULL_FINETUNE_CONFIG_SPEC,
     MODEL_KEY,
     RECIPE_STATE_FILENAME,
@@ -585,7 +586,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
 
         if self._enable_fp8_training:  # before compile and FSDP2, as torchao requires
             converted = convert_to_float8_training(model, self._fp8_recipe_name)
-            recipe = self._fp8_recipe_name or "tensorwise"
+            recipe = self._fp8_recipe_name or DEFAULT_FP8_RECIPE
             utils.log_rank_zero(log, f"enable_fp8_training: {converted} dense linear layers in fp8 ({recipe})")
         if self._compile:
             # Lets dynamo trace ops whose output size depends on data, as causal expert choice's kept rows

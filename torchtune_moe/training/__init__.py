@@ -18,7 +18,7 @@ from torchtune_moe.training._checkpointing import (
     remove_stale_temporaries,
 )
 from torchtune_moe.training._console import LogWindow, format_rate, prompt_and_expected, samples_table
-from torchtune_moe.training._fp8 import FP8_RECIPES, convert_to_float8_training
+from torchtune_moe.training._fp8 import DEFAULT_FP8_RECIPE, FP8_RECIPES, convert_to_float8_training
 from torchtune_moe.training._hf_checkpointer import HFMoECheckpointer, from_hf_pretrained
 from torchtune_moe.training._metrics import (
     EXPERT_LOAD_FILENAME,
@@ -77,6 +77,7 @@ from torchtune_moe.training._state_dict import check_state_dict, load_buffers, m
 
 __all__ = [
     "end_distributed_process",
+    "DEFAULT_FP8_RECIPE",
     "FP8_RECIPES",
     "convert_to_float8_training",
     "Checkpointer",

@@ -22,11 +22,13 @@ from torchao.float8 import Float8LinearConfig, convert_to_float8_training as _co
 from torchao.float8.config import Float8LinearRecipeName
 from torchao.float8.float8_linear import Float8Linear
 
-__all__ = ["FP8_RECIPES", "convert_to_float8_training"]
+__all__ = ["DEFAULT_FP8_RECIPE", "FP8_RECIPES", "convert_to_float8_training"]
 
 #: torchao's recipe names (``Float8LinearConfig.from_recipe_name``; in torchao 0.15: one scale per tensor, the
 #: fastest, per row, or per row with the weight gradient in bf16).
 FP8_RECIPES = tuple(r.value for r in Float8LinearRecipeName)
+#: The recipe of ``fp8_recipe_name: null`` (as torchao's ``Float8LinearConfig()``).
+DEFAULT_FP8_RECIPE = Float8LinearRecipeName.TENSORWISE.value
 
 
 def _converts(module: nn.Module, fqn: str) -> bool:
@@ -45,7 +47,7 @@ def convert_to_float8_training(
 
     Args:
         model (nn.Module): the model.
-        fp8_recipe_name (Optional[str]): one of :data:`FP8_RECIPES`; None: ``tensorwise``.
+        fp8_recipe_name (Optional[str]): one of :data:`FP8_RECIPES`; None: :data:`DEFAULT_FP8_RECIPE`.
         emulate (bool): run the fp8 GEMMs as fp32 matmuls of fp8-rounded values (for CPU tests).
 
     Returns:
@@ -54,7 +56,7 @@ def convert_to_float8_training(
     Raises:
         ValueError: ``fp8_recipe_name`` is not one of :data:`FP8_RECIPES`.
     """
-    name = fp8_recipe_name or "tensorwise"
+    name = fp8_recipe_name or DEFAULT_FP8_RECIPE
     if name not in FP8_RECIPES:
         raise ValueError(f"fp8_recipe_name must be one of {', '.join(FP8_RECIPES)} (or null), got {fp8_recipe_name!r}")
     config = Float8LinearConfig.from_recipe_name(name)

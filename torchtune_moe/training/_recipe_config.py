@@ -18,7 +18,7 @@ from torchtune_moe.config import Key, boolean, component, integer, number, one_o
 from torchtune_moe.modules import moe_layers
 from torchtune_moe.modules._cute_gemm import check_grouped_gemm_env
 from torchtune_moe.modules.expert_parallel import check_expert_parallel_degree
-from torchtune_moe.training._fp8 import FP8_RECIPES
+from torchtune_moe.training._fp8 import DEFAULT_FP8_RECIPE, FP8_RECIPES
 
 __all__ = [
     "FULL_FINETUNE_CONFIG_SPEC",
@@ -54,7 +54,9 @@ FULL_FINETUNE_CONFIG_SPEC: dict[str, Key] = {
     "enable_activation_checkpointing": Key(boolean()),
     "compile": Key(boolean()),
     "enable_fp8_training": Key(boolean(), doc="the dense linear layers in fp8 (torchao's Float8Linear)"),
-    "fp8_recipe_name": Key(one_of(*FP8_RECIPES), nullable=True, doc="torchao's fp8 recipe (null: tensorwise)"),
+    "fp8_recipe_name": Key(
+        one_of(*FP8_RECIPES), nullable=True, doc=f"torchao's fp8 recipe (null: {DEFAULT_FP8_RECIPE})"
+    ),
     "freeze_router": Key(boolean()),
     "fsdp_reshard_after_forward": Key(boolean()),
     "expert_parallel_degree": Key(integer(1), doc="ranks each MoE layer's routed experts are split over (1 = off)"),

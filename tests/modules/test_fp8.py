@@ -231,12 +231,14 @@ def test_expert_fp8_reaches_every_moe_layer():
                                                      r"8\.9\+ .*got device cpu; allowed here: enable_fp8_training=false"),
         ("tiny/full", ["enable_fp8_training=yes"], r"enable_fp8_training"),
         ("tiny/full", ["fp8_recipe_name=blockwise"], r"fp8_recipe_name.*tensorwise.*rowwise.*rowwise_with_gw_hp"),
+        ("tiny/full", ["fp8_recipe_name=rowwise"], r"fp8_recipe_name: rowwise is set but enable_fp8_training is "
+                                                   r"false, so it would have no effect"),
         ("tiny/lora", ["enable_fp8_training=true"], r"enable_fp8_training: true is not supported with LoRA"),
     ],
 )
 def test_recipe_refuses_fp8_options_by_name(config, overrides, message):
     """``model.expert_fp8`` and ``enable_fp8_training``, before any work: on a CPU, a non-boolean, an unknown fp8
-    recipe name, with LoRA."""
+    recipe name, a recipe name without ``enable_fp8_training`` (it would be ignored), with LoRA."""
     from torchtune_moe.config import load_config
     from torchtune_moe.training import FULL_FINETUNE_CONFIG_SPEC, LORA_FINETUNE_CONFIG_SPEC, validate_recipe_config
 

@@ -191,6 +191,12 @@ def _check_fp8_training(cfg: DictConfig) -> None:
     :func:`~torchtune_moe.training.convert_to_float8_training`) needs a CUDA GPU of compute capability 8.9+
     (``torch._scaled_mm``), ``dtype: bf16`` and the full recipe."""
     if cfg.get("enable_fp8_training", False) is not True:
+        name = cfg.get("fp8_recipe_name", None)
+        if name is not None:  # set alone it would be ignored: the run would train in bf16 unawares
+            raise ValueError(
+                f"fp8_recipe_name: {name} is set but enable_fp8_training is false, so it would have no effect; "
+                f"set enable_fp8_training=true to train the dense layers in fp8, or fp8_recipe_name=null"
+            )
         return
     _check_fp8_option(
         cfg, "enable_fp8_training", (8, 9), "H100, H200, L40S: torch._scaled_mm",

@@ -5,8 +5,8 @@
     python benchmarks/train_step.py --prompt-frac 0.5 ...   # SFT-like labels: the first half of each sample masked
 
 Needs a CUDA GPU. Each model: bf16 weights, batch 4 x 2048 random tokens, next-token cross-entropy on the
-full logits plus the load-balancing aux loss, ``torch.optim.AdamW(fused=True)`` (the same optimizer for
-every variant), ``zero_grad(set_to_none=True)``. Reports tokens/s (median step time over the timed steps,
+full logits plus the load-balancing aux loss, ``torch.optim.AdamW(fused=True)`` (transformers' ``Trainer``
+default; every variant but ``ours_compiled_step``), ``zero_grad(set_to_none=True)``. Reports tokens/s (median step time over the timed steps,
 CUDA events) and peak memory (``torch.cuda.max_memory_allocated`` over the timed steps: weights, gradients,
 optimizer state and activations). ``--prompt-frac F``: the labels of the first F of each sample are
 -100 (a masked prompt, as SFT datasets give; every variant gets the same labels). ``--profile``: after the timed steps, ``--profile-steps`` more steps under
@@ -26,6 +26,9 @@ Variants:
   ours_fp8_dense  ours_linear_ce with ``enable_fp8_training`` (the recipe's option): the attention projections
                 and dense MLPs through torchao's ``Float8Linear``, tensorwise scales (not a default variant: an
                 fp8 step against transformers' bf16 one).
+  ours_compiled_step  ours_linear_ce with the recipe's ``compile.optimizer_step`` (not a default: AdamW unfused,
+                its multi-tensor step compiled by ``torchtune_moe.training.compile_optimizer_step``; its compile
+                time, about 0.3 s per parameter tensor, is in the warm-up).
   hf            transformers ``*ForCausalLM`` from the config, ``experts_implementation="grouped_mm"``, sdpa
                 attention, ``output_router_logits=True`` (its loss adds the aux loss).
 """
@@ -81,7 +84,7 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
                 ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), _mask_prompt(tokens)[:, 1:].reshape(-1))
                 return ce + collect_aux_loss(model)
 
-        elif variant in ("ours_linear_ce", "ours_fp8_dense"):
+        elif variant in ("ours_linear_ce", "ours_fp8_dense", "ours_compiled_step"):
             from torchtune import training
 
             from torchtune_moe.modules import LinearCrossEntropyLoss
@@ -113,7 +116,13 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
                 return chunked(model(tokens), labels) + collect_aux_loss(model)
 
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEV == "cuda")
+    if variant == "ours_compiled_step":
+        from torchtune_moe.training import compile_optimizer_step
+
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)  # foreach: the recipe's rule on a CPU
+        compile_optimizer_step(opt)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEV == "cuda")
     batches = [torch.randint(0, V, (BATCH, SEQ), device=DEV) for _ in range(4)]
 
     def step(i):
@@ -181,7 +190,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--variants", nargs="+", default=["hf", "ours", "ours_chunked", "ours_compile", "ours_linear_ce"],
-                   choices=["hf", "ours", "ours_chunked", "ours_compile", "ours_linear_ce", "ours_fp8_dense"])
+                   choices=["hf", "ours", "ours_chunked", "ours_compile", "ours_linear_ce", "ours_fp8_dense",
+                            "ours_compiled_step"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=os.environ.get("OUT"))

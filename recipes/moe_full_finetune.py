@@ -78,6 +78,8 @@ from torchtune_moe.training import (
     checkpoint_problems,
     clear_previous_run,
     clip_and_total_grad_norm,
+    compile_optimizer_step,
+    compile_plan,
     config_changes,
     convert_to_float8_training,
     end_distributed_process,
@@ -191,7 +193,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
         self._max_skipped_nonfinite = cfg.get("max_skipped_nonfinite_steps", 0)
         self._enable_activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
-        self._compile = cfg.get("compile", False)
+        self._compile = compile_plan(cfg)  # which of the layers, loss and optimizer step torch.compile
         self._enable_fp8_training = cfg.get("enable_fp8_training", False)
         self._fp8_recipe_name = cfg.get("fp8_recipe_name", None)
         self._freeze_router = cfg.get("freeze_router", False)
@@ -297,7 +299,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         del model_state_dict
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-        if self._compile:  # as torchtune's recipes: LinearCrossEntropyLoss compiles its per-chunk softmax
+        if self._compile.loss:  # as torchtune's recipes: LinearCrossEntropyLoss compiles its per-chunk softmax
             if hasattr(self._loss_fn, "apply_compile_strategy"):
                 self._loss_fn = self._loss_fn.apply_compile_strategy()
             else:
@@ -321,6 +323,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 num_training_steps=self.total_epochs * self._steps_per_epoch,
                 last_epoch=self.global_step - 1,
             )
+        if self._compile.optimizer_step:  # after the scheduler (compile_optimizer_step says why)
+            compile_optimizer_step(self._optimizer)
 
         self._samples_cfg = cfg.get("samples", None)
         self._config_container = OmegaConf.to_container(cfg, resolve=True)
@@ -588,7 +592,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             converted = convert_to_float8_training(model, self._fp8_recipe_name)
             recipe = self._fp8_recipe_name or DEFAULT_FP8_RECIPE
             utils.log_rank_zero(log, f"enable_fp8_training: {converted} dense linear layers in fp8 ({recipe})")
-        if self._compile:
+        if self._compile.model:
             # Lets dynamo trace ops whose output size depends on data, as causal expert choice's kept rows
             # (torchtune_moe.modules.dispatch_combine): each layer then stays one graph instead of breaking there.
             torch._dynamo.config.capture_dynamic_output_shape_ops = True
@@ -908,7 +912,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         if not self._is_rank_zero:
             return
         metrics = window.metrics(self.world_size)
-        metrics["lr"] = get_lr(self._optimizer)
+        metrics["lr"] = float(get_lr(self._optimizer))  # a 0-dim tensor under compile_optimizer_step
         if self._log_peak_memory_stats:
             metrics.update(peak_memory_stats(self._device))
         metrics.update(load.metrics(detailed=self._log_expert_load == "detailed"))

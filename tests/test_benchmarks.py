@@ -17,13 +17,14 @@ def test_train_step_dry_run_with_profile(tmp_path):
     pytest.importorskip("transformers")
     res = subprocess.run(
         [sys.executable, str(SCRIPT), "--dry-run", "--profile", "--profile-steps", "1", "--warmup", "1", "--shapes",
-         "qwen3", "--variants", "hf", "ours", "ours_linear_ce", "ours_fp8_dense", "--prompt-frac", "0.25", "--out",
+         "qwen3", "--variants", "hf", "ours", "ours_linear_ce", "ours_fp8_dense", "ours_compiled_step",
+         "--prompt-frac", "0.25", "--out",
          str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "train_step.json").read_text())["results"]["qwen3"]
-    assert set(results) == {"hf", "ours", "ours_linear_ce", "ours_fp8_dense"}
+    assert set(results) == {"hf", "ours", "ours_linear_ce", "ours_fp8_dense", "ours_compiled_step"}
     assert not any("error" in r for r in results.values())
     # The same labels (a quarter of each sample masked) and the same init: the same loss, whichever the loss path;
     # fp8 dense layers (emulated here) round the GEMMs' operands.

@@ -127,7 +127,8 @@ class Key:
         doc (str): one line for error messages.
         recipe_kwargs (tuple[str, ...]): keyword arguments the recipe itself passes to this component (checked to
             be accepted by it).
-        children (Optional[Mapping[str, Key]]): known sub-keys when the value is a plain mapping (a section).
+        children (Optional[Mapping[str, Key]]): known sub-keys when the value is a plain mapping (a section; a key
+            whose check also allows other values, as ``compile: true``, checks them only when given a mapping).
     """
 
     check: Check
@@ -307,7 +308,7 @@ def _validate_mapping(prefix: str, values: Mapping[str, Any], spec: Mapping[str,
         allowed = key.check(value)
         if allowed is not None:
             raise ValueError(f"{where}: got {value!r}; allowed: {allowed}")
-        if key.children is not None:
+        if key.children is not None and isinstance(value, Mapping):
             _validate_mapping(f"{where}.", value, key.children)
         elif isinstance(value, Mapping) and _COMPONENT in value:
             _check_component(where, value, key.recipe_kwargs)

@@ -88,6 +88,26 @@ def test_resume_gives_identical_losses(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_compiled_optimizer_step_trains_as_the_eager_step_and_resumes_eagerly(tmp_path):
+    """compile.optimizer_step: the same losses as the eager multi-tensor step from the warm-up's lr 0 (torch's
+    compiled single-tensor step would write NaN there); its checkpoint resumes without compiling the step."""
+    overrides = ["max_steps_per_epoch=4", "save_every_n_steps=2", "batch_size=8", "optimizer.foreach=true",
+                 "lr_scheduler.num_warmup_steps=2"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_recipe(eager, overrides=overrides)
+    recipe = run_recipe(compiled, overrides=overrides + ["compile={model: false, loss: false, optimizer_step: true}"])
+    assert isinstance(recipe._optimizer.param_groups[0]["lr"], torch.Tensor)  # the compiled step's tensor lr
+    assert [s for s, _ in losses(compiled)] == [1, 2, 3, 4]
+    assert [v for _, v in losses(compiled)] == pytest.approx([v for _, v in losses(eager)], abs=1e-5)
+    assert read_metrics(compiled)[4]["lr"] == pytest.approx(read_metrics(eager)[4]["lr"])
+
+    shutil.rmtree(compiled / "step_4")
+    shutil.rmtree(compiled / "logs")
+    resumed = run_recipe(compiled, overrides=overrides + ["resume_from_checkpoint=true"])
+    assert isinstance(resumed._optimizer.param_groups[0]["lr"], float)
+    assert [v for _, v in losses(compiled)] == pytest.approx([v for _, v in losses(eager)][2:], abs=1e-5)
+
+
 def test_resume_without_checkpoint_fails(tmp_path):
     with pytest.raises(ValueError, match="resume_from_checkpoint"):
         make_recipe(tmp_path, overrides=["resume_from_checkpoint=true"])
@@ -210,6 +230,11 @@ def test_activation_checkpointing_changes_nothing(tmp_path):
         ("model.experts_per_token=9", r"model: experts_per_token must be between 1 and num_experts \(8\), got 9"),
         ("optimizer.lr=-1", r"optimizer: Invalid learning rate: -1"),
         ("compile=true", r"compile: true needs dtype: bf16"),
+        ("compile={loss: false}", r"compile\.model: true needs dtype: bf16"),
+        ("compile={modle: false}", r"compile\.modle: unknown config key\. Did you mean 'model'\?"),
+        ("compile=fast", r"compile: got 'fast'; allowed: true, false, or a mapping of model, loss, optimizer_step"),
+        ("compile={model: false, optimizer_step: true}",
+         r"compile\.optimizer_step: true, but the single-tensor step .* set optimizer\.foreach=true"),
         ("lr_scheduler.num_warmup_step=3", r"lr_scheduler\.num_warmup_step: .* Did you mean 'num_warmup_steps'"),
     ],
 )
@@ -221,6 +246,26 @@ def test_bad_config_fails_before_any_work(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         MoEFullFinetuneRecipe(cfg)
     assert not out.exists()  # nothing was written: the check came first
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer.foreach=true", "optimizer.fused=true"],
+         r"compile\.optimizer_step: true, but optimizer\.fused: true .* set optimizer\.fused=false"),
+        (["optimizer._component_=torchao.optim.AdamW8bit", "~optimizer.fused"],
+         r"compile\.optimizer_step: true, but optimizer\._component_ is torchao\.optim\.AdamW8bit: only torch\.optim"),
+    ],
+)
+def test_uncompilable_optimizer_step_is_refused_by_name(tmp_path, overrides, message):
+    from moe_full_finetune import MoEFullFinetuneRecipe
+
+    out = tmp_path / "out"
+    step = "compile={model: false, optimizer_step: true}"
+    cfg = load_config("tiny/full", [f"output_dir={out}", step, *overrides])
+    with pytest.raises(ValueError, match=message):
+        MoEFullFinetuneRecipe(cfg)
+    assert not out.exists()
 
 
 def test_bad_key_from_the_command_line(tmp_path):

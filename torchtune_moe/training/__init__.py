@@ -1,6 +1,6 @@
 """Training utilities for the MoE recipes: checkpointing (interface, native checkpointer, Hugging Face checkpoints
 and ``from_hf_pretrained``, atomic saves, integrity checks), expert-load metrics, the recipes' config schema and
-validation, fp8 training of the dense layers, state-dict plumbing, RNG save/restore, console output, and the
+validation, the compiled optimizer step, fp8 training of the dense layers, state-dict plumbing, RNG save/restore, console output, and the
 safety checks that keep a run from losing work. Sharded checkpoints (``torch.distributed.checkpoint``), slice-wise
 loading and the layer-by-layer export: ``_sharded_checkpoint``."""
 
@@ -29,6 +29,7 @@ from torchtune_moe.training._metrics import (
     peak_memory_stats,
     truncate_expert_load,
 )
+from torchtune_moe.training._optimizer_step import compile_optimizer_step
 from torchtune_moe.training._peft_files import (
     load_native_adapter,
     load_peft_adapter,
@@ -43,9 +44,12 @@ from torchtune_moe.training._parallel import (
     shard_experts,
 )
 from torchtune_moe.training._recipe_config import (
+    COMPILE_PARTS,
     FULL_FINETUNE_CONFIG_SPEC,
     LORA_FINETUNE_CONFIG_SPEC,
+    CompilePlan,
     check_model,
+    compile_plan,
     instantiate,
     validate_recipe_config,
 )
@@ -104,9 +108,13 @@ __all__ = [
     "clean_module_name",
     "peak_memory_stats",
     "truncate_expert_load",
+    "COMPILE_PARTS",
+    "CompilePlan",
     "FULL_FINETUNE_CONFIG_SPEC",
     "LORA_FINETUNE_CONFIG_SPEC",
     "check_model",
+    "compile_optimizer_step",
+    "compile_plan",
     "instantiate",
     "validate_recipe_config",
     "init_meshes",

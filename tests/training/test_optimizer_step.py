@@ -1,0 +1,170 @@
+"""``compile_optimizer_step`` (the recipe's ``compile.optimizer_step``): the compiled multi-tensor AdamW step
+updates as the eager one from a warm-up at lr 0 (torch's compiled single-tensor step writes NaN there), compiles
+once under a changing learning rate, saves plain param groups that an eager optimizer loads, and runs on FSDP2
+shards (2 processes, gloo). On the CPU, with ``foreach=True`` as the recipe requires there."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from torchtune_moe.training import compile_optimizer_step
+
+
+def _params(dtype=torch.float32):
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(*shape, dtype=dtype)) for shape in ((16, 8), (4, 16, 8), (8,))]
+
+
+def _grads(step: int, params):
+    g = torch.Generator().manual_seed(step)
+    out = []
+    for p in params:
+        grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        grad[..., ::2] = 0  # rows a step does not touch (an embedding's unused tokens): 0/0 there is the NaN risk
+        out.append(grad)
+    return out
+
+
+def _optimizer(params):
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / 3)  # lr 0 at the first step, as warm-up starts
+    return opt, sched
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_compiled_step_matches_eager_from_lr_zero_and_compiles_once(dtype, tol):
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = _params(dtype), _params(dtype)
+    opt_e, sched_e = _optimizer(eager)
+    opt_c, sched_c = _optimizer(compiled)
+    compile_optimizer_step(opt_c)
+    for step in range(5):
+        for ps in (eager, compiled):
+            for p, g in zip(ps, _grads(step, ps)):
+                p.grad = g
+        opt_e.step()
+        sched_e.step()
+        opt_c.step()
+        sched_c.step()
+        for a, b in zip(eager, compiled):
+            assert torch.isfinite(b).all()
+            torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+    assert counters["stats"]["unique_graphs"] == 1  # five learning rates, one compiled step
+    assert float(opt_c.param_groups[0]["lr"]) == pytest.approx(opt_e.param_groups[0]["lr"])
+
+
+def test_saved_groups_are_plain_and_load_into_eager_and_compiled_optimizers():
+    torch._dynamo.reset()
+    params = _params()
+    opt, sched = _optimizer(params)
+    compile_optimizer_step(opt)
+    for step in range(2):
+        for p, g in zip(params, _grads(step, params)):
+            p.grad = g
+        opt.step()
+        sched.step()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # live: a tensor the scheduler fills
+    saved = opt.state_dict()
+    assert isinstance(saved["param_groups"][0]["lr"], float)
+    assert saved["param_groups"][0]["capturable"] is False
+
+    # An eager run resumes from it (a tensor lr with foreach and capturable=False would be refused at the step).
+    eager = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt_e = torch.optim.AdamW(eager, lr=1e-2, foreach=True)
+    opt_e.load_state_dict(copy.deepcopy(saved))  # loading aliases the saved tensors, which the step mutates
+    for p, g in zip(eager, _grads(2, eager)):
+        p.grad = g
+    opt_e.step()
+    assert all(torch.isfinite(p).all() for p in eager)
+
+    # A compiled one loads it too: the load hook makes the learning rate a tensor again.
+    again = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt_a = torch.optim.AdamW(again, lr=1e-2, foreach=True)
+    compile_optimizer_step(opt_a)
+    opt_a.load_state_dict(copy.deepcopy(saved))
+    assert isinstance(opt_a.param_groups[0]["lr"], torch.Tensor) and opt_a.param_groups[0]["capturable"]
+    for p, g in zip(again, _grads(2, again)):
+        p.grad = g
+    opt_a.step()
+    for a, b in zip(eager, again):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+_FSDP_SCRIPT = r"""
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torchtune_moe.training import compile_optimizer_step, end_distributed_process
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
+ref = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
+ref.load_state_dict(model.state_dict())
+fully_shard(model)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, foreach=True)
+ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / 4)
+ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: s / 4)
+compile_optimizer_step(opt)
+worst = 0.0
+for step in range(4):
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(10 * step + dist.get_rank()))
+    xs = [torch.empty_like(x) for _ in range(2)]
+    dist.all_gather(xs, x)
+    model(x).pow(2).mean().backward()
+    ref(torch.cat(xs)).pow(2).mean().backward()
+    for o, s in ((opt, sched), (ref_opt, ref_sched)):
+        o.step()
+        s.step()
+        o.zero_grad()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        worst = max(worst, float((a.full_tensor() - b).abs().max()))
+if dist.get_rank() == 0:
+    print(f"worst {worst:.3e}")
+dist.destroy_process_group()
+end_distributed_process(0)
+"""
+
+
+def test_compiled_step_on_fsdp2_shards_matches_one_process(tmp_path):
+    script = tmp_path / "fsdp_step.py"
+    script.write_text(_FSDP_SCRIPT)
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    worst = float(res.stdout.split("worst ")[1].split()[0])
+    assert worst < 1e-5
+
+
+@pytest.mark.gpu
+def test_compiled_step_on_cuda_matches_the_fused_step():
+    """On a GPU (foreach by default, capturable): bf16 parameters as the recipe trains them, against torch's fused
+    step, from lr 0."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch._dynamo.reset()
+    counters.clear()
+    fused = [torch.nn.Parameter(p.detach().cuda()) for p in _params(torch.bfloat16)]
+    compiled = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    opt_f = torch.optim.AdamW(fused, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    opt_c = torch.optim.AdamW(compiled, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: s / 3) for o in (opt_f, opt_c)]
+    compile_optimizer_step(opt_c)
+    for step in range(5):
+        for ps in (fused, compiled):
+            for p, g in zip(ps, _grads(step, ps)):
+                p.grad = g.cuda()
+        for o, s in zip((opt_f, opt_c), scheds):
+            o.step()
+            s.step()
+        for a, b in zip(fused, compiled):
+            assert torch.isfinite(b).all()
+            torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-2)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -42,6 +42,7 @@ def _compile_value(value: Any) -> Optional[str]:
         return None
     return "true, false, or a mapping of " + ", ".join(COMPILE_PARTS) + " (each true or false)"
 
+
 #: The config keys of ``moe_full_finetune`` (documented in docs/recipe.md). Anything else is refused before any
 #: work: a misspelt key would otherwise be silently ignored.
 FULL_FINETUNE_CONFIG_SPEC: dict[str, Key] = {

@@ -230,6 +230,8 @@ def test_activation_checkpointing_changes_nothing(tmp_path):
         ("model.experts_per_token=9", r"model: experts_per_token must be between 1 and num_experts \(8\), got 9"),
         ("optimizer.lr=-1", r"optimizer: Invalid learning rate: -1"),
         ("compile=true", r"compile: true needs dtype: bf16"),
+        pytest.param("device=cuda", r"device: cuda, but this machine has no cuda device \(allowed here: cpu\)",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")),
         ("compile={loss: false}", r"compile\.model: true needs dtype: bf16"),
         ("compile={modle: false}", r"compile\.modle: unknown config key\. Did you mean 'model'\?"),
         ("compile=fast", r"compile: got 'fast'; allowed: true, false, or a mapping of model, loss, optimizer_step"),

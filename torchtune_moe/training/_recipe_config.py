@@ -150,6 +150,11 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
     _check_expert_fp8(cfg)
     _check_fp8_training(cfg)
     device = utils.get_device(device=cfg.get("device", None))
+    asked = cfg.get("device", None)
+    if asked is not None and torch.device(asked).type != device.type:
+        # torchtune's get_device hands back the CPU for "cuda" on a machine without one: the run would train on the
+        # CPU unawares (and compile.optimizer_step's foreach default would not hold).
+        raise ValueError(f"device: {asked}, but this machine has no {asked} device (allowed here: {device.type})")
     # The environment's choice of the experts' grouped GEMMs (TORCHTUNE_MOE_GROUPED_GEMM, modules/_cute_gemm.py).
     check_grouped_gemm_env(device, torch.bfloat16 if cfg.get("dtype", "fp32") == "bf16" else torch.float32)
     tok_len = cfg.tokenizer.get("max_seq_len", None)

@@ -148,6 +148,21 @@ def test_optimizer_key_removed_on_resume_keeps_the_checkpoints_value(tmp_path, c
     assert "optimizer.weight_decay: 0.01 -> (unset) (removed from the config: the checkpoint's value is kept)" in caplog.text
 
 
+def test_config_changes_show_a_value_turned_section_whole():
+    """``compile: false`` -> ``compile: {optimizer_step: true}`` on resume is one change shown whole, not the value
+    unset and each sub-key set; nested leaf changes stay dotted."""
+    from torchtune_moe.training import UNSET, config_changes
+
+    saved = {"compile": False, "optimizer": {"lr": 1e-3}, "samples": {"max_new_tokens": 4}}
+    current = {"compile": {"optimizer_step": True}, "optimizer": {"lr": 2e-3}, "samples": None}
+    assert config_changes(saved, current) == [
+        ("compile", False, {"optimizer_step": True}),
+        ("optimizer.lr", 1e-3, 2e-3),
+        ("samples", {"max_new_tokens": 4}, None),
+    ]
+    assert config_changes({"compile": {"model": True}}, {}) == [("compile.model", True, UNSET)]
+
+
 def test_refused_resume_leaves_the_config_and_logs_alone(tmp_path):
     overrides = [*FAST, *SHORT, "max_steps_per_epoch=2"]
     run_recipe(tmp_path, overrides=overrides, fast=())

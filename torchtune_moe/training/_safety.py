@@ -108,6 +108,14 @@ def config_changes(saved: dict, current: dict, ignore: Iterable[str] = ()) -> li
     configs (dotted keys; a key one side lacks has :data:`UNSET` there, unlike an explicit ``null``), keys under
     ``ignore`` prefixes left out."""
     a, b = _flatten(saved), _flatten(current)
+    # A key that is a value on one side and a section on the other (``compile: true`` -> ``compile: {...}``) is one
+    # change, shown whole, rather than the value unset and each sub-key set.
+    whole = {k for k in a if isinstance(_lookup(current, k), dict)}
+    whole |= {k for k in b if isinstance(_lookup(saved, k), dict)}
+    a = {k: v for k, v in a.items() if not any(k.startswith(w + ".") for w in whole)}
+    b = {k: v for k, v in b.items() if not any(k.startswith(w + ".") for w in whole)}
+    for w in whole:
+        a[w], b[w] = _lookup(saved, w), _lookup(current, w)
     ignore = tuple(ignore)
     changes = []
     for key in sorted(set(a) | set(b)):
@@ -117,6 +125,15 @@ def config_changes(saved: dict, current: dict, ignore: Iterable[str] = ()) -> li
         if old is UNSET or new is UNSET or old != new:
             changes.append((key, old, new))
     return changes
+
+
+def _lookup(d: Any, dotted: str) -> Any:
+    """The value at a dotted key of nested dicts, or :data:`UNSET`."""
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return UNSET
+        d = d[part]
+    return d
 
 
 def is_out_of_space(exc: BaseException) -> bool:

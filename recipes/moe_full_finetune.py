@@ -98,6 +98,7 @@ from torchtune_moe.training import (
     materialize_model,
     peak_memory_stats,
     prompt_and_expected,
+    recipe_device,
     remove_stale_temporaries,
     restore_rng_state,
     rng_state,
@@ -168,7 +169,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
 
     def __init__(self, cfg: DictConfig) -> None:
         validate_recipe_config(cfg, self.config_spec)
-        self._device = utils.get_device(device=cfg.get("device", None))
+        self._device = recipe_device(cfg)
         self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
 
         self._distributed = dist.is_available() and dist.is_torchelastic_launched()

@@ -51,6 +51,7 @@ from torchtune_moe.training._recipe_config import (
     check_model,
     compile_plan,
     instantiate,
+    recipe_device,
     validate_recipe_config,
 )
 from torchtune_moe.training._rng import restore_rng_state, rng_state
@@ -116,6 +117,7 @@ __all__ = [
     "compile_optimizer_step",
     "compile_plan",
     "instantiate",
+    "recipe_device",
     "validate_recipe_config",
     "init_meshes",
     "shard_experts",

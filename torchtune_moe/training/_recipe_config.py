@@ -29,6 +29,7 @@ __all__ = [
     "validate_recipe_config",
     "check_model",
     "compile_plan",
+    "recipe_device",
 ]
 
 #: What ``compile`` can compile, named as torchtune's recipes name them: each decoder layer, the loss, and the
@@ -150,11 +151,6 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
     _check_expert_fp8(cfg)
     _check_fp8_training(cfg)
     device = utils.get_device(device=cfg.get("device", None))
-    asked = cfg.get("device", None)
-    if asked is not None and torch.device(asked).type != device.type:
-        # torchtune's get_device hands back the CPU for "cuda" on a machine without one: the run would train on the
-        # CPU unawares (and compile.optimizer_step's foreach default would not hold).
-        raise ValueError(f"device: {asked}, but this machine has no {asked} device (allowed here: {device.type})")
     # The environment's choice of the experts' grouped GEMMs (TORCHTUNE_MOE_GROUPED_GEMM, modules/_cute_gemm.py).
     check_grouped_gemm_env(device, torch.bfloat16 if cfg.get("dtype", "fp32") == "bf16" else torch.float32)
     tok_len = cfg.tokenizer.get("max_seq_len", None)
@@ -224,6 +220,21 @@ def _uncompilable_step(cfg: DictConfig) -> str:
             "compiled; set optimizer.foreach=true"
         )
     return ""
+
+
+def recipe_device(cfg: DictConfig) -> torch.device:
+    """The device a recipe runs on (torchtune's ``get_device``), refusing a configured ``device`` this machine
+    lacks. :func:`validate_recipe_config` leaves that to the recipe, so that a GPU config validates on any machine.
+
+    Raises:
+        ValueError: naming ``device``: torchtune hands back the CPU for ``cuda`` on a machine without one, and the
+            run would train there unawares (nor would ``compile.optimizer_step``'s GPU default hold).
+    """
+    device = utils.get_device(device=cfg.get("device", None))
+    asked = cfg.get("device", None)
+    if asked is not None and torch.device(asked).type != device.type:
+        raise ValueError(f"device: {asked}, but this machine has no {asked} device (allowed here: {device.type})")
+    return device
 
 
 def _check_cpu_offload(cfg: DictConfig) -> None:

@@ -270,6 +270,16 @@ def test_uncompilable_optimizer_step_is_refused_by_name(tmp_path, overrides, mes
     assert not out.exists()
 
 
+def test_null_scheduler_from_the_command_line_trains_at_a_constant_lr(tmp_path):
+    """`lr_scheduler=null`: torchtune's CLI puts it into lr_scheduler._component_ (the section's other keys stay);
+    the recipe reads that as no scheduler, as `lr_scheduler: null` in a YAML file."""
+    cfg = load_config("tiny/full", ["lr_scheduler=null"])
+    assert cfg.lr_scheduler._component_ is None and "num_warmup_steps" in cfg.lr_scheduler
+    run_recipe(tmp_path, overrides=["lr_scheduler=null", "max_steps_per_epoch=3", "batch_size=8"])
+    assert [m["lr"] for m in read_metrics(tmp_path).values()] == pytest.approx([3e-3] * 3)
+    assert "lr_scheduler: null" in (tmp_path / "torchtune_config.yaml").read_text()
+
+
 def test_bad_key_from_the_command_line(tmp_path):
     """What a user sees: `tune run ... batch_sise=4` exits with the key named, before training."""
     res = subprocess.run(

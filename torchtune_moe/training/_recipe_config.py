@@ -142,6 +142,13 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
     Raises:
         ValueError: naming the key (and the bad value).
     """
+    for name, key in spec.items():
+        node = cfg.get(name, None)
+        if key.nullable and isinstance(node, DictConfig) and "_component_" in node and node._component_ is None:
+            # `lr_scheduler=null` on the command line: torchtune's CLI writes it into lr_scheduler._component_ (a
+            # section with a component takes a bare value as its component), leaving the section's other keys. A
+            # null component can only mean no component: the key is null, as in a YAML file.
+            cfg[name] = None
     validate_config(cfg, spec)
     if compile_plan(cfg).model and cfg.get("dtype", "fp32") != "bf16":
         # torch.compile traces torch's grouped GEMM (the experts) with its meta kernel, which takes bf16 only.

@@ -152,8 +152,11 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
     validate_config(cfg, spec)
     if compile_plan(cfg).model and cfg.get("dtype", "fp32") != "bf16":
         # torch.compile traces torch's grouped GEMM (the experts) with its meta kernel, which takes bf16 only.
-        key = "compile" if isinstance(cfg.get("compile"), bool) else "compile.model"
-        raise ValueError(f"{key}: true needs dtype: bf16 (torch.compile of the grouped-GEMM experts is bf16-only)")
+        value = cfg.get("compile")
+        key = "compile: true" if isinstance(value, bool) else "compile.model: true"
+        if not isinstance(value, bool) and "model" not in value:
+            key += " (a compile mapping's default)"
+        raise ValueError(f"{key} needs dtype: bf16 (torch.compile of the grouped-GEMM experts is bf16-only)")
     _check_cpu_offload(cfg)
     _check_expert_fp8(cfg)
     _check_fp8_training(cfg)

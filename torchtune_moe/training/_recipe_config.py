@@ -135,7 +135,9 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
     ``fsdp_cpu_offload`` needs a GPU and an unfused optimizer, ``model.expert_fp8`` an sm90+ GPU and no LoRA,
     ``enable_fp8_training`` an sm89+ GPU, bf16 and no LoRA,
     ``tokenizer.max_seq_len`` within ``model.max_seq_len``), and builds the optimizer and lr scheduler on a
-    dummy parameter so that their arguments (``optimizer.lr=abc``) are refused with the key named.
+    dummy parameter so that their arguments (``optimizer.lr=abc``) are refused with the key named. A nullable
+    section whose ``_component_`` is null (``lr_scheduler=null`` on the command line, which torchtune's CLI writes
+    into the component) is set to null first.
 
     The model is not built here: the recipe builds it once and calls :func:`check_model`.
 
@@ -223,8 +225,7 @@ def _uncompilable_step(cfg: DictConfig) -> str:
     # torch takes the multi-tensor (foreach) step by default on a GPU only. Its single-tensor step, compiled,
     # divides by the learning rate and writes NaN at lr 0 (the first warm-up step; pytorch/pytorch#126514).
     foreach = optimizer.get("foreach", None)
-    device = cfg.get("device", None) or utils.get_device(None).type
-    if foreach is False or (foreach is None and device == "cpu"):
+    if foreach is False or (foreach is None and _device_type(cfg) == "cpu"):
         return (
             "the single-tensor step (optimizer.foreach: false, or unset on the CPU) writes NaN at lr 0 when "
             "compiled; set optimizer.foreach=true"
@@ -252,8 +253,7 @@ def _check_cpu_offload(cfg: DictConfig) -> None:
     ``CPUOffloadPolicy``): it needs an accelerator to offload from and an optimizer that steps on the CPU."""
     if not cfg.get("fsdp_cpu_offload", False):
         return
-    device = cfg.get("device", None) or utils.get_device(None).type
-    if device == "cpu":
+    if _device_type(cfg) == "cpu":
         raise ValueError(
             "fsdp_cpu_offload: true moves parameters, gradients and optimizer states from the GPU to the CPU; with "
             "device: cpu they are there already (allowed: false, or a GPU device)"
@@ -324,6 +324,11 @@ def _check_fp8_option(cfg: DictConfig, key: str, minimum: tuple[int, int], gpus:
         raise ValueError(
             f"{key}: true needs dtype: bf16 (the fp8 GEMMs take and give bf16), got dtype: {cfg.get('dtype', 'fp32')}"
         )
+
+
+def _device_type(cfg: DictConfig) -> str:
+    """The configured ``device``, or the type of the one torchtune would pick."""
+    return cfg.get("device", None) or utils.get_device(None).type
 
 
 def _is_lora(cfg: DictConfig) -> bool:

@@ -1,11 +1,14 @@
 """``compile_optimizer_step`` (the recipe's ``compile.optimizer_step``): the compiled multi-tensor AdamW step
 updates as the eager one from a warm-up at lr 0 (torch's compiled single-tensor step writes NaN there), compiles
-once under a changing learning rate, saves plain param groups that an eager optimizer loads, and runs on FSDP2
-shards (2 processes, gloo). On the CPU, with ``foreach=True`` as the recipe requires there."""
+once under a changing learning rate, compiles one graph for any number of identical layers, keeps the step's hooks
+and the lr scheduler's bookkeeping, saves plain param groups that an eager optimizer loads, compiles other
+optimizers' whole step, and runs on FSDP2 shards (2 processes, gloo). On the CPU, with ``foreach=True`` as the
+recipe requires there."""
 
 import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -95,6 +98,87 @@ def test_saved_groups_are_plain_and_load_into_eager_and_compiled_optimizers():
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
+def _layered_model(num_layers: int):
+    """``num_layers`` identical layers (a weight, a bias and a norm weight each) between an embedding and an
+    output: the layout of a decoder, whose layers the bucketed step compiles once."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.tok_embeddings = torch.nn.Embedding(12, 8)
+    model.layers = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)) for _ in range(num_layers))
+    model.output = torch.nn.Linear(8, 12, bias=False)
+    return model
+
+
+@pytest.mark.parametrize("num_layers", [2, 6])
+def test_layer_buckets_match_eager_and_compile_one_graph_for_any_depth(num_layers):
+    """One graph for the layers (whatever their number) and one for the rest; the updates are the eager step's,
+    with weight decay, from lr 0, and a parameter without a gradient is left alone (as Adam leaves it)."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = _layered_model(num_layers), _layered_model(num_layers)
+    opt_e, sched_e = _optimizer(list(eager.parameters()))
+    opt_c, sched_c = _optimizer(list(compiled.parameters()))
+    compile_optimizer_step(opt_c, compiled.layers)
+    for step in range(4):
+        for model in (eager, compiled):
+            ps = list(model.parameters())
+            for p, g in zip(ps, _grads(step, ps)):
+                p.grad = g
+            model.layers[0][1].bias.grad = None  # a parameter without a gradient this step
+        opt_e.step()
+        sched_e.step()
+        opt_c.step()
+        sched_c.step()
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert compiled.layers[0][1].bias not in opt_c.state  # never stepped: no state made for it
+    # The layers with a gradient-less bias (layer 0), the full layers, the embedding + output: three graphs.
+    assert counters["stats"]["unique_graphs"] == 3
+
+
+def test_bucketed_step_keeps_hooks_and_the_schedulers_bookkeeping():
+    """The replaced step runs the optimizer's step hooks, and the lr scheduler neither warns of an overridden step
+    nor of being stepped first."""
+    torch._dynamo.reset()
+    model = _layered_model(2)
+    opt, sched = _optimizer(list(model.parameters()))
+    compile_optimizer_step(opt, model.layers)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scheduler's warnings are UserWarnings
+        for step in range(2):
+            ps = list(model.parameters())
+            for p, g in zip(ps, _grads(step, ps)):
+                p.grad = g
+            opt.step()
+            sched.step()
+    assert calls == ["pre", "post", "pre", "post"]
+    with pytest.raises(ValueError, match="takes no closure"):
+        opt.step(lambda: 0.0)
+
+
+def test_other_optimizers_compile_their_whole_step():
+    """SGD (not bucketed): its whole step compiled, updating as the eager one under a changing lr."""
+    torch._dynamo.reset()
+    eager, compiled = _params(), _params()
+    opts = [torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, foreach=True) for ps in (eager, compiled)]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: (s + 1) / 3) for o in opts]
+    compile_optimizer_step(opts[1])
+    for step in range(3):
+        for ps in (eager, compiled):
+            for p, g in zip(ps, _grads(step, ps)):
+                p.grad = g
+        for o, s in zip(opts, scheds):
+            o.step()
+            s.step()
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
 _FSDP_SCRIPT = r"""
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
@@ -102,15 +186,15 @@ from torchtune_moe.training import compile_optimizer_step, end_distributed_proce
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
-ref = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
+model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+ref = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
 ref.load_state_dict(model.state_dict())
 fully_shard(model)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, foreach=True)
 ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / 4)
 ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: s / 4)
-compile_optimizer_step(opt)
+compile_optimizer_step(opt, [model[1], model[2]])  # two identical buckets of DTensor shards
 worst = 0.0
 for step in range(4):
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(10 * step + dist.get_rank()))
@@ -145,18 +229,18 @@ def test_compiled_step_on_fsdp2_shards_matches_one_process(tmp_path):
 
 @pytest.mark.gpu
 def test_compiled_step_on_cuda_matches_the_fused_step():
-    """On a GPU (foreach by default, capturable): bf16 parameters as the recipe trains them, against torch's fused
-    step, from lr 0."""
+    """On a GPU (foreach by default, capturable): bf16 parameters as the recipe trains them, bucketed by layer,
+    against torch's fused step, from lr 0."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     torch._dynamo.reset()
     counters.clear()
-    fused = [torch.nn.Parameter(p.detach().cuda()) for p in _params(torch.bfloat16)]
-    compiled = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    models = [_layered_model(3).to("cuda", torch.bfloat16) for _ in range(2)]
+    fused, compiled = (list(m.parameters()) for m in models)
     opt_f = torch.optim.AdamW(fused, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     opt_c = torch.optim.AdamW(compiled, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: s / 3) for o in (opt_f, opt_c)]
-    compile_optimizer_step(opt_c)
+    compile_optimizer_step(opt_c, models[1].layers)
     for step in range(5):
         for ps in (fused, compiled):
             for p, g in zip(ps, _grads(step, ps)):
@@ -167,4 +251,4 @@ def test_compiled_step_on_cuda_matches_the_fused_step():
         for a, b in zip(fused, compiled):
             assert torch.isfinite(b).all()
             torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-2)
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 2  # the layers' graph and the rest's

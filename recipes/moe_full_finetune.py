@@ -326,7 +326,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 last_epoch=self.global_step - 1,
             )
         if self._compile.optimizer_step:  # after the scheduler (compile_optimizer_step says why)
-            compile_optimizer_step(self._optimizer)
+            compile_optimizer_step(self._optimizer, getattr(self._model, "layers", None))  # a graph shared by the layers
+        elif self._compile.eager_step_note:
+            utils.log_rank_zero(log, f"compile: true leaves the optimizer step eager: {self._compile.eager_step_note}")
 
         self._samples_cfg = cfg.get("samples", None)
         self._config_container = OmegaConf.to_container(cfg, resolve=True)

@@ -1,5 +1,6 @@
 """Config names, overrides and validation (torchtune_moe.config)."""
 
+import re
 import sys
 
 import pytest
@@ -62,6 +63,44 @@ def test_every_packaged_config_passes_the_recipe_validation():
     for name in names:
         recipe = MoELoRAFinetuneRecipe if recipe_of(name) == LORA_RECIPE else MoEFullFinetuneRecipe
         validate_config(load_config(name), recipe.config_spec)
+
+
+def test_compiled_gpu_configs_compile_the_optimizer_step():
+    """``compile: true`` compiles the optimizer step too (torchtune's reading): every packaged config that compiles
+    steps with a compilable optimizer (no ``fused: true``), so the whole step is compiled as shipped."""
+    from torchtune_moe._packaged_configs import packaged_configs
+    from torchtune_moe.training import compile_plan
+
+    compiled = [name for name in packaged_configs() if load_config(name).get("compile") is True]
+    assert "small/full" in compiled and "qwen3_moe/30b_a3b_full" in compiled
+    for name in compiled:
+        plan = compile_plan(load_config(name))
+        assert plan.optimizer_step and not plan.eager_step_note, (name, plan)
+
+
+@pytest.mark.parametrize(
+    "overrides, step, note",
+    [
+        (["compile=true", "optimizer.foreach=true"], True, ""),
+        (["compile=true"], False, r"single-tensor step .* set optimizer\.foreach=true"),  # foreach unset, CPU
+        (["compile=true", "optimizer.fused=true"], False, r"optimizer\.fused: true .* set optimizer\.fused=false"),
+        (["compile=true", "optimizer._component_=torchao.optim.AdamW8bit", "~optimizer.fused"], False,
+         r"torchao\.optim\.AdamW8bit: only torch\.optim"),
+        (["compile=false", "optimizer.foreach=true"], False, ""),
+        (["compile={loss: false}", "optimizer.foreach=true"], False, ""),  # a mapping's default: no step
+    ],
+)
+def test_compile_true_compiles_the_step_where_it_can(overrides, step, note):
+    """``compile: true`` takes the step when it can be compiled and otherwise says why it stays eager (an explicit
+    ``compile.optimizer_step: true`` is refused instead: tests/recipes/test_moe_full_finetune.py)."""
+    from torchtune_moe.training import compile_plan
+
+    plan = compile_plan(load_config("tiny/full", overrides))
+    assert plan.optimizer_step is step
+    if note:
+        assert re.search(note, plan.eager_step_note), plan.eager_step_note
+    else:
+        assert plan.eager_step_note == ""
 
 
 def test_lora_spec_extends_the_full_spec():

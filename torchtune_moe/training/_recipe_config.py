@@ -33,8 +33,8 @@ __all__ = [
 ]
 
 #: What ``compile`` can compile, named as torchtune's recipes name them: each decoder layer, the loss, and the
-#: optimizer step. ``compile: true`` is the first two (:func:`compile_plan`); a mapping picks them (``model`` and
-#: ``loss`` default to true, ``optimizer_step`` to false).
+#: optimizer step. ``compile: true`` is all three (the step where it can be compiled, :func:`compile_plan`); a
+#: mapping picks them (``model`` and ``loss`` default to true, ``optimizer_step`` to false).
 COMPILE_PARTS = ("model", "loss", "optimizer_step")
 
 
@@ -176,20 +176,22 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
 
 
 class CompilePlan(NamedTuple):
-    """What the recipe compiles (:data:`COMPILE_PARTS`)."""
+    """What the recipe compiles (:data:`COMPILE_PARTS`), and why ``compile: true`` left the optimizer step eager
+    (empty when it did not)."""
 
     model: bool
     loss: bool
     optimizer_step: bool
+    eager_step_note: str = ""
 
 
 def compile_plan(cfg: DictConfig) -> CompilePlan:
-    """The parts ``cfg``'s ``compile`` asks for: ``true`` is the decoder layers and the loss; a mapping picks
-    them (``model`` and ``loss`` default to true, ``optimizer_step`` to false, as torchtune's recipes read it).
+    """The parts ``cfg``'s ``compile`` asks for, as torchtune's recipes read it: ``true`` is all three; a mapping
+    picks them (``model`` and ``loss`` default to true, ``optimizer_step`` to false).
 
-    Unlike torchtune's, ``compile: true`` leaves the optimizer step alone: compiling it costs about 0.3 s per
-    parameter tensor at the first step (2.5 minutes at 48 layers) and pays back only over many steps of a model
-    whose optimizer step is a large part of the step (docs/recipe.md, "compile").
+    ``compile: true`` compiles the optimizer step where it can be compiled (a ``torch.optim`` optimizer on its
+    multi-tensor path) and otherwise leaves it eager, saying why in ``eager_step_note``; an explicit
+    ``compile.optimizer_step: true`` for such a step is refused.
 
     Raises:
         ValueError: ``compile.optimizer_step: true`` for a step that cannot be compiled, naming why.
@@ -197,13 +199,14 @@ def compile_plan(cfg: DictConfig) -> CompilePlan:
     value = cfg.get("compile", False)
     if isinstance(value, Mapping):
         model, loss, step = (bool(value.get(p, p != "optimizer_step")) for p in COMPILE_PARTS)
-    else:
-        model = loss = bool(value)
-        step = False
-    note = _uncompilable_step(cfg) if step else ""
-    if note:
-        raise ValueError(f"compile.optimizer_step: true, but {note} (or compile.optimizer_step=false)")
-    return CompilePlan(model, loss, step)
+        note = _uncompilable_step(cfg) if step else ""
+        if note:
+            raise ValueError(f"compile.optimizer_step: true, but {note} (or compile.optimizer_step=false)")
+        return CompilePlan(model, loss, step)
+    if not value:
+        return CompilePlan(False, False, False)
+    note = _uncompilable_step(cfg)
+    return CompilePlan(True, True, not note, note)
 
 
 def _uncompilable_step(cfg: DictConfig) -> str:

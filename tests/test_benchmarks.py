@@ -1,5 +1,5 @@
-"""benchmarks/train_step.py --dry-run --profile, moe_layer.py, swiglu_lora_tiles.py, gather_tiles.py and
-fp8_quantizers.py --dry-run (tiny shapes on CPU)
+"""benchmarks/train_step.py --dry-run --profile, moe_layer.py, swiglu_lora_tiles.py, gather_tiles.py,
+fp8_quantizers.py and optimizer_step.py --dry-run (tiny shapes on CPU)
 run: the GPU scripts' code stays working.
 (benchmarks/lora.py's dry run: tests/recipes/test_moe_lora_finetune.py.)"""
 
@@ -121,3 +121,23 @@ def test_out_that_is_a_file_is_refused_before_any_work(script, tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert f"--out {a_file}: not a directory the results can be written to" in res.stderr
     assert a_file.read_text() == "{}"
+
+
+OPT_STEP = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_step.py"
+
+
+def test_optimizer_step_dry_run(tmp_path):
+    """Every variant runs; the bucketed step compiles two graphs (the layers', shared, and the rest's) at any depth,
+    the whole step one."""
+    r = _dry_run(OPT_STEP, tmp_path, "--shapes", "qwen3", "--layers", "3", "--variants", *("fused", "compiled",
+                 "compiled_whole"), "--steps", "2")
+    rows = r["results"]
+    assert rows["qwen3_3_compiled"]["unique_graphs"] == 2 and rows["qwen3_3_compiled_whole"]["unique_graphs"] == 1
+    assert all(v["step_ms"] > 0 for v in rows.values())
+    assert (tmp_path / "optimizer_step.md").read_text().count("| qwen3 (tiny) | 3 |") == 3
+
+
+def test_optimizer_step_refuses_a_depth_per_shape_mismatch(tmp_path):
+    res = subprocess.run([sys.executable, str(OPT_STEP), "--dry-run", "--shapes", "qwen3", "olmoe", "--layers", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--layers takes one depth >= 1 per shape (2), got [4]" in res.stderr, res.stderr

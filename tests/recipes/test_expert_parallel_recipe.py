@@ -1,7 +1,7 @@
 """Expert parallelism through the recipe: 2 processes (gloo) with ``expert_parallel_degree=2`` against the same run
 with expert parallelism off (FSDP2 only), a checkpoint resumed under the other degree (2 -> 1, 1 -> 2) and in one
-process, and a bad degree refused by name (the degree arithmetic for other world sizes:
-tests/modules/test_expert_parallel_layer.py)."""
+process, the compiled optimizer step on the experts' mesh, and a bad degree refused by name (the degree arithmetic
+for other world sizes: tests/modules/test_expert_parallel_layer.py)."""
 
 import shutil
 import subprocess
@@ -91,6 +91,21 @@ def test_expert_parallel_equals_fsdp_only_and_resumes(tmp_path):
         for name in ("exp_avg", "exp_avg_sq"):
             assert state[name].abs().sum() > 0
             assert torch.allclose(state[name], optim_off[i][name], rtol=1e-4, atol=1e-9), (i, name)
+
+
+def test_compiled_optimizer_step_under_expert_parallelism(tmp_path):
+    """The compiled step with the experts on their own mesh (a compiled foreach op takes DTensors of one mesh: the
+    step is bucketed by mesh too) trains as the eager multi-tensor step, to the same weights."""
+    common = ["max_steps_per_epoch=3", "batch_size=4", "expert_parallel_degree=2", "optimizer.foreach=true"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    _tune_run_2(eager, *common)
+    _tune_run_2(compiled, *common, "compile={model: false, loss: false, optimizer_step: true}")
+    m_eager, m_compiled = read_metrics(eager), read_metrics(compiled)
+    assert sorted(m_compiled) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert m_compiled[step]["loss"] == pytest.approx(m_eager[step]["loss"], rel=1e-5), step
+    a, b = load_file(eager / "step_3" / "model.safetensors"), load_file(compiled / "step_3" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
 
 
 @pytest.mark.parametrize(

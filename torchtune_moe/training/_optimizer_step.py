@@ -27,6 +27,7 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam as _adam
 
 __all__ = ["compile_optimizer_step"]
@@ -78,10 +79,13 @@ def _bucketed_adam_step(optimizer: torch.optim.Adam, layer_params: list[list[tor
             raise ValueError("compile_optimizer_step: a compiled Adam/AdamW step takes no closure")
         opt._opt_called = True  # what the lr scheduler's wrapper records
         for group in opt.param_groups:
-            buckets: dict[int, list[torch.Tensor]] = {}
+            # By device mesh too: a compiled foreach op cannot take DTensors of two meshes in one list (expert
+            # parallelism keeps the experts on their own mesh; eager foreach ops take them).
+            buckets: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is not None:
-                    buckets.setdefault(bucket_of.get(id(p), rest), []).append(p)
+                    mesh = p.device_mesh if isinstance(p, DTensor) else None
+                    buckets.setdefault((bucket_of.get(id(p), rest), mesh), []).append(p)
             for params in buckets.values():
                 _adam_bucket(opt, group, params)
 

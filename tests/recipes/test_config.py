@@ -86,6 +86,9 @@ def test_compiled_gpu_configs_compile_the_optimizer_step():
         (["compile=true", "optimizer.fused=true"], False, r"optimizer\.fused: true .* set optimizer\.fused=false"),
         (["compile=true", "optimizer._component_=torchao.optim.AdamW8bit", "~optimizer.fused"], False,
          r"torchao\.optim\.AdamW8bit: only torch\.optim"),
+        (["compile=true", "optimizer=torch.optim.SGD", "~optimizer.betas", "optimizer.foreach=true",
+          "expert_parallel_degree=2"], False, r"SGD: with expert_parallel_degree: 2 .* only Adam's and AdamW's"),
+        (["compile=true", "optimizer.foreach=true", "expert_parallel_degree=2"], True, ""),
         (["compile=false", "optimizer.foreach=true"], False, ""),
         (["compile={loss: false}", "optimizer.foreach=true"], False, ""),  # a mapping's default: no step
     ],

@@ -223,6 +223,13 @@ def _uncompilable_step(cfg: DictConfig) -> str:
             "optimizer.fused: true runs torch's fused kernel, which torch.compile leaves as it is; set "
             "optimizer.fused=false"
         )
+    degree = cfg.get("expert_parallel_degree", 1)
+    if path not in ("torch.optim.Adam", "torch.optim.AdamW") and isinstance(degree, int) and degree > 1:
+        return (
+            f"optimizer._component_ is {path}: with expert_parallel_degree: {degree} the experts' parameters live on "
+            "a device mesh of their own, and only Adam's and AdamW's steps are compiled per mesh (a compiled "
+            "foreach op takes one mesh)"
+        )
     if cfg.get("fsdp_cpu_offload", False):
         return "fsdp_cpu_offload: true steps the optimizer on the CPU"
     # torch takes the multi-tensor (foreach) step by default on a GPU only. Its single-tensor step, compiled,

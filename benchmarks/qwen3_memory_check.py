@@ -14,7 +14,8 @@ creation), then ``--steps`` measured ones, for which it reports the peak allocat
 the time per step, tokens/s/GPU, model TFLOP/s/GPU (:func:`flop_per_token`) and MFU against the 989 TFLOP/s
 dense bf16 peak. ``params`` is the model's parameter count (a DTensor's ``numel()`` is its global size, so it is
 not multiplied by the number of GPUs). ``--optimizer adamw8bit`` uses torchao's AdamW8bit instead of torch AdamW
-with bf16 states; ``--compile`` compiles each layer as ``compile: true``; ``--cpu-offload`` shards with FSDP2's
+with bf16 states; ``--compile`` compiles as ``compile: true`` does (each layer, the loss's per-chunk softmax, and
+the AdamW step per layer instead of the fused one); ``--cpu-offload`` shards with FSDP2's
 ``CPUOffloadPolicy`` (parameters, gradients and AdamW states in host memory; unfused AdamW steps on the CPU), as
 ``fsdp_cpu_offload: true`` in the recipe.
 Peak memory grows linearly with depth, so two depths give the per-layer slope and the full-depth figure is
@@ -44,7 +45,13 @@ from torchtune_moe.models.qwen3_moe import QWEN3_MOE_30B_A3B, QWEN3_MOE_235B_A22
 from torchtune_moe.models.qwen3_moe._hf_config import qwen3_moe_hf_config_to_kwargs
 from torchtune_moe.modules import LinearCrossEntropyLoss, Router, collect_aux_loss, update_routers
 from torchtune_moe.modules.expert_parallel import check_expert_parallel_degree
-from torchtune_moe.training import end_distributed_process, init_meshes, scale_expert_grads, shard_experts
+from torchtune_moe.training import (
+    compile_optimizer_step,
+    end_distributed_process,
+    init_meshes,
+    scale_expert_grads,
+    shard_experts,
+)
 
 #: The published sizes (their config.json numbers live once, in torchtune_moe/models/qwen3_moe/_model_builders.py).
 SIZES = {"30b_a3b": QWEN3_MOE_30B_A3B, "235b_a22b": QWEN3_MOE_235B_A22B}
@@ -125,13 +132,20 @@ def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, exper
     else:
         loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
         model.set_num_output_chunks(loss_fn.num_output_chunks)
-    fused = device.type == "cuda" and not args.cpu_offload  # offloaded states step on the CPU
+    if args.compile and args.loss == "linear":  # as the recipe with compile: true: the per-chunk softmax compiled
+        loss_fn.apply_compile_strategy()
+    # As the recipe with compile: true, the AdamW step compiled per decoder layer (the configs' fused: false); else
+    # torch's fused step. Offloaded states step on the CPU (unfused).
+    compiled_step = args.compile and not args.cpu_offload
+    fused = device.type == "cuda" and not args.cpu_offload and not compiled_step
     if args.optimizer == "adamw8bit":
         from torchao.optim import AdamW8bit
 
         optimizer = AdamW8bit(model.parameters(), lr=1e-5)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused, foreach=compiled_step or None)
+        if compiled_step:
+            compile_optimizer_step(optimizer, model.layers)
     model.train()
     gen = torch.Generator().manual_seed(dist.get_rank())
 
@@ -187,7 +201,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny dims (smoke test of the script)")
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                         help="torch AdamW (bf16 states) or torchao.optim.AdamW8bit")
-    parser.add_argument("--compile", action="store_true", help="per-layer torch.compile (the recipe's compile: true)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the recipe's compile: true (per-layer torch.compile, the loss, the AdamW step per layer)")
     parser.add_argument("--expert-parallel-degree", type=int, default=1, help="split experts over this many ranks")
     parser.add_argument("--loss", choices=["linear", "chunked"], default="linear",
                         help="linear: LinearCrossEntropyLoss (the configs'); chunked: CEWithChunkedOutputLoss")

@@ -1,4 +1,4 @@
-"""The recipes' compiled optimizer step (``compile.optimizer_step``).
+"""The recipes' compiled optimizer step (``compile: true``, or ``compile.optimizer_step``).
 
 ``torch.compile`` of torch's multi-tensor Adam/AdamW step fuses each parameter's update into one pass over its
 tensors, near the memory bandwidth (docs/performance.md). Two things stand in the way of compiling
@@ -14,7 +14,8 @@ tensors, near the memory bandwidth (docs/performance.md). Two things stand in th
   tensor (2.5 minutes at 48 decoder layers). For Adam and AdamW the step is therefore compiled per bucket of
   parameters, a decoder layer each (``layers``): torch's functional ``torch.optim.adam.adam`` is compiled once,
   and every layer of the same shapes reuses its graph, so the compile time does not grow with the number of
-  layers. Other ``torch.optim`` optimizers have their whole ``step`` compiled.
+  layers. A bucket is split by device mesh too (expert parallelism keeps the experts on a mesh of their own). Other
+  ``torch.optim`` optimizers have their whole ``step`` compiled.
 
 Why written here: torch compiles an optimizer's ``step`` as one graph only, and neither torchtune nor torchao has a
 per-layer compiled step for torch's optimizers.
@@ -35,7 +36,7 @@ __all__ = ["compile_optimizer_step"]
 # One compiled function for every bucket: a decoder layer's tensors have the same shapes in every layer, so all
 # layers share one graph (dynamic=False: each distinct set of shapes, say a dense and an MoE layer, gets a static
 # graph of its own rather than one with symbolic sizes). The step's host time grows with the number of tensors
-# (about 15 us each on an H200 host, hidden behind the GPU's update of a large model); Inductor's size and stride
+# (15-30 us each on an H200 host, hidden behind the GPU's update of a large model); Inductor's size and stride
 # asserts on every input, which repeat what the guards have checked, were a fifth of it.
 _adam_compiled = torch.compile(_adam, dynamic=False, options={"size_asserts": False})
 

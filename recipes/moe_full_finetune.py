@@ -139,8 +139,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
       micro-batch, exactly ``CE + aux``.
     - **Routers**: ``update_routers`` once per optimizer step on every rank; ``freeze_router``.
     - **Precision** fp32 or bf16 (``dtype``), **gradient accumulation**, **clipping** (``clip_grad_norm``),
-      **activation checkpointing**, **torch.compile** (``compile``: each decoder layer and the loss; the optimizer
-      step with ``compile.optimizer_step``).
+      **activation checkpointing**, **torch.compile** (``compile``: each decoder layer, the loss and, where it can
+      be compiled, the optimizer step, one graph shared by the layers; or a mapping of those parts).
     - **Logging** every ``log_every_n_steps`` and at the end: loss, ce_loss, aux_loss, ``aux/<name>``, lr,
       tokens/s, peak memory, grad norm, and expert load (``log_expert_load: brief|detailed``) to the metric logger
       plus always a torchtune ``DiskLogger`` in ``{output_dir}/logs`` and ``{output_dir}/expert_load.jsonl``.

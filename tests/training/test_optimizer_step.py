@@ -161,6 +161,14 @@ def test_bucketed_step_keeps_hooks_and_the_schedulers_bookkeeping():
         opt.step(lambda: 0.0)
 
 
+@pytest.mark.parametrize("layers", [5, [torch.nn.Linear(2, 2), "layer"], _params()])
+def test_layers_that_are_not_modules_are_refused_by_name(layers):
+    opt, _ = _optimizer(_params())
+    with pytest.raises(TypeError, match=r"compile_optimizer_step: layers must be modules .*model\.layers"):
+        compile_optimizer_step(opt, layers)
+    assert not isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # refused before the optimizer was changed
+
+
 def test_other_optimizers_compile_their_whole_step():
     """SGD (not bucketed): its whole step compiled, updating as the eager one under a changing lr."""
     torch._dynamo.reset()

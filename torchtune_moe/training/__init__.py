@@ -1,8 +1,8 @@
 """Training utilities for the MoE recipes: checkpointing (interface, native checkpointer, Hugging Face checkpoints
 and ``from_hf_pretrained``, atomic saves, integrity checks), expert-load metrics, the recipes' config schema and
 validation, the compiled optimizer step, fp8 training of the dense layers, state-dict plumbing, RNG save/restore,
-console output, and the safety checks that keep a run from losing work. Sharded checkpoints (``torch.distributed.checkpoint``), slice-wise
-loading and the layer-by-layer export: ``_sharded_checkpoint``."""
+console output, and the safety checks that keep a run from losing work. Sharded checkpoints
+(``torch.distributed.checkpoint``), slice-wise loading and the layer-by-layer export: ``_sharded_checkpoint``."""
 
 from torchtune_moe.training._checkpointing import (
     MODEL_KEY,

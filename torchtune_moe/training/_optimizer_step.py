@@ -56,12 +56,24 @@ def compile_optimizer_step(optimizer: torch.optim.Optimizer, layers: Optional[It
     ``__func__`` for it to wrap. The first step compiles: a bucketed Adam/AdamW step in a few seconds per distinct
     bucket, a whole step about 0.3 s per parameter tensor on an H200 host (18 s for 47 tensors, 78 s for 267). A
     scheduler's new learning rate at each step does not recompile it.
+
+    Raises:
+        TypeError: ``layers`` not an iterable of modules.
     """
+    try:
+        layers = list(layers or [])
+    except TypeError:
+        layers = [layers]  # a single module or a number: refused below, by name
+    if not all(isinstance(m, nn.Module) for m in layers):
+        raise TypeError(
+            f"compile_optimizer_step: layers must be modules (the model's decoder layers, model.layers), got "
+            f"{sorted({type(m).__name__ for m in layers if not isinstance(m, nn.Module)})}"
+        )
     _tensor_lr(optimizer)
     optimizer.register_state_dict_post_hook(_plain_groups)
     optimizer.register_load_state_dict_post_hook(_tensor_lr)
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
-        optimizer.step = _bucketed_adam_step(optimizer, [list(m.parameters()) for m in (layers or [])])
+        optimizer.step = _bucketed_adam_step(optimizer, [list(m.parameters()) for m in layers])
     else:
         optimizer.step = torch.compile(optimizer.step)
 

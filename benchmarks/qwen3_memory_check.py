@@ -3,7 +3,7 @@ copies at full or reduced depth.
 
 No weights are downloaded (the GPU machines have no network): the model is a published Qwen3-MoE size's exact
 layer (``--size``: 30b_a3b, default, or 235b_a22b; the numbers come from torchtune_moe.models.qwen3_moe) at the
-depths given, randomly initialised, with real (unforced) routing. For each depth it builds the model on the meta
+depth given (``--layers``), randomly initialised, with real (unforced) routing. It builds the model on the meta
 device, shards every decoder layer and the root with FSDP2 (torchtune's ``training.shard_model``, as the recipe
 does; with ``--expert-parallel-degree`` the experts first, by expert), initialises the local shards, and runs
 training steps (bf16, activation checkpointing, the output cross-entropy of ``--loss``: ``linear``,
@@ -18,15 +18,22 @@ with bf16 states; ``--compile`` compiles as ``compile: true`` does (each layer, 
 the AdamW step per layer instead of the fused one); ``--cpu-offload`` shards with FSDP2's
 ``CPUOffloadPolicy`` (parameters, gradients and AdamW states in host memory; unfused AdamW steps on the CPU), as
 ``fsdp_cpu_offload: true`` in the recipe.
-Peak memory grows linearly with depth, so two depths give the per-layer slope and the full-depth figure is
-extrapolated (and compared with the arithmetic of docs/models.md).
 
-    torchrun --nproc_per_node 4 benchmarks/qwen3_memory_check.py --layers 48 --expert-parallel-degree 4
-    torchrun --nproc_per_node 2 benchmarks/qwen3_memory_check.py --layers 48 --optimizer adamw8bit
-    torchrun --nproc_per_node 4 benchmarks/qwen3_memory_check.py --size 235b_a22b --layers 2 4 --expert-parallel-degree 4
+The peak is split into the sharded states (parameters x bytes per parameter / GPUs: 8 with AdamW, 6 with
+AdamW8bit, 0 on the GPU with ``--cpu-offload``) and the rest (``transient_gib``: FSDP2's gathered layers and
+unsharded gradients, activations, logits, all-to-all buffers), which does not grow with depth (2 x H200: Qwen3-30B-A3B
+5.5 GiB at 2 layers, 6.5 at 48; Qwen3-235B-A22B at 1 x 2048 tokens 16.9 GiB at 4 and 8 layers). The full-depth
+prediction is the full model's states plus this run's rest. One depth a run: a torchtune decoder sharded by FSDP2 is
+not freed in its process (torchtune's llama3 too: its hooks keep it alive after ``del`` and ``gc.collect()``), so a
+second depth's peak would hold the first model's weights (the old two-depth slope, 3.5 GiB per layer, predicted
+174 GiB at 48 layers; 120 GiB measured).
+
+    torchrun --nproc_per_node 2 benchmarks/qwen3_memory_check.py --layers 48 --compile
+    torchrun --nproc_per_node 4 benchmarks/qwen3_memory_check.py --layers 48 --compile --expert-parallel-degree 4
+    torchrun --nproc_per_node 4 benchmarks/qwen3_memory_check.py --size 235b_a22b --layers 4 --batch-size 1 --expert-parallel-degree 4
 
 CPU smoke test of the script itself (tiny dims, gloo): ``torchrun --nproc_per_node 2
-benchmarks/qwen3_memory_check.py --device cpu --tiny --layers 1 2``.
+benchmarks/qwen3_memory_check.py --device cpu --tiny --layers 2``.
 """
 
 import argparse
@@ -60,6 +67,8 @@ TINY = dict(
     vocab_size=512, num_heads=4, num_kv_heads=2, embed_dim=64, head_dim=16, dense_hidden_dim=128, moe_hidden_dim=32,
     num_experts=8, experts_per_token=2, rope_base=1e6, norm_eps=1e-6, norm_topk_prob=True, aux_loss_coeff=1e-3,
 )
+#: Bytes per parameter of the states kept on each GPU (bf16 weights and gradients, then the two AdamW moments).
+STATE_BYTES = {"adamw": 2 + 2 + 2 + 2, "adamw8bit": 2 + 2 + 1 + 1}
 #: Dense bf16 peak of one H200 (and H100) SXM, for the MFU column.
 PEAK_BF16_TFLOPS = 989.0
 GIB = 1024**3
@@ -106,6 +115,12 @@ def build_sharded(
                 for name, b in list(m.named_buffers(recurse=False)):
                     setattr(m, name, torch.zeros(b.shape, dtype=b.dtype, device=device))
     return model
+
+
+def param_count(dims: dict, num_layers: int, max_seq_len: int) -> int:
+    """Parameters of the model at ``num_layers`` (built on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in qwen3_moe(num_layers=num_layers, max_seq_len=max_seq_len, **dims).parameters())
 
 
 def flop_per_token(dims: dict, num_layers: int, seq_len: int) -> float:
@@ -182,15 +197,13 @@ def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, exper
         peak_reserved_gib=peak_reserved,
         seconds_per_step=(time.perf_counter() - t0) / args.steps,
     )
-    del model, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="depths to measure (>= 2 values)")
+    parser.add_argument("--layers", type=int, default=4,
+                        help="decoder layers (one depth a run: a model sharded by FSDP2 is not freed in its process)")
     parser.add_argument("--batch-size", type=int, default=4, help="micro-batch per GPU")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3, help="measured steps")
@@ -232,53 +245,46 @@ def main() -> None:
     check_expert_parallel_degree(args.expert_parallel_degree, world, [dims["num_experts"]])
     mesh, expert_mesh = init_meshes(args.device, world, args.expert_parallel_degree)
 
-    results = []
-    for num_layers in args.layers:
-        mine = measure(dims, num_layers, args, device, mesh, expert_mesh)
-        everyone = [None] * world
-        dist.all_gather_object(everyone, mine)
-        row = dict(
-            layers=num_layers,
-            gpus=world,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            params=mine["params"],  # DTensor.numel() is the global size: the model's parameter count
-            cpu_offload=args.cpu_offload,
-            peak_allocated_gib_per_rank=[round(r["peak_allocated_gib"], 2) for r in everyone],
-            peak_reserved_gib_per_rank=[round(r["peak_reserved_gib"], 2) for r in everyone],
-            seconds_per_step=round(max(r["seconds_per_step"] for r in everyone), 3),
-            expert_parallel_degree=args.expert_parallel_degree,
-            optimizer=args.optimizer,
-            compile=args.compile,
-            loss=args.loss,
-            tokens_per_second_per_gpu=round(
-                args.batch_size * args.seq_len / max(r["seconds_per_step"] for r in everyone)
-            ),
-        )
-        row["gflop_per_token"] = round(flop_per_token(dims, num_layers, args.seq_len) / 1e9, 2)
-        row["model_tflops_per_gpu"] = round(row["tokens_per_second_per_gpu"] * row["gflop_per_token"] / 1e3, 1)
-        row["mfu"] = round(row["model_tflops_per_gpu"] / PEAK_BF16_TFLOPS, 3)
-        results.append(row)
-        if rank == 0:
-            print(json.dumps(row), flush=True)
-
-    if rank == 0 and len(results) >= 2:
-        a, b = results[0], results[-1]
-        peak = lambda r: max(r["peak_allocated_gib_per_rank"])  # noqa: E731
-        per_layer = (peak(b) - peak(a)) / (b["layers"] - a["layers"])
-        predicted = peak(b) + per_layer * (full_depth - b["layers"])
-        summary = dict(
-            per_layer_gib=round(per_layer, 3),
-            full_depth=full_depth,
-            predicted_peak_allocated_gib_at_full_depth=round(predicted, 1),
-            gpus=world,
-            note=f"random Qwen3-MoE {'tiny' if args.tiny else args.size}; no weights downloaded",
-        )
-        print(json.dumps(summary), flush=True)
-        results.append(summary)
+    num_layers = args.layers
+    mine = measure(dims, num_layers, args, device, mesh, expert_mesh)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    seconds = max(r["seconds_per_step"] for r in everyone)
+    peak = max(r["peak_allocated_gib"] for r in everyone)
+    state_bytes = 0 if args.cpu_offload else STATE_BYTES[args.optimizer]
+    states = mine["params"] * state_bytes / world / GIB  # DTensor.numel() is the global size
+    full_params = param_count(dims, full_depth, args.seq_len)
+    full_states = full_params * state_bytes / world / GIB
+    row = dict(
+        layers=num_layers,
+        gpus=world,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        params=mine["params"],
+        cpu_offload=args.cpu_offload,
+        expert_parallel_degree=args.expert_parallel_degree,
+        optimizer=args.optimizer,
+        compile=args.compile,
+        loss=args.loss,
+        peak_allocated_gib_per_rank=[round(r["peak_allocated_gib"], 2) for r in everyone],
+        peak_reserved_gib_per_rank=[round(r["peak_reserved_gib"], 2) for r in everyone],
+        states_gib_per_gpu=round(states, 2),
+        transient_gib=round(peak - states, 2),
+        seconds_per_step=round(seconds, 3),
+        tokens_per_second_per_gpu=round(args.batch_size * args.seq_len / seconds),
+        gflop_per_token=round(flop_per_token(dims, num_layers, args.seq_len) / 1e9, 2),
+    )
+    row["model_tflops_per_gpu"] = round(row["tokens_per_second_per_gpu"] * row["gflop_per_token"] / 1e3, 1)
+    row["mfu"] = round(row["model_tflops_per_gpu"] / PEAK_BF16_TFLOPS, 3)
+    row["full_depth"] = full_depth
+    row["states_gib_per_gpu_at_full_depth"] = round(full_states, 1)
+    row["predicted_peak_allocated_gib_at_full_depth"] = round(full_states + peak - states, 1)
+    row["note"] = f"random Qwen3-MoE {'tiny' if args.tiny else args.size}; no weights downloaded"
+    if rank == 0:
+        print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+                json.dump(row, f, indent=2)
     dist.destroy_process_group()
     end_distributed_process(0)
 

@@ -23,10 +23,10 @@ The peak is split into the sharded states (parameters x bytes per parameter / GP
 AdamW8bit, 0 on the GPU with ``--cpu-offload``) and the rest (``transient_gib``: FSDP2's gathered layers and
 unsharded gradients, activations, logits, all-to-all buffers), which does not grow with depth (2 x H200: Qwen3-30B-A3B
 5.5 GiB at 2 layers, 6.5 at 48; Qwen3-235B-A22B at 1 x 2048 tokens 16.9 GiB at 4 and 8 layers). The full-depth
-prediction is the full model's states plus this run's rest. One depth a run: a torchtune decoder sharded by FSDP2 is
-not freed in its process (torchtune's llama3 too: its hooks keep it alive after ``del`` and ``gc.collect()``), so a
-second depth's peak would hold the first model's weights (the old two-depth slope, 3.5 GiB per layer, predicted
-174 GiB at 48 layers; 120 GiB measured).
+prediction is the full model's states plus this run's rest. One depth a run, in a fresh process: the old two-depth
+runs measured the second depth with the first model still allocated (its MoE layers kept their last forward's aux
+losses, whose FSDP2 hooks hold the model: ``MoE.clear_aux_losses``), and their slope, 3.5 GiB per layer, predicted
+174 GiB at 48 layers against 120 GiB measured.
 
     torchrun --nproc_per_node 2 benchmarks/qwen3_memory_check.py --layers 48 --compile
     torchrun --nproc_per_node 4 benchmarks/qwen3_memory_check.py --layers 48 --compile --expert-parallel-degree 4
@@ -203,7 +203,7 @@ def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, exper
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4,
-                        help="decoder layers (one depth a run: a model sharded by FSDP2 is not freed in its process)")
+                        help="decoder layers (one depth a run)")
     parser.add_argument("--batch-size", type=int, default=4, help="micro-batch per GPU")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3, help="measured steps")

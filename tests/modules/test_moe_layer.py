@@ -330,3 +330,52 @@ def test_deepcopy_and_save_after_a_training_forward():
     torch.save(layer, io.BytesIO())
     x = torch.randn(2, 4, D)
     torch.testing.assert_close(clone(x), layer(x))
+
+
+_FSDP_FREE_SCRIPT = """
+import gc, sys, weakref
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torchtune_moe.models import moe
+from torchtune_moe.modules import collect_aux_loss, moe_layers
+from torchtune_moe.training import end_distributed_process
+
+dist.init_process_group("gloo")
+freed = []
+for clear in (False, True):
+    model = moe(vocab_size=32, num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=16, max_seq_len=8,
+                num_experts=4, experts_per_token=2, moe_hidden_dim=8, aux_loss_coeff=0.01)
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    (model(torch.randint(0, 32, (2, 8))).sum() + collect_aux_loss(model)).backward()
+    if clear:
+        for _, layer in moe_layers(model):
+            layer.clear_aux_losses()
+    del layer
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    freed.append(alive() is None)
+print("freed", freed)
+dist.destroy_process_group()
+end_distributed_process(0)
+"""
+
+
+def test_clear_aux_losses_frees_an_fsdp2_model(tmp_path):
+    """A training forward's aux losses keep their graph, whose FSDP2 hooks hold the model where the garbage
+    collector cannot reach: the model is freed only once every layer's aux losses are cleared."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "free.py"
+    script.write_text(_FSDP_FREE_SCRIPT)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                          str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "freed [False, True]" in res.stdout
+    layer = moe_layer(dim=D, hidden_dim=H, num_experts=E, experts_per_token=2, aux_loss_coeff=0.1).train()
+    layer(torch.randn(2, 4, D))
+    layer.clear_aux_losses()
+    assert layer.aux_loss is None and layer.aux_losses == {} and layer.balance_stats is None

@@ -26,6 +26,12 @@ def _detached(routing: RouterOutput) -> RouterOutput:
     )
 
 
+def _without_aux_losses(state: dict) -> dict:
+    """``state`` (a layer's ``__dict__`` or a copy of it) with no aux losses of a forward kept."""
+    state.update(aux_losses={}, aux_loss=None, balance_stats=None)
+    return state
+
+
 class MoE(nn.Module):
     """Mixture-of-Experts feed-forward layer: ``[B, S, D] -> [B, S, D]``.
 
@@ -149,12 +155,18 @@ class MoE(nn.Module):
                 total = coeff * value if total is None else total + coeff * value
         return aux_losses, total
 
+    def clear_aux_losses(self) -> None:
+        """Drops the aux losses of the latest forward, which keep its autograd graph until the next forward.
+
+        Call it on every MoE layer before dropping a model sharded with FSDP2 in a process that goes on: FSDP2's
+        hooks on that graph refer back to the model, and autograd holds them where Python's garbage collector
+        cannot see, so the model (and its GPU memory) is otherwise never freed.
+        """
+        _without_aux_losses(self.__dict__)
+
     def __getstate__(self) -> dict:
-        # The aux losses of the latest forward carry its autograd graph, which copy.deepcopy (and pickle) cannot
-        # copy: copies of the layer start without them.
-        state = super().__getstate__()
-        state["aux_losses"], state["aux_loss"], state["balance_stats"] = {}, None, None
-        return state
+        # copy.deepcopy (and pickle) cannot copy that graph either: copies of the layer start without it.
+        return _without_aux_losses(super().__getstate__())
 
     @torch.no_grad()
     def routing_stats(self) -> dict[str, torch.Tensor]:

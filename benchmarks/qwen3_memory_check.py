@@ -221,6 +221,8 @@ def main() -> None:
                         help="linear: LinearCrossEntropyLoss (the configs'); chunked: CEWithChunkedOutputLoss")
     parser.add_argument("--out", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args()
+    if args.layers < 1:
+        parser.error(f"--layers: got {args.layers}; at least 1 decoder layer")
     if args.warmup_steps < 1:
         parser.error("--warmup-steps: at least 1 (the first step creates the optimizer states and picks kernels)")
     if args.cpu_offload and args.expert_parallel_degree > 1:

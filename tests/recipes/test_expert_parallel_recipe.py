@@ -109,12 +109,13 @@ def test_compiled_optimizer_step_under_expert_parallelism(tmp_path):
 
 
 def test_compiled_layers_under_expert_parallelism(tmp_path):
-    """``compile`` with EP=2 trains as with EP=1 and prints the samples after training: the dispatch runs outside the
-    compiled graph. Traced, its autograd Functions gave wrong gradients on torch 2.11 (grad norm 2% off at step 1 on
-    2 H200s), and on torch 2.13 the samples' generation (no grad: the Function's forward traced as plain code)
-    failed on the process group kept in ``ctx``, after the checkpoint was saved."""
+    """``compile`` with EP=2 (and activation checkpointing: the recompute runs the dispatch again) trains as with EP=1
+    and prints the samples after training: the dispatch runs outside the compiled graph. Traced, its autograd
+    Functions gave wrong gradients on torch 2.11 (grad norm 2% off at step 1 on 2 H200s), and on torch 2.13 the
+    samples' generation (no grad: the Function's forward traced as plain code) failed on the process group kept in
+    ``ctx``, after the checkpoint was saved."""
     samples = "samples={prompts: {_component_: torchtune_moe.data.sample_prompts, n: 2}, max_new_tokens: 3}"
-    common = ["max_steps_per_epoch=3", "batch_size=4", "dtype=bf16",
+    common = ["max_steps_per_epoch=3", "batch_size=4", "dtype=bf16", "enable_activation_checkpointing=true",
               "compile={model: true, loss: false, optimizer_step: false}", samples]
     ep1, ep2 = tmp_path / "ep1", tmp_path / "ep2"
     _tune_run_2(ep1, *common)

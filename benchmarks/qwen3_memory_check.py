@@ -17,7 +17,9 @@ not multiplied by the number of GPUs). ``--optimizer adamw8bit`` uses torchao's 
 with bf16 states; ``--compile`` compiles as ``compile: true`` does (each layer, the loss's per-chunk softmax, and
 the AdamW step per layer instead of the fused one); ``--cpu-offload`` shards with FSDP2's
 ``CPUOffloadPolicy`` (parameters, gradients and AdamW states in host memory; unfused AdamW steps on the CPU), as
-``fsdp_cpu_offload: true`` in the recipe.
+``fsdp_cpu_offload: true`` in the recipe; ``--ac-every n`` checkpoints only every n-th layer's activations (0: none;
+the configs checkpoint every layer), trading memory for the recompute (about a quarter of a checkpointed layer's
+time), which the recipe does not offer yet: this measures what it would buy.
 
 The peak is split into the sharded states (parameters x bytes per parameter / GPUs: 8 with AdamW, 6 with
 AdamW8bit, 0 on the GPU with ``--cpu-offload``) and the rest (``transient_gib``: FSDP2's gathered layers and
@@ -44,7 +46,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from torchtune import modules, training
+from torchtune import training
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from torchtune_moe.models._hf_config import published_kwargs
@@ -83,6 +85,7 @@ def build_sharded(
     expert_mesh=None,
     cpu_offload: bool = False,
     compile: bool = False,
+    ac_every: int = 1,
 ) -> torch.nn.Module:
     """Meta-device build, FSDP2 sharding of each layer and the root (with ``expert_mesh``: the experts split by
     expert first, as the recipe's ``expert_parallel_degree``), random init of the local shards (on the CPU under
@@ -92,7 +95,13 @@ def build_sharded(
     if compile:  # as the recipe with compile: true (per-layer torch.compile, before activation checkpointing)
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
         training.compile_model(model, verbose=False)
-    training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+    # Activation checkpointing of every ``ac_every``-th decoder layer (layers 0, n, 2n, ...; 1: all, 0: none), as
+    # torchtune's experimental ``ac_mode: selective`` with ``ac_option: n``.
+    checkpointed = {id(layer) for i, layer in enumerate(model.layers) if ac_every and i % ac_every == 0}
+    if checkpointed:
+        training.set_activation_checkpointing(
+            model, auto_wrap_policy=lambda module, recurse, **_: recurse or id(module) in checkpointed
+        )
     if expert_mesh is not None:
         shard_experts(model, expert_mesh, reshard_after_forward=True)
     training.shard_model(
@@ -139,7 +148,7 @@ def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, exper
     """Runs ``args.warmup_steps`` unmeasured then ``args.steps`` measured optimizer steps; returns this rank's
     peak memory over the measured steps (GiB) and their mean time."""
     model = build_sharded(dims, num_layers, args.seq_len, device, mesh, expert_mesh, cpu_offload=args.cpu_offload,
-                          compile=args.compile)
+                          compile=args.compile, ac_every=args.ac_every)
     if args.loss == "linear":  # as the recipe: the loss owns the projection, the root stays gathered until backward
         loss_fn = LinearCrossEntropyLoss(num_output_chunks=8)
         loss_fn.set_model_output(model)
@@ -209,6 +218,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured steps")
     parser.add_argument("--warmup-steps", type=int, default=1, help="unmeasured steps before them (>= 1)")
     parser.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPUOffloadPolicy (fsdp_cpu_offload)")
+    parser.add_argument("--ac-every", type=int, default=1,
+                        help="activation checkpointing of every n-th decoder layer (1: all, the configs'; 0: none)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--size", choices=sorted(SIZES), default="30b_a3b", help="published Qwen3-MoE size")
     parser.add_argument("--tiny", action="store_true", help="tiny dims (smoke test of the script)")
@@ -221,6 +232,8 @@ def main() -> None:
                         help="linear: LinearCrossEntropyLoss (the configs'); chunked: CEWithChunkedOutputLoss")
     parser.add_argument("--out", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args()
+    if args.ac_every < 0:
+        parser.error(f"--ac-every: got {args.ac_every}; 0 (no layer), 1 (every layer) or n (every n-th layer)")
     if args.layers < 1:
         parser.error(f"--layers: got {args.layers}; at least 1 decoder layer")
     if args.warmup_steps < 1:
@@ -267,6 +280,7 @@ def main() -> None:
         expert_parallel_degree=args.expert_parallel_degree,
         optimizer=args.optimizer,
         compile=args.compile,
+        ac_every=args.ac_every,
         loss=args.loss,
         peak_allocated_gib_per_rank=[round(r["peak_allocated_gib"], 2) for r in everyone],
         peak_reserved_gib_per_rank=[round(r["peak_reserved_gib"], 2) for r in everyone],

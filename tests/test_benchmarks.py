@@ -1,6 +1,6 @@
 """benchmarks/train_step.py --dry-run --profile, moe_layer.py, swiglu_lora_tiles.py, gather_tiles.py,
-fp8_quantizers.py and optimizer_step.py --dry-run (tiny shapes on CPU)
-run: the GPU scripts' code stays working.
+fp8_quantizers.py and optimizer_step.py --dry-run (tiny shapes on CPU), and qwen3_memory_check.py --tiny on 2
+CPU processes run: the GPU scripts' code stays working.
 (benchmarks/lora.py's dry run: tests/recipes/test_moe_lora_finetune.py.)"""
 
 import json
@@ -141,3 +141,28 @@ def test_optimizer_step_refuses_a_depth_per_shape_mismatch(tmp_path):
     res = subprocess.run([sys.executable, str(OPT_STEP), "--dry-run", "--shapes", "qwen3", "olmoe", "--layers", "4"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--layers takes one depth >= 1 per shape (2), got [4]" in res.stderr, res.stderr
+
+
+def test_qwen3_memory_check_tiny_on_two_processes(tmp_path):
+    """The multi-GPU memory script's own CPU smoke run (gloo, tiny dims) with expert parallelism and activation
+    checkpointing of every other layer: it reports one depth, the model's parameter count (not times the world
+    size), the states per GPU and the full-depth prediction."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "qwen3_memory_check.py"
+    out = tmp_path / "qwen3.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         "--device", "cpu", "--tiny", "--layers", "3", "--ac-every", "2", "--expert-parallel-degree", "2",
+         "--steps", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert (row["layers"], row["gpus"], row["expert_parallel_degree"], row["ac_every"]) == (3, 2, 2, 2)
+    sys.path.insert(0, str(script.parent))
+    try:
+        from qwen3_memory_check import STATE_BYTES, TINY, param_count
+    finally:
+        sys.path.pop(0)
+    assert row["params"] == param_count(TINY, 3, 2048)
+    assert row["states_gib_per_gpu"] == round(row["params"] * STATE_BYTES["adamw"] / 2 / 1024**3, 2)
+    assert row["full_depth"] == 2 and row["tokens_per_second_per_gpu"] > 0

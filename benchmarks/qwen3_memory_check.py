@@ -211,8 +211,7 @@ def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, exper
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4,
-                        help="decoder layers (one depth a run)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (one depth a run)")
     parser.add_argument("--batch-size", type=int, default=4, help="micro-batch per GPU")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3, help="measured steps")

@@ -7,9 +7,10 @@
 Needs a CUDA GPU. Each model: bf16 weights, batch 4 x 2048 random tokens, next-token cross-entropy on the
 full logits plus the load-balancing aux loss, ``torch.optim.AdamW(fused=True)`` (transformers' ``Trainer``
 default; every variant but ``ours_compiled_step``), ``zero_grad(set_to_none=True)``. Reports tokens/s (median step
-time over the timed steps, CUDA events) and peak memory (``torch.cuda.max_memory_allocated`` over the timed steps: weights, gradients,
-optimizer state and activations). ``--prompt-frac F``: the labels of the first F of each sample are
--100 (a masked prompt, as SFT datasets give; every variant gets the same labels). ``--profile``: after the timed steps, ``--profile-steps`` more steps under
+time over the timed steps, CUDA events) and peak memory (``torch.cuda.max_memory_allocated`` over the timed
+steps: weights, gradients, optimizer state and activations). ``--prompt-frac F``: the labels of the first F of
+each sample are -100 (a masked prompt, as SFT datasets give; every variant gets the same labels). ``--profile``:
+after the timed steps, ``--profile-steps`` more steps under
 ``torch.profiler``; the top 25 GPU kernels by total time (ms per step, share, calls) of each shape and variant go
 to ``OUT/profile_<shape>_<variant>.txt``.
 

@@ -1,6 +1,8 @@
 """The MoE layer: composition, user routers, load statistics, no host-device sync, activation checkpointing."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -366,9 +368,6 @@ end_distributed_process(0)
 def test_clear_aux_losses_frees_an_fsdp2_model(tmp_path):
     """A training forward's aux losses keep their graph, whose FSDP2 hooks hold the model where the garbage
     collector cannot reach: the model is freed only once every layer's aux losses are cleared."""
-    import subprocess
-    import sys
-
     script = tmp_path / "free.py"
     script.write_text(_FSDP_FREE_SCRIPT)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",

@@ -233,6 +233,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.ac_every < 0:
         parser.error(f"--ac-every: got {args.ac_every}; 0 (no layer), 1 (every layer) or n (every n-th layer)")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        parser.error(f"--out: {args.out}: its directory does not exist")
     if args.layers < 1:
         parser.error(f"--layers: got {args.layers}; at least 1 decoder layer")
     if args.warmup_steps < 1:

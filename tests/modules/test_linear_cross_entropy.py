@@ -1,6 +1,6 @@
 """LinearCrossEntropyLoss against F.cross_entropy on the full logits: loss and both gradients, masked labels,
 chunk counts, tied and frozen weights, the model's ``skip_output_layer`` and refused inputs. The CUDA path (fp32
-GEMM outputs, the compiled softmax) is the ``gpu``-marked test at the end."""
+GEMM outputs, the compiled softmax, quack's kernel) are the ``gpu``-marked tests at the end."""
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ from torchtune.modules.peft import LoRALinear
 
 from torchtune_moe.models import moe
 from torchtune_moe.modules import LinearCrossEntropyLoss
+from torchtune_moe.modules import linear_cross_entropy as lce_module
 
 
 class _Head(nn.Module):
@@ -170,3 +171,37 @@ def test_cuda_bf16_matches_full_logits(compiled):
     ref = _grads(lambda: _reference(h, head.weight, labels), h, head.weight)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
     _assert_as_close_to_fp32(got, ref, h, head.weight, labels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and lce_module._quack_usable(torch.empty(0, device="cuda"), 8)),
+    reason="needs quack-kernels and a compute-capability 9.x GPU",
+)
+@pytest.mark.parametrize("vocab", [5008, 50304, 5003])
+@pytest.mark.parametrize("mask", [True, False])
+def test_quack_cross_entropy_matches_torch_code(vocab, mask, monkeypatch):
+    """quack's kernel (the default on an H100/H200) against the torch code it replaces: the same loss, gradients
+    within a bf16 rounding, ignored rows through the kernel too (``mask_ignored_tokens=False``). A vocab that is
+    not a multiple of 8 (rows not 16-byte aligned) takes the torch code."""
+    torch.manual_seed(0)
+    head = _Head(256, vocab, dtype=torch.bfloat16).cuda()
+    loss_fn = LinearCrossEntropyLoss(num_output_chunks=3, mask_ignored_tokens=mask)
+    loss_fn.set_model_output(head)
+    h = torch.randn(2, 333, 256, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    labels = torch.randint(0, vocab, (2, 333), device="cuda")
+    labels[:, :40] = -100
+    calls = []
+    fused = loss_fn.fused_cross_entropy
+    monkeypatch.setattr(loss_fn, "fused_cross_entropy", lambda *a: calls.append(1) or fused(*a))
+    got = _grads(lambda: loss_fn(h, labels), h, head.weight)
+    assert not lce_module._quack_failed, lce_module._quack_failed
+    assert len(calls) == (3 if vocab % 8 == 0 else 0)  # quack served every chunk, or none
+    monkeypatch.setattr(lce_module, "_quack_usable", lambda t, vocab: False)
+    ref = _grads(lambda: loss_fn(h, labels), h, head.weight)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    for g, r in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(g, r, rtol=1.6e-2, atol=1e-5)
+    assert got[1][:, :40].abs().max() == 0
+    _assert_as_close_to_fp32(got, _grads(lambda: _reference(h, head.weight, labels), h, head.weight), h,
+                             head.weight, labels)

@@ -10,9 +10,9 @@ default; every variant but ``ours_compiled_step``), ``zero_grad(set_to_none=True
 time over the timed steps, CUDA events) and peak memory (``torch.cuda.max_memory_allocated`` over the timed
 steps: weights, gradients, optimizer state and activations). ``--prompt-frac F``: the labels of the first F of
 each sample are -100 (a masked prompt, as SFT datasets give; every variant gets the same labels). ``--profile``:
-after the timed steps, ``--profile-steps`` more steps under
-``torch.profiler``; the top 25 GPU kernels by total time (ms per step, share, calls) of each shape and variant go
-to ``OUT/profile_<shape>_<variant>.txt``.
+after the timed steps, ``--profile-steps`` more steps under ``torch.profiler``; the top ``--profile-rows`` (25) GPU
+kernels by total time (ms per step, share, calls) of each shape and variant go to
+``OUT/profile_<shape>_<variant>.txt``, and with ``--trace`` the timeline to ``OUT/trace_<shape>_<variant>.json.gz``.
 
 Variants:
   ours          torchtune_moe model built from the same config.json values, eager, the same loss as hf
@@ -31,12 +31,16 @@ Variants:
   ours_compiled_step  ours_linear_ce with the optimizer step compiled, as the shipped GPU configs train
                 (``compile: true``, ``optimizer.fused: false``): AdamW's multi-tensor step compiled by
                 ``torchtune_moe.training.compile_optimizer_step``, one graph shared by the decoder layers; its
-                compile time is in the warm-up).
+                compile time is in the warm-up). On an H100/H200 the loss's softmax runs as quack's kernel.
+  ours_torch_softmax  ours_compiled_step with the loss's softmax as compiled torch code instead of quack's
+                cross-entropy kernel (the shipped configs before session 23; the same everywhere but on
+                an H100/H200).
   hf            transformers ``*ForCausalLM`` from the config, ``experts_implementation="grouped_mm"``, sdpa
                 attention, ``output_router_logits=True`` (its loss adds the aux loss).
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -44,6 +48,7 @@ import statistics
 import sys
 import time
 import traceback
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +58,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _models import SHAPES, build_hf, build_ours, hf_config, kernel_table, prepare_out  # noqa: E402
 
 from torchtune_moe.modules import collect_aux_loss, update_routers  # noqa: E402
+from torchtune_moe.modules import linear_cross_entropy as lce_module  # noqa: E402
 
 SEQ, BATCH = 2048, 4
 DEV = "cuda"
 PROMPT_FRAC = 0.0  # --prompt-frac
+TRACE = False  # --trace
 
 LAYERS = 4
 
@@ -68,7 +75,8 @@ def _mask_prompt(tokens: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0, out: str = None) -> dict:
+def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0, out: str = None,
+        rows: int = 25) -> dict:
     config = hf_config(name, layers=LAYERS, seq_len=SEQ, tiny=DEV == "cpu")
     V = config["vocab_size"]
     torch.manual_seed(0)
@@ -87,7 +95,7 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
                 ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), _mask_prompt(tokens)[:, 1:].reshape(-1))
                 return ce + collect_aux_loss(model)
 
-        elif variant in ("ours_linear_ce", "ours_fp8_dense", "ours_compiled_step"):
+        elif variant in ("ours_linear_ce", "ours_fp8_dense", "ours_compiled_step", "ours_torch_softmax"):
             from torchtune import training
 
             from torchtune_moe.modules import LinearCrossEntropyLoss
@@ -119,7 +127,7 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
                 return chunked(model(tokens), labels) + collect_aux_loss(model)
 
     n_params = sum(p.numel() for p in model.parameters())
-    if variant == "ours_compiled_step":
+    if variant in ("ours_compiled_step", "ours_torch_softmax"):
         from torchtune_moe.training import compile_optimizer_step
 
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)  # foreach: the recipe's rule on a CPU
@@ -146,12 +154,14 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
                 step(i)
             if DEV == "cuda":
                 torch.cuda.synchronize()
-        table = f"{name} {variant}: {LAYERS} layers, batch {BATCH} x {SEQ}\n" + kernel_table(prof, profile_steps)
+        table = f"{name} {variant}: {LAYERS} layers, batch {BATCH} x {SEQ}\n" + kernel_table(prof, profile_steps, rows)
         print(table, flush=True)
         if out:
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, f"profile_{name}_{variant}.txt"), "w") as f:
                 f.write(table + "\n")
+            if TRACE:  # the timeline, for gaps between kernels (chrome://tracing or Perfetto read it gzipped)
+                prof.export_chrome_trace(os.path.join(out, f"trace_{name}_{variant}.json.gz"))
 
     t0 = time.time()
     for i in range(warmup):
@@ -195,14 +205,17 @@ def main():
     p.add_argument("--variants", nargs="+",
                    default=["hf", "ours", "ours_chunked", "ours_compile", "ours_linear_ce", "ours_compiled_step"],
                    choices=["hf", "ours", "ours_chunked", "ours_compile", "ours_linear_ce", "ours_fp8_dense",
-                            "ours_compiled_step"])
+                            "ours_compiled_step", "ours_torch_softmax"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--profile", action="store_true",
-                   help="also profile --profile-steps steps after the timed ones: the top 25 GPU kernels by total "
-                        "time of each shape and variant, into OUT/profile_<shape>_<variant>.txt (and printed)")
+                   help="also profile --profile-steps steps after the timed ones: the top --profile-rows GPU "
+                        "kernels by total time of each shape and variant, into OUT/profile_<shape>_<variant>.txt (and printed)")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--profile-rows", type=int, default=25, help="kernels listed per profile (default 25)")
+    p.add_argument("--trace", action="store_true",
+                   help="with --profile: also the profiled steps' timeline, OUT/trace_<shape>_<variant>.json.gz")
     p.add_argument("--prompt-frac", type=float, default=0.0,
                    help="fraction of each sample's labels masked (-100) as a prompt, in [0, 1)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script runs")
@@ -210,8 +223,13 @@ def main():
     prepare_out(p, args.out)
     if not 0.0 <= args.prompt_frac < 1.0:
         p.error(f"--prompt-frac must be in [0, 1), got {args.prompt_frac}")
-    global DEV, SEQ, BATCH, PROMPT_FRAC
+    global DEV, SEQ, BATCH, PROMPT_FRAC, TRACE
     PROMPT_FRAC = args.prompt_frac
+    if args.trace and not (args.profile and args.out):
+        p.error("--trace needs --profile and --out (or $OUT)")
+    if args.profile_rows < 1:
+        p.error(f"--profile-rows must be >= 1, got {args.profile_rows}")
+    TRACE = args.trace
     if args.dry_run:
         DEV, SEQ, BATCH = "cpu", 32, 2
     elif not torch.cuda.is_available():
@@ -224,8 +242,12 @@ def main():
     results = {}
     for name in args.shapes:
         for variant in args.variants:
+            # ours_torch_softmax: LinearCrossEntropyLoss told that quack's kernel cannot serve it
+            no_quack = mock.patch.object(lce_module, "_quack_usable", lambda t, vocab: False)
             try:
-                r = run(name, variant, args.steps, args.warmup, args.profile_steps if args.profile else 0, args.out)
+                with no_quack if variant == "ours_torch_softmax" else contextlib.nullcontext():
+                    r = run(name, variant, args.steps, args.warmup, args.profile_steps if args.profile else 0,
+                            args.out, args.profile_rows)
             except Exception as e:  # keep going: report the others
                 traceback.print_exc()
                 r = dict(error=repr(e)[:500])

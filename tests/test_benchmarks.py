@@ -3,6 +3,7 @@ fp8_quantizers.py and optimizer_step.py --dry-run (tiny shapes on CPU), and qwen
 CPU processes run: the GPU scripts' code stays working.
 (benchmarks/lora.py's dry run: tests/recipes/test_moe_lora_finetune.py.)"""
 
+import gzip
 import json
 import subprocess
 import sys
@@ -16,25 +17,29 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 def test_train_step_dry_run_with_profile(tmp_path):
     pytest.importorskip("transformers")
     res = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dry-run", "--profile", "--profile-steps", "1", "--warmup", "1", "--shapes",
-         "qwen3", "--variants", "hf", "ours", "ours_linear_ce", "ours_fp8_dense", "ours_compiled_step",
-         "--prompt-frac", "0.25", "--out",
+        [sys.executable, str(SCRIPT), "--dry-run", "--profile", "--profile-steps", "1", "--profile-rows", "12",
+         "--trace", "--warmup", "1", "--shapes", "qwen3", "--variants", "hf", "ours", "ours_linear_ce",
+         "ours_fp8_dense", "ours_compiled_step", "ours_torch_softmax", "--prompt-frac", "0.25", "--out",
          str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "train_step.json").read_text())["results"]["qwen3"]
-    assert set(results) == {"hf", "ours", "ours_linear_ce", "ours_fp8_dense", "ours_compiled_step"}
+    assert set(results) == {"hf", "ours", "ours_linear_ce", "ours_fp8_dense", "ours_compiled_step",
+                            "ours_torch_softmax"}
     assert not any("error" in r for r in results.values())
     # The same labels (a quarter of each sample masked) and the same init: the same loss, whichever the loss path;
     # fp8 dense layers (emulated here) round the GEMMs' operands.
-    assert results["ours_linear_ce"]["loss"] == pytest.approx(results["ours"]["loss"], rel=1e-4)
+    for variant in ("ours_linear_ce", "ours_compiled_step", "ours_torch_softmax"):
+        assert results[variant]["loss"] == pytest.approx(results["ours"]["loss"], rel=1e-4)
     assert results["ours_fp8_dense"]["loss"] == pytest.approx(results["ours"]["loss"], rel=2e-2)
     for variant in ("hf", "ours", "ours_linear_ce"):
         table = (tmp_path / f"profile_qwen3_{variant}.txt").read_text().splitlines()
         assert table[0].startswith(f"qwen3 {variant}: 4 layers")
-        assert "top 25 CPU operators" in table[1]  # on a GPU: the top 25 GPU kernels
-        assert len(table) == 3 + 25 and "aten::" in "".join(table[3:])
+        assert "top 12 CPU operators" in table[1]  # on a GPU: the top 12 GPU kernels
+        assert len(table) == 3 + 12 and "aten::" in "".join(table[3:])
+        with gzip.open(tmp_path / f"trace_qwen3_{variant}.json.gz", "rt") as f:
+            assert json.load(f)["traceEvents"]  # the timeline of the profiled step
 
 
 TILES = Path(__file__).resolve().parents[1] / "benchmarks" / "swiglu_lora_tiles.py"
@@ -166,3 +171,12 @@ def test_qwen3_memory_check_tiny_on_two_processes(tmp_path):
     assert row["params"] == param_count(TINY, 3, 2048)
     assert row["states_gib_per_gpu"] == round(row["params"] * STATE_BYTES["adamw"] / 2 / 1024**3, 2)
     assert row["full_depth"] == 2 and row["tokens_per_second_per_gpu"] > 0
+
+
+@pytest.mark.parametrize("args, named", [(["--trace"], "--trace"), (["--profile", "--profile-rows", "0"],
+                                                                       "--profile-rows")])
+def test_train_step_refuses_bad_profile_options_by_name(args, named, tmp_path):
+    res = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and named in res.stderr.splitlines()[-1], res.stderr[-1000:]
+    assert not (tmp_path / "train_step.json").exists()

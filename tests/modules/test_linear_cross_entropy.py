@@ -152,6 +152,35 @@ def test_refused():
         loss_fn(torch.randn(2, 20), torch.zeros(2, dtype=torch.long))
 
 
+
+def test_quack_failure_warns_once_and_the_torch_code_takes_over(monkeypatch):
+    """A quack call that raises (its JIT on an unsupported driver): one warning, the same loss and gradients from
+    the torch code, and no further quack calls in the process. On CPU, with quack made to look usable."""
+    torch.manual_seed(0)
+    head = _Head(16, 40, dtype=torch.bfloat16)
+    loss_fn = LinearCrossEntropyLoss(num_output_chunks=4)
+    loss_fn.set_model_output(head)
+    h = torch.randn(3, 10, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 40, (3, 10))
+    ref = _grads(lambda: loss_fn(h, labels), h, head.weight)  # the torch code (no quack on CPU)
+    assert not lce_module._quack_usable(h, 40)
+
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("DSL JIT failed")
+
+    monkeypatch.setattr(lce_module, "_quack_failed", [])
+    monkeypatch.setattr(lce_module, "_quack_cross_entropy", lambda: broken)
+    monkeypatch.setattr(lce_module, "_on_hopper", lambda t: True)
+    assert lce_module._quack_usable(h, 40) and not lce_module._quack_usable(h, 41)
+    with pytest.warns(UserWarning, match="quack's cross-entropy kernel failed.*DSL JIT failed"):
+        got = _grads(lambda: loss_fn(h, labels), h, head.weight)
+    assert len(calls) == 1 and not lce_module._quack_usable(h, 40)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compiled", [False, True])
@@ -175,7 +204,7 @@ def test_cuda_bf16_matches_full_logits(compiled):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(
-    not (torch.cuda.is_available() and lce_module._quack_usable(torch.empty(0, device="cuda"), 8)),
+    not (torch.cuda.is_available() and lce_module._quack_usable(torch.empty(0, device="cuda", dtype=torch.bfloat16), 8)),
     reason="needs quack-kernels and a compute-capability 9.x GPU",
 )
 @pytest.mark.parametrize("vocab", [5008, 50304, 5003])

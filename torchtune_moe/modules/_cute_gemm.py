@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from torchtune_moe.modules._custom_op import custom_op
 from torchtune_moe.modules._grouped_gemm import BF16, GroupedGemm, Rows, _deinterleave, _interleave, gathered
+from torchtune_moe.modules._utils import is_hopper
 
 __all__ = ["CUTE", "CuteGroupedGemm", "ENV_VAR", "bf16_gemm", "check_grouped_gemm_env", "cute_available"]
 
@@ -104,7 +105,7 @@ def _choice(device_type: str, device_index: int, dtype: torch.dtype, hidden_dim:
     if choice == "torch" or (choice == "auto" and _failed):
         return False
     usable = (
-        device_type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device_index)[0] == 9
+        device_type == "cuda" and dtype == torch.bfloat16 and is_hopper(device_index)
     )
     if choice == "cute":
         if not cute_available():

@@ -17,8 +17,8 @@ chunk but leaves the gradients to autograd, so it keeps the logits); Liger-Kerne
 package that the CPU install and the tests cannot run. The GEMMs are ``torch.mm`` / ``torch.addmm``. The per-chunk
 softmax and its gradient:
 
-- on a compute-capability 9.x GPU (H100, H200) with quack-kernels importable (a dependency on Linux, as for the
-  experts' GEMMs): quack's cross-entropy kernel, which holds each row in the shared memory of a cluster of CTAs, so
+- for bf16 logits on a compute-capability 9.x GPU (H100, H200) with quack-kernels importable (a dependency on
+  Linux, as for the experts' GEMMs) and a vocabulary that is a multiple of 8: quack's cross-entropy kernel, which holds each row in the shared memory of a cluster of CTAs, so
   it reads the logits once and writes their gradient over them. torch's code (below) reads them twice and writes a
   new tensor: at Qwen3's 151936-word vocab, 1024 rows, 209 against 360 us on an H200, and the whole loss (8192
   tokens, forward + backward) 25.5 against 27.5 ms (benchmarks/NOTES.md, session 23). A quack call that fails
@@ -29,7 +29,7 @@ softmax and its gradient:
 
 import functools
 import warnings
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor
 from torchtune.modules import TiedLinear
 
 from torchtune_moe.modules._kernels import use_triton
+from torchtune_moe.modules._utils import is_hopper
 
 __all__ = ["LinearCrossEntropyLoss"]
 
@@ -54,9 +55,9 @@ def _quack_cross_entropy() -> "Callable | str":
     return cross_entropy_fwd_out
 
 
-@functools.cache
-def _hopper(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] == 9
+def _on_hopper(t: torch.Tensor) -> bool:
+    """Whether ``t`` is on a compute-capability 9.x GPU (H100, H200)."""
+    return t.is_cuda and is_hopper(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 # Set when quack's kernel failed in this process: from then on torch's code computes the softmax.
@@ -64,11 +65,11 @@ _quack_failed: list[str] = []
 
 
 def _quack_usable(t: torch.Tensor, vocab: int) -> bool:
-    """Whether quack's cross-entropy kernel serves [rows, ``vocab``] logits on ``t``'s device (see the module doc):
-    rows of 16-byte multiples, as its vectorised loads need."""
-    if not t.is_cuda or vocab % (16 // t.element_size()) or _quack_failed or isinstance(_quack_cross_entropy(), str):
+    """Whether quack's cross-entropy kernel serves [rows, ``vocab``] logits of ``t``'s dtype and device (see the
+    module doc): bf16 (the dtype tested on GPUs), rows of 16-byte multiples (its vectorised loads need them)."""
+    if t.dtype != torch.bfloat16 or vocab % 8 or _quack_failed or not _on_hopper(t):
         return False
-    return _hopper(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return not isinstance(_quack_cross_entropy(), str)
 
 
 def _mm_fp32(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,16 @@ class _Head(nn.Module):
         return self.tok_embeddings.weight if isinstance(self.output, TiedLinear) else self.output.weight
 
 
+def _bf16_case(dim, vocab, rows, cols, chunks, device="cpu", **loss_kw):
+    """A bf16 head of ``vocab`` x ``dim`` with its loss, [rows, cols] hidden states and labels (seeded)."""
+    torch.manual_seed(0)
+    head = _Head(dim, vocab, dtype=torch.bfloat16).to(device)
+    loss_fn = LinearCrossEntropyLoss(num_output_chunks=chunks, **loss_kw)
+    loss_fn.set_model_output(head)
+    h = torch.randn(rows, cols, dim, dtype=torch.bfloat16, device=device, requires_grad=True)
+    return head, loss_fn, h, torch.randint(0, vocab, (rows, cols), device=device)
+
+
 def _reference(h, w, labels):
     """Mean cross-entropy of the full fp32-upcast logits (the plain path)."""
     return F.cross_entropy((h @ w.t()).float().reshape(-1, w.shape[0]), labels.reshape(-1))
@@ -61,12 +71,7 @@ def test_matches_full_logits_fp32(chunks, mask, tied):
 
 def test_matches_full_logits_bf16():
     """bf16: the same roundings as the plain path up to the fp32 accumulation order (one bf16 ulp)."""
-    torch.manual_seed(0)
-    head = _Head(64, 301, dtype=torch.bfloat16)
-    loss_fn = LinearCrossEntropyLoss(num_output_chunks=4)
-    loss_fn.set_model_output(head)
-    h = torch.randn(4, 32, 64, dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.randint(0, 301, (4, 32))
+    head, loss_fn, h, labels = _bf16_case(64, 301, 4, 32, chunks=4)
     got = _grads(lambda: loss_fn(h, labels), h, head.weight)
     ref = _grads(lambda: _reference(h, head.weight, labels), h, head.weight)
     assert got[1].dtype == got[2].dtype == torch.bfloat16
@@ -156,12 +161,7 @@ def test_refused():
 def test_quack_failure_warns_once_and_the_torch_code_takes_over(monkeypatch):
     """A quack call that raises (its JIT on an unsupported driver): one warning, the same loss and gradients from
     the torch code, and no further quack calls in the process. On CPU, with quack made to look usable."""
-    torch.manual_seed(0)
-    head = _Head(16, 40, dtype=torch.bfloat16)
-    loss_fn = LinearCrossEntropyLoss(num_output_chunks=4)
-    loss_fn.set_model_output(head)
-    h = torch.randn(3, 10, 16, dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.randint(0, 40, (3, 10))
+    head, loss_fn, h, labels = _bf16_case(16, 40, 3, 10, chunks=4)
     ref = _grads(lambda: loss_fn(h, labels), h, head.weight)  # the torch code (no quack on CPU)
     assert not lce_module._quack_usable(h, 40)
 
@@ -187,14 +187,9 @@ def test_quack_failure_warns_once_and_the_torch_code_takes_over(monkeypatch):
 def test_cuda_bf16_matches_full_logits(compiled):
     """CUDA: the hidden-state GEMM writes fp32 (``out_dtype``), ``addmm`` sums the weight gradient in its
     epilogue, the softmax compiled or eager; against the plain path and the fp32 math."""
-    torch.manual_seed(0)
-    head = _Head(512, 5003, dtype=torch.bfloat16).cuda()
-    loss_fn = LinearCrossEntropyLoss(num_output_chunks=8)
-    loss_fn.set_model_output(head)
+    head, loss_fn, h, labels = _bf16_case(512, 5003, 4, 300, chunks=8, device="cuda")  # 5003: not quack's
     if compiled:
         loss_fn.apply_compile_strategy()
-    h = torch.randn(4, 300, 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
-    labels = torch.randint(0, 5003, (4, 300), device="cuda")
     labels[:, :50] = -100
     got = _grads(lambda: loss_fn(h, labels), h, head.weight)
     ref = _grads(lambda: _reference(h, head.weight, labels), h, head.weight)
@@ -213,12 +208,7 @@ def test_quack_cross_entropy_matches_torch_code(vocab, mask, monkeypatch):
     """quack's kernel (the default on an H100/H200) against the torch code it replaces: the same loss, gradients
     within a bf16 rounding, ignored rows through the kernel too (``mask_ignored_tokens=False``). A vocab that is
     not a multiple of 8 (rows not 16-byte aligned) takes the torch code."""
-    torch.manual_seed(0)
-    head = _Head(256, vocab, dtype=torch.bfloat16).cuda()
-    loss_fn = LinearCrossEntropyLoss(num_output_chunks=3, mask_ignored_tokens=mask)
-    loss_fn.set_model_output(head)
-    h = torch.randn(2, 333, 256, dtype=torch.bfloat16, device="cuda", requires_grad=True)
-    labels = torch.randint(0, vocab, (2, 333), device="cuda")
+    head, loss_fn, h, labels = _bf16_case(256, vocab, 2, 333, chunks=3, device="cuda", mask_ignored_tokens=mask)
     labels[:, :40] = -100
     calls = []
     fused = loss_fn.fused_cross_entropy

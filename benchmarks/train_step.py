@@ -63,7 +63,6 @@ from torchtune_moe.modules import linear_cross_entropy as lce_module  # noqa: E4
 SEQ, BATCH = 2048, 4
 DEV = "cuda"
 PROMPT_FRAC = 0.0  # --prompt-frac
-TRACE = False  # --trace
 
 LAYERS = 4
 
@@ -76,7 +75,7 @@ def _mask_prompt(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0, out: str = None,
-        rows: int = 25) -> dict:
+        rows: int = 25, trace: bool = False) -> dict:
     config = hf_config(name, layers=LAYERS, seq_len=SEQ, tiny=DEV == "cpu")
     V = config["vocab_size"]
     torch.manual_seed(0)
@@ -160,7 +159,7 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, f"profile_{name}_{variant}.txt"), "w") as f:
                 f.write(table + "\n")
-            if TRACE:  # the timeline, for gaps between kernels (chrome://tracing or Perfetto read it gzipped)
+            if trace:  # the timeline, for gaps between kernels (chrome://tracing or Perfetto read it gzipped)
                 prof.export_chrome_trace(os.path.join(out, f"trace_{name}_{variant}.json.gz"))
 
     t0 = time.time()
@@ -211,7 +210,8 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--profile", action="store_true",
                    help="also profile --profile-steps steps after the timed ones: the top --profile-rows GPU "
-                        "kernels by total time of each shape and variant, into OUT/profile_<shape>_<variant>.txt (and printed)")
+                        "kernels by total time of each shape and variant, into OUT/profile_<shape>_<variant>.txt "
+                        "(and printed)")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--profile-rows", type=int, default=25, help="kernels listed per profile (default 25)")
     p.add_argument("--trace", action="store_true",
@@ -220,16 +220,15 @@ def main():
                    help="fraction of each sample's labels masked (-100) as a prompt, in [0, 1)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script runs")
     args = p.parse_args()
-    prepare_out(p, args.out)
-    if not 0.0 <= args.prompt_frac < 1.0:
-        p.error(f"--prompt-frac must be in [0, 1), got {args.prompt_frac}")
-    global DEV, SEQ, BATCH, PROMPT_FRAC, TRACE
-    PROMPT_FRAC = args.prompt_frac
     if args.trace and not (args.profile and args.out):
         p.error("--trace needs --profile and --out (or $OUT)")
     if args.profile_rows < 1:
         p.error(f"--profile-rows must be >= 1, got {args.profile_rows}")
-    TRACE = args.trace
+    prepare_out(p, args.out)
+    if not 0.0 <= args.prompt_frac < 1.0:
+        p.error(f"--prompt-frac must be in [0, 1), got {args.prompt_frac}")
+    global DEV, SEQ, BATCH, PROMPT_FRAC
+    PROMPT_FRAC = args.prompt_frac
     if args.dry_run:
         DEV, SEQ, BATCH = "cpu", 32, 2
     elif not torch.cuda.is_available():
@@ -243,11 +242,12 @@ def main():
     for name in args.shapes:
         for variant in args.variants:
             # ours_torch_softmax: LinearCrossEntropyLoss told that quack's kernel cannot serve it
-            no_quack = mock.patch.object(lce_module, "_quack_usable", lambda t, vocab: False)
+            no_quack = (mock.patch.object(lce_module, "_quack_usable", lambda t, vocab: False)
+                        if variant == "ours_torch_softmax" else contextlib.nullcontext())
             try:
-                with no_quack if variant == "ours_torch_softmax" else contextlib.nullcontext():
+                with no_quack:
                     r = run(name, variant, args.steps, args.warmup, args.profile_steps if args.profile else 0,
-                            args.out, args.profile_rows)
+                            args.out, args.profile_rows, args.trace)
             except Exception as e:  # keep going: report the others
                 traceback.print_exc()
                 r = dict(error=repr(e)[:500])

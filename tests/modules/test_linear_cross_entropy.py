@@ -197,11 +197,12 @@ def test_cuda_bf16_matches_full_logits(compiled):
     _assert_as_close_to_fp32(got, ref, h, head.weight, labels)
 
 
+def _quack_here() -> bool:
+    return torch.cuda.is_available() and lce_module._quack_usable(torch.empty(0, device="cuda", dtype=torch.bfloat16), 8)
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and lce_module._quack_usable(torch.empty(0, device="cuda", dtype=torch.bfloat16), 8)),
-    reason="needs quack-kernels and a compute-capability 9.x GPU",
-)
+@pytest.mark.skipif(not _quack_here(), reason="needs quack-kernels and a compute-capability 9.x GPU")
 @pytest.mark.parametrize("vocab", [5008, 50304, 5003])
 @pytest.mark.parametrize("mask", [True, False])
 def test_quack_cross_entropy_matches_torch_code(vocab, mask, monkeypatch):

@@ -18,8 +18,9 @@ package that the CPU install and the tests cannot run. The GEMMs are ``torch.mm`
 softmax and its gradient:
 
 - for bf16 logits on a compute-capability 9.x GPU (H100, H200) with quack-kernels importable (a dependency on
-  Linux, as for the experts' GEMMs) and a vocabulary that is a multiple of 8: quack's cross-entropy kernel, which holds each row in the shared memory of a cluster of CTAs, so
-  it reads the logits once and writes their gradient over them. torch's code (below) reads them twice and writes a
+  Linux, as for the experts' GEMMs) and a vocabulary that is a multiple of 8: quack's cross-entropy kernel, which
+  holds each row in the shared memory of a cluster of CTAs, so it reads the logits once and writes their gradient
+  over them. torch's code (below) reads them twice and writes a
   new tensor: at Qwen3's 151936-word vocab, 1024 rows, 209 against 360 us on an H200, and the whole loss (8192
   tokens, forward + backward) 25.5 against 27.5 ms (benchmarks/NOTES.md, session 23). A quack call that fails
   (its JIT on an unsupported driver) warns once and torch's code takes over for the rest of the process;
@@ -242,8 +243,8 @@ class LinearCrossEntropyLoss(nn.Module):
         """:meth:`compute_cross_entropy` through quack's kernel (CUDA, see the module doc): the gradient is written
         over ``logits_CV``, which must be contiguous and not needed afterwards. If quack fails, a warning (once) and
         :meth:`compute_cross_entropy` for this and every later chunk."""
-        loss_C = torch.empty(logits_CV.shape[0], dtype=torch.float32, device=logits_CV.device)
         if not _quack_failed:
+            loss_C = torch.empty(logits_CV.shape[0], dtype=torch.float32, device=logits_CV.device)
             try:
                 _quack_cross_entropy()(logits_CV, labels_C, None, loss_C, None, logits_CV, self.ignore_index)
                 return loss_C.sum(), logits_CV

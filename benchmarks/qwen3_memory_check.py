@@ -55,6 +55,7 @@ from torchtune_moe.models.qwen3_moe._hf_config import qwen3_moe_hf_config_to_kwa
 from torchtune_moe.modules import LinearCrossEntropyLoss, Router, collect_aux_loss, update_routers
 from torchtune_moe.modules.expert_parallel import check_expert_parallel_degree
 from torchtune_moe.training import (
+    compile_model,
     compile_optimizer_step,
     end_distributed_process,
     init_meshes,
@@ -94,7 +95,7 @@ def build_sharded(
         model = qwen3_moe(num_layers=num_layers, max_seq_len=max_seq_len, **dims)
     if compile:  # as the recipe with compile: true (per-layer torch.compile, before activation checkpointing)
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
-        training.compile_model(model, verbose=False)
+        compile_model(model, verbose=False)  # the decoder layers and the final norm
     # Activation checkpointing of every ``ac_every``-th decoder layer (layers 0, n, 2n, ...; 1: all, 0: none), as
     # torchtune's experimental ``ac_mode: selective`` with ``ac_option: n``.
     checkpointed = {id(layer) for i, layer in enumerate(model.layers) if ac_every and i % ac_every == 0}

@@ -22,7 +22,8 @@ Variants:
   ours_compile  ours_chunked with each decoder layer compiled (``torchtune.training.compile_model``) and the
                 loss compiled (``torchtune.training.compile_loss``).
   ours_linear_ce  ours_compile with ``torchtune_moe.modules.LinearCrossEntropyLoss`` (8 chunks, its per-chunk
-                softmax compiled): the model returns hidden states, the loss applies the output projection and
+                softmax compiled) and the final norm compiled too (``torchtune_moe.training.compile_model``, as
+                the recipe compiles): the model returns hidden states, the loss applies the output projection and
                 makes its gradients chunk by chunk, keeping no logits (the shipped configs' loss), and torch's
                 fused AdamW.
   ours_fp8_dense  ours_linear_ce with ``enable_fp8_training`` (the recipe's option): the attention projections
@@ -95,16 +96,14 @@ def run(name: str, variant: str, steps: int, warmup: int, profile_steps: int = 0
                 return ce + collect_aux_loss(model)
 
         elif variant in ("ours_linear_ce", "ours_fp8_dense", "ours_compiled_step", "ours_torch_softmax"):
-            from torchtune import training
-
             from torchtune_moe.modules import LinearCrossEntropyLoss
-            from torchtune_moe.training import convert_to_float8_training
+            from torchtune_moe.training import compile_model, convert_to_float8_training
 
             if variant == "ours_fp8_dense":  # before compiling, as the recipe does (emulated on the dry run's CPU)
                 convert_to_float8_training(model, "tensorwise", emulate=DEV == "cpu")
             lce = LinearCrossEntropyLoss(num_output_chunks=8)
             lce.set_model_output(model)
-            training.compile_model(model, verbose=False)
+            compile_model(model, verbose=False)  # the recipe's: the decoder layers and the final norm
             lce.apply_compile_strategy()
 
             def loss_fn(tokens):

@@ -78,6 +78,7 @@ from torchtune_moe.training import (
     checkpoint_problems,
     clear_previous_run,
     clip_and_total_grad_norm,
+    compile_model,
     compile_optimizer_step,
     compile_plan,
     config_changes,
@@ -600,7 +601,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             # Lets dynamo trace ops whose output size depends on data, as causal expert choice's kept rows
             # (torchtune_moe.modules.dispatch_combine): each layer then stays one graph instead of breaking there.
             torch._dynamo.config.capture_dynamic_output_shape_ops = True
-            training.compile_model(model, verbose=self._is_rank_zero)
+            compile_model(model, verbose=self._is_rank_zero)  # the decoder layers and the final norm
         if self._enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         if self._sharded:

@@ -1,7 +1,7 @@
 """Training utilities for the MoE recipes: checkpointing (interface, native checkpointer, Hugging Face checkpoints
 and ``from_hf_pretrained``, atomic saves, integrity checks), expert-load metrics, the recipes' config schema and
-validation, the compiled optimizer step, fp8 training of the dense layers, state-dict plumbing, RNG save/restore,
-console output, and the safety checks that keep a run from losing work. Sharded checkpoints
+validation, the compiled model and optimizer step, fp8 training of the dense layers, state-dict plumbing, RNG
+save/restore, console output, and the safety checks that keep a run from losing work. Sharded checkpoints
 (``torch.distributed.checkpoint``), slice-wise loading and the layer-by-layer export: ``_sharded_checkpoint``."""
 
 from torchtune_moe.training._checkpointing import (
@@ -17,6 +17,7 @@ from torchtune_moe.training._checkpointing import (
     list_checkpoints,
     remove_stale_temporaries,
 )
+from torchtune_moe.training._compile import compile_model
 from torchtune_moe.training._console import LogWindow, format_rate, prompt_and_expected, samples_table
 from torchtune_moe.training._fp8 import DEFAULT_FP8_RECIPE, FP8_RECIPES, convert_to_float8_training
 from torchtune_moe.training._hf_checkpointer import HFMoECheckpointer, from_hf_pretrained
@@ -114,6 +115,7 @@ __all__ = [
     "FULL_FINETUNE_CONFIG_SPEC",
     "LORA_FINETUNE_CONFIG_SPEC",
     "check_model",
+    "compile_model",
     "compile_optimizer_step",
     "compile_plan",
     "instantiate",

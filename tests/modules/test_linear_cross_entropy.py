@@ -26,10 +26,11 @@ class _Head(nn.Module):
 
 
 def _bf16_case(dim, vocab, rows, cols, chunks, device="cpu", **loss_kw):
-    """A bf16 head of ``vocab`` x ``dim`` with its loss, [rows, cols] hidden states and labels (seeded)."""
+    """A bf16 head of ``vocab`` x ``dim`` with its loss (``chunks`` chunks however short), [rows, cols] hidden
+    states and labels (seeded)."""
     torch.manual_seed(0)
     head = _Head(dim, vocab, dtype=torch.bfloat16).to(device)
-    loss_fn = LinearCrossEntropyLoss(num_output_chunks=chunks, **loss_kw)
+    loss_fn = LinearCrossEntropyLoss(num_output_chunks=chunks, min_tokens_per_chunk=1, **loss_kw)
     loss_fn.set_model_output(head)
     h = torch.randn(rows, cols, dim, dtype=torch.bfloat16, device=device, requires_grad=True)
     return head, loss_fn, h, torch.randint(0, vocab, (rows, cols), device=device)
@@ -48,21 +49,39 @@ def _grads(fn, h, w, times=3.0):
     return loss.detach(), h.grad.clone(), w.grad.clone()
 
 
+def _rows_seen(monkeypatch) -> list:
+    """Records the rows each call of the loss's autograd function gets (fewer than the labels: rows dropped)."""
+    seen, apply = [], lce_module._LinearCrossEntropy.apply
+
+    def spy(h_ND, *args):
+        seen.append(h_ND.shape[0])
+        return apply(h_ND, *args)
+
+    monkeypatch.setattr(lce_module._LinearCrossEntropy, "apply", spy)
+    return seen
+
+
 @pytest.mark.parametrize("chunks", [1, 3, 8, 100])
-@pytest.mark.parametrize("mask", [True, False])
+@pytest.mark.parametrize("mask", ["drop", "keep", False])
 @pytest.mark.parametrize("tied", [False, True])
-def test_matches_full_logits_fp32(chunks, mask, tied):
+def test_matches_full_logits_fp32(chunks, mask, tied, monkeypatch):
+    """Ignored rows dropped before the projection ("drop"), kept because too few to pay for the gathers ("keep",
+    the default rule at this tiny vocab), or kept by ``mask_ignored_tokens=False``: the same loss and gradients."""
     torch.manual_seed(0)
     head = _Head(16, 37, tied=tied)
-    loss_fn = LinearCrossEntropyLoss(num_output_chunks=chunks, mask_ignored_tokens=mask)
+    if mask == "drop":
+        monkeypatch.setattr(lce_module, "_DROP_IGNORED_VOCAB_ROWS", 0)
+    loss_fn = LinearCrossEntropyLoss(num_output_chunks=chunks, mask_ignored_tokens=bool(mask), min_tokens_per_chunk=1)
     loss_fn.set_model_output(head)
     h = torch.randn(3, 11, 16, requires_grad=True)
     labels = torch.randint(0, 37, (3, 11))
     labels[0, :4] = -100  # masked prompt tokens
     labels[2, -1] = -100
+    seen = _rows_seen(monkeypatch)
     # times 3, and times the label count as the recipes do (the summed loss's gradient scale is then exactly 1)
     for times in (3.0, float((labels != -100).sum())):
         got = _grads(lambda: loss_fn(h, labels), h, head.weight, times)
+        assert seen.pop() == (28 if mask == "drop" else 33)
         ref = _grads(lambda: _reference(h, head.weight, labels), h, head.weight, times)
         for g, r in zip(got, ref):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
@@ -132,9 +151,51 @@ def test_moe_model_skip_output_layer():
     torch.testing.assert_close(loss_fn(hidden, labels), ref)
 
 
+def test_drop_rule_follows_the_vocab(monkeypatch):
+    """The default rule drops ignored rows from 1024 / vocab of the rows up: at a 4096-word vocab a quarter."""
+    torch.manual_seed(0)
+    head = _Head(8, 4096)
+    loss_fn = LinearCrossEntropyLoss(min_tokens_per_chunk=1)
+    loss_fn.set_model_output(head)
+    h = torch.randn(64, 8, requires_grad=True)
+    seen = _rows_seen(monkeypatch)
+    for ignored, rows in ((15, 64), (16, 48), (1, 64), (0, 64)):
+        labels = torch.randint(0, 4096, (64,))
+        labels[:ignored] = -100
+        loss_fn(h, labels)
+        assert seen.pop() == rows, ignored
+
+
+def test_min_tokens_per_chunk_merges_short_chunks(monkeypatch):
+    """Chunks of fewer than ``min_tokens_per_chunk`` label tokens are merged: 33 tokens with 8 chunks asked for are
+    chunks of 5 (7 of them); with at least 10, 4 chunks (10, 10, 10, 3); the default (2048) makes one; the same loss
+    each way."""
+    torch.manual_seed(0)
+    head = _Head(16, 37)
+    h = torch.randn(3, 11, 16, requires_grad=True)
+    labels = torch.randint(0, 37, (3, 11))
+    losses = []
+    for kw, chunks in (({"min_tokens_per_chunk": 1}, 7), ({"min_tokens_per_chunk": 10}, 4), ({}, 1)):
+        loss_fn = LinearCrossEntropyLoss(num_output_chunks=8, **kw)
+        loss_fn.set_model_output(head)
+        calls = []
+        ce = loss_fn.compute_cross_entropy
+        monkeypatch.setattr(loss_fn, "compute_cross_entropy", lambda *a: calls.append(a[0].shape[0]) or ce(*a))
+        losses.append(loss_fn(h, labels))
+        assert len(calls) == chunks, (kw, calls)
+        with torch.no_grad():  # the no-grad path splits the same way
+            torch.testing.assert_close(loss_fn(h, labels), losses[-1])
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(losses[2], losses[0])
+    assert LinearCrossEntropyLoss().min_tokens_per_chunk == 2048
+
+
 def test_refused():
     with pytest.raises(ValueError, match="num_output_chunks must be an integer >= 1, got 0"):
         LinearCrossEntropyLoss(num_output_chunks=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"min_tokens_per_chunk must be an integer >= 1, got {bad!r}"):
+            LinearCrossEntropyLoss(min_tokens_per_chunk=bad)
     with pytest.raises(ValueError, match="mask_ignored_tokens must be true or false, got 'yes'"):
         LinearCrossEntropyLoss(mask_ignored_tokens="yes")
     with pytest.raises(ValueError, match="ignore_index must be an integer, got 1.5"):

@@ -85,14 +85,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of ``cross_entropy(h_ND @ w_VD.T, labels_N)`` with both gradients made in the forward."""
 
     @staticmethod
-    def forward(ctx, h_ND, w_VD, labels_N, num_chunks, ce_and_grad):
+    def forward(ctx, h_ND, w_VD, labels_N, rows, ce_and_grad):
         N, D = h_ND.shape
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         # [N, D] in fp32 (small): the hidden-state gradient is rounded once, after the backward's scaling.
         grad_h_ND = torch.empty(N, D, dtype=torch.float32, device=h_ND.device) if need_h else None
         grad_w_VD = None
-        rows = max(1, -(-N // num_chunks))
         for start in range(0, N, rows):
             h_CD = h_ND[start : start + rows]
             logits_CV = h_CD @ w_VD.t()
@@ -115,7 +114,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h_ND, grad_w_VD = ctx.saved_tensors
-        dh = (grad_h_ND * grad_loss).to(ctx.h_dtype) if grad_h_ND is not None else None
+        dh = None
+        if grad_h_ND is not None:
+            dh = (_scaled_rows_compiled if use_triton(grad_h_ND) else _scaled_rows)(grad_h_ND, grad_loss, ctx.h_dtype)
         dw = None
         if grad_w_VD is not None:
             dw = (_scaled_compiled if use_triton(grad_w_VD) else _scaled)(grad_w_VD, grad_loss)
@@ -135,6 +136,25 @@ def _scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 _scaled_compiled = torch.compile(_scaled, dynamic=False)  # compiled at its first call
 
 
+def _scaled_rows(t_ND: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 [N, D] hidden-state gradient times a 0-dim ``scale``, rounded once to ``dtype``. Compiled on CUDA
+    (:data:`_scaled_rows_compiled`, one kernel instead of eager's broadcasting multiply and a cast: 25 against 130
+    us at 8192 x 2048 on an H200); its own function because the row count varies from step to step where
+    :func:`_scaled`'s shape does not."""
+    return (t_ND * scale).to(dtype)
+
+
+_scaled_rows_compiled = torch.compile(_scaled_rows)  # automatic dynamic shapes: the second row count compiles once more
+
+
+# The ignored rows are dropped only where that pays: dropping costs gathers of the kept rows and the scatter of their
+# gradient (~0.2 ms at 8192 x 2048 on an H200), keeping one costs its share of the three output GEMMs, ~6 * dim * vocab
+# flops (2.5 us at Qwen3's 151936-word vocab). They break even near 1500 / vocab of the rows ignored; rows are
+# dropped from 1024 / vocab up (ignored rows * vocab >= rows * this). The last position of each sample alone stays
+# below it.
+_DROP_IGNORED_VOCAB_ROWS = 1024
+
+
 class LinearCrossEntropyLoss(nn.Module):
     """Mean token cross-entropy of ``hidden @ output.weight.T`` against ``labels``, computed a chunk of tokens at a
     time without keeping any logits (see the module docstring). A drop-in for torchtune's
@@ -147,30 +167,44 @@ class LinearCrossEntropyLoss(nn.Module):
     weight's dtype (as autograd sums CEWithChunkedOutputLoss's chunks); the hidden-state gradient is kept in fp32
     and rounded once.
 
-    Memory: one chunk's logits and their gradient at a time ([tokens / num_output_chunks, vocab] each), plus the
+    Memory: one chunk's logits and their gradient at a time ([rows, vocab] each, rows = the label tokens /
+    ``num_output_chunks`` but at least ``min_tokens_per_chunk``), plus the
     [vocab, dim] weight gradient and an fp32 [tokens, dim] hidden-state gradient, held from the forward to the
     backward.
 
     Args:
         num_output_chunks (int): chunks the label tokens are split into (torchtune's key). Default 8.
+        min_tokens_per_chunk (int): fewer chunks where they would hold fewer label tokens than this: the output
+            GEMMs lose speed on short chunks (the weight gradient's GEMM reduces over the chunk's tokens). At
+            Qwen3's 151936-word vocab and 8192 label tokens, 8 chunks of 1024 against 4 of 2048 cost ~1.4 ms per
+            step on an H200 and save 0.55 GiB (benchmarks/NOTES.md, session 24). A chunk's logits take at most
+            ``max(tokens / num_output_chunks, min_tokens_per_chunk) * vocab`` elements. 1: exactly
+            ``num_output_chunks`` chunks. Default 2048.
         ignore_index (int): label of positions without a loss. Default -100.
         mask_ignored_tokens (bool): drop the ignored positions before the projection, so that masked prompt
-            tokens cost no GEMM work (one host sync per call to count them). Default True.
+            tokens cost no GEMM work (one host sync per call to count them), where there are enough of them to
+            outweigh the gathers (from 1024 / vocab of the tokens up). Default True.
 
     Raises:
-        ValueError: ``num_output_chunks`` not an integer >= 1, ``ignore_index`` not an integer,
+        ValueError: ``num_output_chunks`` or ``min_tokens_per_chunk`` not an integer >= 1, ``ignore_index`` not
+            an integer,
             ``mask_ignored_tokens`` not a bool.
     """
 
-    def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, mask_ignored_tokens: bool = True):
+    def __init__(
+        self, num_output_chunks: int = 8, ignore_index: int = -100, mask_ignored_tokens: bool = True,
+        min_tokens_per_chunk: int = 2048,
+    ):
         super().__init__()
-        if not isinstance(num_output_chunks, int) or isinstance(num_output_chunks, bool) or num_output_chunks < 1:
-            raise ValueError(f"num_output_chunks must be an integer >= 1, got {num_output_chunks!r}")
+        for key, value in (("num_output_chunks", num_output_chunks), ("min_tokens_per_chunk", min_tokens_per_chunk)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
         if not isinstance(mask_ignored_tokens, bool):
             raise ValueError(f"mask_ignored_tokens must be true or false, got {mask_ignored_tokens!r}")
         self.num_output_chunks = num_output_chunks
+        self.min_tokens_per_chunk = min_tokens_per_chunk
         self.ignore_index = ignore_index
         self.mask_ignored_tokens = mask_ignored_tokens
         self._output = None
@@ -285,14 +319,16 @@ class LinearCrossEntropyLoss(nn.Module):
         total = valid_N.sum()
         if self.mask_ignored_tokens:
             keep = valid_N.nonzero().squeeze(1)
-            h_ND, labels_N = h_ND.index_select(0, keep), labels_N.index_select(0, keep)
+            if (labels_N.numel() - keep.numel()) * w_VD.shape[0] >= labels_N.numel() * _DROP_IGNORED_VOCAB_ROWS:
+                h_ND, labels_N = h_ND.index_select(0, keep), labels_N.index_select(0, keep)
+        rows = max(-(-h_ND.shape[0] // self.num_output_chunks), self.min_tokens_per_chunk)
         if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
             ce = self.fused_cross_entropy if _quack_usable(h_ND, w_VD.shape[0]) else self.compute_cross_entropy
-            loss_sum = _LinearCrossEntropy.apply(h_ND, w_VD, labels_N, self.num_output_chunks, ce)
+            loss_sum = _LinearCrossEntropy.apply(h_ND, w_VD, labels_N, rows, ce)
         else:
             loss_sum = sum(
                 (F.cross_entropy((h_CD @ w_VD.t()).float(), l_C, ignore_index=self.ignore_index, reduction="sum")
-                 for h_CD, l_C in zip(h_ND.chunk(self.num_output_chunks), labels_N.chunk(self.num_output_chunks))),
+                 for h_CD, l_C in zip(h_ND.split(rows), labels_N.split(rows))),
                 torch.zeros((), dtype=torch.float32, device=h_ND.device),
             )
         return loss_sum / total.clamp(min=1)

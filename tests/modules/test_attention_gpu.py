@@ -1,5 +1,5 @@
-"""The attention components written here, on the GPU against their CPU fp32 results: GPT-OSS's sink attention
-(on SDPA's fused kernels there) and Qwen3.5's Gated DeltaNet (its torch chunked path, or fla's kernel where
+"""The attention components written here, on the GPU against their CPU fp32 results: the builders' grouped-query
+attention and GPT-OSS's sink attention (on SDPA's fused kernels there) and Qwen3.5's Gated DeltaNet (its torch chunked path, or fla's kernel where
 installed). Marked ``gpu``: skipped where CUDA is absent (CI); ``python -m pytest -m gpu`` on a GPU machine."""
 
 import copy
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchtune_moe.modules.attention import SinkAttention
+from torchtune_moe.modules.attention import GroupedQueryAttention, SinkAttention
 from torchtune_moe.modules.linear_attention import GatedDeltaNet
 
 pytestmark = pytest.mark.gpu
@@ -51,6 +51,18 @@ def test_sink_attention_on_gpu(window):
         attn.sinks.normal_(0.0, 1.0)
     # k_proj.bias: softmax ignores a key bias but for the sink column, so its gradient is a nearly cancelling sum
     # whose bf16 relative error is large (2.7% on an H200).
+    _check(attn, torch.randn(2, 300, D), tol=2e-2, self_attention_args=True, skip={"k_proj.bias"})
+
+
+def test_grouped_query_attention_on_gpu():
+    """SDPA's fused kernel with ``enable_gqa`` (cuDNN on an H100/H200): 8 query heads over 2 key/value heads, causal."""
+    torch.manual_seed(0)
+    H, hd = 8, 64
+    D = H * hd
+    attn = GroupedQueryAttention(
+        embed_dim=D, num_heads=H, num_kv_heads=2, head_dim=hd, q_proj=nn.Linear(D, D), k_proj=nn.Linear(D, 2 * hd),
+        v_proj=nn.Linear(D, 2 * hd), output_proj=nn.Linear(D, D), max_seq_len=512,
+    )
     _check(attn, torch.randn(2, 300, D), tol=2e-2, self_attention_args=True, skip={"k_proj.bias"})
 
 

@@ -7,7 +7,6 @@ from torch import nn
 from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
 from torchtune.modules import (
     FeedForward,
-    MultiHeadAttention,
     RMSNorm,
     TiedLinear,
     TransformerDecoder,
@@ -22,7 +21,7 @@ from torchtune_moe.modules import (
     MoELinear,
     TokenChoiceTopKRouter,
 )
-from torchtune_moe.modules.attention import PartialRotaryPositionalEmbeddings
+from torchtune_moe.modules.attention import GroupedQueryAttention, PartialRotaryPositionalEmbeddings
 from torchtune_moe.modules.attention_utils import NormedProjection
 from torchtune_moe.models._utils import renamed_arguments
 from torchtune_moe.models.moe._decoder import MoETransformerDecoder
@@ -297,9 +296,10 @@ def moe(
         rope_base (float): RoPE theta.
         rotary_dim (Optional[int]): RoPE over the first ``rotary_dim`` channels of each head only (GLM-4.5's
             ``partial_rotary_factor``); None: the whole head.
-        attention (Optional[Callable[[int], nn.Module]]): ``layer index -> attention module`` replacing
-            torchtune's ``MultiHeadAttention`` (DeepSeek's multi-head latent attention); the attention
-            arguments above other than ``num_heads`` and ``head_dim`` (the decoder's) are then unused.
+        attention (Optional[Callable[[int], nn.Module]]): ``layer index -> attention module`` replacing the
+            default :class:`~torchtune_moe.modules.attention.GroupedQueryAttention` (torchtune's
+            ``MultiHeadAttention`` without the key/value repeat), e.g. DeepSeek's multi-head latent attention; the
+            attention arguments above other than ``num_heads`` and ``head_dim`` (the decoder's) are then unused.
         norm_eps (float): RMSNorm epsilon.
         attn_bias (bool): biases on the q, k, v projections (Qwen2-MoE).
         attn_output_bias (bool): bias on the attention output projection (Qwen3-MoE and OLMoE put one there
@@ -379,7 +379,7 @@ def moe(
 
     layers = nn.ModuleList()
     for i in range(num_layers):
-        attn = attention(i) if attention is not None else MultiHeadAttention(
+        attn = attention(i) if attention is not None else GroupedQueryAttention(
             # torchtune only checks embed_dim % num_heads (it reads embed_dim nowhere else): give it the attention
             # width, which GLM-4.5's 96 heads of 128 over a 5120-dim model need.
             embed_dim=num_heads * head_dim,

@@ -2,6 +2,8 @@
 chunk counts, tied and frozen weights, the model's ``skip_output_layer`` and refused inputs. The CUDA path (fp32
 GEMM outputs, the compiled softmax, quack's kernel) are the ``gpu``-marked tests at the end."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,19 +153,28 @@ def test_moe_model_skip_output_layer():
     torch.testing.assert_close(loss_fn(hidden, labels), ref)
 
 
-def test_drop_rule_follows_the_vocab(monkeypatch):
-    """The default rule drops ignored rows from 1024 / vocab of the rows up: at a 4096-word vocab a quarter."""
+def test_drop_rule_follows_the_vocab_and_counts_late_after_a_call_that_kept_all(monkeypatch):
+    """The default rule drops ignored rows from 1024 / vocab of the rows up: at a 4096-word vocab, 16 of 64. After a
+    call with too few to drop, the next call keeps every row without counting first (no host sync) and its count,
+    read later, decides the call after it: one call late when the data changes, the same loss either way."""
     torch.manual_seed(0)
     head = _Head(8, 4096)
     loss_fn = LinearCrossEntropyLoss(min_tokens_per_chunk=1)
     loss_fn.set_model_output(head)
     h = torch.randn(64, 8, requires_grad=True)
     seen = _rows_seen(monkeypatch)
-    for ignored, rows in ((15, 64), (16, 48), (1, 64), (0, 64)):
+    late = []
+    count_later = loss_fn._count_later
+    monkeypatch.setattr(loss_fn, "_count_later", lambda *a: late.append(1) or count_later(*a))
+    # (ignored labels, rows projected, counted late): 15 of 64 is too few; the next call keeps all 64 of 16 ignored
+    # unsynced, and its count (16: worth dropping) makes the call after it count first and drop.
+    for ignored, rows, counted_late in ((15, 64, 0), (16, 64, 1), (16, 48, 0), (1, 64, 0), (0, 64, 1), (0, 64, 1)):
         labels = torch.randint(0, 4096, (64,))
         labels[:ignored] = -100
-        loss_fn(h, labels)
-        assert seen.pop() == rows, ignored
+        loss = loss_fn(h, labels)
+        assert (seen.pop(), len(late)) == (rows, counted_late), ignored
+        late.clear()
+        torch.testing.assert_close(loss, _reference(h, head.weight, labels))
 
 
 def test_min_tokens_per_chunk_merges_short_chunks(monkeypatch):
@@ -256,6 +267,31 @@ def test_cuda_bf16_matches_full_logits(compiled):
     ref = _grads(lambda: _reference(h, head.weight, labels), h, head.weight)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
     _assert_as_close_to_fp32(got, ref, h, head.weight, labels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_every_label_kept_counts_without_a_host_sync():
+    """After a call with too few ignored labels to drop (the last position of each sample), the next call's forward
+    makes no synchronizing CUDA call (torch's sync debug mode), and the loss and gradients stay the plain path's."""
+    head, loss_fn, h, labels = _bf16_case(256, 5008, 4, 512, chunks=2, device="cuda")
+    labels[:, -1] = -100
+    ref = _grads(lambda: _reference(h, head.weight, labels), h, head.weight)
+    _grads(lambda: loss_fn(h, labels), h, head.weight)  # counts now: nothing worth dropping
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = loss_fn(h, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not [w for w in caught if "synchroniz" in str(w.message)], [str(w.message) for w in caught]
+    assert len(loss_fn._last_count) == 3  # its count is on its way to the host
+    got = _grads(lambda: loss_fn(h, labels), h, head.weight)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
+    _assert_as_close_to_fp32(got, ref, h, head.weight, labels)
+    torch.testing.assert_close(loss, got[0])
 
 
 def _quack_here() -> bool:

@@ -138,8 +138,8 @@ _scaled_compiled = torch.compile(_scaled, dynamic=False)  # compiled at its firs
 
 def _scaled_rows(t_ND: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The fp32 [N, D] hidden-state gradient times a 0-dim ``scale``, rounded once to ``dtype``. Compiled on CUDA
-    (:data:`_scaled_rows_compiled`, one kernel instead of eager's broadcasting multiply and a cast: 25 against 130
-    us at 8192 x 2048 on an H200); its own function because the row count varies from step to step where
+    (:data:`_scaled_rows_compiled`, one kernel instead of eager's broadcasting multiply and a cast: ~35 against
+    ~130 us at 8192 x 2048 on an H200); its own function because the row count varies from step to step where
     :func:`_scaled`'s shape does not."""
     return (t_ND * scale).to(dtype)
 
@@ -153,6 +153,11 @@ _scaled_rows_compiled = torch.compile(_scaled_rows)  # automatic dynamic shapes:
 # dropped from 1024 / vocab up (ignored rows * vocab >= rows * this). The last position of each sample alone stays
 # below it.
 _DROP_IGNORED_VOCAB_ROWS = 1024
+
+
+def _drop_pays(ignored: int, rows: int, vocab: int) -> bool:
+    """Whether dropping ``ignored`` of ``rows`` label rows before a ``vocab``-wide projection pays (see above)."""
+    return ignored * vocab >= rows * _DROP_IGNORED_VOCAB_ROWS
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -182,8 +187,10 @@ class LinearCrossEntropyLoss(nn.Module):
             ``num_output_chunks`` chunks. Default 2048.
         ignore_index (int): label of positions without a loss. Default -100.
         mask_ignored_tokens (bool): drop the ignored positions before the projection, so that masked prompt
-            tokens cost no GEMM work (one host sync per call to count them), where there are enough of them to
-            outweigh the gathers (from 1024 / vocab of the tokens up). Default True.
+            tokens cost no GEMM work, where there are enough of them to outweigh the gathers (from 1024 / vocab of
+            the tokens up). Counting them is a host sync per call; after a call with too few to drop, the next
+            call keeps every row and counts without waiting, which decides the call after it (so a run whose
+            every token has a label syncs once). Default True.
 
     Raises:
         ValueError: ``num_output_chunks`` or ``min_tokens_per_chunk`` not an integer >= 1, ``ignore_index`` not
@@ -208,6 +215,9 @@ class LinearCrossEntropyLoss(nn.Module):
         self.ignore_index = ignore_index
         self.mask_ignored_tokens = mask_ignored_tokens
         self._output = None
+        # The previous call's ignored-row count: (ignored, rows), or (the label count on its way to the host, the
+        # CUDA event after its copy or None, rows); None before the first call.
+        self._last_count = None
 
     def set_model_output(self, model: nn.Module) -> None:
         """Takes the projection from ``model.output`` (a bias-free ``nn.Linear`` or torchtune's ``TiedLinear``)
@@ -233,6 +243,31 @@ class LinearCrossEntropyLoss(nn.Module):
             )
         self._output = output
         model.skip_output_layer = True
+
+    def _count_now(self, vocab: int) -> bool:
+        """Whether to count this call's ignored rows now (a host sync) to drop them: before the first call, and
+        after a call whose ignored rows were worth dropping. After one with too few, this call keeps every row
+        (its result is the same either way) and its count reaches the host without the host waiting
+        (:meth:`_count_later`) to decide the next call: data whose every token has a label never syncs here."""
+        if self._last_count is None:
+            return True
+        if len(self._last_count) == 3:
+            count, event, rows = self._last_count
+            if event is not None:
+                event.synchronize()  # recorded a call ago: long complete
+            self._last_count = (rows - int(count), rows)
+        return _drop_pays(*self._last_count, vocab)
+
+    def _count_later(self, total: torch.Tensor, rows: int) -> None:
+        """Starts the copy of this call's label count to the host, read by the next call's :meth:`_count_now`."""
+        if total.is_cuda:
+            count = torch.empty((), dtype=total.dtype, pin_memory=True)
+            count.copy_(total, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._last_count = (count, event, rows)
+        else:
+            self._last_count = (total, None, rows)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -317,10 +352,14 @@ class LinearCrossEntropyLoss(nn.Module):
             )
         valid_N = labels_N != self.ignore_index
         total = valid_N.sum()
-        if self.mask_ignored_tokens:
-            keep = valid_N.nonzero().squeeze(1)
-            if (labels_N.numel() - keep.numel()) * w_VD.shape[0] >= labels_N.numel() * _DROP_IGNORED_VOCAB_ROWS:
+        N, V = labels_N.numel(), w_VD.shape[0]
+        if self.mask_ignored_tokens and self._count_now(V):
+            keep = valid_N.nonzero().squeeze(1)  # the host waits for the GPU here to size the kept rows
+            self._last_count = (N - keep.numel(), N)
+            if _drop_pays(N - keep.numel(), N, V):
                 h_ND, labels_N = h_ND.index_select(0, keep), labels_N.index_select(0, keep)
+        elif self.mask_ignored_tokens:
+            self._count_later(total, N)
         rows = max(-(-h_ND.shape[0] // self.num_output_chunks), self.min_tokens_per_chunk)
         if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
             ce = self.fused_cross_entropy if _quack_usable(h_ND, w_VD.shape[0]) else self.compute_cross_entropy

@@ -21,7 +21,8 @@ Variants:
                 chunks: logits upcast one chunk at a time), as torchtune's recipes train.
   ours_compile  ours_chunked with each decoder layer compiled (``torchtune.training.compile_model``) and the
                 loss compiled (``torchtune.training.compile_loss``).
-  ours_linear_ce  ours_compile with ``torchtune_moe.modules.LinearCrossEntropyLoss`` (8 chunks, its per-chunk
+  ours_linear_ce  ours_compile with ``torchtune_moe.modules.LinearCrossEntropyLoss`` (``num_output_chunks=8``
+                and its default ``min_tokens_per_chunk=2048``: 4 chunks of 2048 tokens here; its per-chunk
                 softmax compiled) and the final norm compiled too (``torchtune_moe.training.compile_model``, as
                 the recipe compiles): the model returns hidden states, the loss applies the output projection and
                 makes its gradients chunk by chunk, keeping no logits (the shipped configs' loss), and torch's

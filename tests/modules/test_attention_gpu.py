@@ -1,6 +1,7 @@
 """The attention components written here, on the GPU against their CPU fp32 results: the builders' grouped-query
-attention and GPT-OSS's sink attention (on SDPA's fused kernels there) and Qwen3.5's Gated DeltaNet (its torch chunked path, or fla's kernel where
-installed). Marked ``gpu``: skipped where CUDA is absent (CI); ``python -m pytest -m gpu`` on a GPU machine."""
+attention and GPT-OSS's sink attention (on SDPA's fused kernels there) and Qwen3.5's Gated DeltaNet (its torch
+chunked path, or fla's kernel where installed). Marked ``gpu``: skipped where CUDA is absent (CI);
+``python -m pytest -m gpu`` on a GPU machine."""
 
 import copy
 

@@ -181,8 +181,9 @@ class LinearCrossEntropyLoss(nn.Module):
         num_output_chunks (int): chunks the label tokens are split into (torchtune's key). Default 8.
         min_tokens_per_chunk (int): fewer chunks where they would hold fewer label tokens than this: the output
             GEMMs lose speed on short chunks (the weight gradient's GEMM reduces over the chunk's tokens). At
-            Qwen3's 151936-word vocab and 8192 label tokens, 8 chunks of 1024 against 4 of 2048 cost ~1.4 ms per
-            step on an H200 and save 0.55 GiB (benchmarks/NOTES.md, session 24). A chunk's logits take at most
+            Qwen3's 151936-word vocab and 8192 label tokens, 8 chunks of 1024 made the training step 1.3-1.5 ms
+            slower than 4 of 2048 on an H200 (benchmarks/NOTES.md, session 24) and the loss alone 0.55 GiB
+            lighter (session 22). A chunk's logits take at most
             ``max(tokens / num_output_chunks, min_tokens_per_chunk) * vocab`` elements. 1: exactly
             ``num_output_chunks`` chunks. Default 2048.
         ignore_index (int): label of positions without a loss. Default -100.
@@ -194,8 +195,7 @@ class LinearCrossEntropyLoss(nn.Module):
 
     Raises:
         ValueError: ``num_output_chunks`` or ``min_tokens_per_chunk`` not an integer >= 1, ``ignore_index`` not
-            an integer,
-            ``mask_ignored_tokens`` not a bool.
+            an integer, ``mask_ignored_tokens`` not a bool.
     """
 
     def __init__(

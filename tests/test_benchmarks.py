@@ -1,6 +1,6 @@
 """benchmarks/train_step.py --dry-run --profile, moe_layer.py, swiglu_lora_tiles.py, gather_tiles.py,
-fp8_quantizers.py and optimizer_step.py --dry-run (tiny shapes on CPU), and qwen3_memory_check.py --tiny on 2
-CPU processes run: the GPU scripts' code stays working.
+fp8_quantizers.py and optimizer_step.py --dry-run (tiny shapes on CPU) and qwen3_memory_check.py --tiny on 2
+CPU processes run: the GPU scripts' code stays working. trace_report.py reads a made-up timeline.
 (benchmarks/lora.py's dry run: tests/recipes/test_moe_lora_finetune.py.)"""
 
 import gzip
@@ -180,3 +180,34 @@ def test_train_step_refuses_bad_profile_options_by_name(args, named, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and named in res.stderr.splitlines()[-1], res.stderr[-1000:]
     assert not (tmp_path / "train_step.json").exists()
+
+
+def test_trace_report_attributes_kernels_and_finds_idle_gaps(tmp_path):
+    """trace_report.py on a made-up timeline: two kernels launched under an operator (one inside an inner op),
+    70 us idle between them in the second half of the timeline."""
+    events = [
+        {"cat": "cpu_op", "ph": "X", "name": "Outer", "tid": 1, "ts": 0, "dur": 100},
+        {"cat": "cpu_op", "ph": "X", "name": "aten::mm", "tid": 1, "ts": 10, "dur": 10},
+        {"cat": "cuda_runtime", "ph": "X", "name": "cudaLaunchKernel", "tid": 1, "ts": 15, "dur": 2,
+         "args": {"correlation": 1}},
+        {"cat": "cuda_runtime", "ph": "X", "name": "cudaLaunchKernel", "tid": 1, "ts": 50, "dur": 2,
+         "args": {"correlation": 2}},
+        {"cat": "kernel", "ph": "X", "name": "gemm_kernel", "tid": 7, "ts": 200, "dur": 30, "args": {"correlation": 1}},
+        {"cat": "kernel", "ph": "X", "name": "add_kernel", "tid": 7, "ts": 300, "dur": 50, "args": {"correlation": 2}},
+    ]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "trace_report.py"
+    res = subprocess.run([sys.executable, str(script), str(path), "--steps", "1"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "GPU time per step: 0.080 ms, 2 kernels" in out
+    assert "0.080 ms  Outer" in out
+    assert any("gemm_kernel" in line and line.rstrip().endswith("aten::mm") for line in out.splitlines())
+    assert any("add_kernel" in line and line.rstrip().endswith("Outer") for line in out.splitlines())
+    assert "0.070 ms in 1 gaps" in out and "after gemm_kernel  before add_kernel" in out
+    res = subprocess.run([sys.executable, str(script), str(path), "--rows", "0"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode != 0 and "--rows must be >= 1, got 0" in res.stderr

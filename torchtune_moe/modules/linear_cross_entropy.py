@@ -215,9 +215,10 @@ class LinearCrossEntropyLoss(nn.Module):
         self.ignore_index = ignore_index
         self.mask_ignored_tokens = mask_ignored_tokens
         self._output = None
-        # The previous call's ignored-row count: (ignored, rows), or (the label count on its way to the host, the
-        # CUDA event after its copy or None, rows); None before the first call.
-        self._last_count = None
+        # The latest counted call's (ignored rows, rows), None before the first call; and a call's label count on
+        # its way to the host (the count, the CUDA event after its copy or None, rows), read by the next call.
+        self._last_ignored = None
+        self._pending_count = None
 
     def set_model_output(self, model: nn.Module) -> None:
         """Takes the projection from ``model.output`` (a bias-free ``nn.Linear`` or torchtune's ``TiedLinear``)
@@ -249,14 +250,12 @@ class LinearCrossEntropyLoss(nn.Module):
         after a call whose ignored rows were worth dropping. After one with too few, this call keeps every row
         (its result is the same either way) and its count reaches the host without the host waiting
         (:meth:`_count_later`) to decide the next call: data whose every token has a label never syncs here."""
-        if self._last_count is None:
-            return True
-        if len(self._last_count) == 3:
-            count, event, rows = self._last_count
+        if self._pending_count is not None:
+            count, event, rows = self._pending_count
             if event is not None:
                 event.synchronize()  # recorded a call ago: long complete
-            self._last_count = (rows - int(count), rows)
-        return _drop_pays(*self._last_count, vocab)
+            self._last_ignored, self._pending_count = (rows - int(count), rows), None
+        return self._last_ignored is None or _drop_pays(*self._last_ignored, vocab)
 
     def _count_later(self, total: torch.Tensor, rows: int) -> None:
         """Starts the copy of this call's label count to the host, read by the next call's :meth:`_count_now`."""
@@ -265,9 +264,9 @@ class LinearCrossEntropyLoss(nn.Module):
             count.copy_(total, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._last_count = (count, event, rows)
+            self._pending_count = (count, event, rows)
         else:
-            self._last_count = (total, None, rows)
+            self._pending_count = (total, None, rows)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -355,8 +354,8 @@ class LinearCrossEntropyLoss(nn.Module):
         N, V = labels_N.numel(), w_VD.shape[0]
         if self.mask_ignored_tokens and self._count_now(V):
             keep = valid_N.nonzero().squeeze(1)  # the host waits for the GPU here to size the kept rows
-            self._last_count = (N - keep.numel(), N)
-            if _drop_pays(N - keep.numel(), N, V):
+            self._last_ignored = (N - keep.numel(), N)
+            if _drop_pays(*self._last_ignored, V):
                 h_ND, labels_N = h_ND.index_select(0, keep), labels_N.index_select(0, keep)
         elif self.mask_ignored_tokens:
             self._count_later(total, N)

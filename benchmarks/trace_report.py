@@ -27,9 +27,19 @@ _IDLE_US = 5.0
 
 
 def load(path: str) -> list:
-    """The trace's events (a ``.json`` or ``.json.gz`` chrome trace)."""
-    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
-        return json.load(f)["traceEvents"]
+    """The trace's events (a ``.json`` or ``.json.gz`` chrome trace).
+
+    Raises:
+        ValueError: the file cannot be read, is not JSON (gzipped for ``.gz``) or has no ``traceEvents`` list.
+    """
+    try:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+            events = json.load(f).get("traceEvents")
+    except (OSError, EOFError, ValueError, AttributeError) as e:  # gzip's BadGzipFile is an OSError
+        raise ValueError(f"{path}: not a readable chrome trace ({type(e).__name__}: {e})") from e
+    if not isinstance(events, list):
+        raise ValueError(f"{path}: no traceEvents list (a torch.profiler chrome trace has one)")
+    return events
 
 
 def launching_ops(events: list) -> dict:
@@ -102,7 +112,14 @@ def main():
     for name in ("steps", "rows", "gaps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    print(report(load(args.trace), args.steps, args.rows, args.gaps))
+    try:
+        events = load(args.trace)
+        text = report(events, args.steps, args.rows, args.gaps)
+    except ValueError as e:
+        p.error(f"trace: {e}")
+    except (KeyError, TypeError) as e:  # an event without the fields a profiler writes (ts, dur, name, ...)
+        p.error(f"trace: {args.trace}: a malformed event ({type(e).__name__}: {e})")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -211,3 +211,14 @@ def test_trace_report_attributes_kernels_and_finds_idle_gaps(tmp_path):
     res = subprocess.run([sys.executable, str(script), str(path), "--rows", "0"], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode != 0 and "--rows must be >= 1, got 0" in res.stderr
+    # Missing, not JSON, not gzipped, no traceEvents, an event without its fields: refused by name, no traceback.
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "fake.json.gz").write_text("not gzip")
+    (tmp_path / "nokey.json").write_text('{"x": 1}')
+    (tmp_path / "bad_event.json").write_text('{"traceEvents": [{"cat": "kernel", "name": "k"}]}')
+    for name, why in (("missing.json", "not a readable chrome trace"), ("text.json", "not a readable chrome trace"),
+                      ("fake.json.gz", "not a readable chrome trace"), ("nokey.json", "no traceEvents list"),
+                      ("bad_event.json", "a malformed event")):
+        res = subprocess.run([sys.executable, str(script), str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode != 0 and why in res.stderr and "Traceback" not in res.stderr, (name, res.stderr)

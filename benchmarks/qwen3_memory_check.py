@@ -58,8 +58,10 @@ from torchtune_moe.training import (
     compile_model,
     compile_optimizer_step,
     end_distributed_process,
+    grad_norms,
+    gradient_groups,
     init_meshes,
-    scale_expert_grads,
+    scale_and_clip_grads,
     shard_experts,
 )
 
@@ -179,8 +181,10 @@ def measure(dims: dict, num_layers: int, args, device: torch.device, mesh, exper
         logits = model(tokens[:, :-1])
         loss = loss_fn(logits, tokens[:, 1:]) + collect_aux_loss(model)
         loss.backward()
-        if expert_mesh is not None:  # as the recipe: expert gradients also sum over their EP group
-            scale_expert_grads(model, 1.0 / expert_mesh["ep"].size())
+        # As the recipe (clip_grad_norm: 1.0): the norm, then one pass that clips, and under expert parallelism
+        # divides the experts' gradients by the degree (they sum over their EP group). The loss is a mean: scale 1.
+        groups = gradient_groups(model, 1 if expert_mesh is None else expert_mesh["ep"].size())
+        scale_and_clip_grads(groups, grad_norms(groups, device).tolist(), 1.0, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_routers(model)

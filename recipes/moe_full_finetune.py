@@ -77,7 +77,6 @@ from torchtune_moe.training import (
     checkpoint_dir_name,
     checkpoint_problems,
     clear_previous_run,
-    clip_and_total_grad_norm,
     compile_model,
     compile_optimizer_step,
     compile_plan,
@@ -86,6 +85,8 @@ from torchtune_moe.training import (
     end_distributed_process,
     find_latest_checkpoint,
     format_rate,
+    grad_norms,
+    gradient_groups,
     init_meshes,
     instantiate,
     is_out_of_space,
@@ -105,7 +106,7 @@ from torchtune_moe.training import (
     rng_state,
     samples_table,
     save_training_state,
-    scale_expert_grads,
+    scale_and_clip_grads,
     shard_experts,
     truncate_expert_load,
     validate_recipe_config,
@@ -784,19 +785,23 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         zero = torch.zeros((), dtype=torch.float64, device=self._device)
         return [torch.stack(by_name[n]).mean() if n in by_name else zero for n in self._aux_names]
 
-    def _finish_accumulation(self) -> dict[str, float]:
-        """Ends a step's accumulation: sums the statistics over ranks and divides the gradients by the step's
-        label tokens (times the world size: FSDP2 averages gradients over ranks). Returns the step's losses."""
+    def _finish_accumulation(self) -> tuple[dict[str, float], Optional[float]]:
+        """Ends a step's accumulation: sums the statistics over ranks, takes the gradients' norm, divides the
+        gradients by the step's label tokens (times the world size: FSDP2 averages gradients over ranks; the routed
+        experts' by the expert-parallel degree too) and clips them to ``clip_grad_norm``, in one pass
+        (:func:`~torchtune_moe.training.scale_and_clip_grads`). Returns the step's losses and the total gradient
+        norm before clipping (None: no gradients)."""
         stats = self._step_acc
         self._step_acc = None
         if self._distributed:
             dist.all_reduce(stats)
-        num_tokens = stats[2]
-        training.scale_grads(self._model, self.world_size / num_tokens.clamp(min=1))
-        if self._expert_parallel_degree > 1:  # expert gradients also sum over their EP group (shard_experts)
-            scale_expert_grads(self._model, 1.0 / self._expert_parallel_degree)
-        values = stats.tolist()
+        groups = gradient_groups(self._model, self._expert_parallel_degree)
+        norms = grad_norms(groups, stats.device)
+        values = (stats if norms is None else torch.cat([stats, norms.to(stats.dtype)])).tolist()  # the host waits
         n = max(values[2], 1.0)
+        grad_norm = None
+        if groups:
+            grad_norm = scale_and_clip_grads(groups, values[stats.numel():], self.world_size / n, self._clip_grad_norm)
         out = {
             "loss": (values[0] + values[1]) / n,
             "ce_loss": values[0] / n,
@@ -804,9 +809,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             "num_tokens": values[2],
             "num_inputs": values[3],
         }
-        for name, v in zip(self._aux_names or [], values[4:]):
+        for name, v in zip(self._aux_names or [], values[4 : stats.numel()]):
             out[f"aux/{name}"] = v / n
-        return out
+        return out, grad_norm
 
     def train(self) -> None:
         """The training loop. Each optimizer step checks the loss and gradient norm before stepping: a non-finite
@@ -843,9 +848,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 self._forward_backward(batch)
                 if (idx + 1) % self._gradient_accumulation_steps != 0:
                     continue
-                step = self._finish_accumulation()
-                grad_norm = self._grad_norm()
-                finite = all_finite([step["loss"], None if grad_norm is None else float(grad_norm)])
+                step, grad_norm = self._finish_accumulation()
+                finite = all_finite([step["loss"], grad_norm])
                 if finite:
                     self._optimizer.step()
                 else:
@@ -880,16 +884,11 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
                 window = self._window = LogWindow()
             self.save_checkpoint(epoch_done=True)
 
-    def _grad_norm(self) -> Optional[torch.Tensor]:
-        """The total gradient norm, clipping to ``clip_grad_norm`` when set (every rank: reduced over shards)."""
-        params = [p for p in self._model.parameters() if p.requires_grad]
-        return clip_and_total_grad_norm(params, self._clip_grad_norm)
-
-    def _skip_nonfinite_step(self, loss: float, grad_norm: Optional[torch.Tensor]) -> None:
+    def _skip_nonfinite_step(self, loss: float, grad_norm: Optional[float]) -> None:
         """A step whose loss or gradient norm is not finite: its gradients and router statistics are dropped and
         the optimizer does not step; past ``max_skipped_nonfinite_steps`` such steps, the run stops."""
         step = self.global_step + 1
-        what = f"loss {loss}" + ("" if grad_norm is None else f", gradient norm {float(grad_norm)}")
+        what = f"loss {loss}" + ("" if grad_norm is None else f", gradient norm {grad_norm}")
         self.skipped_steps += 1
         if self.skipped_steps > self._max_skipped_nonfinite:
             allowed = self._max_skipped_nonfinite

@@ -68,10 +68,10 @@ def test_skip_mode_skips_a_rare_nonfinite_step(tmp_path, monkeypatch):
     real = MoEFullFinetuneRecipe._finish_accumulation
 
     def nan_at_step_2(self):
-        out = real(self)
+        out, grad_norm = real(self)
         if self.global_step == 1:
             out["loss"] = float("nan")
-        return out
+        return out, grad_norm
 
     monkeypatch.setattr(MoEFullFinetuneRecipe, "_finish_accumulation", nan_at_step_2)
     recipe = make_recipe(tmp_path, overrides=[*SHORT, "max_steps_per_epoch=3", "max_skipped_nonfinite_steps=1"])

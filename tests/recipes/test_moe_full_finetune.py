@@ -297,7 +297,8 @@ def test_bad_key_from_the_command_line(tmp_path):
 
 def test_aux_loss_added_once_per_micro_batch_and_scaled_like_ce(tmp_path):
     """The gradient of one optimizer step with 3 micro-batches is that of
-    sum_mb n_mb * (CE_mb + aux_mb) / sum_mb n_mb, n_mb = label tokens of micro-batch mb."""
+    sum_mb n_mb * (CE_mb + aux_mb) / sum_mb n_mb, n_mb = label tokens of micro-batch mb, clipped as torch's
+    ``clip_grad_norm_`` clips it (the same pass), with the same norm reported."""
     recipe = make_recipe(tmp_path, overrides=["batch_size=4", "gradient_accumulation_steps=3",
                                               "model.aux_loss_coeff=0.5", "model.z_loss_coeff=0.01"])
     model = recipe._model
@@ -307,7 +308,7 @@ def test_aux_loss_added_once_per_micro_batch_and_scaled_like_ce(tmp_path):
 
     for batch in batches:
         recipe._forward_backward(batch)
-    step = recipe._finish_accumulation()
+    step, grad_norm = recipe._finish_accumulation()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     # By hand on the copy.
@@ -325,14 +326,17 @@ def test_aux_loss_added_once_per_micro_batch_and_scaled_like_ce(tmp_path):
         aux_terms.append(n * aux)
         total += n
     (sum(terms) / total).backward()
+    router = next(layer for _, layer in moe_layers(reference)).router.gate.weight
+    with_aux = router.grad.clone()
+    # The recipe clips in the same pass (tiny/full: clip_grad_norm 1.0, which binds here).
+    ref_norm = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), recipe._clip_grad_norm)
+    assert grad_norm == pytest.approx(float(ref_norm), rel=1e-5) and grad_norm > recipe._clip_grad_norm
     for name, p in reference.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
     assert step["num_tokens"] == total
     assert step["aux_loss"] == pytest.approx((sum(aux_terms) / total).item(), rel=1e-5)
 
     # The aux loss matters for the router gradients (the comparison above would catch it missing or doubled).
-    router = next(layer for _, layer in moe_layers(reference)).router.gate.weight
-    with_aux = router.grad.clone()
     reference.zero_grad()
     ce_only = 0
     for batch in ref_batches:

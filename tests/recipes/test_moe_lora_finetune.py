@@ -239,10 +239,10 @@ def test_lora_nonfinite_loss_stops_and_keeps_the_good_adapter(tmp_path, monkeypa
     real = MoELoRAFinetuneRecipe._finish_accumulation
 
     def nan_at_step_2(self):
-        out = real(self)
+        out, grad_norm = real(self)
         if self.global_step == 1:
             out["loss"] = float("nan")
-        return out
+        return out, grad_norm
 
     monkeypatch.setattr(MoELoRAFinetuneRecipe, "_finish_accumulation", nan_at_step_2)
     with pytest.raises(TrainingStopped, match=r"step 2: non-finite .*step_1 \(step 1\)"):

@@ -20,6 +20,7 @@ from torchtune_moe.training._checkpointing import (
 from torchtune_moe.training._compile import compile_model
 from torchtune_moe.training._console import LogWindow, format_rate, prompt_and_expected, samples_table
 from torchtune_moe.training._fp8 import DEFAULT_FP8_RECIPE, FP8_RECIPES, convert_to_float8_training
+from torchtune_moe.training._grads import GradGroup, grad_norms, gradient_groups, scale_and_clip_grads
 from torchtune_moe.training._hf_checkpointer import HFMoECheckpointer, from_hf_pretrained
 from torchtune_moe.training._metrics import (
     EXPERT_LOAD_FILENAME,
@@ -37,13 +38,7 @@ from torchtune_moe.training._peft_files import (
     save_native_adapter,
     save_peft_adapter,
 )
-from torchtune_moe.training._parallel import (
-    clip_and_total_grad_norm,
-    end_distributed_process,
-    init_meshes,
-    scale_expert_grads,
-    shard_experts,
-)
+from torchtune_moe.training._parallel import end_distributed_process, init_meshes, shard_experts
 from torchtune_moe.training._recipe_config import (
     COMPILE_PARTS,
     FULL_FINETUNE_CONFIG_SPEC,
@@ -123,8 +118,10 @@ __all__ = [
     "validate_recipe_config",
     "init_meshes",
     "shard_experts",
-    "scale_expert_grads",
-    "clip_and_total_grad_norm",
+    "GradGroup",
+    "gradient_groups",
+    "grad_norms",
+    "scale_and_clip_grads",
     "check_state_dict",
     "load_buffers",
     "materialize_meta_buffers",

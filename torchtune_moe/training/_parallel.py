@@ -12,19 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Iterable, NoReturn, Optional, Union
+from typing import NoReturn, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch.distributed import init_device_mesh
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 from torchtune_moe.modules import moe_layers
 from torchtune_moe.modules.expert_parallel import apply_expert_parallel
 
-__all__ = ["init_meshes", "shard_experts", "scale_expert_grads", "clip_and_total_grad_norm"]
+__all__ = ["init_meshes", "shard_experts", "end_distributed_process"]
 
 
 def init_meshes(device_type: str, world_size: int, expert_parallel_degree: int) -> tuple[DeviceMesh, Optional[DeviceMesh]]:
@@ -48,54 +47,12 @@ def shard_experts(model: torch.nn.Module, expert_mesh: DeviceMesh, reshard_after
 
     Gradients: an expert's gradient on its rank already sums the rows of all P ranks of its group, and FSDP2
     averages it over the W / P ranks of ``expert_dp``, so it comes out P times the average over all W ranks that
-    every other gradient is: :func:`scale_expert_grads` with ``1 / P`` after backward makes them alike.
+    every other gradient is: their factor ``1 / P`` in :func:`~torchtune_moe.training.gradient_groups` makes them
+    alike.
     """
     apply_expert_parallel(model, expert_mesh["ep"])
     for _, layer in moe_layers(model):
         fully_shard(layer.experts, mesh=expert_mesh["expert_dp"], reshard_after_forward=reshard_after_forward)
-
-
-@torch.no_grad()
-def scale_expert_grads(model: torch.nn.Module, factor: float) -> None:
-    """Multiplies the gradients of the routed experts of every MoE layer by ``factor`` (their local shards)."""
-    for _, layer in moe_layers(model):
-        for p in layer.experts.parameters():
-            if p.grad is not None:
-                (p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad).mul_(factor)
-
-
-def clip_and_total_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: Optional[float]) -> Optional[torch.Tensor]:
-    """The total gradient norm of ``params`` (reduced over shards: the same on every rank), clipping the gradients
-    to ``max_norm`` when given. None when no parameter has a gradient.
-
-    One mesh (no expert parallelism): ``torch.nn.utils.clip_grad_norm_`` / ``get_total_norm``. Written by hand
-    for several meshes (the experts live on the expert mesh, the rest on ``dp``), which torch's functions refuse:
-    each mesh's norm is reduced on its own (``full_tensor``), the norms combined, and every local gradient
-    shard scaled by ``min(1, max_norm / (norm + 1e-6))`` (torch's formula), on the device: no host sync.
-    """
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return None
-    groups: dict[object, list[torch.nn.Parameter]] = {}
-    for p in params:
-        groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
-    if len(groups) == 1:
-        if max_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm=float(max_norm))
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
-    norms = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
-        norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float())
-    total = torch.stack(norms).norm()
-    if max_norm is not None:
-        coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
-        for p in params:
-            grad = p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad
-            grad.mul_(coef.to(grad.dtype))
-    return total
 
 
 def end_distributed_process(status: Union[int, str] = 0) -> NoReturn:

@@ -214,3 +214,24 @@ def test_builders_use_it():
     model = moe(vocab_size=50, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=16,
                 num_experts=4, experts_per_token=2, moe_hidden_dim=16)
     assert all(type(layer.attn) is GroupedQueryAttention for layer in model.layers)
+
+
+def test_fused_projection_keeps_no_concatenated_weight_for_the_backward():
+    """The backward concatenates the weights again: what autograd keeps from the fused GEMM is the input and the
+    three weights themselves (parameters, kept anyway), never a [q + k + v, d] copy."""
+    _, ours = _pair(bias=True)
+    x = torch.randn(2, 12, ours.q_proj.in_features, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ours(x, x)
+    fused = ours.q_proj.out_features + ours.k_proj.out_features + ours.v_proj.out_features
+    assert tuple(ours.q_proj.weight.shape) in saved  # the fused path ran and kept the weights themselves
+    d = ours.q_proj.in_features
+    assert not {(fused, d), (d, fused)} & set(saved), saved  # neither the concatenation nor its transpose
+    out.sum().backward()
+    assert all(p.grad is not None for p in ours.parameters())

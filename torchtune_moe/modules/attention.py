@@ -332,14 +332,43 @@ class GroupedQueryAttention(MultiHeadAttention):
         # gradients of q, k and v), weight gradient 249 -> 230 us: ~0.1 ms per layer. The parameters stay the
         # three projections' (state dict, FSDP2, LoRA see no change). Only exactly nn.Linear without hooks: anything
         # else (LoRALinear, torchao's Float8Linear, NF4 or FSDP2-wrapped linears, any subclass) or a hook does more
-        # than F.linear, so it keeps its own three calls. Cost: autograd keeps the concatenated weight for the
-        # backward (d * (q + k + v) elements per layer, 20 MiB in bf16 there), freed after the forward under
-        # activation checkpointing.
+        # than F.linear, so it keeps its own three calls.
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        w_QD = torch.cat([p.weight for p in projs])
-        bias_Q = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
-        qkv_BSQ = nn.functional.linear(x_BSD, w_QD, bias_Q)
+        biases = () if self.q_proj.bias is None else tuple(p.bias for p in projs)
+        qkv_BSQ = _ConcatLinear.apply(x_BSD, *(p.weight for p in projs), *biases)
         return qkv_BSQ.split([p.out_features for p in projs], dim=-1)
+
+
+class _ConcatLinear(torch.autograd.Function):
+    """``F.linear(x, cat(w_1, w_2, w_3), cat(b_1, b_2, b_3))`` whose backward concatenates the weights again rather
+    than keeping their concatenation from the forward: the weights themselves cost nothing to keep (they are the
+    parameters; FSDP2 gathers them again for the backward), the concatenation would be held until the backward, d *
+    (q + k + v) elements per layer (20 MiB in bf16 at Qwen3-30B-A3B, ~1 GiB over its 48 layers without activation
+    checkpointing), for +22 us per layer."""
+
+    @staticmethod
+    def forward(ctx, x_BSD: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        """x [b, s, d]; ``params``: three weights [n_i, d], then their three biases or none -> [b, s, sum n_i]."""
+        weights, biases = params[:3], params[3:]
+        ctx.save_for_backward(x_BSD, *weights)
+        ctx.sizes = [w.shape[0] for w in weights]
+        ctx.has_bias = bool(biases)
+        return nn.functional.linear(x_BSD, torch.cat(weights), torch.cat(biases) if biases else None)
+
+    @staticmethod
+    def backward(ctx, grad_BSQ: torch.Tensor):
+        x_BSD, *weights = ctx.saved_tensors
+        grad_NQ = grad_BSQ.reshape(-1, grad_BSQ.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_NQ @ torch.cat(weights)).view_as(x_BSD)
+        grad_w = (None,) * 3
+        if any(ctx.needs_input_grad[1:4]):
+            grad_w = (grad_NQ.t() @ x_BSD.reshape(-1, x_BSD.shape[-1])).split(ctx.sizes)
+        grad_b = grad_NQ.sum(0).split(ctx.sizes) if ctx.has_bias and any(ctx.needs_input_grad[4:]) else ()
+        if ctx.has_bias and not grad_b:
+            grad_b = (None,) * 3
+        return (grad_x, *grad_w, *grad_b)
 
 
 class SinkAttention(MultiHeadAttention):

@@ -788,8 +788,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
     def _finish_accumulation(self) -> tuple[dict[str, float], Optional[float]]:
         """Ends a step's accumulation: sums the statistics over ranks, takes the gradients' norm, divides the
         gradients by the step's label tokens (times the world size: FSDP2 averages gradients over ranks; the routed
-        experts' by the expert-parallel degree too) and clips them to ``clip_grad_norm``, in one pass
-        (:func:`~torchtune_moe.training.scale_and_clip_grads`). Returns the step's losses and the total gradient
+        experts' by the expert-parallel degree too) and clips them to ``clip_grad_norm``, in one pass, or in the
+        compiled optimizer step's update (:func:`~torchtune_moe.training.scale_and_clip_grads`). Returns the step's losses and the total gradient
         norm before clipping (None: no gradients)."""
         stats = self._step_acc
         self._step_acc = None
@@ -801,7 +801,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         n = max(values[2], 1.0)
         grad_norm = None
         if groups:
-            grad_norm = scale_and_clip_grads(groups, values[stats.numel():], self.world_size / n, self._clip_grad_norm)
+            grad_norm = scale_and_clip_grads(
+                groups, values[stats.numel():], self.world_size / n, self._clip_grad_norm, self._optimizer
+            )
         out = {
             "loss": (values[0] + values[1]) / n,
             "ce_loss": values[0] / n,

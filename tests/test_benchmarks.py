@@ -132,14 +132,17 @@ OPT_STEP = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_step.
 
 
 def test_optimizer_step_dry_run(tmp_path):
-    """Every variant runs; the bucketed step compiles two graphs (the layers', shared, and the rest's) at any depth,
-    the whole step one."""
+    """Every variant runs, with each way to finish the gradients; the bucketed step compiles two graphs (the
+    layers', shared, and the rest's) at any depth, the whole step one; handing it the gradients' factors compiles
+    nothing more."""
     r = _dry_run(OPT_STEP, tmp_path, "--shapes", "qwen3", "--layers", "3", "--variants", *("fused", "compiled",
-                 "compiled_whole"), "--steps", "2")
+                 "compiled_whole"), "--steps", "2", "--finish", "none", "torchtune", "ours")
     rows = r["results"]
-    assert rows["qwen3_3_compiled"]["unique_graphs"] == 2 and rows["qwen3_3_compiled_whole"]["unique_graphs"] == 1
+    for finish in ("", "_torchtune", "_ours"):
+        assert rows[f"qwen3_3_compiled{finish}"]["unique_graphs"] == 2
+        assert rows[f"qwen3_3_compiled_whole{finish}"]["unique_graphs"] == 1
     assert all(v["step_ms"] > 0 for v in rows.values())
-    assert (tmp_path / "optimizer_step.md").read_text().count("| qwen3 (tiny) | 3 |") == 3
+    assert (tmp_path / "optimizer_step.md").read_text().count("| qwen3 (tiny) | 3 |") == 9
 
 
 def test_optimizer_step_refuses_a_depth_per_shape_mismatch(tmp_path):

@@ -180,3 +180,18 @@ def test_fallback_after_a_quack_failure_matches_torch(monkeypatch, compile):
     torch.testing.assert_close(got[1], want[1], rtol=1e-2, atol=1e-3)
     for g, w in zip(got[2], want[2]):
         torch.testing.assert_close(g, w, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [300, 2048])
+def test_dense_mm_matches_torch(rows):
+    """The loss's logits GEMM (``dense_mm`` at the loss's tile) against torch's ``mm``: rows that fill no whole
+    tile, a weight read as its transpose in place, an output row stride quack can store (5008, a multiple of 8)."""
+    from torchtune_moe.modules.linear_cross_entropy import _LOGITS_TILE
+
+    _cute_gemm._failed.clear()
+    h, w = _rand(rows, 512), _rand(5008, 512) / 16
+    got = _cute_gemm.dense_mm(h, w.t(), _LOGITS_TILE)
+    assert not _cute_gemm._failed, _cute_gemm._failed
+    ref = (h.float() @ w.float().t())
+    torch.testing.assert_close(got.float(), ref, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(got, h @ w.t(), rtol=1.6e-2, atol=1e-2)

@@ -13,6 +13,7 @@ from torchtune.modules.peft import LoRALinear
 
 from torchtune_moe.models import moe
 from torchtune_moe.modules import LinearCrossEntropyLoss
+from torchtune_moe.modules import _cute_gemm
 from torchtune_moe.modules import linear_cross_entropy as lce_module
 
 
@@ -253,6 +254,29 @@ def test_quack_failure_warns_once_and_the_torch_code_takes_over(monkeypatch):
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
 
+@pytest.mark.parametrize("gemm_ok", [True, False])
+def test_logits_gemm_goes_to_quack_where_its_cross_entropy_runs(monkeypatch, gemm_ok):
+    """Where quack's cross-entropy serves the logits, their GEMM is quack's too (``dense_mm`` at
+    ``_LOGITS_TILE``), unless quack's GEMMs are off here (``gemm_usable``: TORCHTUNE_MOE_GROUPED_GEMM=torch, or a
+    failure before); the loss and gradients do not change. On CPU with stand-ins for the GPU kernels."""
+    head, loss_fn, h, labels = _bf16_case(16, 40, 3, 10, chunks=4)
+    ref = _grads(lambda: loss_fn(h, labels), h, head.weight)
+    tiles = []
+
+    def dense_mm(a, b, tile):
+        tiles.append(tile)
+        return a @ b
+
+    monkeypatch.setattr(lce_module, "_quack_usable", lambda t, vocab: True)
+    monkeypatch.setattr(lce_module, "gemm_usable", lambda t: gemm_ok)
+    monkeypatch.setattr(lce_module, "dense_mm", dense_mm)
+    monkeypatch.setattr(loss_fn, "fused_cross_entropy", loss_fn.compute_cross_entropy)
+    got = _grads(lambda: loss_fn(h, labels), h, head.weight)
+    assert tiles == ([lce_module._LOGITS_TILE] * 4 if gemm_ok else [])  # one GEMM per chunk
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compiled", [False, True])
@@ -303,17 +327,20 @@ def _quack_here() -> bool:
 @pytest.mark.parametrize("vocab", [5008, 50304, 5003])
 @pytest.mark.parametrize("mask", [True, False])
 def test_quack_cross_entropy_matches_torch_code(vocab, mask, monkeypatch):
-    """quack's kernel (the default on an H100/H200) against the torch code it replaces: the same loss, gradients
-    within a bf16 rounding, ignored rows through the kernel too (``mask_ignored_tokens=False``). A vocab that is
+    """quack's kernel and its logits GEMM (the default on an H100/H200) against the torch code they replace: the
+    same loss, gradients within a bf16 rounding, ignored rows through the kernel too (``mask_ignored_tokens=False``). A vocab that is
     not a multiple of 8 (rows not 16-byte aligned) takes the torch code."""
     head, loss_fn, h, labels = _bf16_case(256, vocab, 2, 333, chunks=3, device="cuda", mask_ignored_tokens=mask)
     labels[:, :40] = -100
     calls = []
     fused = loss_fn.fused_cross_entropy
     monkeypatch.setattr(loss_fn, "fused_cross_entropy", lambda *a: calls.append(1) or fused(*a))
+    gemms, dense_mm = [], lce_module.dense_mm
+    monkeypatch.setattr(lce_module, "dense_mm", lambda *a: gemms.append(1) or dense_mm(*a))
     got = _grads(lambda: loss_fn(h, labels), h, head.weight)
     assert not lce_module._quack_failed, lce_module._quack_failed
-    assert len(calls) == (3 if vocab % 8 == 0 else 0)  # quack served every chunk, or none
+    assert not _cute_gemm._failed, _cute_gemm._failed
+    assert len(calls) == len(gemms) == (3 if vocab % 8 == 0 else 0)  # quack served every chunk, or none
     monkeypatch.setattr(lce_module, "_quack_usable", lambda t, vocab: False)
     ref = _grads(lambda: loss_fn(h, labels), h, head.weight)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)

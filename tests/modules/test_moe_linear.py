@@ -505,6 +505,49 @@ def _stand_in_quack(monkeypatch, entry):
     _cute_gemm._config.cache_clear()
 
 
+def test_dense_mm_through_quack_and_its_fallbacks(monkeypatch):
+    """``dense_mm`` (the loss's logits GEMM): quack's plain GEMM with the tile's config, the weight read as its
+    transpose in place; torch's ``mm`` for an output quack cannot store (rows not 16-byte aligned) or nothing to
+    compute, and after a failure (one warning) for that call and every later one."""
+    import types
+
+    from torchtune_moe.modules import _cute_gemm
+
+    calls = []
+    fail = []
+
+    def entry(name):
+        def fn(A, B, out, **kwargs):
+            if fail:
+                raise OSError("libcuda: no such symbol")
+            calls.append((A.data_ptr(), B.mT.data_ptr(), B.mT.is_contiguous(), kwargs["config"].kw))
+            out.copy_(A @ B)
+
+        return types.SimpleNamespace(fn=fn)
+
+    _stand_in_quack(monkeypatch, entry)
+    monkeypatch.setattr(_cute_gemm, "_failed", [])
+    monkeypatch.delenv(_cute_gemm.ENV_VAR, raising=False)
+    try:
+        torch.manual_seed(0)
+        h, w = torch.randn(6, 16, dtype=torch.bfloat16), torch.randn(40, 16, dtype=torch.bfloat16)
+        got = _cute_gemm.dense_mm(h, w.t(), [128, 192, 2, 1])
+        torch.testing.assert_close(got, h @ w.t(), rtol=0, atol=0)
+        tile = dict(tile_m=128, tile_n=192, cluster_m=2, cluster_n=1, pingpong=True, is_dynamic_persistent=False)
+        assert calls == [(h.data_ptr(), w.data_ptr(), True, tile)]  # no copies of either operand
+        for a, b in ((h, w[:37].t()), (h[:0], w.t()), (h[:, :0], w[:, :0].t())):  # vocab 37, no rows, K = 0
+            torch.testing.assert_close(_cute_gemm.dense_mm(a, b, [128, 192, 2, 1]), a @ b, rtol=0, atol=0)
+        assert len(calls) == 1
+        fail.append(1)
+        with pytest.warns(UserWarning, match="quack's grouped GEMM failed .OSError: libcuda"):
+            got = _cute_gemm.dense_mm(h, w.t(), [128, 192, 2, 1])
+        torch.testing.assert_close(got, h @ w.t(), rtol=0, atol=0)
+        assert _cute_gemm._failed and len(calls) == 1
+    finally:
+        _cute_gemm._quack_gemm.cache_clear()
+        _cute_gemm._config.cache_clear()
+
+
 @pytest.mark.parametrize("router_kind", ["token_choice", "causal_expert_choice"])
 def test_quack_failing_here_falls_back_to_torchs_gemms(monkeypatch, router_kind):
     """Under ``TORCHTUNE_MOE_GROUPED_GEMM=auto`` (the default; quack installs with the package), a quack GEMM

@@ -1,6 +1,6 @@
 """The step's gradient finish (``torchtune_moe.training._grads``): one pass that scales and clips gives what
 torchtune's ``scale_grads`` followed by torch's ``clip_grad_norm_`` gives, group factors (expert parallelism's
-1 / P) included; a non-finite norm leaves the gradients alone."""
+1 / P) included; a non-finite norm leaves the gradients alone; a compiled AdamW step takes the factors instead."""
 
 import copy
 import math
@@ -34,9 +34,9 @@ def _copy(model: nn.Module) -> nn.Module:
     return ref
 
 
-def _finish(model: nn.Module, scale: float, max_norm, degree: int = 1) -> float:
+def _finish(model: nn.Module, scale: float, max_norm, degree: int = 1, optimizer=None) -> float:
     groups = gradient_groups(model, degree)
-    return scale_and_clip_grads(groups, grad_norms(groups, torch.device("cpu")).tolist(), scale, max_norm)
+    return scale_and_clip_grads(groups, grad_norms(groups, torch.device("cpu")).tolist(), scale, max_norm, optimizer)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -119,3 +119,27 @@ def test_norm_count_must_match_groups():
     with pytest.raises(ValueError, match="1 norms for 2 groups"):
         scale_and_clip_grads(groups + [GradGroup([], 1.0)], [1.0], 1.0, None)
     assert grad_norms([], torch.device("cpu")) is None
+
+
+def test_a_compiled_adam_step_takes_the_factors_instead_of_a_pass():
+    """With the compiled AdamW step the scale and clip go to its next update: no multiply pass, the gradients left
+    as they are, and the update equals an eager step on the scaled and clipped gradients."""
+    from torchtune_moe.training import compile_optimizer_step
+
+    torch._dynamo.reset()
+    model = _model_with_grads(torch.float32)
+    ref = _copy(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, foreach=True)
+    compile_optimizer_step(opt)
+    before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    with mock.patch.object(torch, "_foreach_mul_") as mul:
+        norm = _finish(model, 1 / 300, 1.0, optimizer=opt)
+        mul.assert_not_called()
+    for p, b in zip([p for p in model.parameters() if p.grad is not None], before):
+        assert torch.equal(p.grad, b)
+    assert _finish(ref, 1 / 300, 1.0) == pytest.approx(norm)  # an eager optimizer: the pass
+    opt.step()
+    ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from torchtune_moe.training import compile_optimizer_step
+from torchtune_moe.training import compile_optimizer_step, defer_grad_scaling
 
 
 def _params(dtype=torch.float32):
@@ -161,6 +161,48 @@ def test_bucketed_step_keeps_hooks_and_the_schedulers_bookkeeping():
         opt.step(lambda: 0.0)
 
 
+def test_deferred_grad_factors_match_multiplied_gradients_and_are_used_once():
+    """``defer_grad_scaling``: the compiled step multiplies each gradient by its handed factor as it reads it (the
+    gradients stay as they are), factors that change every step compile nothing new, a step without factors takes
+    the gradients as they are, and an optimizer whose step cannot take factors says so (the caller multiplies)."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = _layered_model(3), _layered_model(3)
+    opt_e, sched_e = _optimizer(list(eager.parameters()))
+    opt_c, sched_c = _optimizer(list(compiled.parameters()))
+    assert not defer_grad_scaling(opt_c, [(list(compiled.parameters()), 0.5)])  # not compiled yet: eager step
+    compile_optimizer_step(opt_c, compiled.layers)
+    for step in range(4):
+        # Step 2 hands no factors: the gradients as they are.
+        factors = {} if step == 2 else {0: 1 / (step + 3), 1: 0.25 * (step + 1)}  # layer 0, the rest
+        for model in (eager, compiled):
+            ps = list(model.parameters())
+            for p, g in zip(ps, _grads(step, ps)):
+                p.grad = g
+        layer0 = {id(p) for p in compiled.layers[0].parameters()}
+        if factors:
+            groups = [([p for p in compiled.parameters() if id(p) in layer0], factors[0]),
+                      ([p for p in compiled.parameters() if id(p) not in layer0], factors[1])]
+            assert defer_grad_scaling(opt_c, groups)
+            before = [p.grad.clone() for p in compiled.parameters()]
+            for (name, p) in eager.named_parameters():
+                p.grad *= factors[0] if name.startswith("layers.0.") else factors[1]
+        opt_e.step()
+        sched_e.step()
+        opt_c.step()
+        sched_c.step()
+        if factors:
+            for p, b in zip(compiled.parameters(), before):
+                assert torch.equal(p.grad, b)  # left as they were
+        for a, b in zip(eager.parameters(), compiled.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert opt_c._grad_factors is None  # used by the step that followed
+    assert counters["stats"]["unique_graphs"] == 2  # the layers, the rest: no graph per factor
+    sgd = torch.optim.SGD(_params(), lr=0.1, foreach=True)
+    compile_optimizer_step(sgd)
+    assert not defer_grad_scaling(sgd, [(sgd.param_groups[0]["params"], 0.5)])  # whole-step compile: no factors
+
+
 @pytest.mark.parametrize("layers", [5, [torch.nn.Linear(2, 2), "layer"], _params()])
 def test_layers_that_are_not_modules_are_refused_by_name(layers):
     opt, _ = _optimizer(_params())
@@ -190,7 +232,7 @@ def test_other_optimizers_compile_their_whole_step():
 _FSDP_SCRIPT = r"""
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from torchtune_moe.training import compile_optimizer_step, end_distributed_process
+from torchtune_moe.training import compile_optimizer_step, defer_grad_scaling, end_distributed_process
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)
@@ -210,6 +252,10 @@ for step in range(4):
     dist.all_gather(xs, x)
     model(x).pow(2).mean().backward()
     ref(torch.cat(xs)).pow(2).mean().backward()
+    factor = 0.5 + step  # handed to the compiled step (DTensor shards, a plain 0-dim factor); multiplied by hand
+    assert defer_grad_scaling(opt, [(list(model.parameters()), factor)])
+    for p in ref.parameters():
+        p.grad *= factor
     for o, s in ((opt, sched), (ref_opt, ref_sched)):
         o.step()
         s.step()

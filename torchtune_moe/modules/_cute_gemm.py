@@ -45,7 +45,10 @@ from torchtune_moe.modules._custom_op import custom_op
 from torchtune_moe.modules._grouped_gemm import BF16, GroupedGemm, Rows, _deinterleave, _interleave, gathered
 from torchtune_moe.modules._utils import is_hopper
 
-__all__ = ["CUTE", "CuteGroupedGemm", "ENV_VAR", "bf16_gemm", "check_grouped_gemm_env", "cute_available"]
+__all__ = [
+    "CUTE", "CuteGroupedGemm", "ENV_VAR", "bf16_gemm", "check_grouped_gemm_env", "cute_available", "dense_mm",
+    "gemm_usable",
+]
 
 ENV_VAR = "TORCHTUNE_MOE_GROUPED_GEMM"
 _CHOICES = ("auto", "torch", "cute")
@@ -149,6 +152,26 @@ def bf16_gemm(x_TD: torch.Tensor, num_rows: int, hidden_dim: int) -> GroupedGemm
         return BF16
     index = x_TD.device.index if x_TD.device.index is not None else 0
     return CUTE if _choice(x_TD.device.type, index, x_TD.dtype, hidden_dim) else BF16
+
+
+def gemm_usable(t: torch.Tensor) -> bool:
+    """Whether quack's GEMMs serve operands like ``t`` here (bf16 on a compute-capability 9.x GPU, quack importable,
+    none failed, ``TORCHTUNE_MOE_GROUPED_GEMM`` not ``torch``): the rule of :func:`bf16_gemm`, for the dense GEMMs
+    other modules run through :func:`dense_mm`."""
+    index = t.device.index if t.device.index is not None else 0
+    return _choice(t.device.type, index, t.dtype, 0)
+
+
+def dense_mm(a_MK: torch.Tensor, b_KN: torch.Tensor, tile: list[int]) -> torch.Tensor:
+    """``a @ b`` ([M, K] x [K, N] -> [M, N], a's dtype, fp32 accumulation) through quack's dense GEMM at ``tile``
+    (tile_m, tile_n, cluster_m, pingpong), eager; torch's ``mm`` where quack fails (as the grouped GEMMs, see
+    :func:`_run`). For operands :func:`gemm_usable` accepts; ``b`` is read as its transpose [N, K] (a row-major
+    weight ``w`` passed as ``w.t()`` is read in place)."""
+    out_MN = a_MK.new_empty(a_MK.shape[0], b_KN.shape[1])
+    if out_MN.numel() == 0 or a_MK.shape[1] == 0 or b_KN.shape[1] % (16 // out_MN.element_size()):
+        return torch.mm(a_MK, b_KN)  # nothing to compute, or output rows quack's stores cannot align
+    result = _run("gemm", lambda: torch.mm(a_MK, b_KN), tile, _operand(a_MK), _operand(b_KN.mT).mT, out_MN)
+    return out_MN if result is None else result
 
 
 def _operand(t: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torchtune.modules import TiedLinear
 
+from torchtune_moe.modules._cute_gemm import dense_mm, gemm_usable
 from torchtune_moe.modules._kernels import use_triton
 from torchtune_moe.modules._utils import is_hopper
 
@@ -73,6 +74,23 @@ def _quack_usable(t: torch.Tensor, vocab: int) -> bool:
     return not isinstance(_quack_cross_entropy(), str)
 
 
+# The logits' GEMM where quack's cross-entropy runs: quack's dense GEMM at 128 x 192 tiles, a cluster of two,
+# ping-pong (quack's own default on Hopper). On one H200, per 2048-row chunk: 1.58 against cuBLAS's 1.64 ms at Qwen3's
+# 151936-word vocabulary, 0.56 against 0.66 ms at OLMoE's 50304. The gradients' two GEMMs stay cuBLAS's: quack's
+# best tiles were not faster at both vocabularies (benchmarks/NOTES.md, session 25).
+_LOGITS_TILE = [128, 192, 2, 1]
+
+
+def _logits_quack(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+    """[C, V] logits ``h @ w.T`` through quack's GEMM (:data:`_LOGITS_TILE`)."""
+    return dense_mm(h_CD, w_VD.t(), _LOGITS_TILE)
+
+
+def _logits_torch(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+    """[C, V] logits ``h @ w.T`` (torch's GEMM)."""
+    return h_CD @ w_VD.t()
+
+
 def _mm_fp32(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
     """``a @ b`` written in fp32 for bf16/fp16 ``a``, ``b`` (on CUDA the GEMM writes fp32 itself through
     ``out_dtype``; torch's CPU GEMMs have no ``out_dtype``, so there the operands are upcast)."""
@@ -85,7 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of ``cross_entropy(h_ND @ w_VD.T, labels_N)`` with both gradients made in the forward."""
 
     @staticmethod
-    def forward(ctx, h_ND, w_VD, labels_N, rows, ce_and_grad):
+    def forward(ctx, h_ND, w_VD, labels_N, rows, ce_and_grad, logits):
         N, D = h_ND.shape
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
@@ -94,7 +112,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w_VD = None
         for start in range(0, N, rows):
             h_CD = h_ND[start : start + rows]
-            logits_CV = h_CD @ w_VD.t()
+            logits_CV = logits(h_CD, w_VD)
             loss_c, grad_CV = ce_and_grad(logits_CV, labels_N[start : start + rows])
             del logits_CV
             loss = loss + loss_c
@@ -120,7 +138,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dw = None
         if grad_w_VD is not None:
             dw = (_scaled_compiled if use_triton(grad_w_VD) else _scaled)(grad_w_VD, grad_loss)
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def _scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -361,8 +379,10 @@ class LinearCrossEntropyLoss(nn.Module):
             self._count_later(total, N)
         rows = max(-(-h_ND.shape[0] // self.num_output_chunks), self.min_tokens_per_chunk)
         if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
-            ce = self.fused_cross_entropy if _quack_usable(h_ND, w_VD.shape[0]) else self.compute_cross_entropy
-            loss_sum = _LinearCrossEntropy.apply(h_ND, w_VD, labels_N, rows, ce)
+            quack = _quack_usable(h_ND, w_VD.shape[0])
+            ce = self.fused_cross_entropy if quack else self.compute_cross_entropy
+            logits = _logits_quack if quack and gemm_usable(h_ND) else _logits_torch
+            loss_sum = _LinearCrossEntropy.apply(h_ND, w_VD, labels_N, rows, ce, logits)
         else:
             loss_sum = sum(
                 (F.cross_entropy((h_CD @ w_VD.t()).float(), l_C, ignore_index=self.ignore_index, reduction="sum")

@@ -31,7 +31,7 @@ from torchtune_moe.training._metrics import (
     peak_memory_stats,
     truncate_expert_load,
 )
-from torchtune_moe.training._optimizer_step import compile_optimizer_step
+from torchtune_moe.training._optimizer_step import compile_optimizer_step, defer_grad_scaling
 from torchtune_moe.training._peft_files import (
     load_native_adapter,
     load_peft_adapter,
@@ -112,6 +112,7 @@ __all__ = [
     "check_model",
     "compile_model",
     "compile_optimizer_step",
+    "defer_grad_scaling",
     "compile_plan",
     "instantiate",
     "recipe_device",

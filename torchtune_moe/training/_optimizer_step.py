@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam as _adam
 
-__all__ = ["compile_optimizer_step"]
+__all__ = ["compile_optimizer_step", "defer_grad_scaling"]
 
 # One compiled function for every bucket: a decoder layer's tensors have the same shapes in every layer, so all
 # layers share one graph (dynamic=False: each distinct set of shapes, say a dense and an MoE layer, gets a static
@@ -43,8 +43,16 @@ __all__ = ["compile_optimizer_step"]
 # (``combo_kernel_per_subkernel_blocks``) took the step of a 4-layer Qwen3-30B-A3B-width model (3.1B bf16
 # parameters) from 11.6 to 10.4-10.8 ms on an H200 (3.8 -> 4.0-4.2 TB/s, where a plain copy reaches 4.3), the
 # same numbers to the bit, for +0.5 s at the first step (benchmarks/NOTES.md, session 24).
+# The gradients enter multiplied by a 0-dim tensor (1 unless the recipe handed a factor: :func:`defer_grad_scaling`):
+# inside the same kernel the multiply costs nothing, where a pass of its own over 3.1B bf16 gradients takes 4.4 ms on
+# an H200 (benchmarks/NOTES.md, session 25). A tensor, so that a new factor at each step does not recompile.
+def _adam_with_grad_factor(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, grad_factor, **kwargs):
+    """torch's functional ``adam`` of the gradients times ``grad_factor`` (a 0-dim fp32 tensor)."""
+    _adam(params, torch._foreach_mul(grads, grad_factor), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **kwargs)
+
+
 _adam_compiled = torch.compile(
-    _adam, dynamic=False,
+    _adam_with_grad_factor, dynamic=False,
     options={"size_asserts": False, "combo_kernels_autotune": 2, "combo_kernel_per_subkernel_blocks": True},
 )
 
@@ -86,6 +94,26 @@ def compile_optimizer_step(optimizer: torch.optim.Optimizer, layers: Optional[It
         optimizer.step = torch.compile(optimizer.step)
 
 
+def defer_grad_scaling(optimizer: torch.optim.Optimizer, factors: Iterable[tuple[Iterable[torch.Tensor], float]]) -> bool:
+    """Hands the next step of a compiled Adam/AdamW step (:func:`compile_optimizer_step`) the factor each parameter's
+    gradient is to be multiplied by: the update multiplies as it reads the gradient, instead of a pass of its own
+    over the gradients first (the gradients themselves are left as they are). Used once, by the next step.
+
+    Args:
+        optimizer (torch.optim.Optimizer): the optimizer.
+        factors (Iterable[tuple[Iterable[torch.Tensor], float]]): (parameters, factor) pairs; parameters in none
+            of them keep their gradients as they are.
+
+    Returns:
+        bool: False if the optimizer's step cannot take factors (any step not made by :func:`compile_optimizer_step`
+        for Adam or AdamW): nothing was handed, the caller multiplies the gradients itself.
+    """
+    if not getattr(optimizer, "_takes_grad_factors", False):
+        return False
+    optimizer._grad_factors = {id(p): float(factor) for params, factor in factors for p in params}
+    return True
+
+
 def _bucketed_adam_step(optimizer: torch.optim.Adam, layer_params: list[list[torch.Tensor]]):
     """``optimizer.step`` as one compiled functional Adam call per bucket of each param group. Like ``Adam.step``
     it runs the optimizer's step hooks and profiler label (``Optimizer.profile_hook_step``), and it keeps an lr
@@ -93,12 +121,27 @@ def _bucketed_adam_step(optimizer: torch.optim.Adam, layer_params: list[list[tor
     bucket_of = {id(p): b for b, params in enumerate(layer_params) for p in params}
     rest = len(layer_params)
     scheduled = hasattr(optimizer.step, "_wrapped_by_lr_sched")
+    # Per device, the 0-dim fp32 gradient factor the compiled update reads, and the value last written to it: one
+    # tensor serves every bucket, refilled (a tiny kernel, no host sync) where the factor changes, in stream order.
+    factor_of_device: dict[torch.device, list] = {}
+    optimizer._takes_grad_factors = True
+    optimizer._grad_factors = None
+
+    def grad_factor(device: torch.device, value: float) -> torch.Tensor:
+        if device not in factor_of_device:
+            factor_of_device[device] = [torch.ones((), dtype=torch.float32, device=device), 1.0]
+        slot = factor_of_device[device]
+        if slot[1] != value:
+            slot[0].fill_(value)
+            slot[1] = value
+        return slot[0]
 
     @torch.no_grad()
     def step(opt, closure=None):
         if closure is not None:
             raise ValueError("compile_optimizer_step: a compiled Adam/AdamW step takes no closure")
         opt._opt_called = True  # what the lr scheduler's wrapper records
+        factors, opt._grad_factors = opt._grad_factors or {}, None  # handed by defer_grad_scaling, used once
         for group in opt.param_groups:
             # By device mesh too: a compiled foreach op cannot take DTensors of two meshes in one list (expert
             # parallelism keeps the experts on their own mesh; eager foreach ops take them).
@@ -106,9 +149,10 @@ def _bucketed_adam_step(optimizer: torch.optim.Adam, layer_params: list[list[tor
             for p in group["params"]:
                 if p.grad is not None:
                     mesh = p.device_mesh if isinstance(p, DTensor) else None
-                    buckets.setdefault((bucket_of.get(id(p), rest), mesh), []).append(p)
-            for params in buckets.values():
-                _adam_bucket(opt, group, params)
+                    key = (bucket_of.get(id(p), rest), mesh, factors.get(id(p), 1.0))
+                    buckets.setdefault(key, []).append(p)
+            for (_, _, factor), params in buckets.items():
+                _adam_bucket(opt, group, params, grad_factor(params[0].device, factor))
 
     step.__qualname__ = f"{type(optimizer).__name__}.step"
     hooked = torch.optim.Optimizer.profile_hook_step(step)
@@ -117,9 +161,10 @@ def _bucketed_adam_step(optimizer: torch.optim.Adam, layer_params: list[list[tor
     return types.MethodType(hooked, optimizer)
 
 
-def _adam_bucket(optimizer: torch.optim.Adam, group: dict, params: list[torch.Tensor]) -> None:
-    """One compiled multi-tensor Adam/AdamW update of ``params`` (all with gradients) under ``group``'s settings,
-    making their state first as ``Adam`` does (a capturable step count on the parameter's device)."""
+def _adam_bucket(optimizer: torch.optim.Adam, group: dict, params: list[torch.Tensor], grad_factor: torch.Tensor) -> None:
+    """One compiled multi-tensor Adam/AdamW update of ``params`` (all with gradients, each times ``grad_factor``, a
+    0-dim fp32 tensor on their device) under ``group``'s settings, making their state first as ``Adam`` does (a
+    capturable step count on the parameter's device)."""
     grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], []
     for p in params:
         if p.grad.is_sparse:
@@ -139,7 +184,7 @@ def _adam_bucket(optimizer: torch.optim.Adam, group: dict, params: list[torch.Te
         steps.append(state["step"])
     beta1, beta2 = group["betas"]
     _adam_compiled(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, grad_factor,
         foreach=True, capturable=True, differentiable=False, fused=None, grad_scale=None, found_inf=None,
         has_complex=any(p.dtype.is_complex for p in params),
         decoupled_weight_decay=group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)),

@@ -254,34 +254,25 @@ def test_quack_failure_warns_once_and_the_torch_code_takes_over(monkeypatch):
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
 
-@pytest.mark.parametrize("gemm_ok, big_vocab", [(True, False), (True, True), (False, True)])
-def test_output_gemms_go_to_quack_where_its_cross_entropy_runs(monkeypatch, gemm_ok, big_vocab):
-    """Where quack's cross-entropy serves the logits, their GEMM is quack's too (``dense_mm`` at ``_LOGITS_TILE``),
-    and from ``_QUACK_WEIGHT_GRAD_VOCAB`` words up the weight gradient's GEMM, summed over the chunks in its
-    epilogue; none of them where quack's GEMMs are off here (``gemm_usable``: TORCHTUNE_MOE_GROUPED_GEMM=torch, or
-    a failure before). The loss and gradients do not change. On CPU with stand-ins for the GPU kernels."""
+@pytest.mark.parametrize("gemm_ok", [True, False])
+def test_logits_gemm_goes_to_quack_where_its_cross_entropy_runs(monkeypatch, gemm_ok):
+    """Where quack's cross-entropy serves the logits, their GEMM is quack's too (``dense_mm`` at
+    ``_LOGITS_TILE``), unless quack's GEMMs are off here (``gemm_usable``: TORCHTUNE_MOE_GROUPED_GEMM=torch, or a
+    failure before); the loss and gradients do not change. On CPU with stand-ins for the GPU kernels."""
     head, loss_fn, h, labels = _bf16_case(16, 40, 3, 10, chunks=4)
     ref = _grads(lambda: loss_fn(h, labels), h, head.weight)
-    calls = []
+    tiles = []
 
-    def dense_mm(a, b, tile, accumulate_into=None):
-        calls.append(("weight_grad" if a.shape[0] == 40 else "logits", tile, accumulate_into is not None))
-        return a @ b if accumulate_into is None else torch.addmm(accumulate_into, a, b, out=accumulate_into)
+    def dense_mm(a, b, tile):
+        tiles.append(tile)
+        return a @ b
 
     monkeypatch.setattr(lce_module, "_quack_usable", lambda t, vocab: True)
     monkeypatch.setattr(lce_module, "gemm_usable", lambda t: gemm_ok)
     monkeypatch.setattr(lce_module, "dense_mm", dense_mm)
-    monkeypatch.setattr(lce_module, "_QUACK_WEIGHT_GRAD_VOCAB", 40 if big_vocab else 41)
     monkeypatch.setattr(loss_fn, "fused_cross_entropy", loss_fn.compute_cross_entropy)
     got = _grads(lambda: loss_fn(h, labels), h, head.weight)
-    tile = lce_module._LOGITS_TILE
-    if not gemm_ok:
-        assert calls == []
-    elif big_vocab:  # per chunk its logits, then its weight gradient added to the sum of the chunks before
-        assert calls == [("logits", tile, False), ("weight_grad", tile, False)] + [
-            ("logits", tile, False), ("weight_grad", tile, True)] * 3
-    else:
-        assert calls == [("logits", tile, False)] * 4
+    assert tiles == ([lce_module._LOGITS_TILE] * 4 if gemm_ok else [])  # one GEMM per chunk
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
 

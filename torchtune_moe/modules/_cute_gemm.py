@@ -162,36 +162,24 @@ def gemm_usable(t: torch.Tensor) -> bool:
     return _choice(t.device.type, index, t.dtype, 0)
 
 
-def dense_mm(
-    a_MK: torch.Tensor, b_KN: torch.Tensor, tile: list[int], accumulate_into: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def dense_mm(a_MK: torch.Tensor, b_KN: torch.Tensor, tile: list[int]) -> torch.Tensor:
     """``a @ b`` ([M, K] x [K, N] -> [M, N], a's dtype, fp32 accumulation) through quack's dense GEMM at ``tile``
     (tile_m, tile_n, cluster_m, pingpong), eager; torch's ``mm`` where quack fails (as the grouped GEMMs, see
-    :func:`_run`). With ``accumulate_into`` ([M, N]), ``a @ b`` is added to it in the GEMM's epilogue and it is
-    returned. For operands :func:`gemm_usable` accepts; either operand may be row- or column-major (a row-major
-    weight ``w`` passed as ``w.t()``, a gradient's transpose, are read in place)."""
-    M, N = a_MK.shape[0], b_KN.shape[1]
-    out_MN = accumulate_into if accumulate_into is not None else a_MK.new_empty(M, N)
-
-    def fallback():
-        if accumulate_into is None:
-            return torch.mm(a_MK, b_KN)
-        return torch.addmm(accumulate_into, a_MK, b_KN, out=accumulate_into)
-
-    if out_MN.numel() == 0 or a_MK.shape[1] == 0 or N % (16 // out_MN.element_size()) or out_MN.stride(-1) != 1:
-        return fallback()  # nothing to compute, or output rows quack's stores cannot align
-    result = _run("gemm", fallback, tile, _operand(a_MK, either_major=True), _operand(b_KN.mT, either_major=True).mT,
-                  out_MN, C=accumulate_into)
+    :func:`_run`). For operands :func:`gemm_usable` accepts; ``b`` is read as its transpose [N, K] (a row-major
+    weight ``w`` passed as ``w.t()`` is read in place)."""
+    out_MN = a_MK.new_empty(a_MK.shape[0], b_KN.shape[1])
+    if out_MN.numel() == 0 or a_MK.shape[1] == 0 or b_KN.shape[1] % (16 // out_MN.element_size()):
+        return torch.mm(a_MK, b_KN)  # nothing to compute, or output rows quack's stores cannot align
+    result = _run("gemm", lambda: torch.mm(a_MK, b_KN), tile, _operand(a_MK), _operand(b_KN.mT).mT, out_MN)
     return out_MN if result is None else result
 
 
-def _operand(t: torch.Tensor, either_major: bool = False) -> torch.Tensor:
-    """``t`` if quack can load it (unit stride in its last dim, or with ``either_major`` in one of its last two, the
-    other strides and the start 16-byte aligned, as TMA needs), else a copy. Compiled, the start is not checked
-    (``storage_offset`` would break the graph): Inductor's buffers and the layer's inputs start aligned."""
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if quack can load it (unit stride in its last dim, 16-byte aligned rows and start, as TMA needs), else
+    a copy. Compiled, the start is not checked (``storage_offset`` would break the graph): Inductor's buffers and
+    the layer's inputs start aligned."""
     per_16_bytes = 16 // t.element_size()
-    unit = t.dim() - 1 if t.stride(-1) == 1 else t.dim() - 2 if either_major and t.stride(-2) == 1 else None
-    aligned = unit is not None and all(s % per_16_bytes == 0 for d, s in enumerate(t.stride()) if d != unit)
+    aligned = t.stride(-1) == 1 and all(s % per_16_bytes == 0 for s in t.stride()[:-1])
     if aligned and not torch.compiler.is_compiling():
         aligned = t.storage_offset() % per_16_bytes == 0
     return t if aligned else t.clone(memory_format=torch.contiguous_format)  # .contiguous() keeps a bad start

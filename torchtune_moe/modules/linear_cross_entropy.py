@@ -30,7 +30,7 @@ softmax and its gradient:
 
 import functools
 import warnings
-from typing import Callable, NamedTuple, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,48 +76,19 @@ def _quack_usable(t: torch.Tensor, vocab: int) -> bool:
 
 # The logits' GEMM where quack's cross-entropy runs: quack's dense GEMM at 128 x 192 tiles, a cluster of two,
 # ping-pong (quack's own default on Hopper). On one H200, per 2048-row chunk: 1.58 against cuBLAS's 1.64 ms at Qwen3's
-# 151936-word vocabulary, 0.56 against 0.66 ms at OLMoE's 50304; in the Qwen3 training step -0.4 to -0.65 ms
-# (benchmarks/NOTES.md, session 25). The weight gradient's GEMM (summed over chunks in its epilogue) takes quack's at
-# the same tile from _QUACK_WEIGHT_GRAD_VOCAB words up: 1.72 against 1.81 ms at 151936, but 0.60 against 0.56 ms at
-# 50304 (between them unmeasured). The hidden-state gradient's stays cuBLAS's: quack's best tiles were not faster.
+# 151936-word vocabulary, 0.56 against 0.66 ms at OLMoE's 50304. The gradients' two GEMMs stay cuBLAS's: quack's
+# best tiles were not faster at both vocabularies (benchmarks/NOTES.md, session 25).
 _LOGITS_TILE = [128, 192, 2, 1]
-_QUACK_WEIGHT_GRAD_VOCAB = 100_000
 
 
-class _OutputGemms(NamedTuple):
-    """The loss's logits GEMM and weight-gradient GEMM: quack's (:func:`dense_mm`) or torch's."""
-
-    logits: Callable  # (h [C, D], w [V, D]) -> [C, V]
-    weight_grad: Callable  # (grad [C, V], h [C, D], sum [V, D] or None) -> [V, D], added to sum when given
-
-
-def _quack_logits(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+def _logits_quack(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+    """[C, V] logits ``h @ w.T`` through quack's GEMM (:data:`_LOGITS_TILE`)."""
     return dense_mm(h_CD, w_VD.t(), _LOGITS_TILE)
 
 
-def _quack_weight_grad(grad_CV: torch.Tensor, h_CD: torch.Tensor, sum_VD: Optional[torch.Tensor]) -> torch.Tensor:
-    return dense_mm(grad_CV.t(), h_CD, _LOGITS_TILE, accumulate_into=sum_VD)
-
-
-def _torch_logits(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+def _logits_torch(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+    """[C, V] logits ``h @ w.T`` (torch's GEMM)."""
     return h_CD @ w_VD.t()
-
-
-def _torch_weight_grad(grad_CV: torch.Tensor, h_CD: torch.Tensor, sum_VD: Optional[torch.Tensor]) -> torch.Tensor:
-    if sum_VD is None:
-        return grad_CV.t() @ h_CD
-    return torch.addmm(sum_VD, grad_CV.t(), h_CD, out=sum_VD)  # summed in the GEMM's epilogue (beta = 1)
-
-
-_TORCH_GEMMS = _OutputGemms(_torch_logits, _torch_weight_grad)
-
-
-def _output_gemms(quack_ce: bool, h_ND: torch.Tensor, vocab: int) -> _OutputGemms:
-    """quack's GEMMs where its cross-entropy runs (``quack_ce``) and its GEMMs are allowed (:func:`gemm_usable`),
-    the weight gradient's from :data:`_QUACK_WEIGHT_GRAD_VOCAB` words up; torch's elsewhere."""
-    if not (quack_ce and gemm_usable(h_ND)):
-        return _TORCH_GEMMS
-    return _OutputGemms(_quack_logits, _quack_weight_grad if vocab >= _QUACK_WEIGHT_GRAD_VOCAB else _torch_weight_grad)
 
 
 def _mm_fp32(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
@@ -132,7 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of ``cross_entropy(h_ND @ w_VD.T, labels_N)`` with both gradients made in the forward."""
 
     @staticmethod
-    def forward(ctx, h_ND, w_VD, labels_N, rows, ce_and_grad, gemms):
+    def forward(ctx, h_ND, w_VD, labels_N, rows, ce_and_grad, logits):
         N, D = h_ND.shape
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
@@ -141,14 +112,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w_VD = None
         for start in range(0, N, rows):
             h_CD = h_ND[start : start + rows]
-            logits_CV = gemms.logits(h_CD, w_VD)
+            logits_CV = logits(h_CD, w_VD)
             loss_c, grad_CV = ce_and_grad(logits_CV, labels_N[start : start + rows])
             del logits_CV
             loss = loss + loss_c
             if need_h:
                 grad_h_ND[start : start + rows] = _mm_fp32(grad_CV, w_VD)
-            if need_w:  # summed over chunks in the weight's dtype, in the GEMM's epilogue
-                grad_w_VD = gemms.weight_grad(grad_CV, h_CD, grad_w_VD)
+            if need_w:  # summed over chunks in the weight's dtype, in the GEMM's epilogue (beta = 1)
+                if grad_w_VD is None:
+                    grad_w_VD = grad_CV.t() @ h_CD
+                else:
+                    torch.addmm(grad_w_VD, grad_CV.t(), h_CD, out=grad_w_VD)
         if need_w and grad_w_VD is None:  # no rows
             grad_w_VD = torch.zeros_like(w_VD)
         ctx.save_for_backward(grad_h_ND, grad_w_VD)
@@ -407,8 +381,8 @@ class LinearCrossEntropyLoss(nn.Module):
         if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
             quack = _quack_usable(h_ND, w_VD.shape[0])
             ce = self.fused_cross_entropy if quack else self.compute_cross_entropy
-            gemms = _output_gemms(quack, h_ND, w_VD.shape[0])
-            loss_sum = _LinearCrossEntropy.apply(h_ND, w_VD, labels_N, rows, ce, gemms)
+            logits = _logits_quack if quack and gemm_usable(h_ND) else _logits_torch
+            loss_sum = _LinearCrossEntropy.apply(h_ND, w_VD, labels_N, rows, ce, logits)
         else:
             loss_sum = sum(
                 (F.cross_entropy((h_CD @ w_VD.t()).float(), l_C, ignore_index=self.ignore_index, reduction="sum")

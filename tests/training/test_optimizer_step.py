@@ -197,7 +197,8 @@ def test_deferred_grad_factors_match_multiplied_gradients_and_are_used_once():
         for a, b in zip(eager.parameters(), compiled.parameters()):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
     assert opt_c._grad_factors is None  # used by the step that followed
-    assert counters["stats"]["unique_graphs"] == 2  # the layers, the rest: no graph per factor
+    # The layers and the rest, with a factor and (step 2) without: no graph per factor value.
+    assert counters["stats"]["unique_graphs"] == 4
     sgd = torch.optim.SGD(_params(), lr=0.1, foreach=True)
     compile_optimizer_step(sgd)
     assert not defer_grad_scaling(sgd, [(sgd.param_groups[0]["params"], 0.5)])  # whole-step compile: no factors
@@ -252,9 +253,9 @@ for step in range(4):
     dist.all_gather(xs, x)
     model(x).pow(2).mean().backward()
     ref(torch.cat(xs)).pow(2).mean().backward()
-    factor = 0.5 + step  # handed to the compiled step (DTensor shards, a plain 0-dim factor); multiplied by hand
-    assert defer_grad_scaling(opt, [(list(model.parameters()), factor)])
-    for p in ref.parameters():
+    factor = 0.5 + step  # DTensor shards: not handed to the compiled step (refused), multiplied here
+    assert not defer_grad_scaling(opt, [(list(model.parameters()), factor)])
+    for p in [*model.parameters(), *ref.parameters()]:
         p.grad *= factor
     for o, s in ((opt, sched), (ref_opt, ref_sched)):
         o.step()

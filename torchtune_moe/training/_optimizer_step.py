@@ -43,18 +43,21 @@ __all__ = ["compile_optimizer_step", "defer_grad_scaling"]
 # (``combo_kernel_per_subkernel_blocks``) took the step of a 4-layer Qwen3-30B-A3B-width model (3.1B bf16
 # parameters) from 11.6 to 10.4-10.8 ms on an H200 (3.8 -> 4.0-4.2 TB/s, where a plain copy reaches 4.3), the
 # same numbers to the bit, for +0.5 s at the first step (benchmarks/NOTES.md, session 24).
-# The gradients enter multiplied by a 0-dim tensor (1 unless the recipe handed a factor: :func:`defer_grad_scaling`):
-# inside the same kernel the multiply costs nothing, where a pass of its own over 3.1B bf16 gradients takes 4.4 ms on
-# an H200 (benchmarks/NOTES.md, session 25). A tensor, so that a new factor at each step does not recompile.
+_OPTIONS = {"size_asserts": False, "combo_kernels_autotune": 2, "combo_kernel_per_subkernel_blocks": True}
+_adam_compiled = torch.compile(_adam, dynamic=False, options=_OPTIONS)
+
+
+# With a factor handed by :func:`defer_grad_scaling`, the gradients enter multiplied by a 0-dim tensor: inside the same
+# kernel the multiply costs nothing, where a pass of its own over 3.1B bf16 gradients takes 4.4 ms on an H200
+# (benchmarks/NOTES.md, session 25). A tensor, so that a new factor at each step does not recompile. A graph of its
+# own, used for plain tensors only: with DTensor gradients (expert parallelism's 2-D mesh) the multiply inside the
+# compiled step crashed a 2-process CPU test intermittently.
 def _adam_with_grad_factor(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, grad_factor, **kwargs):
     """torch's functional ``adam`` of the gradients times ``grad_factor`` (a 0-dim fp32 tensor)."""
     _adam(params, torch._foreach_mul(grads, grad_factor), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **kwargs)
 
 
-_adam_compiled = torch.compile(
-    _adam_with_grad_factor, dynamic=False,
-    options={"size_asserts": False, "combo_kernels_autotune": 2, "combo_kernel_per_subkernel_blocks": True},
-)
+_adam_scaled_compiled = torch.compile(_adam_with_grad_factor, dynamic=False, options=_OPTIONS)
 
 
 def compile_optimizer_step(optimizer: torch.optim.Optimizer, layers: Optional[Iterable[nn.Module]] = None) -> None:
@@ -106,11 +109,17 @@ def defer_grad_scaling(optimizer: torch.optim.Optimizer, factors: Iterable[tuple
 
     Returns:
         bool: False if the optimizer's step cannot take factors (any step not made by :func:`compile_optimizer_step`
-        for Adam or AdamW): nothing was handed, the caller multiplies the gradients itself.
+        for Adam or AdamW), or if a parameter is a DTensor (FSDP2, expert parallelism): nothing was handed, the
+        caller multiplies the gradients itself. With the experts' DTensors on a 2-D mesh, the compiled step given a
+        factor crashed intermittently (a segmentation fault in 2 of 3 runs of a 2-process CPU test, gloo;
+        benchmarks/NOTES.md, session 25), cause not found; sharded runs keep the multiply pass until it is.
     """
-    if not getattr(optimizer, "_takes_grad_factors", False):
+    factors = [(list(params), float(factor)) for params, factor in factors]
+    if not getattr(optimizer, "_takes_grad_factors", False) or any(
+        isinstance(p, DTensor) for params, _ in factors for p in params
+    ):
         return False
-    optimizer._grad_factors = {id(p): float(factor) for params, factor in factors for p in params}
+    optimizer._grad_factors = {id(p): factor for params, factor in factors for p in params}
     return True
 
 
@@ -152,7 +161,7 @@ def _bucketed_adam_step(optimizer: torch.optim.Adam, layer_params: list[list[tor
                     key = (bucket_of.get(id(p), rest), mesh, factors.get(id(p), 1.0))
                     buckets.setdefault(key, []).append(p)
             for (_, _, factor), params in buckets.items():
-                _adam_bucket(opt, group, params, grad_factor(params[0].device, factor))
+                _adam_bucket(opt, group, params, None if factor == 1.0 else grad_factor(params[0].device, factor))
 
     step.__qualname__ = f"{type(optimizer).__name__}.step"
     hooked = torch.optim.Optimizer.profile_hook_step(step)
@@ -161,10 +170,12 @@ def _bucketed_adam_step(optimizer: torch.optim.Adam, layer_params: list[list[tor
     return types.MethodType(hooked, optimizer)
 
 
-def _adam_bucket(optimizer: torch.optim.Adam, group: dict, params: list[torch.Tensor], grad_factor: torch.Tensor) -> None:
+def _adam_bucket(
+    optimizer: torch.optim.Adam, group: dict, params: list[torch.Tensor], grad_factor: Optional[torch.Tensor]
+) -> None:
     """One compiled multi-tensor Adam/AdamW update of ``params`` (all with gradients, each times ``grad_factor``, a
-    0-dim fp32 tensor on their device) under ``group``'s settings, making their state first as ``Adam`` does (a
-    capturable step count on the parameter's device)."""
+    0-dim fp32 tensor on their device, if given) under ``group``'s settings, making their state first as ``Adam``
+    does (a capturable step count on the parameter's device)."""
     grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], []
     for p in params:
         if p.grad.is_sparse:
@@ -183,8 +194,9 @@ def _adam_bucket(optimizer: torch.optim.Adam, group: dict, params: list[torch.Te
             max_exp_avg_sqs.append(state["max_exp_avg_sq"])
         steps.append(state["step"])
     beta1, beta2 = group["betas"]
-    _adam_compiled(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, grad_factor,
+    factor = () if grad_factor is None else (grad_factor,)
+    (_adam_compiled if grad_factor is None else _adam_scaled_compiled)(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *factor,
         foreach=True, capturable=True, differentiable=False, fused=None, grad_scale=None, found_inf=None,
         has_complex=any(p.dtype.is_complex for p in params),
         decoupled_weight_decay=group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)),

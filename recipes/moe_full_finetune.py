@@ -788,9 +788,9 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
     def _finish_accumulation(self) -> tuple[dict[str, float], Optional[float]]:
         """Ends a step's accumulation: sums the statistics over ranks, takes the gradients' norm, divides the
         gradients by the step's label tokens (times the world size: FSDP2 averages gradients over ranks; the routed
-        experts' by the expert-parallel degree too) and clips them to ``clip_grad_norm``, in one pass, or in the
-        compiled optimizer step's update (:func:`~torchtune_moe.training.scale_and_clip_grads`). Returns the step's losses and the total gradient
-        norm before clipping (None: no gradients)."""
+        experts' by the expert-parallel degree too) and clips them to ``clip_grad_norm``, in one pass or in the
+        compiled optimizer step's update (:func:`~torchtune_moe.training.scale_and_clip_grads`). Returns the step's
+        losses and the total gradient norm before clipping (None: no gradients)."""
         stats = self._step_acc
         self._step_acc = None
         if self._distributed:

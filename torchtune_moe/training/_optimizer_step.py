@@ -97,7 +97,9 @@ def compile_optimizer_step(optimizer: torch.optim.Optimizer, layers: Optional[It
         optimizer.step = torch.compile(optimizer.step)
 
 
-def defer_grad_scaling(optimizer: torch.optim.Optimizer, factors: Iterable[tuple[Iterable[torch.Tensor], float]]) -> bool:
+def defer_grad_scaling(
+    optimizer: torch.optim.Optimizer, factors: Iterable[tuple[Iterable[torch.Tensor], float]]
+) -> bool:
     """Hands the next step of a compiled Adam/AdamW step (:func:`compile_optimizer_step`) the factor each parameter's
     gradient is to be multiplied by: the update multiplies as it reads the gradient, instead of a pass of its own
     over the gradients first (the gradients themselves are left as they are). Used once, by the next step.

@@ -14,7 +14,8 @@ stored gradients. Against torchtune's ``CEWithChunkedOutputLoss`` this saves
 
 Why written here: torchtune 0.6.1 has no such loss (its later ``LinearCrossEntropyLoss`` applies the projection per
 chunk but leaves the gradients to autograd, so it keeps the logits); Liger-Kernel has one but is a Triton-only
-package that the CPU install and the tests cannot run. The GEMMs are ``torch.mm`` / ``torch.addmm``. The per-chunk
+package that the CPU install and the tests cannot run. The GEMMs are ``torch.mm`` / ``torch.addmm``, but the logits'
+GEMM where quack's cross-entropy runs (below), which is quack's dense GEMM (:data:`_LOGITS_TILE`). The per-chunk
 softmax and its gradient:
 
 - for bf16 logits on a compute-capability 9.x GPU (H100, H200) with quack-kernels importable (a dependency on
@@ -76,8 +77,10 @@ def _quack_usable(t: torch.Tensor, vocab: int) -> bool:
 
 # The logits' GEMM where quack's cross-entropy runs: quack's dense GEMM at 128 x 192 tiles, a cluster of two,
 # ping-pong (quack's own default on Hopper). On one H200, per 2048-row chunk: 1.58 against cuBLAS's 1.64 ms at Qwen3's
-# 151936-word vocabulary, 0.56 against 0.66 ms at OLMoE's 50304. The gradients' two GEMMs stay cuBLAS's: quack's
-# best tiles were not faster at both vocabularies (benchmarks/NOTES.md, session 25).
+# 151936-word vocabulary, 0.56 against 0.66 ms at OLMoE's 50304; the training step 0.4-0.65 ms shorter at Qwen3. The
+# gradients' two GEMMs stay cuBLAS's: quack's best tiles alone were not faster at both vocabularies, and its
+# weight-gradient GEMM, faster alone at 151936 words, made the Qwen3 step 0.7 ms slower (benchmarks/NOTES.md,
+# session 25).
 _LOGITS_TILE = [128, 192, 2, 1]
 
 

@@ -365,9 +365,9 @@ class _ConcatLinear(torch.autograd.Function):
         grad_w = (None,) * 3
         if any(ctx.needs_input_grad[1:4]):
             grad_w = (grad_NQ.t() @ x_BSD.reshape(-1, x_BSD.shape[-1])).split(ctx.sizes)
-        grad_b = grad_NQ.sum(0).split(ctx.sizes) if ctx.has_bias and any(ctx.needs_input_grad[4:]) else ()
-        if ctx.has_bias and not grad_b:
-            grad_b = (None,) * 3
+        grad_b = ()  # one per bias given to the forward
+        if ctx.has_bias:
+            grad_b = grad_NQ.sum(0).split(ctx.sizes) if any(ctx.needs_input_grad[4:]) else (None,) * 3
         return (grad_x, *grad_w, *grad_b)
 
 

@@ -63,11 +63,20 @@ def gradient_groups(model: nn.Module, expert_parallel_degree: int = 1) -> list[G
 
 def grad_norms(groups: Sequence[GradGroup], device: torch.device) -> Optional[torch.Tensor]:
     """[G] fp32 on ``device``: the 2-norm of each group's gradients as they are, reduced over their shards (the same
-    on every rank; a collective per sharded group). No host sync. None for no groups."""
+    on every rank; a collective per sharded group). No host sync. None for no groups.
+
+    Each gradient's norm is accumulated and returned in fp32 (``torch._foreach_norm(..., dtype=float32)``), bf16
+    gradients included. torch's ``get_total_norm`` (and so ``clip_grad_norm_``) rounds each bf16 gradient's norm to
+    bf16 before summing them, which left the logged ``grad_norm`` with three significant digits."""
     norms = []
     for group in groups:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group.params])
-        norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().to(device))
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        for p in group.params:
+            by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        per_tensor = [n for grads in by_kind.values() for n in torch._foreach_norm(grads, 2.0, dtype=torch.float32)]
+        first = per_tensor[0].device
+        norm = torch.linalg.vector_norm(torch.stack([n if n.device == first else n.to(first) for n in per_tensor]))
+        norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).to(device))
     return torch.stack(norms) if norms else None
 
 

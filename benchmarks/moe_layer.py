@@ -28,6 +28,10 @@ Variants:
                and in --dry-run, with the reason printed).
   ours_fp8_compile  the same, under torch.compile.
   profile_fp8  as profile, for ours_fp8 (CUDA time per kernel, eager).
+  host         ours (eager): the host's time to enqueue one forward + backward on an idle GPU, against the
+               GPU's busy time per pass (its kernels' sum under the profiler; not on CPU). Where the host's is
+               the larger, the layer waits on Python and launches, not on its kernels.
+  host_fp8     the same for ours_fp8.
   gmm_only     only the six grouped GEMMs of forward + backward on pre-sorted rows (no routing, no
                activation): what grouped_mm itself reaches.
 
@@ -227,15 +231,15 @@ def gmm_only_fn(layer, x_TD, routing):
 
 VARIANTS = [
     "dense", "ours", "v0", "hf_grouped", "hf_eager", "gmm_only", "kernels", "parts", "profile", "ours_compile",
-    "ours_again", "ours_fp8", "ours_fp8_compile", "profile_fp8", "ours_sep_swiglu", "ours_sep_swiglu_compile",
-    "ours_compile_max",
+    "ours_again", "ours_fp8", "ours_fp8_compile", "profile_fp8", "host", "host_fp8", "ours_sep_swiglu",
+    "ours_sep_swiglu_compile", "ours_compile_max",
 ]
 
 
 ROUTER_TAGS = {"token_choice": "", "expert_choice": "/ec", "causal_expert_choice": "/cec"}
 ROUTER_VARIANTS = (
     "ours", "ours_again", "ours_compile", "ours_fp8", "ours_fp8_compile", "ours_compile_max", "parts", "profile",
-    "profile_fp8", "ours_sep_swiglu", "ours_sep_swiglu_compile",
+    "profile_fp8", "host", "host_fp8", "ours_sep_swiglu", "ours_sep_swiglu_compile",
 )
 
 
@@ -488,6 +492,40 @@ def run_router(name, T, variants, rows, router):
 
     attempt("profile", v_profile)
 
+    def v_host(label="host"):
+        """Host time per forward + backward of ours (eager): the time to enqueue one pass on an idle GPU (Python,
+        autograd and launches; median of 30), against the GPU's busy time per pass (the sum of its kernels under
+        the profiler, over 5 passes). The layer is host-bound wherever the first is the larger."""
+        from torch.profiler import ProfilerActivity, profile
+
+        fn = layer_fn(layer)
+        fn()
+        sync = torch.cuda.synchronize if DEV.type == "cuda" else (lambda: None)
+        hosts = []
+        for _ in range(30):
+            for p_ in params + [x]:
+                p_.grad = None
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            hosts.append((time.perf_counter() - t0) * 1e3)
+            sync()
+        host_ms = sorted(hosts)[len(hosts) // 2]
+        busy_ms = float("nan")
+        if DEV.type == "cuda":
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    for p_ in params + [x]:
+                        p_.grad = None
+                    fn()
+                sync()
+            busy_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 5 / 1e3
+        rows[label + tag] = dict(host_ms=host_ms, gpu_busy_ms=busy_ms)
+        print(f"  {name:8s} {label + tag:13s} host {host_ms:.2f} ms per pass, GPU busy {busy_ms:.2f} ms per pass",
+              flush=True)
+
+    attempt("host", v_host)
+
     # Lets dynamo trace causal expert choice's kept rows (an output size that depends on data; see
     # dispatch_combine), as the recipe does with compile on: the layer is then one graph (else it breaks there).
     @torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
@@ -545,6 +583,7 @@ def run_router(name, T, variants, rows, router):
     attempt("ours_fp8", with_fp8(v_fp8))
     attempt("ours_fp8_compile", with_fp8(lambda: v_compile("ours_fp8_compile")))
     attempt("profile_fp8", with_fp8(lambda: fp8_ok("profile_fp8") and v_profile("profile_fp8")))
+    attempt("host_fp8", with_fp8(lambda: fp8_ok("host_fp8") and v_host("host_fp8")))
 
     def with_separate_swiglu(f):  # runs f with quack's SwiGLU epilogues off (SwiGLU in our kernels), then on
         def run():
@@ -631,6 +670,11 @@ def main():
             lines.append(
                 f"| {name} | {v} | {r['ms']:.2f} | {r['tflops']:.0f} | {frac} | {r['act_mib']:.0f} | {err} | {ept} |"
             )
+    host_rows = [(name, v, r) for name, res in results.items() for v, r in res["rows"].items()
+                 if "host_ms" in r]
+    if host_rows:
+        lines += ["", "| shape | variant | host ms per pass | GPU busy ms per pass |", "|---|---|---|---|"]
+        lines += [f"| {name} | {v} | {r['host_ms']:.2f} | {r['gpu_busy_ms']:.2f} |" for name, v, r in host_rows]
     table = "\n".join(lines)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

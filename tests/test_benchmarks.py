@@ -5,6 +5,7 @@ CPU processes run: the GPU scripts' code stays working. trace_report.py reads a 
 
 import gzip
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,17 @@ def test_moe_layer_dry_run_with_the_separate_swiglu_variant(tmp_path):
     assert {"dense", "ours", "ours_sep_swiglu"} <= set(rows) and not any("error" in v for v in rows.values())
     for variant in ("ours", "ours_sep_swiglu"):
         assert rows[variant]["ms"] > 0 and 0 < max(rows[variant]["errs"].values()) < 1e-2
+
+
+def test_moe_layer_dry_run_host_variant(tmp_path):
+    """The host-time variant runs and reports a positive host time per pass (no GPU busy time on CPU); host_fp8 is
+    skipped on CPU with its reason."""
+    pytest.importorskip("transformers")
+    r = _dry_run(LAYER, tmp_path, "--shapes", "olmoe", "--variants", "host", "host_fp8")
+    rows = r["results"]["olmoe"]["rows"]
+    assert rows["host"]["host_ms"] > 0 and math.isnan(rows["host"]["gpu_busy_ms"])
+    assert "host_fp8" not in rows
+    assert "| olmoe | host |" in (tmp_path / "moe_layer.md").read_text()
 
 
 def test_moe_layer_refuses_no_tokens_by_name(tmp_path):

@@ -233,6 +233,7 @@ def test_other_optimizers_compile_their_whole_step():
 _FSDP_SCRIPT = r"""
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate
 from torchtune_moe.training import compile_optimizer_step, defer_grad_scaling, end_distributed_process
 
 dist.init_process_group("gloo")
@@ -253,9 +254,15 @@ for step in range(4):
     dist.all_gather(xs, x)
     model(x).pow(2).mean().backward()
     ref(torch.cat(xs)).pow(2).mean().backward()
-    factor = 0.5 + step  # DTensor shards: not handed to the compiled step (refused), multiplied here
-    assert not defer_grad_scaling(opt, [(list(model.parameters()), factor)])
-    for p in [*model.parameters(), *ref.parameters()]:
+    if step == 0:  # a gradient sharded otherwise than its parameter: refused (the caller multiplies)
+        p0 = next(model.parameters())
+        sharded = p0.grad
+        p0.grad = sharded.redistribute(sharded.device_mesh, [Replicate()])
+        assert not defer_grad_scaling(opt, [(list(model.parameters()), 2.0)])
+        p0.grad = sharded
+    factor = 0.5 + step  # handed to the compiled step, which updates the local shards; multiplied here for ref
+    assert defer_grad_scaling(opt, [(list(model.parameters()), factor)])
+    for p in ref.parameters():
         p.grad *= factor
     for o, s in ((opt, sched), (ref_opt, ref_sched)):
         o.step()

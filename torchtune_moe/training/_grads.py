@@ -13,8 +13,9 @@ read by the host with the step's other statistics (the recipe's one sync per ste
 multiply by a Python number per group applies the scale and the clipping coefficient together
 (:func:`scale_and_clip_grads`): 2.9 + 4.4 ms. torch's ``_foreach_mul_`` takes its vectorised kernel for a Python
 number; with a 0-dim fp32 tensor and bf16 gradients it falls back to one broadcasting multiply per tensor (11.7 ms).
-With the compiled Adam/AdamW step (``compile: true``) on one device even that pass goes: the step's update kernel
-multiplies each gradient as it reads it (:func:`~torchtune_moe.training.defer_grad_scaling`), 2.9 ms in all.
+With the compiled Adam/AdamW step (``compile: true``) even that pass goes: the step's update kernel multiplies each
+gradient as it reads it (:func:`~torchtune_moe.training.defer_grad_scaling`), 2.9 ms in all (one device; FSDP2's and
+expert parallelism's shards take the same path, the update running on the local shards).
 
 Why written here: neither torchtune nor torch has a clip that also applies a known scale (torch's
 ``_clip_grads_with_norm_`` multiplies by a tensor), and torchtune's ``scale_grads`` is the slow pass above.

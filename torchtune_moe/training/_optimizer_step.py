@@ -111,14 +111,13 @@ def defer_grad_scaling(
 
     Returns:
         bool: False if the optimizer's step cannot take factors (any step not made by :func:`compile_optimizer_step`
-        for Adam or AdamW), or if a parameter is a DTensor (FSDP2, expert parallelism): nothing was handed, the
-        caller multiplies the gradients itself. With the experts' DTensors on a 2-D mesh, the compiled step given a
-        factor crashed intermittently (a segmentation fault in 2 of 3 runs of a 2-process CPU test, gloo;
-        benchmarks/NOTES.md, session 25), cause not found; sharded runs keep the multiply pass until it is.
+        for Adam or AdamW), or if a DTensor parameter's gradient is sharded otherwise than the parameter: nothing
+        was handed, the caller multiplies the gradients itself. FSDP2's and expert parallelism's DTensors are
+        taken: their compiled update runs on the local shards (:func:`_adam_bucket`).
     """
     factors = [(list(params), float(factor)) for params, factor in factors]
-    if not getattr(optimizer, "_takes_grad_factors", False) or any(
-        isinstance(p, DTensor) for params, _ in factors for p in params
+    if not getattr(optimizer, "_takes_grad_factors", False) or not all(
+        _shards_alike(p, p.grad) for params, _ in factors for p in params if p.grad is not None
     ):
         return False
     optimizer._grad_factors = {id(p): factor for params, factor in factors for p in params}
@@ -195,6 +194,16 @@ def _adam_bucket(
         if group["amsgrad"]:
             max_exp_avg_sqs.append(state["max_exp_avg_sq"])
         steps.append(state["step"])
+    if all(_shards_alike(p, t) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs) for t in (g, m, v)) and all(
+        _shards_alike(p, t) for p, t in zip(params, max_exp_avg_sqs)
+    ):
+        # Adam is elementwise: on DTensors sharded alike (FSDP2's, expert parallelism's) the update of the local
+        # shards is the whole update. The compiled call then sees plain tensors only: no DTensor dispatch to trace,
+        # and the gradient factor (a plain 0-dim tensor) never meets a DTensor, which on the experts' 2-D mesh
+        # crashed the compiled step intermittently on CPU (benchmarks/NOTES.md, sessions 25 and 26).
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+            [_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        )
     beta1, beta2 = group["betas"]
     factor = () if grad_factor is None else (grad_factor,)
     (_adam_compiled if grad_factor is None else _adam_scaled_compiled)(
@@ -205,6 +214,22 @@ def _adam_bucket(
         amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
         eps=group["eps"], maximize=group["maximize"],
     )
+
+
+def _shards_alike(p: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether ``t`` (a gradient or a state of ``p``) has ``p``'s local shape on the same mesh and placements
+    (both plain tensors: True)."""
+    if not isinstance(p, DTensor) and not isinstance(t, DTensor):
+        return True
+    return (
+        isinstance(p, DTensor) and isinstance(t, DTensor) and p.device_mesh == t.device_mesh
+        and p.placements == t.placements and p.shape == t.shape and p.to_local().shape == t.to_local().shape
+    )
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view of its storage: updates in place reach the DTensor), a tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _tensor_lr(optimizer: torch.optim.Optimizer) -> None:

@@ -217,19 +217,21 @@ def _adam_bucket(
 
 
 def _shards_alike(p: torch.Tensor, t: torch.Tensor) -> bool:
-    """Whether ``t`` (a gradient or a state of ``p``) has ``p``'s local shape on the same mesh and placements
-    (both plain tensors: True)."""
+    """Whether ``t`` (a gradient or a state of ``p``) is sharded as ``p``: the same global shape, mesh and placements,
+    hence the same local shard (both plain tensors: True). Attribute reads only: it runs for every parameter of
+    every step."""
     if not isinstance(p, DTensor) and not isinstance(t, DTensor):
         return True
     return (
         isinstance(p, DTensor) and isinstance(t, DTensor) and p.device_mesh == t.device_mesh
-        and p.placements == t.placements and p.shape == t.shape and p.to_local().shape == t.to_local().shape
+        and p.placements == t.placements and p.shape == t.shape
     )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (a view of its storage: updates in place reach the DTensor), a tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    """A DTensor's local shard (its storage: updates in place reach the DTensor), a tensor itself. The attribute,
+    not ``to_local()``, whose autograd function would cost host time for every tensor of every step."""
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def _tensor_lr(optimizer: torch.optim.Optimizer) -> None:

@@ -156,9 +156,9 @@ def sweep_setup(doc: str, script: str, stand_in: dict, layer_repeats: int):
     args = p.parse_args()
     if args.layer_repeats < 1:
         p.error(f"--layer-repeats must be >= 1, got {args.layer_repeats}")
-    prepare_out(p, args.out)
     if not args.dry_run and (not torch.cuda.is_available() or not _kernels._HAS_TRITON):
         sys.exit(f"{script} needs a CUDA GPU and Triton (or --dry-run)")
+    prepare_out(p, args.out)
     T = _kernels._triton or types.SimpleNamespace(**stand_in)
     dev = torch.device("cpu" if args.dry_run else "cuda")
     return args, T, dev, torch.float32 if args.dry_run else torch.bfloat16

@@ -42,9 +42,9 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, the torch code (the script's plumbing)")
     args = p.parse_args()
-    prepare_out(p, args.out)
     if not args.dry_run and (not torch.cuda.is_available() or not _kernels._HAS_TRITON):
         sys.exit("fp8_quantizers.py needs a CUDA GPU and Triton (or --dry-run)")
+    prepare_out(p, args.out)
     dev = torch.device("cpu" if args.dry_run else "cuda")
     A, E, D, H = (64, 2, 64, 96) if args.dry_run else (16384, 8, 4096, 14336)
     iters = 3 if args.dry_run else 10

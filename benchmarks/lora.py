@@ -369,9 +369,9 @@ def main():
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.layers) < 1:
         p.error(f"--layers must be >= 1 each, got {args.layers}")
-    prepare_out(p, args.out)
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (or --dry-run)")
+    prepare_out(p, args.out)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     results = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__}

@@ -623,17 +623,15 @@ def main():
     args = p.parse_args()
     if args.tokens < 1:
         p.error(f"--tokens must be at least 1, got {args.tokens}")
-    prepare_out(p, args.out)
     global DEV, OUT_DIR
-    OUT_DIR = args.out
-    if OUT_DIR:
-        os.makedirs(OUT_DIR, exist_ok=True)
     if args.dry_run:
         DEV = torch.device("cpu")
         for k, (E, K, D, H, n) in list(SHAPES.items()):
             SHAPES[k] = (min(E, 8), min(K, 2), 64, 32, n)
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/moe_layer.py needs a CUDA GPU")
+    prepare_out(p, args.out)
+    OUT_DIR = args.out
     import transformers
 
     env = dict(

@@ -140,9 +140,9 @@ def main():
         p.error(f"--layers takes one depth >= 1 per shape ({len(args.shapes)}), got {args.layers}")
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
-    prepare_out(p, args.out)
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("benchmarks/optimizer_step.py needs a CUDA GPU (or --dry-run)")
+    prepare_out(p, args.out)
     dev = "cpu" if args.dry_run else "cuda"
     env = dict(gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__)
     print(env, flush=True)

@@ -224,7 +224,6 @@ def main():
         p.error("--trace needs --profile and --out (or $OUT)")
     if args.profile_rows < 1:
         p.error(f"--profile-rows must be >= 1, got {args.profile_rows}")
-    prepare_out(p, args.out)
     if not 0.0 <= args.prompt_frac < 1.0:
         p.error(f"--prompt-frac must be in [0, 1), got {args.prompt_frac}")
     global DEV, SEQ, BATCH, PROMPT_FRAC
@@ -233,6 +232,7 @@ def main():
         DEV, SEQ, BATCH = "cpu", 32, 2
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/train_step.py needs a CUDA GPU")
+    prepare_out(p, args.out)
     import transformers
 
     env = dict(gpu=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", torch=torch.__version__,

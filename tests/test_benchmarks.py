@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 
@@ -138,6 +139,22 @@ def test_out_that_is_a_file_is_refused_before_any_work(script, tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert f"--out {a_file}: not a directory the results can be written to" in res.stderr
     assert a_file.read_text() == "{}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
+@pytest.mark.parametrize(
+    "script",
+    ["moe_layer", "train_step", "lora", "swiglu_lora_tiles", "gather_tiles", "fp8_quantizers", "optimizer_step"],
+)
+def test_no_gpu_is_refused_before_the_out_directory_is_made(script, tmp_path):
+    """Without a GPU (and without --dry-run) a benchmark stops by saying so, and leaves no empty --out behind."""
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / f"{script}.py"), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode != 0 and "needs a CUDA GPU" in res.stderr, res.stderr[-2000:]
+    assert not out.exists()
 
 
 OPT_STEP = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_step.py"

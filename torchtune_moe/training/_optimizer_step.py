@@ -50,8 +50,8 @@ _adam_compiled = torch.compile(_adam, dynamic=False, options=_OPTIONS)
 # With a factor handed by :func:`defer_grad_scaling`, the gradients enter multiplied by a 0-dim tensor: inside the same
 # kernel the multiply costs nothing, where a pass of its own over 3.1B bf16 gradients takes 4.4 ms on an H200
 # (benchmarks/NOTES.md, session 25). A tensor, so that a new factor at each step does not recompile. A graph of its
-# own, used for plain tensors only: with DTensor gradients (expert parallelism's 2-D mesh) the multiply inside the
-# compiled step crashed a 2-process CPU test intermittently.
+# own, called with plain tensors only (DTensors come as their local shards, _adam_bucket): with DTensor gradients
+# (expert parallelism's 2-D mesh) the multiply inside the compiled step crashed a 2-process CPU test intermittently.
 def _adam_with_grad_factor(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, grad_factor, **kwargs):
     """torch's functional ``adam`` of the gradients times ``grad_factor`` (a 0-dim fp32 tensor)."""
     _adam(params, torch._foreach_mul(grads, grad_factor), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **kwargs)
@@ -194,9 +194,7 @@ def _adam_bucket(
         if group["amsgrad"]:
             max_exp_avg_sqs.append(state["max_exp_avg_sq"])
         steps.append(state["step"])
-    if all(_shards_alike(p, t) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs) for t in (g, m, v)) and all(
-        _shards_alike(p, t) for p, t in zip(params, max_exp_avg_sqs)
-    ):
+    if all(_shards_alike(p, t) for ts in (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) for p, t in zip(params, ts)):
         # Adam is elementwise: on DTensors sharded alike (FSDP2's, expert parallelism's) the update of the local
         # shards is the whole update. The compiled call then sees plain tensors only: no DTensor dispatch to trace,
         # and the gradient factor (a plain 0-dim tensor) never meets a DTensor, which on the experts' 2-D mesh

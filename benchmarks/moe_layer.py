@@ -32,6 +32,10 @@ Variants:
                GPU's busy time per pass (its kernels' sum under the profiler; not on CPU). Where the host's is
                the larger, the layer waits on Python and launches, not on its kernels.
   host_fp8     the same for ours_fp8.
+  ours_graph   ours (eager) captured once in a CUDA graph (forward, backward of the output and the aux loss) and
+               replayed: the same kernels with no host work between them (checked against one eager pass). CUDA
+               only (skipped in --dry-run, with the reason printed); needs a router with no host read (token or
+               expert choice).
   gmm_only     only the six grouped GEMMs of forward + backward on pre-sorted rows (no routing, no
                activation): what grouped_mm itself reaches.
 
@@ -232,14 +236,14 @@ def gmm_only_fn(layer, x_TD, routing):
 VARIANTS = [
     "dense", "ours", "v0", "hf_grouped", "hf_eager", "gmm_only", "kernels", "parts", "profile", "ours_compile",
     "ours_again", "ours_fp8", "ours_fp8_compile", "profile_fp8", "host", "host_fp8", "ours_sep_swiglu",
-    "ours_sep_swiglu_compile", "ours_compile_max",
+    "ours_sep_swiglu_compile", "ours_graph", "ours_compile_max",
 ]
 
 
 ROUTER_TAGS = {"token_choice": "", "expert_choice": "/ec", "causal_expert_choice": "/cec"}
 ROUTER_VARIANTS = (
     "ours", "ours_again", "ours_compile", "ours_fp8", "ours_fp8_compile", "ours_compile_max", "parts", "profile",
-    "profile_fp8", "host", "host_fp8", "ours_sep_swiglu", "ours_sep_swiglu_compile",
+    "profile_fp8", "host", "host_fp8", "ours_sep_swiglu", "ours_sep_swiglu_compile", "ours_graph",
 )
 
 
@@ -277,7 +281,8 @@ def run_router(name, T, variants, rows, router):
         with torch.no_grad():
             layer.router(x_TD)
         layer.router.update()
-    routing = layer.router(x_TD)
+    with torch.no_grad():  # no autograd graph kept on the parameters (ours_graph's capture needs none alive)
+        routing = layer.router(x_TD)
     experts_per_token = ((routing.expert_ids_A < E).sum() / T).item()
 
     def record(variant, ms, peak, errs=None, note=""):
@@ -600,6 +605,52 @@ def run_router(name, T, variants, rows, router):
     attempt("ours_sep_swiglu", with_separate_swiglu(lambda: v_ours("ours_sep_swiglu")))
     attempt("ours_sep_swiglu_compile", with_separate_swiglu(lambda: v_compile("ours_sep_swiglu_compile")))
 
+    def v_graph(label="ours_graph"):
+        """ours captured in one CUDA graph per forward + backward and replayed (docs/performance.md, "CUDA
+        graphs"). What the capture needs: the aux losses of earlier passes dropped (``clear_aux_losses``: their
+        autograd graph keeps the leaves' gradient accumulators alive, and an accumulator runs on the stream of the
+        pass that made it, the default stream here, which a capture may not touch); warm-up passes and the capture
+        on one side stream; gradients None at capture (the graph makes its own ``.grad`` tensors)."""
+        if DEV.type != "cuda":
+            print(f"  {name:8s} {label + tag:13s} skipped: CUDA graphs need a CUDA GPU", flush=True)
+            return
+        if router == "causal_expert_choice":
+            print(f"  {name:8s} {label + tag:13s} skipped: causal expert choice reads its kept rows' count on the "
+                  "host, which a CUDA graph cannot capture", flush=True)
+            return
+        leaves = params + [x]
+
+        def step():
+            for p_ in leaves:
+                p_.grad = None
+            out = layer(x)
+            torch.autograd.backward([out, layer.aux_loss], [gy, None])
+            return out
+
+        layer.clear_aux_losses()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        m0 = torch.cuda.memory_reserved()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            out_static = step()
+        pool_mib = (torch.cuda.memory_reserved() - m0) / 2**20  # the graph's private memory pool
+        grads_static = [p_.grad for p_ in leaves]
+        graph.replay()
+        out_eager = step()  # one eager pass on the same inputs: the replay must match it
+        errs = {"out": rel(out_static, out_eager)}
+        errs.update({f"grad_{i}": rel(a, p_.grad) for i, (a, p_) in enumerate(zip(grads_static, leaves))})
+        ms, _ = bench(graph.replay, [])
+        record(label, ms, pool_mib, errs, note="one CUDA graph per pass; MiB: its memory pool, held while it lives")
+        del graph, out_static, grads_static
+        layer.clear_aux_losses()
+
+    attempt("ours_graph", v_graph)
+
     # the same variant again: the spread between the two is the noise
     def v_again():
         ms, peak = bench(layer_fn(layer), params + [x])
@@ -644,7 +695,7 @@ def main():
         run_shape(name, args.tokens, set(args.variants), results, args.routers)
     ours = [
         "ours", "ours_again", "ours_compile", "ours_sep_swiglu", "ours_sep_swiglu_compile", "ours_fp8",
-        "ours_fp8_compile", "ours_compile_max",
+        "ours_fp8_compile", "ours_graph", "ours_compile_max",
     ]
     order = ["dense"] + [v + ROUTER_TAGS[r] for r in args.routers for v in ["dense_again"] + ours]
     order += ["v0", "hf_grouped", "hf_eager", "gmm_only"]

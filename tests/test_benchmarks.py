@@ -60,13 +60,13 @@ def test_moe_layer_dry_run_with_the_separate_swiglu_variant(tmp_path):
 
 
 def test_moe_layer_dry_run_host_variant(tmp_path):
-    """The host-time variant runs and reports a positive host time per pass (no GPU busy time on CPU); host_fp8 is
-    skipped on CPU with its reason."""
+    """The host-time variant runs and reports a positive host time per pass (no GPU busy time on CPU); host_fp8 and
+    ours_graph (CUDA graphs) are skipped on CPU with their reasons."""
     pytest.importorskip("transformers")
-    r = _dry_run(LAYER, tmp_path, "--shapes", "olmoe", "--variants", "host", "host_fp8")
+    r = _dry_run(LAYER, tmp_path, "--shapes", "olmoe", "--variants", "host", "host_fp8", "ours_graph")
     rows = r["results"]["olmoe"]["rows"]
     assert rows["host"]["host_ms"] > 0 and math.isnan(rows["host"]["gpu_busy_ms"])
-    assert "host_fp8" not in rows
+    assert "host_fp8" not in rows and "ours_graph" not in rows
     assert "| olmoe | host |" in (tmp_path / "moe_layer.md").read_text()
 
 

@@ -1,0 +1,59 @@
+"""The MoE layer's forward + backward captured in one CUDA graph replays exactly as eager passes do.
+
+The recipe for a capture (docs/performance.md, "CUDA graphs"): drop the aux losses of earlier eager passes
+(``clear_aux_losses``), warm up on a side stream, capture on that stream with the gradients set to None. Marked
+``gpu``: ``python -m pytest -m gpu tests/modules/test_cuda_graph_gpu.py``.
+"""
+
+import pytest
+import torch
+
+from torchtune_moe.models import moe_layer
+
+pytestmark = pytest.mark.gpu
+
+T, E, K, D, H = 512, 16, 4, 256, 384
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_layer_forward_backward_replays_as_eager(router):
+    torch.manual_seed(0)
+    layer = moe_layer(dim=D, hidden_dim=H, num_experts=E, experts_per_token=K, router=router, aux_loss_coeff=0.01)
+    layer = layer.cuda().to(torch.bfloat16).train()
+    x = torch.randn(2, T // 2, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn_like(x)
+    leaves = [x, *layer.parameters()]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = layer(x)
+        torch.autograd.backward([out, layer.aux_loss], [gy, None])
+        return out
+
+    step()  # an eager pass on the default stream first, as a training loop would have run
+    layer.clear_aux_losses()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        out_static = step()
+    grads_static = [t.grad for t in leaves]
+    assert all(g is not None for g in grads_static)
+
+    for seed in (1, 2):  # new inputs copied into the captured tensors, as a training loop feeds a graph
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            x.copy_(torch.randn_like(x))
+            gy.copy_(torch.randn_like(gy))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = [out_static.clone(), *(g.clone() for g in grads_static)]
+        out = step()
+        eager = [out.detach(), *(t.grad for t in leaves)]
+        for got, want in zip(replayed, eager):
+            assert torch.equal(got, want)

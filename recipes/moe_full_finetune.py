@@ -73,6 +73,7 @@ from torchtune_moe.training import (
     atomic_directory,
     check_model,
     check_output_dir,
+    check_cuda_graphs_world,
     check_state_dict,
     checkpoint_dir_name,
     checkpoint_problems,
@@ -198,6 +199,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         self._max_skipped_nonfinite = cfg.get("max_skipped_nonfinite_steps", 0)
         self._enable_activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
         self._compile = compile_plan(cfg)  # which of the layers, loss and optimizer step torch.compile
+        check_cuda_graphs_world(self._compile, self.world_size)
         self._enable_fp8_training = cfg.get("enable_fp8_training", False)
         self._fp8_recipe_name = cfg.get("fp8_recipe_name", None)
         self._freeze_router = cfg.get("freeze_router", False)
@@ -602,7 +604,8 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             # Lets dynamo trace ops whose output size depends on data, as causal expert choice's kept rows
             # (torchtune_moe.modules.dispatch_combine): each layer then stays one graph instead of breaking there.
             torch._dynamo.config.capture_dynamic_output_shape_ops = True
-            compile_model(model, verbose=self._is_rank_zero)  # the decoder layers and the final norm
+            # the decoder layers and the final norm; with compile.cuda_graphs the layers replay as CUDA graphs
+            compile_model(model, verbose=self._is_rank_zero, cuda_graphs=self._compile.cuda_graphs)
         if self._enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         if self._sharded:
@@ -746,6 +749,10 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         num_tokens = (labels != self._loss_fn.ignore_index).sum()
         num_inputs = (batch["tokens"] != self._tokenizer.pad_id).sum()
 
+        if self._compile.cuda_graphs:
+            # A new training pass for the layers' CUDA graphs: their outputs of the previous pass may be overwritten
+            # from here on (everything kept from them is a copy: the statistics below, the aux losses' values).
+            torch.compiler.cudagraph_mark_step_begin()
         replay = contextlib.nullcontext()
         if routing_BSLK is not None:
             replay = replay_routing(self._model, RoutingRecord.from_array(routing_BSLK.flatten(0, 1)))
@@ -1081,9 +1088,21 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         chunks, skip = self._model.num_output_chunks, getattr(self._model, "skip_output_layer", False)
         self._model.set_num_output_chunks(0)
         self._model.skip_output_layer = False
-        rows = []
         rng = torch.Generator(device=self._device).manual_seed(0)
         stops = set(self._tokenizer.stop_tokens)
+        # With compile.cuda_graphs the compiled layers would record a graph per decoding shape: generate eagerly.
+        stance = torch.compiler.set_stance("force_eager") if self._compile.cuda_graphs else contextlib.nullcontext()
+        with stance:
+            rows = self._generate_samples(prompts, max_new_tokens, rng, stops)
+        self._model.train()
+        self._model.set_num_output_chunks(chunks)
+        self._model.skip_output_layer = skip
+        if self._is_rank_zero:
+            print(samples_table(rows), flush=True)
+
+    def _generate_samples(self, prompts, max_new_tokens: int, rng: torch.Generator, stops: set) -> list:
+        """(prompt, greedy completion, expected answer) per sample prompt (:meth:`print_samples`)."""
+        rows = []
         for item in prompts:
             prompt, expected = prompt_and_expected(item)
             messages = [Message(role="user", content=prompt, masked=True), Message(role="assistant", content="")]
@@ -1101,11 +1120,7 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
             new_ids = out[0, len(prompt_ids) :].tolist()
             cut = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
             rows.append((prompt, self._tokenizer.decode(new_ids[:cut]), expected))
-        self._model.train()
-        self._model.set_num_output_chunks(chunks)
-        self._model.skip_output_layer = skip
-        if self._is_rank_zero:
-            print(samples_table(rows), flush=True)
+        return rows
 
     def print_summary(self) -> None:
         """Where the checkpoints and logs went, and what the loss did."""

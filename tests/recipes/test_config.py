@@ -165,3 +165,42 @@ def test_grouped_gemm_environment_is_checked_with_the_config(monkeypatch):
     monkeypatch.setenv("TORCHTUNE_MOE_GROUPED_GEMM", "cute")  # no quack or no Hopper GPU in the CPU tests
     with pytest.raises(ValueError, match="TORCHTUNE_MOE_GROUPED_GEMM=cute"):
         validate_recipe_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["compile={model: false, cuda_graphs: true}"], r"needs compile\.model: true"),
+        (["compile={cuda_graphs: true}", "device=cpu"], r"needs device: cuda \(this config runs on cpu\)"),
+        (["compile={cuda_graphs: true}", "device=cuda", "enable_activation_checkpointing=true"],
+         r"needs enable_activation_checkpointing: false"),
+        (["compile={cuda_graphs: true}", "device=cuda", "fsdp_cpu_offload=true"], r"needs fsdp_cpu_offload: false"),
+        (["compile={cuda_graphs: true}", "device=cuda", "gradient_accumulation_steps=2"],
+         r"needs gradient_accumulation_steps: 1"),
+        (["compile={cuda_graphs: true}", "device=cuda", "replay_routing_column=routes"],
+         r"needs replay_routing_column: null"),
+        (["compile={cuda_graphs: maybe}"], r"compile\.cuda_graphs: got 'maybe'"),
+    ],
+)
+def test_cuda_graphs_refused_where_a_replay_cannot_stand_for_the_pass(overrides, message):
+    """``compile.cuda_graphs`` is refused by name, before any work, with what it needs: compiled layers on a CUDA
+    device, and none of activation checkpointing, CPU offload, gradient accumulation or routing replay (validation
+    does not need the
+    device itself: a GPU config validates on any machine)."""
+    from torchtune_moe.training import validate_recipe_config
+
+    cfg = load_config("tiny/full", ["dtype=bf16", *overrides])
+    with pytest.raises(ValueError, match=message):
+        validate_recipe_config(cfg)
+
+
+def test_cuda_graphs_plan_and_the_one_process_rule():
+    from torchtune_moe.training import check_cuda_graphs_world, compile_plan
+
+    assert compile_plan(load_config("tiny/full", ["compile={cuda_graphs: true}"])).cuda_graphs
+    assert not compile_plan(load_config("tiny/full", ["compile=true"])).cuda_graphs
+    plan = compile_plan(load_config("tiny/full", ["compile={cuda_graphs: true}"]))
+    check_cuda_graphs_world(plan, 1)
+    with pytest.raises(ValueError, match=r"compile\.cuda_graphs: true runs on one process \(this run has 2"):
+        check_cuda_graphs_world(plan, 2)
+    check_cuda_graphs_world(compile_plan(load_config("tiny/full", ["compile=true"])), 2)

@@ -29,3 +29,20 @@ def test_layers_and_final_norm_compiled_with_the_eager_numbers():
     assert counters["stats"]["unique_graphs"] >= 2  # the layers' graph and the norm's
     for (name, p_e), p_c in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(p_c.grad, p_e.grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_cuda_graphs_compile_the_layers_with_reduce_overhead(monkeypatch):
+    """``compile.cuda_graphs``: each decoder layer compiles with ``mode="reduce-overhead"`` (torch.compile's CUDA
+    graphs), the final norm as before; without it, no mode (torchtune's per-layer compile)."""
+    from torch import nn
+    from torchtune.modules import TransformerSelfAttentionLayer
+
+    calls = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append((type(self), kw.get("mode"))))
+    model = moe(vocab_size=50, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32, max_seq_len=16,
+                num_experts=4, experts_per_token=2, moe_hidden_dim=16)
+    compile_model(model, verbose=False, cuda_graphs=True)
+    assert calls == [(TransformerSelfAttentionLayer, "reduce-overhead")] * 2 + [(type(model.norm), None)]
+    calls.clear()
+    compile_model(model, verbose=False)
+    assert calls == [(TransformerSelfAttentionLayer, None)] * 2 + [(type(model.norm), None)]

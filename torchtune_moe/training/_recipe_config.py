@@ -23,6 +23,7 @@ from torchtune_moe.training._fp8 import DEFAULT_FP8_RECIPE, FP8_RECIPES
 __all__ = [
     "COMPILE_PARTS",
     "CompilePlan",
+    "check_cuda_graphs_world",
     "FULL_FINETUNE_CONFIG_SPEC",
     "LORA_FINETUNE_CONFIG_SPEC",
     "instantiate",
@@ -41,7 +42,7 @@ COMPILE_PARTS = ("model", "loss", "optimizer_step")
 def _compile_value(value: Any) -> Optional[str]:
     if isinstance(value, bool) or section()(value) is None:
         return None
-    return "true, false, or a mapping of " + ", ".join(COMPILE_PARTS) + " (each true or false)"
+    return "true, false, or a mapping of " + ", ".join(COMPILE_PARTS + ("cuda_graphs",)) + " (each true or false)"
 
 
 #: The config keys of ``moe_full_finetune`` (documented in docs/recipe.md). Anything else is refused before any
@@ -70,7 +71,10 @@ FULL_FINETUNE_CONFIG_SPEC: dict[str, Key] = {
     "enable_activation_checkpointing": Key(boolean()),
     "compile": Key(
         _compile_value,
-        children={part: Key(boolean()) for part in COMPILE_PARTS},
+        children={
+            **{part: Key(boolean()) for part in COMPILE_PARTS},
+            "cuda_graphs": Key(boolean(), doc="replay the compiled decoder layers as CUDA graphs (one GPU)"),
+        },
         doc="torch.compile the decoder layers, the loss and the optimizer step",
     ),
     "enable_fp8_training": Key(boolean(), doc="the dense linear layers in fp8 (torchao's Float8Linear)"),
@@ -159,6 +163,7 @@ def validate_recipe_config(cfg: DictConfig, spec: Mapping[str, Key] = FULL_FINET
         if not isinstance(value, bool) and "model" not in value:
             key += " (a compile mapping's default)"
         raise ValueError(f"{key} needs dtype: bf16 (torch.compile of the grouped-GEMM experts is bf16-only)")
+    _check_cuda_graphs(cfg)
     _check_cpu_offload(cfg)
     _check_expert_fp8(cfg)
     _check_fp8_training(cfg)
@@ -183,6 +188,7 @@ class CompilePlan(NamedTuple):
     loss: bool
     optimizer_step: bool
     eager_step_note: str = ""
+    cuda_graphs: bool = False  # the compiled decoder layers replayed as CUDA graphs (compile.cuda_graphs)
 
 
 def compile_plan(cfg: DictConfig) -> CompilePlan:
@@ -202,11 +208,53 @@ def compile_plan(cfg: DictConfig) -> CompilePlan:
         note = _uncompilable_step(cfg) if step else ""
         if note:
             raise ValueError(f"compile.optimizer_step: true, but {note} (or compile.optimizer_step=false)")
-        return CompilePlan(model, loss, step)
+        return CompilePlan(model, loss, step, cuda_graphs=bool(value.get("cuda_graphs", False)))
     if not value:
         return CompilePlan(False, False, False)
     note = _uncompilable_step(cfg)
     return CompilePlan(True, True, not note, note)
+
+
+def _check_cuda_graphs(cfg: DictConfig) -> None:
+    """``compile.cuda_graphs`` (torch.compile's ``mode="reduce-overhead"`` for the decoder layers) needs the layers
+    compiled, a CUDA device, and none of the features whose work a replayed graph would skip or break: activation
+    checkpointing (the recompute inside the backward), CPU offload, gradient accumulation (its ``.grad`` buffers
+    would live in the graphs' memory) and routing replay (routes fed from the host per batch).
+    The one-process rule is the recipe's (:func:`check_cuda_graphs_world`), which knows the world size."""
+    plan = compile_plan(cfg)
+    if not plan.cuda_graphs:
+        return
+    why = None
+    if not plan.model:
+        why = "compile.model: true (the graphs are the compiled layers')"
+    elif _device_type(cfg) != "cuda":
+        why = f"device: cuda (this config runs on {_device_type(cfg)})"
+    elif cfg.get("enable_activation_checkpointing", False):
+        why = "enable_activation_checkpointing: false (a checkpointed layer reruns its forward inside the backward)"
+    elif cfg.get("fsdp_cpu_offload", False):
+        why = "fsdp_cpu_offload: false (FSDP2's hooks move each layer's weights around it)"
+    elif cfg.get("gradient_accumulation_steps", 1) > 1:
+        # The layers' weight gradients come out of their backward graphs' memory: accumulating over micro-batches
+        # needs .grad buffers kept outside it (torch's advice), which the recipe does not set up yet.
+        why = "gradient_accumulation_steps: 1 (accumulation into .grad is not set up for the graphs yet)"
+    elif cfg.get("replay_routing_column", None) is not None:
+        why = "replay_routing_column: null (replayed routes come with each batch from the host)"
+    if why:
+        raise ValueError(f"compile.cuda_graphs: true needs {why}; or compile.cuda_graphs=false")
+
+
+def check_cuda_graphs_world(plan: CompilePlan, world_size: int) -> None:
+    """Refuses ``compile.cuda_graphs`` on more than one process: FSDP2 gathers and frees each layer's weights in
+    hooks around it, with collectives on their own streams, which a replayed graph would not redo.
+
+    Raises:
+        ValueError: naming ``compile.cuda_graphs`` and the world size.
+    """
+    if plan.cuda_graphs and world_size > 1:
+        raise ValueError(
+            f"compile.cuda_graphs: true runs on one process (this run has {world_size}: FSDP2's hooks and "
+            "collectives around each layer are not replayed by a graph); or compile.cuda_graphs=false"
+        )
 
 
 def _uncompilable_step(cfg: DictConfig) -> str:

@@ -19,6 +19,8 @@ Variants:
   ours         torchtune_moe's MoE layer (router with aux loss, dispatch_combine), eager.
   ours_compile the same, under torch.compile.
   ours_compile_max  the same, torch.compile mode="max-autotune-no-cudagraphs" (experiment; not the default).
+  ours_compile_graphs  the same, torch.compile mode="reduce-overhead" (its CUDA graphs; what the recipe's
+               compile.cuda_graphs does to each decoder layer); on CPU compiled without graphs.
   ours_sep_swiglu  ours with SwiGLU in our own kernels rather than in quack's GEMM epilogues
                (``CuteGroupedGemm.fuses_swiglu`` off for the variant): the A/B of that fusion. The same as ours
                where quack's GEMMs are not used.
@@ -236,7 +238,7 @@ def gmm_only_fn(layer, x_TD, routing):
 VARIANTS = [
     "dense", "ours", "v0", "hf_grouped", "hf_eager", "gmm_only", "kernels", "parts", "profile", "ours_compile",
     "ours_again", "ours_fp8", "ours_fp8_compile", "profile_fp8", "host", "host_fp8", "ours_sep_swiglu",
-    "ours_sep_swiglu_compile", "ours_graph", "ours_compile_max",
+    "ours_sep_swiglu_compile", "ours_graph", "ours_compile_graphs", "ours_compile_max",
 ]
 
 
@@ -318,8 +320,10 @@ def run_router(name, T, variants, rows, router):
 
     attempt("dense_again", v_dense_again)
 
-    def layer_fn(mod):
+    def layer_fn(mod, mark_step=False):
         def fn():
+            if mark_step:  # torch.compile's CUDA graphs: a new pass, the previous one's outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             out = mod(x)
             torch.autograd.backward([out, layer.aux_loss], [gy, None])
 
@@ -542,12 +546,15 @@ def run_router(name, T, variants, rows, router):
 
         counters.clear()
         compiled = torch.compile(layer, dynamic=False, mode=mode)
+        mark = mode == "reduce-overhead"
         t0 = time.time()
-        layer_fn(compiled)()
+        layer_fn(compiled, mark)()
         torch.cuda.synchronize() if DEV.type == "cuda" else None
         ctime = time.time() - t0
         graphs = counters["stats"]["unique_graphs"]
-        ms, peak = bench(layer_fn(compiled), params + [x])
+        ms, peak = bench(layer_fn(compiled, mark), params + [x])
+        if mark:
+            torch.compiler.cudagraph_mark_step_begin()
         out = compiled(x).detach().view(T, D)
         r = layer.last_routing
         ref = reference(
@@ -658,6 +665,7 @@ def run_router(name, T, variants, rows, router):
 
     attempt("ours_again", v_again)
     attempt("ours_compile_max", lambda: v_compile("ours_compile_max", "max-autotune-no-cudagraphs"))
+    attempt("ours_compile_graphs", lambda: v_compile("ours_compile_graphs", "reduce-overhead"))
     del layer
 
 
@@ -695,7 +703,7 @@ def main():
         run_shape(name, args.tokens, set(args.variants), results, args.routers)
     ours = [
         "ours", "ours_again", "ours_compile", "ours_sep_swiglu", "ours_sep_swiglu_compile", "ours_fp8",
-        "ours_fp8_compile", "ours_graph", "ours_compile_max",
+        "ours_fp8_compile", "ours_graph", "ours_compile_graphs", "ours_compile_max",
     ]
     order = ["dense"] + [v + ROUTER_TAGS[r] for r in args.routers for v in ["dense_again"] + ours]
     order += ["v0", "hf_grouped", "hf_eager", "gmm_only"]

@@ -61,12 +61,16 @@ def test_moe_layer_dry_run_with_the_separate_swiglu_variant(tmp_path):
 
 def test_moe_layer_dry_run_host_variant(tmp_path):
     """The host-time variant runs and reports a positive host time per pass (no GPU busy time on CPU); host_fp8 and
-    ours_graph (CUDA graphs) are skipped on CPU with their reasons."""
+    ours_graph (CUDA graphs) are skipped on CPU with their reasons; ours_compile_graphs (mode="reduce-overhead")
+    compiles and runs there without graphs, checked against the fp32 loop."""
     pytest.importorskip("transformers")
-    r = _dry_run(LAYER, tmp_path, "--shapes", "olmoe", "--variants", "host", "host_fp8", "ours_graph")
+    r = _dry_run(
+        LAYER, tmp_path, "--shapes", "olmoe", "--variants", "host", "host_fp8", "ours_graph", "ours_compile_graphs"
+    )
     rows = r["results"]["olmoe"]["rows"]
     assert rows["host"]["host_ms"] > 0 and math.isnan(rows["host"]["gpu_busy_ms"])
     assert "host_fp8" not in rows and "ours_graph" not in rows
+    assert rows["ours_compile_graphs"]["ms"] > 0 and 0 < rows["ours_compile_graphs"]["errs"]["out"] < 1e-2
     assert "| olmoe | host |" in (tmp_path / "moe_layer.md").read_text()
 
 
@@ -144,7 +148,10 @@ def test_out_that_is_a_file_is_refused_before_any_work(script, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
 @pytest.mark.parametrize(
     "script",
-    ["moe_layer", "train_step", "lora", "swiglu_lora_tiles", "gather_tiles", "fp8_quantizers", "optimizer_step"],
+    [
+        "moe_layer", "train_step", "lora", "swiglu_lora_tiles", "gather_tiles", "fp8_quantizers", "optimizer_step",
+        "fp8_gemms",
+    ],
 )
 def test_no_gpu_is_refused_before_the_out_directory_is_made(script, tmp_path):
     """Without a GPU (and without --dry-run) a benchmark stops by saying so, and leaves no empty --out behind."""

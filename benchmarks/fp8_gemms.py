@@ -125,7 +125,9 @@ def run_shape(name, gemm, config_cls, bf16, accum):
         kinds = [("fp8", a8, w8)] + ([("bf16", a, w)] if bf16 else [])
         for dt, aa, ww in kinds:
             for tm, tn, cm, pp in TILES:
-                cfg = config_cls(tile_m=tm, tile_n=tn, cluster_m=cm, cluster_n=1, pingpong=pp, is_dynamic_persistent=False)
+                cfg = config_cls(
+                    tile_m=tm, tile_n=tn, cluster_m=cm, cluster_n=1, pingpong=pp, is_dynamic_persistent=False
+                )
                 out = torch.empty(TK, N, device=dev, dtype=torch.bfloat16)
                 label = f"quack_{dt}{'_' + accum if dt == 'fp8' else ''}_{tm}x{tn}c{cm}{'pp' if pp else 'co'}"
                 try:

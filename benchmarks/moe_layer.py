@@ -613,11 +613,9 @@ def run_router(name, T, variants, rows, router):
     attempt("ours_sep_swiglu_compile", with_separate_swiglu(lambda: v_compile("ours_sep_swiglu_compile")))
 
     def v_graph(label="ours_graph"):
-        """ours captured in one CUDA graph per forward + backward and replayed (docs/performance.md, "CUDA
-        graphs"). What the capture needs: the aux losses of earlier passes dropped (``clear_aux_losses``: their
-        autograd graph keeps the leaves' gradient accumulators alive, and an accumulator runs on the stream of the
-        pass that made it, the default stream here, which a capture may not touch); warm-up passes and the capture
-        on one side stream; gradients None at capture (the graph makes its own ``.grad`` tensors)."""
+        """ours captured in one CUDA graph per forward + backward (``torchtune_moe.training.capture_cuda_graph``:
+        the aux losses of earlier passes dropped, warm-up and capture on one side stream, gradients None) and
+        replayed (docs/performance.md, "CUDA graphs")."""
         if DEV.type != "cuda":
             print(f"  {name:8s} {label + tag:13s} skipped: CUDA graphs need a CUDA GPU", flush=True)
             return
@@ -625,34 +623,27 @@ def run_router(name, T, variants, rows, router):
             print(f"  {name:8s} {label + tag:13s} skipped: causal expert choice reads its kept rows' count on the "
                   "host, which a CUDA graph cannot capture", flush=True)
             return
-        leaves = params + [x]
+        from torchtune_moe.training import capture_cuda_graph
 
         def step():
-            for p_ in leaves:
-                p_.grad = None
+            x.grad = None
             out = layer(x)
             torch.autograd.backward([out, layer.aux_loss], [gy, None])
             return out
 
-        layer.clear_aux_losses()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
+        leaves = params + [x]
         m0 = torch.cuda.memory_reserved()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            out_static = step()
-        pool_mib = (torch.cuda.memory_reserved() - m0) / 2**20  # the graph's private memory pool
+        graph, out_static = capture_cuda_graph(layer, step)
+        pool_mib = (torch.cuda.memory_reserved() - m0) / 2**20  # the warm-up's and the graph's new reservations
         grads_static = [p_.grad for p_ in leaves]
         graph.replay()
+        for p_ in params:
+            p_.grad = None
         out_eager = step()  # one eager pass on the same inputs: the replay must match it
         errs = {"out": rel(out_static, out_eager)}
         errs.update({f"grad_{i}": rel(a, p_.grad) for i, (a, p_) in enumerate(zip(grads_static, leaves))})
         ms, _ = bench(graph.replay, [])
-        record(label, ms, pool_mib, errs, note="one CUDA graph per pass; MiB: its memory pool, held while it lives")
+        record(label, ms, pool_mib, errs, note="one CUDA graph per pass; MiB: reserved by its warm-up and pool")
         del graph, out_static, grads_static
         layer.clear_aux_losses()
 

@@ -1,14 +1,13 @@
-"""The MoE layer's forward + backward captured in one CUDA graph replays exactly as eager passes do.
-
-The recipe for a capture (docs/performance.md, "CUDA graphs"): drop the aux losses of earlier eager passes
-(``clear_aux_losses``), warm up on a side stream, capture on that stream with the gradients set to None. Marked
-``gpu``: ``python -m pytest -m gpu tests/modules/test_cuda_graph_gpu.py``.
+"""The MoE layer's forward + backward captured in one CUDA graph (``torchtune_moe.training.capture_cuda_graph``)
+replays exactly as eager passes do, after an eager pass on the default stream as a training loop would have run.
+Marked ``gpu``: ``python -m pytest -m gpu tests/modules/test_cuda_graph_gpu.py``.
 """
 
 import pytest
 import torch
 
 from torchtune_moe.models import moe_layer
+from torchtune_moe.training import capture_cuda_graph
 
 pytestmark = pytest.mark.gpu
 
@@ -25,23 +24,13 @@ def test_layer_forward_backward_replays_as_eager(router):
     leaves = [x, *layer.parameters()]
 
     def step():
-        for t in leaves:
-            t.grad = None
+        x.grad = None
         out = layer(x)
         torch.autograd.backward([out, layer.aux_loss], [gy, None])
         return out
 
-    step()  # an eager pass on the default stream first, as a training loop would have run
-    layer.clear_aux_losses()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        out_static = step()
+    step()  # an eager pass on the default stream first: its aux loss holds that pass's autograd graph
+    graph, out_static = capture_cuda_graph(layer, step)
     grads_static = [t.grad for t in leaves]
     assert all(g is not None for g in grads_static)
 
@@ -53,7 +42,10 @@ def test_layer_forward_backward_replays_as_eager(router):
         graph.replay()
         torch.cuda.synchronize()
         replayed = [out_static.clone(), *(g.clone() for g in grads_static)]
+        for t in leaves:
+            t.grad = None
         out = step()
         eager = [out.detach(), *(t.grad for t in leaves)]
         for got, want in zip(replayed, eager):
             assert torch.equal(got, want)
+

@@ -46,3 +46,20 @@ def test_cuda_graphs_compile_the_layers_with_reduce_overhead(monkeypatch):
     calls.clear()
     compile_model(model, verbose=False)
     assert calls == [(TransformerSelfAttentionLayer, None)] * 2 + [(type(model.norm), None)]
+
+
+def test_capture_cuda_graph_refuses_by_name_before_any_pass():
+    """``capture_cuda_graph`` (the GPU test: tests/modules/test_cuda_graph_gpu.py) refuses a model off CUDA and a
+    warm-up below 1, before running ``step``."""
+    import pytest
+
+    from torchtune_moe.models import moe_layer
+    from torchtune_moe.training import capture_cuda_graph
+
+    ran = []
+    layer = moe_layer(dim=32, hidden_dim=16, num_experts=4, experts_per_token=2)
+    with pytest.raises(ValueError, match="capture_cuda_graph: model must be on a CUDA device"):
+        capture_cuda_graph(layer, lambda: ran.append(1))
+    with pytest.raises(ValueError, match="capture_cuda_graph: warmup must be at least 1 .* got 0"):
+        capture_cuda_graph(layer, lambda: ran.append(1), warmup=0)
+    assert not ran

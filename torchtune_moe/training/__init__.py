@@ -17,7 +17,7 @@ from torchtune_moe.training._checkpointing import (
     list_checkpoints,
     remove_stale_temporaries,
 )
-from torchtune_moe.training._compile import compile_model
+from torchtune_moe.training._compile import capture_cuda_graph, compile_model
 from torchtune_moe.training._console import LogWindow, format_rate, prompt_and_expected, samples_table
 from torchtune_moe.training._fp8 import DEFAULT_FP8_RECIPE, FP8_RECIPES, convert_to_float8_training
 from torchtune_moe.training._grads import GradGroup, grad_norms, gradient_groups, scale_and_clip_grads
@@ -112,6 +112,7 @@ __all__ = [
     "FULL_FINETUNE_CONFIG_SPEC",
     "LORA_FINETUNE_CONFIG_SPEC",
     "check_model",
+    "capture_cuda_graph",
     "compile_model",
     "compile_optimizer_step",
     "defer_grad_scaling",

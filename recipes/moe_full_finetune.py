@@ -701,6 +701,12 @@ class MoEFullFinetuneRecipe(FTRecipeInterface):
         if any(packed) and not all(packed):
             raise ValueError("dataset: packed and unpacked datasets cannot be mixed (set packed the same in all)")
         packed = packed[0]
+        if self._compile.cuda_graphs and not packed:
+            utils.log_rank_zero(
+                log,
+                "compile.cuda_graphs: true with an unpacked dataset records new graphs for each batch length (padded "
+                "per batch); dataset.packed: true gives every batch one shape",
+            )
         ds = parts[0] if len(parts) == 1 else ConcatDataset(datasets=parts)
         if "left_pad_sequence" in collate_fn:
             raise ValueError("collate_fn: left_pad_sequence is for inference only")

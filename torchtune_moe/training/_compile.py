@@ -10,7 +10,6 @@ Why written here: torchtune's function has no hook for other modules, and compil
 graph over every layer (minutes at 48 layers).
 """
 
-import logging
 import os
 from typing import Any, Callable
 
@@ -18,8 +17,9 @@ import torch
 from torch import nn
 from torchtune import training
 from torchtune.modules import TransformerCrossAttentionLayer, TransformerSelfAttentionLayer
+from torchtune.utils import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger("INFO")
 
 __all__ = ["capture_cuda_graph", "compile_model"]
 

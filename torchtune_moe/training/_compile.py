@@ -73,7 +73,7 @@ def capture_cuda_graph(
     The caller feeds new data by copying it into the tensors ``step`` reads (``x.copy_(batch)``) and reads results
     from what ``step`` returned and from the parameters' ``.grad``; leaves other than ``model``'s parameters are the
     caller's to set to None in ``step``. Shapes are fixed by the capture, and the routers must not read the host
-    (causal expert choice does). Needs a CUDA device.
+    (causal expert choice does: refused). Needs a CUDA device.
 
     Args:
         model (nn.Module): the model (or layer) whose parameters ``step`` trains.
@@ -84,13 +84,21 @@ def capture_cuda_graph(
         tuple: the ``torch.cuda.CUDAGraph`` and what ``step`` returned during the capture.
 
     Raises:
-        ValueError: ``model`` is not on a CUDA device, or ``warmup`` is below 1.
+        ValueError: ``model`` is not on a CUDA device, routes by causal expert choice, or ``warmup`` is below 1.
     """
     from torchtune_moe.modules import moe_layers
 
     if warmup < 1:
         raise ValueError(
             f"capture_cuda_graph: warmup must be at least 1 (an eager pass compiles the kernels), got {warmup}"
+        )
+    from torchtune_moe.modules import CausalExpertChoiceRouter
+
+    reading = [name for name, m in model.named_modules() if isinstance(m, CausalExpertChoiceRouter)]
+    if reading:
+        raise ValueError(
+            f"capture_cuda_graph: {reading[0] or 'the model'} is a causal expert choice router, which reads its kept "
+            "rows' count on the host every forward: a CUDA graph cannot capture that (token or expert choice can)"
         )
     params = list(model.parameters())
     if not params or params[0].device.type != "cuda":

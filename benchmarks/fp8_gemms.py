@@ -28,7 +28,6 @@ fast accumulation adds ~1e-3). Median of 20 CUDA-event timings after 3 warm-up c
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _models import prepare_out, save_json  # noqa: E402
+from _models import median_ms, prepare_out, save_json  # noqa: E402
 
 # name: (tokens T, top-k K, experts E, dim D, expert hidden H)
 SHAPES = {
@@ -72,19 +71,9 @@ def _quack(accum: str):
     return gemm_tuned.fn, GemmConfig
 
 
-def _time(fn, n=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+def _time(fn):
+    """Median ms of one call: 20 calls, each between two CUDA events, after 3 warm-up calls."""
+    return median_ms(fn, iters=20, warmup=3, per_event=1)
 
 
 def _fp8(t):

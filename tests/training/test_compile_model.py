@@ -50,7 +50,8 @@ def test_cuda_graphs_compile_the_layers_with_reduce_overhead(monkeypatch):
 
 def test_capture_cuda_graph_refuses_by_name_before_any_pass():
     """``capture_cuda_graph`` (the GPU test: tests/modules/test_cuda_graph_gpu.py) refuses a model off CUDA, a
-    warm-up below 1 and a causal expert choice router (a host read each forward), before running ``step``."""
+    warm-up that is not an int of at least 1, a step that is not callable and a causal expert choice router (a host
+    read each forward), before running ``step``."""
     import pytest
 
     from torchtune_moe.models import moe_layer
@@ -60,8 +61,12 @@ def test_capture_cuda_graph_refuses_by_name_before_any_pass():
     layer = moe_layer(dim=32, hidden_dim=16, num_experts=4, experts_per_token=2)
     with pytest.raises(ValueError, match="capture_cuda_graph: model must be on a CUDA device"):
         capture_cuda_graph(layer, lambda: ran.append(1))
-    with pytest.raises(ValueError, match="capture_cuda_graph: warmup must be at least 1 .* got 0"):
-        capture_cuda_graph(layer, lambda: ran.append(1), warmup=0)
+    for warmup in (0, 2.5, "3", True):
+        message = f"capture_cuda_graph: warmup must be an int of at least 1 .* got {warmup!r}"
+        with pytest.raises(ValueError, match=message):
+            capture_cuda_graph(layer, lambda: ran.append(1), warmup=warmup)
+    with pytest.raises(ValueError, match="capture_cuda_graph: step must be a function of no arguments, got Tensor"):
+        capture_cuda_graph(layer, torch.zeros(1))
     causal = moe_layer(dim=32, hidden_dim=16, num_experts=4, experts_per_token=2, router="causal_expert_choice")
     with pytest.raises(ValueError, match=r"capture_cuda_graph: router is a causal expert choice router, which reads"):
         capture_cuda_graph(causal, lambda: ran.append(1))

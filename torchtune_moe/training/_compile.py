@@ -84,14 +84,18 @@ def capture_cuda_graph(
         tuple: the ``torch.cuda.CUDAGraph`` and what ``step`` returned during the capture.
 
     Raises:
-        ValueError: ``model`` is not on a CUDA device, routes by causal expert choice, or ``warmup`` is below 1.
+        ValueError: ``model`` is not on a CUDA device or routes by causal expert choice, ``step`` is not callable, or
+            ``warmup`` is not an int of at least 1.
     """
     from torchtune_moe.modules import moe_layers
 
-    if warmup < 1:
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
         raise ValueError(
-            f"capture_cuda_graph: warmup must be at least 1 (an eager pass compiles the kernels), got {warmup}"
+            f"capture_cuda_graph: warmup must be an int of at least 1 (an eager pass compiles the kernels), got "
+            f"{warmup!r}"
         )
+    if not callable(step):
+        raise ValueError(f"capture_cuda_graph: step must be a function of no arguments, got {type(step).__name__}")
     from torchtune_moe.modules import CausalExpertChoiceRouter
 
     reading = [name for name, m in model.named_modules() if isinstance(m, CausalExpertChoiceRouter)]

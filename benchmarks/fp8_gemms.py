@@ -10,6 +10,9 @@ T x K / E rows); operands already fp8 (unit scales) or bf16; per GEMM kind:
   (``[rows]``), at four tile configurations (tile_m x tile_n, cluster_m, ping-pong or cooperative), and torch's
   fp8 grouped GEMM on rows gathered beforehand (it cannot gather); ``--bf16`` also times quack in bf16 (the
   default path's GEMMs, without their SwiGLU epilogues);
+- ``ours_scaled_*``: the same GEMMs through ``_cute_fp8_kernels.scaled_fp8_grouped_mm`` (expert_fp8's: quack's
+  with power-of-2 row and column scales multiplied in its epilogue), ``err`` against torch's scaled GEMM on the
+  same operands and scales;
 - ``up_wgrad`` / ``down_wgrad`` (weight gradients): quack in bf16 (varlen over K, as the bf16 path) against
   torch's fp8 (column-major fp8 operands). quack's fp8 needs both operands K-major, which its varlen-K GEMM
   does not take.
@@ -17,7 +20,7 @@ T x K / E rows); operands already fp8 (unit scales) or bf16; per GEMM kind:
 quack 0.4.1 has no fp8 entry point: the script adds float8_e4m3fn to its dtype table and, with ``--accum fast``
 (the default), subclasses its Hopper GEMM with ``fp8_fast_accum=True`` (what torch's ``use_fast_accum=True``
 does; quack's default promotes the accumulator every K block, ``--accum slow``). Both touch quack internals and
-live here only. No scales in the epilogue: the times are the GEMMs' alone.
+live here only. No scales in the epilogue but for ``ours_scaled_*``: the times are the GEMMs' alone.
 
 ``err``: each quack fp8 output against ``F.grouped_mm`` of the same fp8 values in bf16 (relative Frobenius error;
 fast accumulation adds ~1e-3). Median of 20 CUDA-event timings after 3 warm-up calls.
@@ -132,7 +135,24 @@ def run_shape(name, gemm, config_cls, bf16, accum):
                     )
                     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                 record(gname, label, ms, flops, err)
+        # expert_fp8's GEMM (modules/_cute_fp8_kernels.py): quack's with the scales multiplied in its epilogue;
+        # err against torch's scaled GEMM on the same operands and scales
+        from torchtune_moe.modules._cute_fp8_kernels import scaled_fp8_grouped_mm
+
+        a_scale = 2.0 ** torch.randint(-4, 0, (TK,), device=dev).float()
+        w_scale = 2.0 ** torch.randint(-4, 0, (E, N), device=dev).float()
         ag8 = _fp8(a[idx.long()] if idx is not None else a)
+        want = torch._scaled_grouped_mm(
+            ag8, w8.transpose(-2, -1), a_scale, w_scale, offs, out_dtype=torch.bfloat16, use_fast_accum=True)
+        for tile in ((128, 192, 2, True), (128, 128, 1, True)):
+            label = f"ours_scaled_{tile[0]}x{tile[1]}c{tile[2]}{'pp' if tile[3] else 'co'}"
+            try:
+                got = scaled_fp8_grouped_mm(a8, w8, a_scale, w_scale, cu, idx, tile)
+                err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+                ms = _time(lambda: scaled_fp8_grouped_mm(a8, w8, a_scale, w_scale, cu, idx, tile))
+                record(gname, label, ms, flops, err)
+            except Exception as ex:
+                print(f"{name:8s} {gname:11s} {label:28s} FAILED {ex!r:.300}", flush=True)
         ones_a, ones_w = torch.ones(TK, device=dev), torch.ones(E, N, device=dev)
         ms = _time(lambda: torch._scaled_grouped_mm(
             ag8, w8.transpose(-2, -1), ones_a, ones_w, offs, out_dtype=torch.bfloat16, use_fast_accum=True))

@@ -36,7 +36,8 @@ __all__ = [
     "gather_rows", "swiglu_forward", "swiglu_backward", "gather_sum", "segment_sum", "use_triton", "valid_rows",
     "row_experts",
     "lowrank_add_", "expert_outer", "rows_project", "lowrank_supported", "rowwise_fp8", "per_group_colwise_fp8",
-    "scaled_transpose_fp8",
+    "scaled_transpose_fp8", "colwise_transpose_fp8", "swiglu_forward_fp8", "swiglu_backward_fp8",
+    "swiglu_fp8_supported",
     "swiglu_lora_forward", "swiglu_lora_backward", "swiglu_lora_supported",
 ]
 
@@ -76,6 +77,32 @@ if _HAS_TRITON:
     def _(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
         A, F2 = h_AF.shape
         return h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2))
+
+    @custom_op("swiglu_forward_fp8", mutates_args=())
+    def _swiglu_forward_fp8_op(
+        h_AF: Tensor, weights_A: Tensor, num_valid: Tensor, may_drop: bool
+    ) -> tuple[Tensor, Tensor]:
+        return _triton.swiglu_forward_fp8(h_AF, weights_A, num_valid, may_drop)
+
+    @_swiglu_forward_fp8_op.register_fake
+    def _(h_AF, weights_A, num_valid, may_drop):
+        A, F2 = h_AF.shape
+        return h_AF.new_empty((A, F2 // 2), dtype=torch.float8_e4m3fn), h_AF.new_empty((A, 1), dtype=torch.float32)
+
+    @custom_op("swiglu_backward_fp8", mutates_args=())
+    def _swiglu_backward_fp8_op(
+        h_AF: Tensor, weights_A: Tensor, grad_hs_AH: Tensor, num_valid: Tensor, may_drop: bool, mul_EF: Tensor,
+        expert_A: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return _triton.swiglu_backward_fp8(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, mul_EF, expert_A)
+
+    @_swiglu_backward_fp8_op.register_fake
+    def _(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, mul_EF, expert_A):
+        A, F2 = h_AF.shape
+        return (
+            h_AF.new_empty((A, F2)), h_AF.new_empty((A,), dtype=torch.float32), h_AF.new_empty((A, F2 // 2)),
+            h_AF.new_empty((A, F2), dtype=torch.float8_e4m3fn), h_AF.new_empty((A, 1), dtype=torch.float32),
+        )
 
     @custom_op("gather_sum", mutates_args=())
     def _gather_sum_op(
@@ -176,6 +203,15 @@ if _HAS_TRITON:
         A, N = src_AN.shape
         q_AN = src_AN.new_empty_strided((A, N), (1, A), dtype=torch.float8_e4m3fn)
         return q_AN, src_AN.new_empty((offsets_E.shape[0] * N,), dtype=torch.float32)
+
+    @custom_op("colwise_transpose_fp8", mutates_args=())
+    def _colwise_transpose_fp8_op(w_ENK: Tensor) -> tuple[Tensor, Tensor]:
+        return _triton.colwise_transpose_fp8(w_ENK)
+
+    @_colwise_transpose_fp8_op.register_fake
+    def _(w_ENK):
+        E, N, K = w_ENK.shape
+        return w_ENK.new_empty((E, K, N), dtype=torch.float8_e4m3fn), w_ENK.new_empty((E, K), dtype=torch.float32)
 
     @custom_op("scaled_transpose_fp8", mutates_args=())
     def _scaled_transpose_fp8_op(w_ENK: Tensor, scale_EN: Tensor) -> Tensor:
@@ -289,6 +325,60 @@ def swiglu_backward(
         hs_AH = torch.where(valid_A1, hs_AH, 0)
         grad_w_A = torch.where(valid_A1.squeeze(-1), grad_w_A, 0)
     return grad_h_AF, grad_w_A, hs_AH
+
+
+def swiglu_fp8_supported(h_AF: torch.Tensor) -> bool:
+    """Whether :func:`swiglu_forward_fp8` and :func:`swiglu_backward_fp8` take rows like ``h_AF`` [A, 2H] as one
+    kernel each (CUDA with Triton, H up to 4096: whole rows per program); elsewhere they compose the kernels."""
+    return use_triton(h_AF) and h_AF.shape[-1] // 2 <= _triton.SWIGLU_FP8_MAX_HIDDEN
+
+
+def swiglu_forward_fp8(
+    h_AF: torch.Tensor, weights_A: torch.Tensor, num_valid: torch.Tensor, may_drop: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`swiglu_forward` quantized per row for an fp8 GEMM, without writing its bf16 output: the values of
+    ``rowwise_fp8(swiglu_forward(h_AF, weights_A, num_valid, may_drop))`` (rows past ``num_valid`` unspecified
+    under ``may_drop``).
+
+    Returns:
+        tuple: ``q_AH`` [A, H] float8_e4m3fn and ``scale_A1`` [A, 1] fp32 (q = hs * scale).
+    """
+    if swiglu_fp8_supported(h_AF):
+        return _swiglu_forward_fp8_op(h_AF, weights_A, num_valid, may_drop)
+    return _rowwise_fp8_any(swiglu_forward(h_AF, weights_A, num_valid, may_drop))
+
+
+def swiglu_backward_fp8(
+    h_AF: torch.Tensor,
+    weights_A: torch.Tensor,
+    grad_hs_AH: torch.Tensor,
+    num_valid: torch.Tensor,
+    may_drop: bool,
+    mul_EF: torch.Tensor,
+    expert_A: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`swiglu_backward`, and its ``grad_h`` quantized per row for an fp8 GEMM as
+    ``rowwise_fp8(grad_h, mul_EF, expert_A)`` (each row first times the powers of 2 ``mul_EF[expert_A[a]]``, [E, 2H]),
+    without reading ``grad_h`` back. ``grad_weights`` may differ from :func:`swiglu_backward`'s in its last bits (the
+    row's sum in another order).
+
+    Returns:
+        tuple: ``grad_h_AF`` [A, 2H], ``grad_weights_A`` [A] fp32, ``hs_AH`` [A, H], ``q_AF`` [A, 2H]
+        float8_e4m3fn and ``scale_A1`` [A, 1] fp32.
+    """
+    if swiglu_fp8_supported(h_AF):
+        return _swiglu_backward_fp8_op(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, mul_EF, expert_A)
+    grad_h_AF, grad_w_A, hs_AH = swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
+    return (grad_h_AF, grad_w_A, hs_AH, *_rowwise_fp8_any(grad_h_AF, mul_EF, expert_A))
+
+
+def _rowwise_fp8_any(src_AK, mul_EK=None, expert_A=None):
+    """:func:`rowwise_fp8` with the Triton kernel, else torchao's torch code (CPU)."""
+    if use_triton(src_AK):
+        return rowwise_fp8(src_AK, mul_EK, expert_A)
+    from torchtune_moe.modules._grouped_gemm import rowwise_fp8_torch  # here: that module imports this one
+
+    return rowwise_fp8_torch(src_AK if mul_EK is None else src_AK.float() * mul_EK.float()[expert_A], -1)
 
 
 def gather_sum(
@@ -574,6 +664,17 @@ def scaled_transpose_fp8(w_ENK: torch.Tensor, scale_EN: torch.Tensor) -> torch.T
         torch.Tensor: [E, N, K] float8_e4m3fn, strides (N * K, 1, N).
     """
     return _scaled_transpose_fp8_op(w_ENK, scale_EN)
+
+
+def colwise_transpose_fp8(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 ``w^T`` [E, K, N] contiguous with one power-of-2 scale per (expert, k) from the amax over n: the
+    input gradient's right operand for quack's fp8 GEMM (K-major) where its left rows are per token, the bytes of
+    ``rowwise_fp8_torch(w.transpose(-2, -1), dim=-1)`` in one kernel, two reads of ``w`` (CUDA with Triton only).
+
+    Returns:
+        tuple: [E, K, N] float8_e4m3fn and the scales [E, K] fp32.
+    """
+    return _colwise_transpose_fp8_op(w_ENK)
 
 
 def per_group_colwise_fp8(src_AN: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

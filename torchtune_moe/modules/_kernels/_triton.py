@@ -39,16 +39,23 @@ def _swiglu_fwd_kernel(
 
 
 @triton.jit
-def _swiglu_bwd_tile(gate, up, ghs, w, gh_ptr, hs_ptr, rows64, cols, mask, stride_gh, stride_hs, H: tl.constexpr):
-    """The SwiGLU backward of one [rows, cols] tile (fp32 ``gate``, ``up``, ``ghs``; ``w`` per row): stores the
-    gate and up gradients and the recomputed output ``act * w``, returns the tile's routing-weight gradient
-    (``sum(ghs * act)`` per row). Shared by the plain and the LoRA SwiGLU backward kernels."""
+def _swiglu_grads(gate, up, ghs, w):
+    """SwiGLU's backward on fp32 tiles (``w`` per row): the gate and up gradients and the activation ``act``."""
     sig = tl.sigmoid(gate)
     silu = gate * sig
     act = silu * up
     grad_act = ghs * w[:, None]
     grad_up = grad_act * silu
     grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
+    return grad_gate, grad_up, act
+
+
+@triton.jit
+def _swiglu_bwd_tile(gate, up, ghs, w, gh_ptr, hs_ptr, rows64, cols, mask, stride_gh, stride_hs, H: tl.constexpr):
+    """The SwiGLU backward of one [rows, cols] tile (fp32 ``gate``, ``up``, ``ghs``; ``w`` per row): stores the
+    gate and up gradients and the recomputed output ``act * w``, returns the tile's routing-weight gradient
+    (``sum(ghs * act)`` per row). Shared by the plain and the LoRA SwiGLU backward kernels."""
+    grad_gate, grad_up, act = _swiglu_grads(gate, up, ghs, w)
     gh_rows = gh_ptr + rows64[:, None] * stride_gh + cols[None, :]
     tl.store(gh_rows, grad_gate.to(gh_ptr.dtype.element_ty), mask=mask)
     tl.store(gh_rows + H, grad_up.to(gh_ptr.dtype.element_ty), mask=mask)
@@ -183,6 +190,121 @@ def swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
         H=H, MAY_DROP=may_drop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
     )
     return grad_h_AF, grad_w_A, hs_AH
+
+
+@triton.jit
+def _swiglu_fwd_fp8_kernel(
+    h_ptr, w_ptr, q_ptr, scale_ptr, num_valid_ptr, A, H, stride_h, stride_q,
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # _swiglu_fwd_kernel's output, rounded to h's dtype as it stores it, quantized per row as _rowwise_fp8_kernel
+    # does: whole rows per program, the bf16 output never written
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in = rows < A
+    if MAY_DROP:
+        rows_ok = rows_in & (rows < tl.load(num_valid_ptr))
+    else:
+        rows_ok = rows_in
+    cols = tl.arange(0, BLOCK_H)
+    rows64 = rows.to(tl.int64)
+    mask = rows_ok[:, None] & (cols < H)[None, :]
+    h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+    gate = tl.load(h_rows, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h_rows + H, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+    out = (gate * tl.sigmoid(gate) * up * w[:, None]).to(h_ptr.dtype.element_ty).to(tl.float32)
+    scale = _pow2_fp8_scale(tl.max(tl.abs(out), axis=1), FP8_MAX, EPS)
+    tl.store(scale_ptr + rows, scale, mask=rows_in)
+    q = tl.clamp(out * scale[:, None], -FP8_MAX, FP8_MAX)
+    tl.store(q_ptr + rows64[:, None] * stride_q + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_fp8_kernel(
+    h_ptr, w_ptr, ghs_ptr, gh_ptr, gw_ptr, hs_ptr, q_ptr, scale_ptr, mul_ptr, expert_ptr, num_valid_ptr, A,
+    stride_h, stride_ghs, stride_gh, stride_hs, stride_q, stride_mul,
+    H: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # _swiglu_bwd_kernel on whole rows, and its gate and up gradients (as stored, in h's dtype) times
+    # mul[expert[row]] quantized per row as _rowwise_fp8_kernel does: grad_h is not read back
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in = rows < A
+    if MAY_DROP:
+        rows_ok = rows_in & (rows < tl.load(num_valid_ptr))
+    else:
+        rows_ok = rows_in
+    cols = tl.arange(0, BLOCK_H)
+    rows64 = rows.to(tl.int64)
+    mask = rows_ok[:, None] & (cols < H)[None, :]
+    h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+    gate = tl.load(h_rows, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h_rows + H, mask=mask, other=0.0).to(tl.float32)
+    ghs = tl.load(ghs_ptr + rows64[:, None] * stride_ghs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+    grad_w = _swiglu_bwd_tile(gate, up, ghs, w, gh_ptr, hs_ptr, rows64, cols, mask, stride_gh, stride_hs, H)
+    tl.store(gw_ptr + rows, grad_w, mask=rows_in)
+    grad_gate, grad_up, _ = _swiglu_grads(gate, up, ghs, w)
+    mul_rows = mul_ptr + tl.load(expert_ptr + rows, mask=rows_in, other=0).to(tl.int64)[:, None] * stride_mul
+    mul_gate = tl.load(mul_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mul_up = tl.load(mul_rows + H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    grad_gate = grad_gate.to(gh_ptr.dtype.element_ty).to(tl.float32) * mul_gate
+    grad_up = grad_up.to(gh_ptr.dtype.element_ty).to(tl.float32) * mul_up
+    amax = tl.maximum(tl.max(tl.abs(grad_gate), axis=1), tl.max(tl.abs(grad_up), axis=1))
+    scale = _pow2_fp8_scale(amax, FP8_MAX, EPS)
+    tl.store(scale_ptr + rows, scale, mask=rows_in)
+    q_rows = q_ptr + rows64[:, None] * stride_q + cols[None, :]
+    tl.store(q_rows, tl.clamp(grad_gate * scale[:, None], -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_rows + H, tl.clamp(grad_up * scale[:, None], -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty), mask=mask)
+
+
+#: The longest SwiGLU half the fp8 SwiGLU kernels take (whole rows per program, held in registers).
+SWIGLU_FP8_MAX_HIDDEN = 4096
+
+
+def _swiglu_fp8_blocks(H: int) -> tuple[int, int, int]:
+    BLOCK_H = triton.next_power_of_2(H)
+    if BLOCK_H > SWIGLU_FP8_MAX_HIDDEN:
+        raise ValueError(f"the fp8 SwiGLU kernels take hidden dims up to {SWIGLU_FP8_MAX_HIDDEN}, got {H}")
+    return max(1, 2048 // BLOCK_H), BLOCK_H, 8 if BLOCK_H <= 2048 else 16
+
+
+def swiglu_forward_fp8(h_AF, weights_A, num_valid, may_drop):
+    """``rowwise_fp8(swiglu_forward(h, weights, ...))`` in one kernel: fp8 [A, H] and scales [A, 1] fp32."""
+    h_AF = _rows_contiguous(h_AF)
+    A, F2 = h_AF.shape
+    H = F2 // 2
+    q_AH = torch.empty((A, H), dtype=torch.float8_e4m3fn, device=h_AF.device)
+    scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=h_AF.device)
+    BLOCK_M, BLOCK_H, num_warps = _swiglu_fp8_blocks(H)
+    _swiglu_fwd_fp8_kernel[(triton.cdiv(A, BLOCK_M),)](
+        h_AF, weights_A.contiguous(), q_AH, scale_A1, num_valid, A, H, h_AF.stride(0), q_AH.stride(0),
+        FP8_MAX=448.0, EPS=1e-12, MAY_DROP=may_drop, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=num_warps,
+    )
+    return q_AH, scale_A1
+
+
+def swiglu_backward_fp8(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, mul_EF, expert_A):
+    """``swiglu_backward(...)`` and ``rowwise_fp8(grad_h, mul_EF, expert_A)`` in one kernel: grad_h [A, 2H],
+    grad_weights [A] fp32, hs [A, H], grad_h in fp8 [A, 2H] and its scales [A, 1] fp32."""
+    h_AF = _rows_contiguous(h_AF)
+    grad_hs_AH = _rows_contiguous(grad_hs_AH)
+    mul_EF = _rows_contiguous(mul_EF)
+    A, F2 = h_AF.shape
+    H = F2 // 2
+    grad_h_AF = torch.empty_like(h_AF)
+    hs_AH = torch.empty((A, H), dtype=h_AF.dtype, device=h_AF.device)
+    grad_w_A = torch.empty((A,), dtype=torch.float32, device=h_AF.device)
+    q_AF = torch.empty((A, F2), dtype=torch.float8_e4m3fn, device=h_AF.device)
+    scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=h_AF.device)
+    BLOCK_M, BLOCK_H, num_warps = _swiglu_fp8_blocks(H)
+    _swiglu_bwd_fp8_kernel[(triton.cdiv(A, BLOCK_M),)](
+        h_AF, weights_A.contiguous(), grad_hs_AH, grad_h_AF, grad_w_A, hs_AH, q_AF, scale_A1, mul_EF,
+        expert_A.contiguous(), num_valid, A, h_AF.stride(0), grad_hs_AH.stride(0), grad_h_AF.stride(0),
+        hs_AH.stride(0), q_AF.stride(0), mul_EF.stride(0),
+        H=H, FP8_MAX=448.0, EPS=1e-12, MAY_DROP=may_drop, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=num_warps,
+    )
+    return grad_h_AF, grad_w_A, hs_AH, q_AF, scale_A1
 
 
 def gather_sum(src_AD, index_TK, num_valid, may_drop, weights_A=None):
@@ -694,6 +816,49 @@ def scaled_transpose_fp8(w_ENK, scale_EN):
         w_ENK, scale_EN.contiguous(), out_ENK, N, K, FP8_MAX=448.0, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4,
     )
     return out_ENK
+
+
+@triton.jit
+def _colwise_transpose_fp8_kernel(
+    w_ptr, out_ptr, scale_ptr, N, K, FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # out[e, k, n] = fp8(w[e, n, k] * s[e, k]), s[e, k] from the amax over n of w[e, :, k]. Each program owns BLOCK_K
+    # columns of one expert and reads them twice: the amax, then scale, saturate and store (the second read from L2:
+    # BLOCK_K x N x 2 bytes per program)
+    e = tl.program_id(1).to(tl.int64)
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_in = ks < K
+    base = e * N * K
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        mask = (ns < N)[:, None] & k_in[None, :]
+        x = tl.load(w_ptr + base + ns.to(tl.int64)[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+    scale = _pow2_fp8_scale(amax, FP8_MAX, EPS)
+    tl.store(scale_ptr + e * K + ks, scale, mask=k_in)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        mask = (ns < N)[:, None] & k_in[None, :]
+        x = tl.load(w_ptr + base + ns.to(tl.int64)[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = tl.clamp(x * scale[None, :], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + base + ks.to(tl.int64)[None, :] * N + ns[:, None], q, mask=mask)
+
+
+def colwise_transpose_fp8(w_ENK):
+    """[E, N, K] -> fp8 e4m3 ``w^T`` [E, K, N] contiguous with one power-of-2 scale per (expert, k) from the amax
+    over n, and those scales [E, K] fp32: the values of ``rowwise_fp8_torch(w.transpose(-2, -1), dim=-1)`` (torchao's
+    scale and saturation) in one kernel, each column block read twice (the second time from L2)."""
+    w_ENK = w_ENK.contiguous()
+    E, N, K = w_ENK.shape
+    out_EKN = torch.empty((E, K, N), dtype=torch.float8_e4m3fn, device=w_ENK.device)
+    scale_EK = torch.empty((E, K), dtype=torch.float32, device=w_ENK.device)
+    BLOCK_N, BLOCK_K = 128, 64
+    _colwise_transpose_fp8_kernel[(triton.cdiv(K, BLOCK_K), E)](
+        w_ENK, out_EKN, scale_EK, N, K, FP8_MAX=448.0, EPS=1e-12, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4,
+    )
+    return out_EKN, scale_EK
 
 
 @triton.jit

@@ -211,9 +211,15 @@ def _run(experts, x, routing):
 
 @pytest.mark.parametrize("router", ["token_choice", "expert_choice", "causal_expert_choice"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp8_layer_against_emulation_and_bf16(router, bias):
+@pytest.mark.parametrize("gemms", ["default", "torch"])
+def test_fp8_layer_against_emulation_and_bf16(router, bias, gemms, monkeypatch):
     """Outputs and gradients (tokens, both weights, routing weights, biases) of the real fp8 experts: close to the
-    emulation on the same routing, within fp8 error of the bf16 experts."""
+    emulation on the same routing, within fp8 error of the bf16 experts. ``default``: quack's fp8 GEMMs where
+    quack imports (else torch's again); ``torch``: torch's (``TORCHTUNE_MOE_GROUPED_GEMM=torch``)."""
+    from torchtune_moe.modules import _cute_fp8, _cute_gemm
+
+    if gemms == "torch":
+        monkeypatch.setenv(_cute_gemm.ENV_VAR, "torch")
     torch.manual_seed(0)
     E, D, H, T = 8, 512, 256, 1024
     layer = moe_layer(dim=D, moe_hidden_dim=H, num_experts=E, experts_per_token=2, router=router,
@@ -231,15 +237,20 @@ def test_fp8_layer_against_emulation_and_bf16(router, bias):
     fp8.expert_fp8 = True
     emul = copy.deepcopy(bf16)
     emul.expert_fp8, emul._fp8_emulate = True, True
+    assert isinstance(fp8._fp8_gemm(x_cpu.cuda()), _cute_fp8.QuackFp8GroupedGemm) == (
+        gemms == "default" and _cute_gemm.cute_available()
+    )
     got = _run(fp8, x_cpu.cuda(), routing)
     want_emul = _run(emul, x_cpu, routing_cpu)
     want_bf16 = _run(bf16.cuda(), x_cpu.cuda(), routing)
     names = ["out", "grad_x", "grad_gate_up", "grad_down", "grad_weights", "grad_gate_up_bias", "grad_down_bias"]
     for name, a, b, c in zip(names, got, want_emul, want_bf16):
         # vs the emulation: the same quantization; fast accumulation and bf16 rounding move a few values across an
-        # fp8 rounding boundary of the next GEMM. vs bf16: fp8's error (the CPU tests' bound).
-        assert _rel(a, b) < 3e-2, (name, _rel(a, b))
+        # fp8 rounding boundary of the next GEMM. quack's path scales w per column for the down projection's input
+        # gradient (the emulation per row): 0.038 measured on grad_gate_up. vs bf16: fp8's error (the CPU tests').
+        assert _rel(a, b) < (3e-2 if gemms == "torch" else 5e-2), (name, _rel(a, b))
         assert _rel(a, c) < 0.12, (name, _rel(a, c))
+    assert not _cute_fp8._failed  # quack's fp8 kernel ran where chosen (no silent fallback)
 
 
 def test_fp8_layer_compiled():
@@ -277,3 +288,15 @@ def test_fp8_padding_is_exact_with_bf16_gemms_on_gpu(monkeypatch):
         # bf16 GEMM tiles may round differently with the row count; a pad row leaking into a token would not
         tol = 2e-2 * b.float().abs().max().item()
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=tol)
+
+
+def test_fused_fp8_kernels_match_the_kernels_they_fuse():
+    """SwiGLU's fp8 kernels (forward: the output quantized per row; backward: grad_h times the input gradient's
+    factors, quantized per row) give the bytes of SwiGLU's kernels followed by the row quantizer."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _fp8_kernels_cases
+
+    _fp8_kernels_cases.check("cuda")

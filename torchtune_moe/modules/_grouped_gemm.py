@@ -84,6 +84,16 @@ class Rows:
         return self._gathered
 
 
+@dataclass
+class Fp8Rows:
+    """A row operand already quantized for an fp8 GEMM by the kernel that made it (torchao's rowwise scales): ``q_AK``
+    [A, K] float8_e4m3fn and ``scale_A1`` [A, 1] fp32, ``q = rows * scale`` saturated. Only GEMMs with
+    ``quantizes_swiglu`` take it (:class:`~torchtune_moe.modules._cute_fp8.QuackFp8GroupedGemm`)."""
+
+    q_AK: torch.Tensor
+    scale_A1: torch.Tensor
+
+
 def gathered(a: "torch.Tensor | Rows") -> torch.Tensor:
     """``a`` itself, or the rows a :class:`Rows` stands for."""
     return a.gather() if isinstance(a, Rows) else a
@@ -131,6 +141,12 @@ class GroupedGemm:
     # The epilogues pair neighbouring columns, so the up projection's output ``h`` [A, 2H] and its gradient hold
     # gate and up interleaved (columns 0::2 the gate, 1::2 the up projection); the weights keep their [gate; up]
     # rows. The torch code here defines what each computes (CPU tests run the routed experts through it).
+
+    #: Whether the routed experts hand this class SwiGLU's output (the down projection's input) and the up
+    #: projection's output gradient as :class:`Fp8Rows`, quantized by the SwiGLU kernels as they compute them
+    #: (:func:`~torchtune_moe.modules._kernels.swiglu_forward_fp8`, ``swiglu_backward_fp8`` with the factors of
+    #: :meth:`grad_rows_mul`), so that no bf16 copy is written and read back to be quantized.
+    quantizes_swiglu: bool = False
 
     #: Whether the routed experts use the four methods below (torch's GEMMs do not: the separate SwiGLU kernels
     #: cost no more than this code's extra passes).
@@ -272,7 +288,7 @@ class Fp8GroupedGemm:
     emulate: bool = False
 
     prepare = staticmethod(GroupedGemm.prepare)
-    loads_rows = fuses_swiglu = False
+    loads_rows = fuses_swiglu = quantizes_swiglu = False
 
     def forward(
         self, a_AK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor

@@ -10,8 +10,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtune_moe.modules import _kernels
-from torchtune_moe.modules._cute_gemm import bf16_gemm
-from torchtune_moe.modules._grouped_gemm import BF16, FP8_ALIGN, Fp8GroupedGemm, GroupedGemm, Rows, pad_offsets
+from torchtune_moe.modules._cute_gemm import CUTE, bf16_gemm
+from torchtune_moe.modules._grouped_gemm import (
+    BF16, FP8_ALIGN, Fp8GroupedGemm, Fp8Rows, GroupedGemm, Rows, pad_offsets,
+)
 from torchtune_moe.modules.dispatch import dispatch_combine
 from torchtune_moe.modules.routers import RouterOutput
 
@@ -102,11 +104,14 @@ class MoELinear(nn.Module):
         gated (bool): gated (GLU) experts. Default True.
         bias (bool): per-expert biases ``gate_up_proj_bias`` [E, 2H] (or [E, H]) and ``down_proj_bias`` [E, D]
             (GPT-OSS; sharded by expert like the weights under expert parallelism). Default False.
-        expert_fp8 (bool): run the six grouped GEMMs of :meth:`routed` (forward, input and weight gradients) in
-            rowwise-scaled float8, torchao's recipe with one change (:mod:`~torchtune_moe.modules._grouped_gemm`);
-            weights and activations stay in their dtype (bf16), only the GEMM operands are quantized, per step.
-            Needs a CUDA GPU of compute capability 9.0+ (H100, H200) and ``dim``, ``hidden_dim`` multiples of 16;
-            each expert's rows are padded to a multiple of 16 inside :meth:`routed`. Default False.
+        expert_fp8 (bool): run the grouped GEMMs of :meth:`routed` in rowwise-scaled float8 (torchao's recipe with
+            one change); weights and activations stay in their dtype (bf16), only the GEMM operands are quantized,
+            per step. Where quack's GEMMs serve the layer (Hopper, experts up to 4096 wide): the forward and
+            input-gradient GEMMs through quack's fp8 GEMM, the weight gradients in bf16
+            (:mod:`~torchtune_moe.modules._cute_fp8`); else all six through torch's fp8 grouped GEMM, each
+            expert's rows padded to a multiple of 16 inside :meth:`routed`
+            (:mod:`~torchtune_moe.modules._grouped_gemm`). Needs a CUDA GPU of compute capability 9.0+ (H100, H200)
+            and ``dim``, ``hidden_dim`` multiples of 16. Default False.
     """
 
     def __init__(
@@ -241,9 +246,10 @@ class MoELinear(nn.Module):
             index_J, offsets_T = token_segments(rows_A, offsets_E[-1:], x_TD.shape[0])
         if self.expert_fp8 and rows_A.shape[0] > 0:  # no rows (no tokens here): nothing to quantize or pad
             gemm = self._fp8_gemm(x_TD)
-            rows_A, weights_A, offsets_E, combine_TK, index_J = _pad_groups(
-                rows_A, weights_A, offsets_E, combine_TK, index_J
-            )
+            if isinstance(gemm, Fp8GroupedGemm):  # torch's fp8 grouped GEMM: rows per expert a multiple of 16
+                rows_A, weights_A, offsets_E, combine_TK, index_J = _pad_groups(
+                    rows_A, weights_A, offsets_E, combine_TK, index_J
+                )
         else:
             gemm = bf16_gemm(x_TD, rows_A.shape[0], self.hidden_dim)
         expert_A = gate_up_bias = None
@@ -259,7 +265,9 @@ class MoELinear(nn.Module):
         )
         return self._add_down_bias(out_TD, rows_A, weights_A, offsets_E, expert_A)
 
-    def _fp8_gemm(self, x_TD: torch.Tensor) -> Fp8GroupedGemm:
+    def _fp8_gemm(self, x_TD: torch.Tensor) -> GroupedGemm:
+        """The fp8 grouped GEMMs for this layer's tokens: quack's where its bf16 GEMMs serve the layer
+        (:mod:`~torchtune_moe.modules._cute_fp8`), else torch's (torchao's recipe)."""
         if self._fp8_emulate:
             return _FP8_EMULATED
         if not x_TD.is_cuda:
@@ -267,6 +275,10 @@ class MoELinear(nn.Module):
                 f"expert_fp8=True runs the experts' GEMMs with torch._scaled_grouped_mm, on a CUDA GPU of compute "
                 f"capability 9.0+ (H100, H200); got tokens on {x_TD.device} (allowed there: expert_fp8=False)"
             )
+        if bf16_gemm(x_TD, 1, self.hidden_dim) is CUTE:  # quack's GEMMs serve this layer: its fp8 one too
+            from torchtune_moe.modules._cute_fp8 import QUACK_FP8
+
+            return QUACK_FP8
         return _FP8
 
     def _add_down_bias(
@@ -468,6 +480,7 @@ class _RoutedExperts(torch.autograd.Function):
         seg_E, index_A = gemm.prepare(offsets_E, rows_A)  # in the GEMMs' form, once; kept for the backward
         x_AD = Rows(x_TD, index_A, num_valid, may_drop)
         fused = gemm.fuses_swiglu and gated and act is F.silu and gate_up_bias is None
+        quantized = gemm.quantizes_swiglu and gated and act is F.silu
         if fused:  # SwiGLU in the epilogue; the routing weight in the combine
             h_AF, a_AH = gemm.swiglu_forward(x_AD, gate_up_proj, seg_E)
             y_AD, down_state = gemm.forward(a_AH, down_proj, seg_E)
@@ -477,14 +490,17 @@ class _RoutedExperts(torch.autograd.Function):
             h_AF, gate_up_state = gemm.forward(x_AD, gate_up_proj, seg_E)
             if gate_up_bias is not None:
                 h_AF = h_AF + gate_up_bias[expert_A]
-            hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
+            if quantized:  # SwiGLU's output straight to fp8 (no bf16 copy)
+                hs_AH = Fp8Rows(*_kernels.swiglu_forward_fp8(h_AF, weights_A, num_valid, may_drop))
+            else:
+                hs_AH = _activate(h_AF, weights_A, num_valid, may_drop, act, gated)
             y_AD, down_state = gemm.forward(hs_AH, down_proj, seg_E)
             out_TD = _combine(y_AD, combine_TK, index_J, offsets_T, num_valid, may_drop)
         ctx.save_for_backward(
             x_TD, weights_A, gate_up_proj, down_proj, index_A, offsets_E, seg_E, combine_TK, index_J, offsets_T, h_AF,
             expert_A, gate_up_state, down_state,
         )
-        ctx.may_drop, ctx.act, ctx.gated, ctx.gemm, ctx.fused = may_drop, act, gated, gemm, fused
+        ctx.may_drop, ctx.act, ctx.gated, ctx.gemm, ctx.fused, ctx.quantized = may_drop, act, gated, gemm, fused, quantized
         ctx.bias_shape = None if gate_up_bias is None else (gate_up_bias.shape, gate_up_bias.dtype)
         return out_TD
 
@@ -504,9 +520,17 @@ class _RoutedExperts(torch.autograd.Function):
                 grad_w_A = torch.where(_kernels.valid_rows(h_AF.shape[0], num_valid).squeeze(-1), grad_w_A, 0.0)
         else:
             grad_hs_AH = gemm.input_grad(grad_y_AD, down_proj, seg_E, down_state)
-            grad_h_AF, grad_w_A, hs_AH = _activate_backward(
-                h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
-            )
+            if ctx.quantized:  # grad_h also straight to fp8, for the up projection's input gradient
+                mul_EF, row_expert_A = gemm.grad_rows_mul(gate_up_state, seg_E, h_AF.shape[0])
+                grad_h_AF, grad_w_A, hs_AH, q_AF, scale_A1 = _kernels.swiglu_backward_fp8(
+                    h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, mul_EF, row_expert_A
+                )
+                grad_h_rows = Fp8Rows(q_AF, scale_A1)
+            else:
+                grad_h_AF, grad_w_A, hs_AH = _activate_backward(
+                    h_AF, weights_A, grad_hs_AH, num_valid, ctx.may_drop, ctx.act, ctx.gated
+                )
+                grad_h_rows = grad_h_AF
             del grad_hs_AH
         grad_down = gemm.weight_grad(grad_y_AD, hs_AH, seg_E) if need_down else None
         del grad_y_AD, hs_AH
@@ -515,7 +539,7 @@ class _RoutedExperts(torch.autograd.Function):
             if ctx.fused:
                 grad_x_AD = gemm.swiglu_input_grad(grad_h_AF, gate_up_proj, seg_E)
             else:
-                grad_x_AD = gemm.input_grad(grad_h_AF, gate_up_proj, seg_E, gate_up_state)
+                grad_x_AD = gemm.input_grad(grad_h_rows, gate_up_proj, seg_E, gate_up_state)
             grad_x_TD = _combine(grad_x_AD, combine_TK, index_J, offsets_T, num_valid, ctx.may_drop)
             del grad_x_AD
         if need_gate_up:

@@ -38,6 +38,7 @@ Variants:
                replayed: the same kernels with no host work between them (checked against one eager pass). CUDA
                only (skipped in --dry-run, with the reason printed); needs a router with no host read (token or
                expert choice).
+  ours_fp8_graph  ours_fp8 captured and replayed as ours_graph.
   gmm_only     only the six grouped GEMMs of forward + backward on pre-sorted rows (no routing, no
                activation): what grouped_mm itself reaches.
 
@@ -238,14 +239,14 @@ def gmm_only_fn(layer, x_TD, routing):
 VARIANTS = [
     "dense", "ours", "v0", "hf_grouped", "hf_eager", "gmm_only", "kernels", "parts", "profile", "ours_compile",
     "ours_again", "ours_fp8", "ours_fp8_compile", "profile_fp8", "host", "host_fp8", "ours_sep_swiglu",
-    "ours_sep_swiglu_compile", "ours_graph", "ours_compile_graphs", "ours_compile_max",
+    "ours_sep_swiglu_compile", "ours_graph", "ours_fp8_graph", "ours_compile_graphs", "ours_compile_max",
 ]
 
 
 ROUTER_TAGS = {"token_choice": "", "expert_choice": "/ec", "causal_expert_choice": "/cec"}
 ROUTER_VARIANTS = (
     "ours", "ours_again", "ours_compile", "ours_fp8", "ours_fp8_compile", "ours_compile_max", "parts", "profile",
-    "profile_fp8", "host", "host_fp8", "ours_sep_swiglu", "ours_sep_swiglu_compile", "ours_graph",
+    "profile_fp8", "host", "host_fp8", "ours_sep_swiglu", "ours_sep_swiglu_compile", "ours_graph", "ours_fp8_graph",
 )
 
 
@@ -648,6 +649,7 @@ def run_router(name, T, variants, rows, router):
         layer.clear_aux_losses()
 
     attempt("ours_graph", v_graph)
+    attempt("ours_fp8_graph", with_fp8(lambda: fp8_ok("ours_fp8_graph") and v_graph("ours_fp8_graph")))
 
     # the same variant again: the spread between the two is the noise
     def v_again():
@@ -694,7 +696,7 @@ def main():
         run_shape(name, args.tokens, set(args.variants), results, args.routers)
     ours = [
         "ours", "ours_again", "ours_compile", "ours_sep_swiglu", "ours_sep_swiglu_compile", "ours_fp8",
-        "ours_fp8_compile", "ours_graph", "ours_compile_graphs", "ours_compile_max",
+        "ours_fp8_compile", "ours_graph", "ours_fp8_graph", "ours_compile_graphs", "ours_compile_max",
     ]
     order = ["dense"] + [v + ROUTER_TAGS[r] for r in args.routers for v in ["dense_again"] + ours]
     order += ["v0", "hf_grouped", "hf_eager", "gmm_only"]

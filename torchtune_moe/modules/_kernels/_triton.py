@@ -108,8 +108,8 @@ def _gather_sum_kernel(
     for k in tl.static_range(K):
         row = tl.load(index_ptr + t * K + k)
         mask = cols_in
-        if MAY_DROP:
-            mask = mask & (row < num_valid)
+        if MAY_DROP:  # the row's test broadcast over the columns (Triton 3.9's interpreter refuses a scalar & tensor mask)
+            mask = mask & (tl.zeros_like(cols) + row < num_valid)
         val = tl.load(src_ptr + row.to(tl.int64) * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
         if WEIGHTED:
             if MAY_DROP:

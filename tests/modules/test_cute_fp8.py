@@ -20,18 +20,34 @@ def _dequantizing_gemm(a8, w8_ENK, a_scale, w_scale_EN, cu, index=None):
     return out.bfloat16()
 
 
+def _rowwise(t, mul=None, expert=None):
+    """The Triton row quantizer's values in torchao's torch code."""
+    return gg.rowwise_fp8_torch(t.float() * mul.float()[expert] if mul is not None else t, -1)
+
+
+def _scaled_transpose(w, s):
+    """The Triton weight transpose's values and layout ([E, N, K] fp8, strides (N * K, 1, N)) in torch code."""
+    from torchao.float8.float8_utils import to_fp8_saturated
+
+    q = to_fp8_saturated(w.float() * s.unsqueeze(-1), torch.float8_e4m3fn)
+    return q.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
+def _case(T, D=32):
+    """Segments over 4 experts (one empty) of 64 routed rows, their int32 token index and bf16 tokens [T, D]."""
+    counts = torch.tensor([16, 0, 32, 16])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    return cu, torch.randint(0, T, (int(counts.sum()),), dtype=torch.int32), torch.randn(T, D).bfloat16()
+
+
 def test_scales_match_the_torch_path(monkeypatch):
     import torchtune_moe.modules._cute_fp8 as cf
 
-    monkeypatch.setattr(_kernels, "rowwise_fp8", lambda t, *args: gg.rowwise_fp8_torch(t, -1))
+    monkeypatch.setattr(_kernels, "rowwise_fp8", _rowwise)
     monkeypatch.setattr(cf, "_scaled_fp8_mm", _dequantizing_gemm)
     torch.manual_seed(0)
     T, E, D, N = 64, 4, 32, 48
-    counts = torch.tensor([16, 0, 32, 16])
-    A = int(counts.sum())
-    cu = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
-    idx = torch.randint(0, T, (A,), dtype=torch.int32)
-    x = torch.randn(T, D).bfloat16()
+    cu, idx, x = _case(T)
     w = (torch.randn(E, N, D) * torch.logspace(-3, 1, N).view(1, N, 1)).bfloat16()  # rows of different scales
     torch_path = gg.Fp8GroupedGemm(emulate=True)
 
@@ -53,30 +69,22 @@ def test_input_grad_of_per_row_gradients_reuses_the_forward_scales(monkeypatch):
     back as the state, w's fp8 bytes are the forward's transposed, and the result equals the torch path's
     emulation (the same trick) to the bit."""
     import torchtune_moe.modules._cute_fp8 as cf
-    from torchao.float8.float8_utils import to_fp8_saturated
 
-    def rowwise(t, mul=None, expert=None):
-        return gg.rowwise_fp8_torch(t.float() * mul.float()[expert] if mul is not None else t, -1)
 
-    def scaled_transpose(w, s):  # [E, N, K] fp8 with strides (N * K, 1, N), as the Triton kernel
-        return to_fp8_saturated(w.float() * s.unsqueeze(-1), torch.float8_e4m3fn).transpose(-2, -1).contiguous().transpose(-2, -1)
 
-    monkeypatch.setattr(_kernels, "rowwise_fp8", rowwise)
-    monkeypatch.setattr(_kernels, "scaled_transpose_fp8", scaled_transpose)
+    monkeypatch.setattr(_kernels, "rowwise_fp8", _rowwise)
+    monkeypatch.setattr(_kernels, "scaled_transpose_fp8", _scaled_transpose)
     monkeypatch.setattr(cf, "_scaled_fp8_mm", _dequantizing_gemm)
     torch.manual_seed(1)
     T, E, D, N = 64, 4, 32, 48
-    counts = torch.tensor([16, 0, 32, 16])
-    A = int(counts.sum())
-    cu = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
-    idx = torch.randint(0, T, (A,), dtype=torch.int32)
-    x = torch.randn(T, D).bfloat16()
+    cu, idx, x = _case(T)
     w = (torch.randn(E, N, D) * torch.logspace(-3, 1, N).view(1, N, 1)).bfloat16()
     torch_path = gg.Fp8GroupedGemm(emulate=True)
 
     _, state = cf.QUACK_FP8.forward(gg.Rows(x, idx, cu[-1:], False), w, cu)
     _, want_state = torch_path.forward(x[idx.long()], w, cu[1:])
     assert torch.equal(state, want_state)
+    A = int(cu[-1])
     g = (torch.randn(A, N) * torch.logspace(-2, 2, A).view(A, 1)).bfloat16()  # rows of different scales
     got = cf.QUACK_FP8.input_grad(g, w, cu, state)
     want = torch_path.input_grad(g, w, cu[1:], want_state)
@@ -118,13 +126,7 @@ def test_layer_through_quack_fp8_on_cpu(monkeypatch, router):
         seen.append(a8.shape)
         return _dequantizing_gemm(a8, w8_ENK, a_scale, w_scale_EN, cu, index)
 
-    def rowwise(t, mul=None, expert=None):
-        return gg.rowwise_fp8_torch(t.float() * mul.float()[expert] if mul is not None else t, -1)
 
-    def scaled_transpose(w, s):
-        from torchao.float8.float8_utils import to_fp8_saturated
-
-        return to_fp8_saturated(w.float() * s.unsqueeze(-1), torch.float8_e4m3fn).transpose(-2, -1).contiguous().transpose(-2, -1)
 
     def weight_grad(g, a, cu):
         return GroupedGemm.weight_grad(g, a, cu[1:])
@@ -133,8 +135,8 @@ def test_layer_through_quack_fp8_on_cpu(monkeypatch, router):
     real_fwd, real_bwd = _kernels.swiglu_forward_fp8, _kernels.swiglu_backward_fp8
     monkeypatch.setattr(_kernels, "swiglu_forward_fp8", lambda *a: fused.append("fwd") or real_fwd(*a))
     monkeypatch.setattr(_kernels, "swiglu_backward_fp8", lambda *a: fused.append("bwd") or real_bwd(*a))
-    monkeypatch.setattr(_kernels, "rowwise_fp8", rowwise)
-    monkeypatch.setattr(_kernels, "scaled_transpose_fp8", scaled_transpose)
+    monkeypatch.setattr(_kernels, "rowwise_fp8", _rowwise)
+    monkeypatch.setattr(_kernels, "scaled_transpose_fp8", _scaled_transpose)
     monkeypatch.setattr(cf, "_scaled_fp8_mm", gemm)
     monkeypatch.setattr(cf.QuackFp8GroupedGemm, "weight_grad", staticmethod(weight_grad))
 

@@ -15,17 +15,24 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpret
 
 
 @triton.jit
-def _swiglu_fwd_kernel(
-    h_ptr, w_ptr, out_ptr, num_valid_ptr, A, H, stride_h, stride_out,
-    MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+def _row_block(num_valid_ptr, A, MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's BLOCK_M rows, which exist (``rows_in``), and which are also not dropped slots (``rows_ok``)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_in = rows < A
     if MAY_DROP:
         rows_ok = rows_in & (rows < tl.load(num_valid_ptr))
     else:
         rows_ok = rows_in
+    return rows, rows_in, rows_ok
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    h_ptr, w_ptr, out_ptr, num_valid_ptr, A, H, stride_h, stride_out,
+    MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows, rows_in, rows_ok = _row_block(num_valid_ptr, A, MAY_DROP, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_in = cols < H
     rows64 = rows.to(tl.int64)
     h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
@@ -70,12 +77,7 @@ def _swiglu_bwd_kernel(
     stride_h, stride_ghs, stride_gh, stride_hs,
     H: tl.constexpr, MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_in = rows < A
-    if MAY_DROP:
-        rows_ok = rows_in & (rows < tl.load(num_valid_ptr))
-    else:
-        rows_ok = rows_in
+    rows, rows_in, rows_ok = _row_block(num_valid_ptr, A, MAY_DROP, BLOCK_M)
     rows64 = rows.to(tl.int64)
     w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
     grad_w = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -174,14 +176,20 @@ def swiglu_forward(h_AF, weights_A, num_valid, may_drop):
     return out_AH
 
 
+def _swiglu_backward_inputs(h_AF, grad_hs_AH):
+    """The SwiGLU backward kernels' row-contiguous inputs and their outputs ``grad_h_AF``, ``grad_w_A``, ``hs_AH``."""
+    h_AF, grad_hs_AH = _rows_contiguous(h_AF), _rows_contiguous(grad_hs_AH)
+    A, F2 = h_AF.shape
+    grad_h_AF = torch.empty_like(h_AF)
+    grad_w_A = torch.empty((A,), dtype=torch.float32, device=h_AF.device)
+    hs_AH = torch.empty((A, F2 // 2), dtype=h_AF.dtype, device=h_AF.device)
+    return h_AF, grad_hs_AH, grad_h_AF, grad_w_A, hs_AH
+
+
 def swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
-    h_AF = _rows_contiguous(h_AF)
-    grad_hs_AH = _rows_contiguous(grad_hs_AH)
+    h_AF, grad_hs_AH, grad_h_AF, grad_w_A, hs_AH = _swiglu_backward_inputs(h_AF, grad_hs_AH)
     A, F2 = h_AF.shape
     H = F2 // 2
-    grad_h_AF = torch.empty_like(h_AF)
-    hs_AH = torch.empty((A, H), dtype=h_AF.dtype, device=h_AF.device)
-    grad_w_A = torch.empty((A,), dtype=torch.float32, device=h_AF.device)
     BLOCK_M, BLOCK_N = 4, 512
     grid = (triton.cdiv(A, BLOCK_M),)
     _swiglu_bwd_kernel[grid](
@@ -193,24 +201,30 @@ def swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop):
 
 
 @triton.jit
-def _swiglu_fwd_fp8_kernel(
-    h_ptr, w_ptr, q_ptr, scale_ptr, num_valid_ptr, A, H, stride_h, stride_q,
-    FP8_MAX: tl.constexpr, EPS: tl.constexpr, MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    # _swiglu_fwd_kernel's output, rounded to h's dtype as it stores it, quantized per row as _rowwise_fp8_kernel
-    # does: whole rows per program, the bf16 output never written
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_in = rows < A
-    if MAY_DROP:
-        rows_ok = rows_in & (rows < tl.load(num_valid_ptr))
-    else:
-        rows_ok = rows_in
+def _swiglu_whole_rows(h_ptr, num_valid_ptr, A, H, stride_h, MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
+    """This program's BLOCK_M whole rows of h (gate and up halves, fp32; 0 where masked) and their indices and
+    masks, for the fp8 SwiGLU kernels."""
+    rows, rows_in, rows_ok = _row_block(num_valid_ptr, A, MAY_DROP, BLOCK_M)
     cols = tl.arange(0, BLOCK_H)
     rows64 = rows.to(tl.int64)
     mask = rows_ok[:, None] & (cols < H)[None, :]
     h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
     gate = tl.load(h_rows, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(h_rows + H, mask=mask, other=0.0).to(tl.float32)
+    return rows, rows_in, rows_ok, rows64, cols, mask, gate, up
+
+
+@triton.jit
+def _swiglu_fwd_fp8_kernel(
+    h_ptr, w_ptr, q_ptr, scale_ptr, num_valid_ptr, A, H, stride_h, stride_q,
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, MAY_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # _swiglu_fwd_kernel's output, rounded to h's dtype as it stores it, quantized per row as _rowwise_fp8_kernel
+    # does: whole rows per program, the bf16 output never written
+    rows, rows_in, rows_ok, rows64, cols, mask, gate, up = _swiglu_whole_rows(
+        h_ptr, num_valid_ptr, A, H, stride_h, MAY_DROP, BLOCK_M, BLOCK_H
+    )
     w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
     out = (gate * tl.sigmoid(gate) * up * w[:, None]).to(h_ptr.dtype.element_ty).to(tl.float32)
     scale = _pow2_fp8_scale(tl.max(tl.abs(out), axis=1), FP8_MAX, EPS)
@@ -228,18 +242,9 @@ def _swiglu_bwd_fp8_kernel(
 ):
     # _swiglu_bwd_kernel on whole rows, and its gate and up gradients (as stored, in h's dtype) times
     # mul[expert[row]] quantized per row as _rowwise_fp8_kernel does: grad_h is not read back
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_in = rows < A
-    if MAY_DROP:
-        rows_ok = rows_in & (rows < tl.load(num_valid_ptr))
-    else:
-        rows_ok = rows_in
-    cols = tl.arange(0, BLOCK_H)
-    rows64 = rows.to(tl.int64)
-    mask = rows_ok[:, None] & (cols < H)[None, :]
-    h_rows = h_ptr + rows64[:, None] * stride_h + cols[None, :]
-    gate = tl.load(h_rows, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h_rows + H, mask=mask, other=0.0).to(tl.float32)
+    rows, rows_in, rows_ok, rows64, cols, mask, gate, up = _swiglu_whole_rows(
+        h_ptr, num_valid_ptr, A, H, stride_h, MAY_DROP, BLOCK_M, BLOCK_H
+    )
     ghs = tl.load(ghs_ptr + rows64[:, None] * stride_ghs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
     grad_w = _swiglu_bwd_tile(gate, up, ghs, w, gh_ptr, hs_ptr, rows64, cols, mask, stride_gh, stride_hs, H)
@@ -269,13 +274,20 @@ def _swiglu_fp8_blocks(H: int) -> tuple[int, int, int]:
     return max(1, 2048 // BLOCK_H), BLOCK_H, 8 if BLOCK_H <= 2048 else 16
 
 
+def _fp8_rows(A: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty fp8 rows [A, width] and their scales [A, 1] fp32 (a row quantizer's outputs)."""
+    return (
+        torch.empty((A, width), dtype=torch.float8_e4m3fn, device=device),
+        torch.empty((A, 1), dtype=torch.float32, device=device),
+    )
+
+
 def swiglu_forward_fp8(h_AF, weights_A, num_valid, may_drop):
     """``rowwise_fp8(swiglu_forward(h, weights, ...))`` in one kernel: fp8 [A, H] and scales [A, 1] fp32."""
     h_AF = _rows_contiguous(h_AF)
     A, F2 = h_AF.shape
     H = F2 // 2
-    q_AH = torch.empty((A, H), dtype=torch.float8_e4m3fn, device=h_AF.device)
-    scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=h_AF.device)
+    q_AH, scale_A1 = _fp8_rows(A, H, h_AF.device)
     BLOCK_M, BLOCK_H, num_warps = _swiglu_fp8_blocks(H)
     _swiglu_fwd_fp8_kernel[(triton.cdiv(A, BLOCK_M),)](
         h_AF, weights_A.contiguous(), q_AH, scale_A1, num_valid, A, H, h_AF.stride(0), q_AH.stride(0),
@@ -287,16 +299,11 @@ def swiglu_forward_fp8(h_AF, weights_A, num_valid, may_drop):
 def swiglu_backward_fp8(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, mul_EF, expert_A):
     """``swiglu_backward(...)`` and ``rowwise_fp8(grad_h, mul_EF, expert_A)`` in one kernel: grad_h [A, 2H],
     grad_weights [A] fp32, hs [A, H], grad_h in fp8 [A, 2H] and its scales [A, 1] fp32."""
-    h_AF = _rows_contiguous(h_AF)
-    grad_hs_AH = _rows_contiguous(grad_hs_AH)
+    h_AF, grad_hs_AH, grad_h_AF, grad_w_A, hs_AH = _swiglu_backward_inputs(h_AF, grad_hs_AH)
     mul_EF = _rows_contiguous(mul_EF)
     A, F2 = h_AF.shape
     H = F2 // 2
-    grad_h_AF = torch.empty_like(h_AF)
-    hs_AH = torch.empty((A, H), dtype=h_AF.dtype, device=h_AF.device)
-    grad_w_A = torch.empty((A,), dtype=torch.float32, device=h_AF.device)
-    q_AF = torch.empty((A, F2), dtype=torch.float8_e4m3fn, device=h_AF.device)
-    scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=h_AF.device)
+    q_AF, scale_A1 = _fp8_rows(A, F2, h_AF.device)
     BLOCK_M, BLOCK_H, num_warps = _swiglu_fp8_blocks(H)
     _swiglu_bwd_fp8_kernel[(triton.cdiv(A, BLOCK_M),)](
         h_AF, weights_A.contiguous(), grad_hs_AH, grad_h_AF, grad_w_A, hs_AH, q_AF, scale_A1, mul_EF,
@@ -767,8 +774,7 @@ def rowwise_fp8(src_AK, mul_EK=None, expert_A=None):
     (powers of 2) and ``expert_A``, row a is first multiplied by ``mul_EK[expert_A[a]]``."""
     src_AK = _rows_contiguous(src_AK)
     A, K = src_AK.shape
-    out_AK = torch.empty((A, K), dtype=torch.float8_e4m3fn, device=src_AK.device)
-    scale_A1 = torch.empty((A, 1), dtype=torch.float32, device=src_AK.device)
+    out_AK, scale_A1 = _fp8_rows(A, K, src_AK.device)
     one_pass = triton.next_power_of_2(K) <= _ROWWISE_ONE_PASS_MAX
     if one_pass:
         BLOCK_K = triton.next_power_of_2(K)

@@ -103,7 +103,8 @@ def test_fused_fp8_kernels_match_the_kernels_they_fuse_in_triton_interpreter():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run(
         [sys.executable, os.path.join(os.path.dirname(__file__), "_fp8_kernels_cases.py")],
-        env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root), capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])),
+        capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 

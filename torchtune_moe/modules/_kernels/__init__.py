@@ -329,7 +329,8 @@ def swiglu_backward(
 
 def swiglu_fp8_supported(h_AF: torch.Tensor) -> bool:
     """Whether :func:`swiglu_forward_fp8` and :func:`swiglu_backward_fp8` take rows like ``h_AF`` [A, 2H] as one
-    kernel each (CUDA with Triton, H up to 4096: whole rows per program); elsewhere they compose the kernels."""
+    kernel each (CUDA with Triton, H up to 4096: whole rows per program); elsewhere they compose SwiGLU's function
+    with :func:`rowwise_fp8` (which needs CUDA with Triton)."""
     return use_triton(h_AF) and h_AF.shape[-1] // 2 <= _triton.SWIGLU_FP8_MAX_HIDDEN
 
 
@@ -345,7 +346,7 @@ def swiglu_forward_fp8(
     """
     if swiglu_fp8_supported(h_AF):
         return _swiglu_forward_fp8_op(h_AF, weights_A, num_valid, may_drop)
-    return _rowwise_fp8_any(swiglu_forward(h_AF, weights_A, num_valid, may_drop))
+    return rowwise_fp8(swiglu_forward(h_AF, weights_A, num_valid, may_drop))
 
 
 def swiglu_backward_fp8(
@@ -369,16 +370,7 @@ def swiglu_backward_fp8(
     if swiglu_fp8_supported(h_AF):
         return _swiglu_backward_fp8_op(h_AF, weights_A, grad_hs_AH, num_valid, may_drop, mul_EF, expert_A)
     grad_h_AF, grad_w_A, hs_AH = swiglu_backward(h_AF, weights_A, grad_hs_AH, num_valid, may_drop)
-    return (grad_h_AF, grad_w_A, hs_AH, *_rowwise_fp8_any(grad_h_AF, mul_EF, expert_A))
-
-
-def _rowwise_fp8_any(src_AK, mul_EK=None, expert_A=None):
-    """:func:`rowwise_fp8` with the Triton kernel, else torchao's torch code (CPU)."""
-    if use_triton(src_AK):
-        return rowwise_fp8(src_AK, mul_EK, expert_A)
-    from torchtune_moe.modules._grouped_gemm import rowwise_fp8_torch  # here: that module imports this one
-
-    return rowwise_fp8_torch(src_AK if mul_EK is None else src_AK.float() * mul_EK.float()[expert_A], -1)
+    return (grad_h_AF, grad_w_A, hs_AH, *rowwise_fp8(grad_h_AF, mul_EF, expert_A))
 
 
 def gather_sum(

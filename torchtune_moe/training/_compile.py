@@ -87,7 +87,7 @@ def capture_cuda_graph(
         ValueError: ``model`` is not on a CUDA device or routes by causal expert choice, ``step`` is not callable, or
             ``warmup`` is not an int of at least 1.
     """
-    from torchtune_moe.modules import moe_layers
+    from torchtune_moe.modules import CausalExpertChoiceRouter, moe_layers
 
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
         raise ValueError(
@@ -96,8 +96,6 @@ def capture_cuda_graph(
         )
     if not callable(step):
         raise ValueError(f"capture_cuda_graph: step must be a function of no arguments, got {type(step).__name__}")
-    from torchtune_moe.modules import CausalExpertChoiceRouter
-
     reading = [name for name, m in model.named_modules() if isinstance(m, CausalExpertChoiceRouter)]
     if reading:
         raise ValueError(
